@@ -1,0 +1,265 @@
+"""Versioned routemesh events.
+
+Rules every struct here follows (consumers in other languages rely on them):
+- frozen, keyword-only, tagged by class name in the ``type`` field;
+- ``schema_version`` is ``"MAJOR.MINOR"``; a minor bump only adds fields with defaults,
+  a major bump is a new topic version;
+- no field ever carries prompt text, completion text, a request body or a credential
+  (``PromptReviewCaptured`` is the one opt-in exception, on its own topic, redacted).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+UtcDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+# Length bounds only: a regex per field tripled decode time (measured in bench/contracts.py);
+# producers create these values (hashlib hexdigest, validated router config), so the
+# character set is enforced where they are made, not on every decode.
+Sha256Hex = Annotated[str, msgspec.Meta(min_length=64, max_length=64)]
+Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+# Route ids double as Prometheus label values; the router config restricts their characters.
+RouteId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+DecisionReason = Literal[
+    "override", "passthrough", "rule", "semantic", "low_confidence", "embedding_error", "default"
+]
+DecisionLayer = Literal["override", "passthrough", "rules", "semantic", "fallback"]
+Severity = Literal["none", "mild", "severe"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Fields every event carries. A minor bump overrides ``schema_version``'s default."""
+
+    schema_version: str = "1.0"
+    event_id: uuid.UUID = msgspec.field(default_factory=uuid.uuid4)
+    occurred_at: UtcDatetime = msgspec.field(default_factory=utc_now)
+
+
+class LayerAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One cascade layer's try at a request, whether or not it decided."""
+
+    layer: DecisionLayer
+    selected_route: RouteId | None = None
+    confidence: float | None = None
+    threshold: float | None = None
+    latency_ms: NonNegative = 0.0
+    decided: bool = False
+    error: str | None = None
+
+
+class FormatSignals(msgspec.Struct, frozen=True, kw_only=True):
+    """Shape of the request, never its content."""
+
+    tools_present: bool = False
+    tool_history: bool = False
+    tool_choice: str | None = None
+    message_count: Count = 0
+    input_chars: Count = 0
+    response_format: str | None = None
+
+
+class RouteDecided(Event, frozen=True, kw_only=True):
+    request_id: str
+    route_id: RouteId
+    target_model: str
+    reason: DecisionReason
+    layer: DecisionLayer
+    score: float | None = None
+    second_route_id: RouteId | None = None
+    second_score: float | None = None
+    margin: float | None = None
+    threshold: float | None = None
+    required_margin: float | None = None
+    attempts: tuple[LayerAttempt, ...] = ()
+    decision_latency_ms: NonNegative = 0.0
+    config_source: str = ""
+    config_sha256: Sha256Hex | None = None
+    route_bank_sha256: Sha256Hex | None = None
+    match_source: str | None = None
+    match_index: int | None = None
+    match_text_sha256: Sha256Hex | None = None
+    match_score: float | None = None
+    match_provenance: str | None = None
+    prompt_sha256: Sha256Hex | None = None
+    prompt_chars: Count = 0
+    format: FormatSignals = FormatSignals()
+    requested_model: str | None = None
+    gateway_instance: str = ""
+
+
+class CompletionObserved(Event, frozen=True, kw_only=True):
+    request_id: str
+    route_id: RouteId
+    target_model: str
+    upstream_status: int | None = None
+    duration_ms: NonNegative = 0.0
+    ttft_ms: NonNegative | None = None
+    prompt_tokens: Count | None = None
+    completion_tokens: Count | None = None
+    total_tokens: Count | None = None
+    finish_reason: str | None = None
+    tools_requested: bool = False
+    tools_used: bool = False
+    stream: bool = False
+    error_class: str | None = None
+    escalation_path: tuple[str, ...] = ()
+    escalation_reason: str | None = None
+
+
+class OutcomeReported(Event, frozen=True, kw_only=True):
+    request_id: str
+    completed: bool | None = None
+    correct_route: bool | None = None
+    expected_route: RouteId | None = None
+    quality_score: Probability | None = None
+    labels: Annotated[tuple[Label, ...], msgspec.Meta(max_length=16)] = ()
+    source: Label | None = None
+
+
+class DriftAlert(Event, frozen=True, kw_only=True):
+    scope: Literal["model", "route"]
+    subject: str
+    signal: str
+    severity: Severity
+    previous_severity: Severity
+    value: float
+    baseline: float | None = None
+    window_seconds: NonNegative = 0.0
+    sample_size: Count = 0
+    sensitivity: Literal["low", "normal", "high"] = "normal"
+
+
+class RouteScore(msgspec.Struct, frozen=True, kw_only=True):
+    route_id: RouteId
+    decisions: Count = 0
+    outcomes: Count = 0
+    correct: Count = 0
+    accuracy: Probability | None = None
+    mean_quality: Probability | None = None
+
+
+class LayerScore(msgspec.Struct, frozen=True, kw_only=True):
+    layer: DecisionLayer
+    decisions: Count = 0
+    outcomes: Count = 0
+    correct: Count = 0
+    accuracy: Probability | None = None
+
+
+class ThresholdRecommendation(msgspec.Struct, frozen=True, kw_only=True):
+    route_id: RouteId
+    current_threshold: float
+    recommended_threshold: float
+    below_threshold_but_right: Count = 0
+    above_threshold_but_wrong: Count = 0
+    rationale: str = ""
+
+
+class ReviewCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    reasons: tuple[str, ...]
+    cluster: str
+    route_id: RouteId | None = None
+    score: float | None = None
+
+
+class RouteScores(Event, frozen=True, kw_only=True):
+    window_start: UtcDatetime
+    window_end: UtcDatetime
+    config_sha256: Sha256Hex | None = None
+    routes: tuple[RouteScore, ...] = ()
+    layers: tuple[LayerScore, ...] = ()
+    recommendations: tuple[ThresholdRecommendation, ...] = ()
+    review_candidates: tuple[ReviewCandidate, ...] = ()
+
+
+class ReplayRequested(Event, frozen=True, kw_only=True):
+    replay_id: str
+    dataset: str
+    dataset_sha256: Sha256Hex | None = None
+    config_path: str | None = None
+    previous_config_path: str | None = None
+    baselines: tuple[str, ...] = ()
+    requested_by: Label | None = None
+
+
+class ReplayCompleted(Event, frozen=True, kw_only=True):
+    replay_id: str
+    status: Literal["ok", "failed"]
+    items: Count = 0
+    accuracy: Probability | None = None
+    baseline_accuracy: dict[str, float] = {}
+    changed_routes: Count = 0
+    config_sha256: Sha256Hex | None = None
+    dataset_sha256: Sha256Hex | None = None
+    report_path: str | None = None
+    error: str | None = None
+
+
+class RouteBankPublished(Event, frozen=True, kw_only=True):
+    collection: str
+    route_bank_sha256: Sha256Hex
+    encoder: str
+    utterances: Count
+    routes: tuple[RouteId, ...]
+    config_sha256: Sha256Hex | None = None
+
+
+class ReviewMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: str
+    content: str
+
+
+class PromptReviewCaptured(Event, frozen=True, kw_only=True):
+    """Opt-in only, on its own topic: the redacted prompt for human review."""
+
+    request_id: str
+    route_id: RouteId
+    reason: DecisionReason
+    mode: Literal["redacted"] = "redacted"
+    messages: tuple[ReviewMessage, ...] = ()
+    redactions: Count = 0
+
+
+class DeadLetter(Event, frozen=True, kw_only=True):
+    """An undecodable or unprocessable message, kept whole so nothing is lost.
+
+    ``original`` and header values are ``bytes``: msgspec writes them as base64 in JSON.
+    """
+
+    original: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    key: bytes | None = None
+    source_topic: str
+    partition: int
+    offset: int
+    consumer_group: str | None = None
+    service: str | None = None
+    error_kind: str
+    error: str
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    RouteDecided,
+    CompletionObserved,
+    OutcomeReported,
+    DriftAlert,
+    RouteScores,
+    ReplayRequested,
+    ReplayCompleted,
+    RouteBankPublished,
+    PromptReviewCaptured,
+    DeadLetter,
+)

@@ -1,0 +1,111 @@
+"""The topic registry: every topic, what it carries, how it is keyed and partitioned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from routemesh.contracts.events import (
+    CompletionObserved,
+    DeadLetter,
+    DriftAlert,
+    Event,
+    OutcomeReported,
+    PromptReviewCaptured,
+    ReplayCompleted,
+    ReplayRequested,
+    RouteBankPublished,
+    RouteDecided,
+    RouteScores,
+)
+
+DEFAULT_PREFIX = "routemesh."
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A topic without its deployment prefix; ``name(prefix)`` gives the Kafka name."""
+
+    suffix: str
+    events: tuple[type[Event], ...]
+    partitions: int
+    key_field: str | None
+    description: str
+
+    def name(self, prefix: str = DEFAULT_PREFIX) -> str:
+        return f"{prefix}{self.suffix}"
+
+    def key_for(self, event: Event) -> bytes | None:
+        if self.key_field is None:
+            return None
+        value = getattr(event, self.key_field, None)
+        return None if value is None else str(value).encode()
+
+
+ROUTE_DECISIONS = Topic(
+    "route.decisions.v1", (RouteDecided,), 6, "request_id",
+    "One RouteDecided per request: the route, why, and the evidence. Metadata only.",
+)
+LLM_OBSERVATIONS = Topic(
+    "llm.observations.v1", (CompletionObserved,), 6, "request_id",
+    "One CompletionObserved per request: upstream status, timings, tokens, escalation.",
+)
+ROUTE_OUTCOMES = Topic(
+    "route.outcomes.v1", (OutcomeReported,), 6, "request_id",
+    "Outcomes reported by callers: completed, correct route, quality score.",
+)
+DRIFT_ALERTS = Topic(
+    "drift.alerts.v1", (DriftAlert,), 1, None,
+    "A DriftAlert whenever a drift signal changes severity.",
+)
+ROUTE_SCORES = Topic(
+    "route.scores.v1", (RouteScores,), 1, None,
+    "Periodic accuracy, threshold recommendations and review candidates.",
+)
+REPLAY_REQUESTS = Topic(
+    "replay.requests.v1", (ReplayRequested,), 1, "replay_id",
+    "Requests to replay an eval set or captured samples through a config.",
+)
+REPLAY_RESULTS = Topic(
+    "replay.results.v1", (ReplayCompleted,), 1, "replay_id",
+    "The outcome of each replay, with the report's location and input hashes.",
+)
+ROUTEBANK_CHANGES = Topic(
+    "routebank.changes.v1", (RouteBankPublished,), 1, None,
+    "A RouteBankPublished whenever a route bank is (re)built; gateways reload on it.",
+)
+PROMPTS_REVIEW = Topic(
+    "prompts.review.v1", (PromptReviewCaptured,), 1, "request_id",
+    "Opt-in only: redacted prompts captured for human review.",
+)
+DLQ = Topic(
+    "dlq.v1", (DeadLetter,), 1, None,
+    "Messages a consumer could not decode or process, with the original bytes and error.",
+)
+
+TOPICS: tuple[Topic, ...] = (
+    ROUTE_DECISIONS,
+    LLM_OBSERVATIONS,
+    ROUTE_OUTCOMES,
+    DRIFT_ALERTS,
+    ROUTE_SCORES,
+    REPLAY_REQUESTS,
+    REPLAY_RESULTS,
+    ROUTEBANK_CHANGES,
+    PROMPTS_REVIEW,
+    DLQ,
+)
+
+
+def topic_for_event(event_type: type[Event]) -> Topic:
+    for topic in TOPICS:
+        if event_type in topic.events:
+            return topic
+    raise LookupError(f"no topic carries {event_type.__name__}")
+
+
+def topic_by_suffix(suffix: str) -> Topic:
+    for topic in TOPICS:
+        if topic.suffix == suffix:
+            return topic
+    known = ", ".join(t.suffix for t in TOPICS)
+    raise LookupError(f"unknown topic {suffix!r}; known topics: {known}")

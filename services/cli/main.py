@@ -1,0 +1,206 @@
+"""The ``routemesh`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from aiokafka.errors import KafkaConnectionError
+from rich.console import Console
+
+from routemesh.contracts import topic_by_suffix
+from routemesh.contracts.schema_export import drift, export
+from routemesh.services.cli.dev import DevMesh, parse_port_overrides
+from routemesh.services.cli.tail import tail_topic
+from routemesh.services.runtime.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
+from routemesh.services.runtime.kafka import create_topics
+from routemesh.services.runtime.service import discover_services, run
+from routemesh.services.runtime.settings import ServiceSettings
+
+app = typer.Typer(
+    help="routemesh: route LLM requests between model tiers and explain every decision.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+contracts_app = typer.Typer(help="Event schemas: export and drift check.", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics of the registry.", no_args_is_help=True)
+app.add_typer(contracts_app, name="contracts")
+app.add_typer(topics_app, name="topics")
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM, without a KeyboardInterrupt traceback."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not received:
+            time.sleep(0.2)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(help="Port to listen on (loopback).")] = 9092,
+    topic_prefix: Annotated[str | None, typer.Option(help="Topic name prefix.")] = None,
+) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, memory-only) with every topic."""
+    embedded = EmbeddedBroker(port, topic_prefix=topic_prefix)
+    try:
+        created = embedded.start()
+    except EmbeddedBrokerError as exc:
+        raise _fail(str(exc)) from None
+    print(f"kafka  {embedded.bootstrap}  ({len(created)} topics created)", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        embedded.stop()
+
+
+@app.command()
+def serve(service: Annotated[str, typer.Argument(help="The service to run.")]) -> None:
+    """Run one service against the configured Kafka (what a container runs)."""
+    specs = discover_services()
+    if service not in specs:
+        known = ", ".join(specs) or "none installed"
+        raise _fail(f"unknown service {service!r}; available: {known}")
+    asyncio.run(run(specs[service]))
+
+
+@app.command()
+def dev(
+    config: Annotated[
+        Path | None, typer.Option(help="Route config (YAML) for the gateway.", exists=True)
+    ] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where state and logs go.")] = Path(
+        ".routemesh"
+    ),
+    kafka_port: Annotated[int, typer.Option(help="Embedded broker port.")] = 9092,
+    gateway_port: Annotated[int, typer.Option(help="Gateway HTTP port.")] = 8080,
+    metrics_port: Annotated[
+        list[str] | None,
+        typer.Option(help="Override a service's metrics port: SERVICE=PORT (repeatable)."),
+    ] = None,
+) -> None:
+    """Run the whole mesh locally: embedded broker, Qdrant local mode, every service."""
+    try:
+        overrides = parse_port_overrides(metrics_port or [])
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    mesh = DevMesh(
+        data_dir=data_dir.resolve(),
+        config=config.resolve() if config else None,
+        kafka_port=kafka_port,
+        gateway_port=gateway_port,
+        metrics_ports=overrides,
+        specs=discover_services(),
+    )
+    try:
+        for name, address in mesh.start():
+            print(f"{name}  {address}", flush=True)
+    except (EmbeddedBrokerError, ValueError, RuntimeError) as exc:
+        mesh.stop()
+        raise _fail(str(exc)) from None
+    print("routemesh dev is running; Ctrl-C stops everything.", flush=True)
+    try:
+        failed = mesh.wait()
+    finally:
+        mesh.stop()
+    if failed:
+        raise _fail(failed)
+
+
+@app.command()
+def tail(
+    topic: Annotated[str, typer.Argument(help="Topic, e.g. route.decisions.v1 (prefix optional).")],
+    from_beginning: Annotated[bool, typer.Option(help="Start at the oldest event.")] = False,
+    max: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds without an event.")
+    ] = None,
+) -> None:
+    """Print a topic's events as JSON lines: the simplest downstream consumer."""
+    settings = ServiceSettings()
+    suffix = topic.removeprefix(settings.topic_prefix)
+    try:
+        name = settings.topic(topic_by_suffix(suffix))
+    except LookupError as exc:
+        raise _fail(str(exc), 2) from None
+    try:
+        asyncio.run(
+            tail_topic(settings, name, from_beginning=from_beginning, limit=max, idle_s=timeout)
+        )
+    except KeyboardInterrupt:
+        pass
+    except KafkaConnectionError:
+        raise _fail(
+            f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
+            "(set ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS)"
+        ) from None
+
+
+@contracts_app.command("export")
+def contracts_export(
+    directory: Annotated[Path, typer.Argument(help="Where to write the schemas.")] = Path(
+        "contracts/schemas"
+    ),
+) -> None:
+    """Write one JSON Schema per event and asyncapi.yaml."""
+    for path in export(directory):
+        print(path)
+
+
+@contracts_app.command("check")
+def contracts_check(
+    directory: Annotated[Path, typer.Argument(help="Checked-in schemas.")] = Path(
+        "contracts/schemas"
+    ),
+) -> None:
+    """Fail when the checked-in schemas differ from what the structs generate."""
+    stale = drift(directory)
+    if stale:
+        raise _fail(
+            f"schemas in {directory} are out of date: {', '.join(stale)}; "
+            "run `routemesh contracts export` and commit the result"
+        )
+    print(f"schemas in {directory} match the contracts")
+
+
+@topics_app.command("create")
+def topics_create(
+    replication_factor: Annotated[int, typer.Option(help="Replicas per partition.")] = 3,
+) -> None:
+    """Create every registered topic that is missing on the configured Kafka."""
+    settings = ServiceSettings()
+    try:
+        created = asyncio.run(create_topics(settings, replication_factor=replication_factor))
+    except KafkaConnectionError:
+        raise _fail(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}") from None
+    for name in created:
+        print(f"created {name}")
+    print(f"{len(created)} topics created")
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

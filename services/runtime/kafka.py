@@ -1,0 +1,284 @@
+"""One way for every service to talk to Kafka.
+
+- ``create_broker``: a FastStream KafkaBroker that encodes with msgspec (no pydantic on
+  the wire), propagates W3C trace context in headers (OTel middleware) and counts
+  messages (Prometheus middleware).
+- ``subscribe_events``: a consumer that decodes with the contracts codec, commits the
+  offset only after the handler succeeded, and sends anything it cannot decode or
+  process to ``dlq.v1`` with the original bytes, then moves on.
+- ``publish_event``: publishes an event to its registered topic, keyed by request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import msgspec
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from faststream.security import (
+    BaseSecurity,
+    SASLPlaintext,
+    SASLScram256,
+    SASLScram512,
+)
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, Counter
+
+from routemesh.contracts import (
+    CONTENT_TYPE,
+    TOPICS,
+    DeadLetter,
+    Event,
+    EventDecodeError,
+    Topic,
+    decode_event,
+    encode_event,
+    topic_for_event,
+)
+from routemesh.contracts.topics import DLQ
+from routemesh.services.runtime.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[Event, KafkaMessage], Awaitable[None]]
+
+
+class RetryableError(Exception):
+    """The handler could not finish now (a dependency is down); redeliver the message."""
+
+
+class MsgspecCodec:
+    """FastStream codec: Structs become JSON via msgspec; bytes pass through untouched.
+
+    Decoding hands the raw bytes on; ``subscribe_events`` decodes them itself so that a
+    decode failure becomes a dead letter instead of an exception inside FastStream.
+    """
+
+    _encoder = msgspec.json.Encoder()
+
+    async def decode(self, msg: Any) -> bytes:
+        return msg.body
+
+    async def encode(self, msg: Any, serializer: Any = None) -> tuple[bytes, str | None]:
+        if isinstance(msg, bytes):
+            return msg, None
+        return self._encoder.encode(msg), CONTENT_TYPE
+
+
+def _security(settings: ServiceSettings) -> BaseSecurity | None:
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        ssl_context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        )
+        if settings.kafka_ssl_certfile:
+            ssl_context.load_cert_chain(
+                str(settings.kafka_ssl_certfile),
+                str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+            )
+    if protocol == "SSL":
+        return BaseSecurity(ssl_context=ssl_context, use_ssl=True)
+    if settings.kafka_sasl_username is None or settings.kafka_sasl_password is None:
+        raise ValueError(
+            f"ROUTEMESH_KAFKA_SECURITY_PROTOCOL={protocol} needs "
+            "ROUTEMESH_KAFKA_SASL_USERNAME and ROUTEMESH_KAFKA_SASL_PASSWORD"
+        )
+    sasl = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
+    return sasl[settings.kafka_sasl_mechanism](
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password.get_secret_value(),
+        ssl_context=ssl_context,
+        use_ssl=protocol == "SASL_SSL",
+    )
+
+
+def create_broker(
+    settings: ServiceSettings,
+    *,
+    service: str,
+    registry: CollectorRegistry,
+    tracer_provider: TracerProvider | None = None,
+) -> KafkaBroker:
+    return KafkaBroker(
+        settings.kafka_bootstrap_servers,
+        security=_security(settings),
+        client_id=f"routemesh-{service}",
+        codec=MsgspecCodec(),
+        serializer=None,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotent_producer,
+        compression_type=settings.kafka_compression,
+        linger_ms=5,
+        graceful_timeout=settings.shutdown_timeout_s,
+        middlewares=(
+            KafkaTelemetryMiddleware(tracer_provider=tracer_provider),
+            KafkaPrometheusMiddleware(
+                registry=registry, app_name=service, metrics_prefix="routemesh_kafka"
+            ),
+        ),
+        logger=logging.getLogger(f"routemesh.{service}.kafka"),
+    )
+
+
+async def publish_event(broker: KafkaBroker, settings: ServiceSettings, event: Event) -> None:
+    topic = topic_for_event(type(event))
+    await broker.publish(
+        encode_event(event),
+        topic=settings.topic(topic),
+        key=topic.key_for(event),
+        headers={"content-type": CONTENT_TYPE},
+    )
+
+
+class DeadLetters:
+    """Builds and publishes dead letters, counted by source topic and error kind."""
+
+    def __init__(
+        self,
+        broker: KafkaBroker,
+        settings: ServiceSettings,
+        service: str,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._broker = broker
+        self._settings = settings
+        self._service = service
+        self._counter = Counter(
+            "routemesh_dlq_messages_total",
+            "Messages sent to the dead-letter topic",
+            ["service", "source_topic", "kind"],
+            registry=registry,
+        )
+
+    async def send(self, msg: KafkaMessage, group: str | None, kind: str, error: str) -> None:
+        record = msg.raw_message
+        letter = DeadLetter(
+            original=bytes(msg.body),
+            headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
+            key=record.key,
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            consumer_group=group,
+            service=self._service,
+            error_kind=kind,
+            error=error[:4000],
+        )
+        await publish_event(self._broker, self._settings, letter)
+        self._counter.labels(self._service, record.topic, kind).inc()
+        log.warning(
+            "dead-lettered a message",
+            extra={
+                "source_topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "error_kind": kind,
+            },
+        )
+
+
+def subscribe_events(
+    broker: KafkaBroker,
+    settings: ServiceSettings,
+    topics: Collection[Topic],
+    *,
+    group_id: str,
+    handler: EventHandler,
+    dead_letters: DeadLetters,
+    retry_backoff_s: float = 1.0,
+) -> None:
+    """Consume ``topics`` as ``group_id``; commit each offset only after ``handler`` succeeds.
+
+    Undecodable bytes, event types the topics do not carry, and handler errors other
+    than ``RetryableError`` go to the DLQ and are then committed, so one bad message
+    never blocks a partition. A ``RetryableError`` rewinds to the message and retries it.
+    """
+    accepted = frozenset(e for topic in topics for e in topic.events)
+    names = [settings.topic(t) for t in topics]
+
+    @broker.subscriber(
+        *names,
+        group_id=group_id,
+        ack_policy=AckPolicy.MANUAL,
+        auto_offset_reset="earliest",
+    )
+    async def _consume(msg: KafkaMessage) -> None:
+        try:
+            event = decode_event(msg.body, accepted)
+        except EventDecodeError as exc:
+            await _dead_letter(msg, exc.kind, str(exc))
+            return
+        try:
+            await handler(event, msg)
+        except RetryableError as exc:
+            log.warning("retrying a message later", extra={"error": str(exc)})
+            await _rewind(msg)
+            return
+        except Exception as exc:
+            log.exception("handler failed; dead-lettering the message")
+            await _dead_letter(msg, "handler_error", f"{type(exc).__name__}: {exc}")
+            return
+        await msg.ack()
+
+    async def _dead_letter(msg: KafkaMessage, kind: str, error: str) -> None:
+        try:
+            await dead_letters.send(msg, group_id, kind, error)
+        except Exception:
+            # Committing past a message whose dead letter was not written would lose it.
+            log.exception("could not publish a dead letter; will retry the message")
+            await _rewind(msg)
+            return
+        await msg.ack()
+
+    async def _rewind(msg: KafkaMessage) -> None:
+        await msg.nack()
+        await asyncio.sleep(retry_backoff_s)
+
+
+async def create_topics(
+    settings: ServiceSettings, *, replication_factor: int = 1, timeout_s: float = 30.0
+) -> list[str]:
+    """Create every registered topic that does not exist yet; return the ones created."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=int(timeout_s * 1000)
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(settings.topic(t), t.partitions, replication_factor)
+            for t in TOPICS
+            if settings.topic(t) not in existing
+        ]
+        if missing:
+            # Another process may create them between our listing and our request.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+        return [t.name for t in missing]
+    finally:
+        await admin.close()
+
+
+__all__ = [
+    "DLQ",
+    "DeadLetters",
+    "MsgspecCodec",
+    "RetryableError",
+    "create_broker",
+    "create_topics",
+    "publish_event",
+    "subscribe_events",
+]

@@ -1,0 +1,60 @@
+"""Settings every service shares. Each service subclasses ``ServiceSettings`` once.
+
+All configuration comes from ``ROUTEMESH_*`` environment variables (or a ``.env`` file);
+the OpenTelemetry variables keep their standard names and meaning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from routemesh.contracts import DEFAULT_PREFIX, Topic
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ROUTEMESH_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = DEFAULT_PREFIX
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    # Real Kafka supports idempotent producers; the embedded Tansu broker does not
+    # (it answers InitProducerId with an error), so `routemesh dev` turns this off.
+    kafka_idempotent_producer: bool = True
+    kafka_compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = "gzip"
+
+    qdrant_url: str | None = None
+    qdrant_path: Path | None = None
+    qdrant_api_key: SecretStr | None = None
+
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    instance_id: str | None = None
+    shutdown_timeout_s: float = Field(default=8.0, gt=0)
+
+    otel_service_name: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_SERVICE_NAME")
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
+        ),
+    )
+
+    def topic(self, topic: Topic) -> str:
+        return topic.name(self.topic_prefix)

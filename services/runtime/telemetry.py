@@ -1,0 +1,157 @@
+"""Traces, structured logs, and the metrics/health HTTP endpoint every service serves."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import msgspec
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from routemesh.services.runtime.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+def setup_tracing(service: str, settings: ServiceSettings) -> TracerProvider:
+    """A TracerProvider whose Resource honours OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
+
+    Spans are exported over OTLP/HTTP only when an endpoint is configured; otherwise
+    they are created (trace ids still reach logs and Kafka headers) and dropped.
+    """
+    attributes = {SERVICE_NAME: settings.otel_service_name or f"routemesh-{service}"}
+    if settings.instance_id:
+        attributes[SERVICE_INSTANCE_ID] = settings.instance_id
+    provider = TracerProvider(resource=Resource.create(attributes))
+    if settings.otel_exporter_otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        # The exporter reads the endpoint and headers from the standard OTEL_* variables.
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+_RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with the active trace and span ids.
+
+    Hand-written rather than a logging library because it is a dozen lines and must add
+    the OTel ids from the current context; msgspec does the encoding.
+    """
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+        self._encoder = msgspec.json.Encoder(enc_hook=str)
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
+            entry["span_id"] = format(span_context.span_id, "016x")
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+            entry["exc"] = self.formatException(record.exc_info)
+        return self._encoder.encode(entry).decode()
+
+
+def setup_logging(service: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class Readiness:
+    """Named readiness checks, updated by the service, read by the HTTP thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._checks: dict[str, tuple[bool, str]] = {}
+
+    def set(self, name: str, ok: bool, detail: str = "") -> None:
+        with self._lock:
+            self._checks[name] = (ok, detail)
+
+    def snapshot(self) -> tuple[bool, dict[str, dict[str, object]]]:
+        with self._lock:
+            checks = dict(self._checks)
+        ready = bool(checks) and all(ok for ok, _ in checks.values())
+        return ready, {name: {"ok": ok, "detail": d} for name, (ok, d) in checks.items()}
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+        pass
+
+
+def _health_app(registry: CollectorRegistry, readiness: Readiness) -> Callable:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [b'{"status":"alive"}']
+        if path == "/readyz":
+            ready, checks = readiness.snapshot()
+            body = msgspec.json.encode({"ready": ready, "checks": checks})
+            start_response(
+                "200 OK" if ready else "503 Service Unavailable",
+                [("Content-Type", "application/json")],
+            )
+            return [body]
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /metrics, /healthz or /readyz\n"]
+
+    return app
+
+
+class MetricsServer:
+    """/metrics, /healthz and /readyz on one port, served from a daemon thread."""
+
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, readiness: Readiness
+    ) -> None:
+        self._server = make_server(
+            host, port, _health_app(registry, readiness), ThreadingWSGIServer, _QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,76 @@
+import json
+
+import jsonschema
+import pytest
+import yaml
+
+from routemesh.contracts import EVENT_TYPES, TOPICS, RouteDecided, topic_by_suffix, topic_for_event
+from routemesh.contracts.schema_export import drift, event_schema, export, render
+
+EXPECTED_SUFFIXES = {
+    "route.decisions.v1",
+    "llm.observations.v1",
+    "route.outcomes.v1",
+    "drift.alerts.v1",
+    "route.scores.v1",
+    "replay.requests.v1",
+    "replay.results.v1",
+    "routebank.changes.v1",
+    "prompts.review.v1",
+    "dlq.v1",
+}
+
+
+def test_registry_has_every_topic_once_and_every_event_has_a_topic():
+    assert {t.suffix for t in TOPICS} == EXPECTED_SUFFIXES
+    assert len(TOPICS) == len(EXPECTED_SUFFIXES)
+    for event_type in EVENT_TYPES:
+        assert event_type in topic_for_event(event_type).events
+
+
+def test_prefix_is_configurable_and_request_id_is_the_key():
+    topic = topic_by_suffix("route.decisions.v1")
+    assert topic.name() == "routemesh.route.decisions.v1"
+    assert topic.name("staging.") == "staging.route.decisions.v1"
+    event = RouteDecided(
+        request_id="req-7", route_id="lite", target_model="m", reason="rule", layer="rules"
+    )
+    assert topic.key_for(event) == b"req-7"
+
+
+def test_unknown_topic_lists_the_known_ones():
+    with pytest.raises(LookupError, match=r"route\.decisions\.v1"):
+        topic_by_suffix("nope.v1")
+
+
+def test_checked_in_schemas_match_the_structs(repo_root):
+    assert drift(repo_root / "contracts" / "schemas") == []
+
+
+def test_drift_detects_a_changed_or_missing_file(tmp_path):
+    export(tmp_path)
+    assert drift(tmp_path) == []
+    (tmp_path / "RouteDecided.json").write_text("{}")
+    (tmp_path / "DriftAlert.json").unlink()
+    assert drift(tmp_path) == ["DriftAlert.json", "RouteDecided.json"]
+
+
+@pytest.mark.parametrize("event_type", EVENT_TYPES, ids=lambda t: t.__name__)
+def test_golden_fixtures_validate_against_the_exported_json_schema(event_type, repo_root):
+    schema = event_schema(event_type)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    fixture = repo_root / "tests" / "contracts" / "fixtures" / "v1" / f"{event_type.__name__}.json"
+    jsonschema.validate(json.loads(fixture.read_text()), schema)
+
+
+def test_asyncapi_lists_every_topic_with_its_messages_and_payloads():
+    document = yaml.safe_load(render()["asyncapi.yaml"])
+    assert document["asyncapi"].startswith("3.")
+    addresses = {c["address"] for c in document["channels"].values()}
+    assert addresses == {f"routemesh.{s}" for s in EXPECTED_SUFFIXES}
+    schemas = document["components"]["schemas"]
+    for message in document["components"]["messages"].values():
+        ref = message["payload"]["$ref"].rsplit("/", 1)[1]
+        assert ref in schemas
+    for operation in document["operations"].values():
+        assert operation["action"] == "receive"

@@ -1,0 +1,76 @@
+"""A real Kafka-compatible broker (embedded Tansu) for the whole test session."""
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
+from routemesh.services.runtime.kafka import create_topics
+from routemesh.services.runtime.settings import ServiceSettings
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("kafka") / "tansu.log"
+    broker = EmbeddedBroker(free_port(), log_file=log)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+async def settings(kafka: EmbeddedBroker) -> ServiceSettings:
+    """Settings on the session broker with topics of their own, so tests do not mix."""
+    configured = ServiceSettings(
+        kafka_bootstrap_servers=kafka.bootstrap,
+        kafka_idempotent_producer=False,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
+        metrics_port=0,
+    )
+    await create_topics(configured)
+    return configured
+
+
+def cli_env(settings: ServiceSettings, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+        ROUTEMESH_TOPIC_PREFIX=settings.topic_prefix,
+        ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
+    )
+    env.update(extra)
+    return env
+
+
+CLI = [sys.executable, "-m", "routemesh.services.cli.main"]
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+async def read_topic(settings: ServiceSettings, topic: str, count: int, timeout_s: float = 30.0):
+    """Read ``count`` records from the start of ``topic`` without a consumer group."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await consumer.start()
+    records = []
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic)
+        assignment = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(assignment)
+        await consumer.seek_to_beginning(*assignment)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while len(records) < count and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for part in batch.values():
+                records.extend(part)
+    finally:
+        await consumer.stop()
+    return records

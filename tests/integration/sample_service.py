@@ -1,0 +1,49 @@
+"""A minimal service for lifecycle tests: records each event it handles to a file,
+taking ``SAMPLE_DELAY_S`` per event so a shutdown can catch one in flight."""
+
+import asyncio
+import os
+from pathlib import Path
+
+from routemesh.contracts.topics import ROUTE_DECISIONS
+from routemesh.services.runtime.kafka import subscribe_events
+from routemesh.services.runtime.service import ServiceContext, ServiceSpec
+from routemesh.services.runtime.settings import ServiceSettings
+
+
+class SampleSettings(ServiceSettings):
+    sample_out: Path = Path("sample.out")
+    sample_delay_s: float = 0.0
+
+
+async def setup(ctx: ServiceContext) -> None:
+    settings: SampleSettings = ctx.settings  # type: ignore[assignment]
+
+    async def handle(event, msg) -> None:
+        with settings.sample_out.open("a") as out:
+            out.write(f"start {event.request_id}\n")
+        await asyncio.sleep(settings.sample_delay_s)
+        with settings.sample_out.open("a") as out:
+            out.write(f"done {event.request_id}\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    subscribe_events(
+        ctx.broker,
+        settings,
+        [ROUTE_DECISIONS],
+        group_id="sample",
+        handler=handle,
+        dead_letters=ctx.dead_letters,
+    )
+    ctx.readiness.set("sample", True)
+
+
+SPEC = ServiceSpec(
+    name="sample", settings_class=SampleSettings, setup=setup, default_metrics_port=0
+)
+
+if __name__ == "__main__":
+    from routemesh.services.runtime.service import run
+
+    asyncio.run(run(SPEC))

@@ -1,0 +1,64 @@
+"""`routemesh dev` on free ports: prints where each component listens, serves every
+registered topic, and stops on Ctrl-C within 10 s with no traceback."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from routemesh.contracts import TOPICS
+from routemesh.services.runtime.embedded_broker import free_port
+from tests.integration.conftest import CLI
+from tests.integration.test_embedded_broker import asyncio_run_list_topics
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [*CLI, "dev", "--data-dir", str(tmp_path / "data"), "--kafka-port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not any("running" in line for line in lines):
+            assert time.monotonic() < deadline, lines
+            line = process.stdout.readline()
+            assert line or process.poll() is None, lines
+            lines.append(line.rstrip("\n"))
+        components = dict(line.split(None, 1) for line in lines if "  " in line)
+        assert components["kafka"] == f"127.0.0.1:{port}"
+        assert components["qdrant"].startswith(str(tmp_path / "data" / "qdrant"))
+        assert (tmp_path / "data" / "qdrant").is_dir()
+
+        listed = set(asyncio_run_list_topics(f"127.0.0.1:{port}"))
+        assert {t.name() for t in TOPICS} <= listed
+
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=15)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        if process.poll() is None:
+            process.kill()
+    rest = process.stdout.read()
+    assert code == 0, rest
+    assert elapsed < 10
+    assert "Traceback" not in "\n".join(lines) + rest
+
+
+def test_dev_refuses_a_taken_kafka_port_with_a_clear_error(kafka, tmp_path):
+    result = subprocess.run(
+        [*CLI, "dev", "--data-dir", str(tmp_path), "--kafka-port", str(kafka.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"port {kafka.port}" in result.stderr
+    assert "Traceback" not in result.stderr

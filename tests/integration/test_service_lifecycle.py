@@ -1,0 +1,107 @@
+"""A service process: ready once Kafka answers; on SIGTERM it finishes the message in
+flight, commits it and exits 0 within 10 s."""
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from routemesh.contracts import RouteDecided
+from routemesh.contracts.topics import ROUTE_DECISIONS
+from routemesh.services.runtime.embedded_broker import free_port
+from routemesh.services.runtime.kafka import create_broker, publish_event
+from tests.integration.conftest import cli_env
+
+pytestmark = pytest.mark.broker
+SAMPLE = Path(__file__).with_name("sample_service.py")
+
+
+def _readyz(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    except OSError:
+        return 0, {}
+
+
+async def _wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_sigterm_finishes_the_message_in_flight_commits_and_exits_zero(
+    settings, tmp_path
+):
+    out = tmp_path / "sample.out"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(SAMPLE)],
+        env=cli_env(
+            settings,
+            ROUTEMESH_SAMPLE_OUT=str(out),
+            ROUTEMESH_SAMPLE_DELAY_S="2.5",
+            ROUTEMESH_METRICS_PORT=str(port),
+            ROUTEMESH_METRICS_HOST="127.0.0.1",
+            PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        await _wait_for(lambda: _readyz(port)[0] == 200, 60, "readiness")
+        assert _readyz(port)[1]["checks"]["kafka"]["ok"] is True
+
+        broker = create_broker(settings, service="producer", registry=CollectorRegistry())
+        async with broker:
+            await broker.start()
+            await publish_event(
+                broker,
+                settings,
+                RouteDecided(
+                    request_id="in-flight", route_id="lite", target_model="m",
+                    reason="rule", layer="rules",
+                ),
+            )
+        await _wait_for(lambda: out.exists() and "start" in out.read_text(), 60, "handling")
+
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=15)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = process.stdout.read().decode()
+    assert code == 0, output
+    assert elapsed < 10
+    assert out.read_text().splitlines() == ["start in-flight", "done in-flight"]
+    assert "Traceback" not in output
+    for line in output.splitlines():
+        json.loads(line)  # structured logs only
+
+    topic = settings.topic(ROUTE_DECISIONS)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, group_id="sample"
+    )
+    await consumer.start()
+    try:
+        committed = [
+            await consumer.committed(TopicPartition(topic, p))
+            for p in consumer.partitions_for_topic(topic)
+        ]
+    finally:
+        await consumer.stop()
+    assert sum(c or 0 for c in committed) == 1
