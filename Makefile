@@ -26,7 +26,7 @@ test: install
 
 # The subset that needs no broker.
 test-fast: install
-	$(PY) -m pytest -m "not broker"
+	$(PY) -m pytest -m "not broker and not model"
 
 bench: install
 	$(PY) bench/contracts.py

