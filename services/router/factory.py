@@ -13,12 +13,13 @@ from routemesh.services.router.bank import (
     bank_sha256,
     build_bank,
     default_collection,
+    limit_blas_threads,
     load_snapshot,
     text_sha256,
 )
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import LoadedConfig, load_config
-from routemesh.services.router.encoders import DenseEncoder, MicroBatcher, build_dense_encoder
+from routemesh.services.router.encoders import DenseEncoder, build_dense_encoder
 
 
 class StaleBankError(RuntimeError):
@@ -54,6 +55,7 @@ def load_router(
 ) -> Router:
     """Without ``qdrant`` the bank is built in memory from the config; with it, the bank
     must already be built (``routemesh bank build``) and match the config."""
+    limit_blas_threads()
     loaded = config if isinstance(config, LoadedConfig) else load_config(config)
     encoder = encoder or build_dense_encoder(loaded.config.encoder)
     collection = default_collection(loaded)
@@ -72,11 +74,4 @@ def load_router(
             f"(bank {matcher.sha256[:12]}, config wants {expected[:12]}); "
             "run `routemesh bank build`"
         )
-    settings = loaded.config.encoder
-    return Router(
-        loaded,
-        matcher,
-        encoder,
-        instance=instance,
-        batcher=MicroBatcher(encoder, settings.batch_size, settings.max_wait_ms),
-    )
+    return Router(loaded, matcher, encoder, instance=instance)

@@ -12,7 +12,6 @@ from routemesh.services.router.cascade import (
     RouteRequest,
     UnknownRouteError,
 )
-from routemesh.services.router.encoders import MicroBatcher
 from tests.services.router.conftest import HashingEncoder
 
 CANARY = "CANARY-7f3a9c-do-not-leak"
@@ -227,16 +226,15 @@ async def test_concurrent_async_decisions_share_batched_encoder_calls(loaded):
     build_bank(loaded, encoder, client, "bank")
     bank = load_snapshot(client, "bank", loaded.config.semantic)
     encoder.calls.clear()
-    batcher = MicroBatcher(encoder, batch_size=16, max_wait_ms=50)
-    router = Router(loaded, bank, encoder, batcher=batcher)
-    texts = ["what is the capital of spain", "prove that sqrt two is irrational"] * 16
+    router = Router(loaded, bank, encoder)
+    texts = ["what is the capital of spain", "prove that sqrt two is irrational"] * 24
     decisions = await asyncio.gather(
         *(router.adecide(chat(t), f"r{i}") for i, t in enumerate(texts))
     )
-    await batcher.aclose()
+    await router.aclose()
     assert sum(encoder.calls) == len(texts)
     assert len(encoder.calls) < len(texts), f"no batching happened: {encoder.calls}"
-    assert max(encoder.calls) <= 16
+    assert max(encoder.calls) <= loaded.config.encoder.batch_size
     sync = [router.decide(chat(t), "s").route_id for t in texts]
     assert [d.route_id for d in decisions] == sync
 
@@ -245,9 +243,7 @@ async def test_an_async_encoder_failure_fails_every_waiter_into_a_fallback(loade
     client = QdrantClient(":memory:")
     build_bank(loaded, encoder, client, "bank")
     bank = load_snapshot(client, "bank", loaded.config.semantic)
-    failing = HashingEncoder(fail=True)
-    batcher = MicroBatcher(failing, batch_size=8, max_wait_ms=20)
-    router = Router(loaded, bank, failing, batcher=batcher)
+    router = Router(loaded, bank, HashingEncoder(fail=True))
     decisions = await asyncio.gather(*(router.adecide(chat(f"q {i}"), str(i)) for i in range(5)))
-    await batcher.aclose()
+    await router.aclose()
     assert {d.reason for d in decisions} == {"embedding_error"}

@@ -1,9 +1,12 @@
+import asyncio
+
 import httpx
 import numpy as np
 import pytest
 
 from routemesh.services.router.encoders import (
     EncoderError,
+    MicroBatcher,
     OpenAIEncoder,
     SparseEncoder,
     idf,
@@ -99,3 +102,33 @@ def test_openai_encoder_connection_errors_are_retried_then_reported():
     with pytest.raises(EncoderError, match="ConnectError"):
         encoder.encode(["a"])
     assert len(calls) == 2
+
+
+async def test_micro_batcher_groups_concurrent_items_and_keeps_their_order():
+    calls = []
+
+    def double(items):
+        calls.append(list(items))
+        return [item * 2 for item in items]
+
+    batcher = MicroBatcher(double, batch_size=4, max_wait_ms=50)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+    await batcher.aclose()
+    assert results == [i * 2 for i in range(10)]
+    assert [len(c) for c in calls] == [4, 4, 2]
+
+
+async def test_micro_batcher_fails_every_waiter_of_a_failed_batch_and_recovers():
+    fail = True
+
+    def flaky(items):
+        if fail:
+            raise RuntimeError("down")
+        return items
+
+    batcher = MicroBatcher(flaky, batch_size=8, max_wait_ms=10)
+    outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    fail = False
+    assert await batcher.submit(7) == 7
+    await batcher.aclose()

@@ -1,0 +1,147 @@
+"""Decision latency and throughput of the router core on this CPU.
+
+    python bench/decision.py [--bank-size 10000] [--requests 600] [--concurrency 32]
+
+One run, local encoder (MiniLM in ONNX Runtime), an in-memory snapshot of a bank of
+``--bank-size`` utterances (the shipped lite-deep and multi-route utterances, expanded
+with phrasing variants), queried with the shipped eval prompts. Prints:
+
+- single-request decision latency p50/p95/p99 (encode + match + event);
+- the match alone (encoding excluded) p50/p95;
+- decisions/s with ``--concurrency`` concurrent callers (micro-batched encoding);
+- raw batched encoder throughput (texts/s at the same batch size) and the ratio.
+
+Targets: decision p50 <= 8 ms, p99 <= 20 ms; match p95 <= 1 ms; ratio >= 0.7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from qdrant_client import QdrantClient
+
+from routemesh.services.router.bank import build_bank, limit_blas_threads, load_snapshot
+from routemesh.services.router.cascade import Router, RouteRequest
+from routemesh.services.router.config import LoadedConfig, Utterance, load_config
+from routemesh.services.router.encoders import LocalEncoder, SparseEncoder
+from routemesh.services.router.evaluate import load_dataset
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
+PREFIXES = ["", "please ", "can you ", "quick question: ", "I need help: ", "hey, ",
+            "could you ", "urgent: ", "for work, ", "out of curiosity, "]
+SUFFIXES = ["", " thanks", " please", " in detail", " briefly", " step by step",
+            " for a beginner", " asap", " with examples", " if you can"]
+
+
+def big_bank(size: int) -> LoadedConfig:
+    """The lite-deep config with its utterances expanded to ``size`` phrasing variants."""
+    base = load_config(EXAMPLES / "lite-deep.yaml")
+    multi = load_config(EXAMPLES / "multi-route.yaml")
+    to_tier = {"coding": "deep", "math": "deep", "writing": "deep",
+               "extraction": "lite", "chat": "lite", "support": "lite"}
+    seeds = [(u.route_id, u.text) for u in base.utterances]
+    seeds += [(to_tier[u.route_id], u.text) for u in multi.utterances]
+    variants = itertools.product(PREFIXES, SUFFIXES)
+    utterances: list[Utterance] = []
+    for prefix, suffix in variants:
+        for route_id, text in seeds:
+            if len(utterances) == size:
+                break
+            utterances.append(Utterance(route_id, f"{prefix}{text}{suffix}", "bench",
+                                        len(utterances), f"bench:{len(utterances)}"))
+    if len(utterances) < size:
+        raise SystemExit(f"can only make {len(utterances)} variants")
+    return LoadedConfig(base.config, "bench:lite-deep-10k", base.sha256, tuple(utterances))
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+async def concurrent(router: Router, prompts: list[RouteRequest], concurrency: int) -> float:
+    queue = list(enumerate(prompts))
+
+    async def caller() -> None:
+        while queue:
+            i, request = queue.pop()
+            await router.adecide(request, str(i))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return len(prompts) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bank-size", type=int, default=10_000)
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+
+    limit_blas_threads()
+    encoder = LocalEncoder("onnx")
+    loaded = big_bank(args.bank_size)
+    client = QdrantClient(":memory:")
+    started = time.perf_counter()
+    build_bank(loaded, encoder, client, "bench")
+    build_s = time.perf_counter() - started
+    bank = load_snapshot(client, "bench", loaded.config.semantic)
+    router = Router(loaded, bank, encoder)
+
+    items = load_dataset(EXAMPLES / "lite-deep.eval.jsonl")
+    items += load_dataset(EXAMPLES / "multi-route.eval.jsonl")
+    prompts = [items[i % len(items)].request for i in range(args.requests)]
+    for request in prompts[:20]:
+        router.decide(request, "warm-up")
+
+    decision_ms = []
+    for i, request in enumerate(prompts):
+        t0 = time.perf_counter()
+        router.decide(request, str(i))
+        decision_ms.append((time.perf_counter() - t0) * 1000)
+
+    texts = [r.match_text("last_user") for r in prompts]
+    vectors = encoder.encode(texts)
+    sparse = [SparseEncoder.query(t) for t in texts]
+    match_ms = []
+    for vector, query in zip(vectors, sparse, strict=True):
+        t0 = time.perf_counter()
+        bank.match(vector, query, loaded.config.semantic)
+        match_ms.append((time.perf_counter() - t0) * 1000)
+
+    per_second = asyncio.run(concurrent(router, prompts, args.concurrency))
+
+    # The same prompts, in batches of the same size, straight into the encoder.
+    size = args.concurrency
+    t0 = time.perf_counter()
+    for start in range(0, len(texts), size):
+        encoder.encode(texts[start : start + size])
+    raw = len(texts) / (time.perf_counter() - t0)
+
+    print(f"bank: {len(bank)} utterances, built in {build_s:.1f} s; "
+          f"{len(prompts)} requests from the shipped eval sets")
+    print(f"decision latency ms (single caller): p50 {pct(decision_ms, 50):.2f}  "
+          f"p95 {pct(decision_ms, 95):.2f}  p99 {pct(decision_ms, 99):.2f}  "
+          f"(mean {statistics.mean(decision_ms):.2f})")
+    print(f"match only ms (encoding excluded): p50 {pct(match_ms, 50):.3f}  "
+          f"p95 {pct(match_ms, 95):.3f}")
+    print(f"decisions/s at {args.concurrency} concurrent callers: {per_second:.1f}")
+    print(f"raw batched encoder throughput (same prompts, batches of {size}): {raw:.1f} texts/s")
+    print(f"ratio concurrent decisions / raw encoder: {per_second / raw:.2f}")
+    targets = [
+        ("decision p50 <= 8 ms", pct(decision_ms, 50) <= 8),
+        ("decision p99 <= 20 ms", pct(decision_ms, 99) <= 20),
+        ("match p95 <= 1 ms", pct(match_ms, 95) <= 1),
+        ("ratio >= 0.7", per_second / raw >= 0.7),
+    ]
+    print("targets: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets))
+
+
+if __name__ == "__main__":
+    main()
