@@ -11,8 +11,8 @@ import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from semantic_router import IndexedRouter, Route  # noqa: E402
-from semantic_router.encoders import LocalEncoder  # noqa: E402
+from semantic_router import IndexedRouter, Route
+from semantic_router.encoders import LocalEncoder
 
 
 def main() -> None:
