@@ -9,6 +9,7 @@ import sys
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from routemesh.contracts import EventDecodeError, decode_event
+from routemesh.services.runtime.kafka import client_kwargs
 from routemesh.services.runtime.settings import ServiceSettings
 
 
@@ -22,9 +23,7 @@ async def tail_topic(
 ) -> int:
     """Print each value as one line on stdout; undecodable ones are flagged on stderr."""
     # No consumer group: tailing must not move anyone's committed offsets.
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False
-    )
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
     try:
         await consumer.start()
     except BaseException:

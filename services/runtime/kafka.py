@@ -25,6 +25,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from faststream.kafka.security import parse_security
 from faststream.security import (
     BaseSecurity,
     SASLPlaintext,
@@ -105,6 +106,15 @@ def _security(settings: ServiceSettings) -> BaseSecurity | None:
     )
 
 
+def client_kwargs(settings: ServiceSettings) -> dict[str, Any]:
+    """Connection settings for a plain aiokafka client, with the same security as the
+    broker factory (for consumers that manage offsets themselves)."""
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        **parse_security(_security(settings)),
+    }
+
+
 def create_broker(
     settings: ServiceSettings,
     *,
@@ -163,10 +173,10 @@ class DeadLetters:
             registry=registry,
         )
 
-    async def send(self, msg: KafkaMessage, group: str | None, kind: str, error: str) -> None:
-        record = msg.raw_message
+    async def send(self, record: Any, group: str | None, kind: str, error: str) -> None:
+        """Publish a dead letter for ``record`` (an aiokafka ConsumerRecord)."""
         letter = DeadLetter(
-            original=bytes(msg.body),
+            original=bytes(record.value or b""),
             headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
             key=record.key,
             source_topic=record.topic,
@@ -235,7 +245,7 @@ def subscribe_events(
 
     async def _dead_letter(msg: KafkaMessage, kind: str, error: str) -> None:
         try:
-            await dead_letters.send(msg, group_id, kind, error)
+            await dead_letters.send(msg.raw_message, group_id, kind, error)
         except Exception:
             # Committing past a message whose dead letter was not written would lose it.
             log.exception("could not publish a dead letter; will retry the message")
@@ -252,9 +262,7 @@ async def create_topics(
     settings: ServiceSettings, *, replication_factor: int = 1, timeout_s: float = 30.0
 ) -> list[str]:
     """Create every registered topic that does not exist yet; return the ones created."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=int(timeout_s * 1000)
-    )
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -277,6 +285,7 @@ __all__ = [
     "DeadLetters",
     "MsgspecCodec",
     "RetryableError",
+    "client_kwargs",
     "create_broker",
     "create_topics",
     "publish_event",

@@ -45,7 +45,10 @@ class ServiceContext:
     readiness: Readiness
     tracer_provider: TracerProvider
     dead_letters: DeadLetters
-    # Called after the broker stopped consuming and flushed, in reverse order.
+    # Run once the broker is connected, in order.
+    on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run on SIGTERM/SIGINT in reverse order, before the broker stops, so a service's own
+    # loops can drain, commit and still publish (dead letters) while they do.
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -117,6 +120,8 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     watcher = None
     try:
         await ctx.broker.start()
+        for hook in ctx.on_startup:
+            await hook()
         watcher = asyncio.create_task(_watch_broker(ctx))
         log.info("service running")
         await stop.wait()
@@ -126,11 +131,11 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        for hook in reversed(ctx.on_shutdown):
+            await hook()
         # FastStream stops the subscribers, waits up to graceful_timeout for handlers in
         # flight (each commits its own offset), then stops the producer, which flushes.
         await ctx.broker.stop()
-        for hook in reversed(ctx.on_shutdown):
-            await hook()
         ctx.tracer_provider.shutdown()
         metrics.stop()
         log.info("service stopped")
