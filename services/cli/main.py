@@ -15,7 +15,7 @@ from rich.console import Console
 
 from routemesh.contracts import topic_by_suffix
 from routemesh.contracts.schema_export import drift, export
-from routemesh.services.cli import router_commands
+from routemesh.services.cli import audit_commands, router_commands
 from routemesh.services.cli.dev import DevMesh, parse_port_overrides
 from routemesh.services.cli.tail import tail_topic
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
@@ -33,6 +33,7 @@ topics_app = typer.Typer(help="Kafka topics of the registry.", no_args_is_help=T
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(topics_app, name="topics")
 app.add_typer(router_commands.bank_app, name="bank")
+app.add_typer(audit_commands.audit_app, name="audit")
 app.command("route")(router_commands.route)
 app.command("eval")(router_commands.eval_command)
 

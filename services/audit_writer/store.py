@@ -1,0 +1,188 @@
+"""Daily JSONL audit files: durable batch appends, size rotation, gzip, retention, and
+the dedup index that survives restarts (rebuilt from the files themselves)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import msgspec
+
+FILE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:\.(\d+))?\.jsonl(\.gz)?$")
+FsyncPolicy = Literal["batch", "off"]
+
+
+@dataclass(frozen=True, order=True)
+class AuditFile:
+    day: str
+    part: int
+    path: Path = field(compare=False)
+    compressed: bool = field(compare=False)
+
+
+def list_files(directory: Path) -> list[AuditFile]:
+    """Audit files in ``directory``, oldest first."""
+    found = []
+    for path in directory.iterdir() if directory.is_dir() else ():
+        match = FILE_NAME.match(path.name)
+        if match:
+            found.append(
+                AuditFile(match.group(1), int(match.group(2) or 0), path, bool(match.group(3)))
+            )
+    return sorted(found)
+
+
+def read_lines(file: AuditFile) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a plain or gzip file, streamed."""
+    opener = gzip.open if file.compressed else open
+    with opener(file.path, "rb") as handle:
+        yield from enumerate(handle, start=1)
+
+
+@dataclass
+class RequestState:
+    has_decision: bool = False
+    has_observation: bool = False
+    event_ids: set[str] = field(default_factory=set)
+
+
+class AuditStore:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_file_bytes: int = 256 * 1024 * 1024,
+        fsync: FsyncPolicy = "batch",
+        dedup_capacity: int = 1_000_000,
+    ) -> None:
+        self.directory = directory
+        self.max_file_bytes = max_file_bytes
+        self.fsync = fsync
+        self.dedup_capacity = dedup_capacity
+        self._index: OrderedDict[str, RequestState] = OrderedDict()
+        self._open: dict[str, tuple[AuditFile, IO[bytes]]] = {}
+        self._encoder = msgspec.json.Encoder()
+        directory.mkdir(parents=True, exist_ok=True)
+
+    # -- dedup index -------------------------------------------------------------------
+
+    def load_index(self) -> int:
+        """Rebuild the index from the files, oldest first, so the newest entries stay
+        when it is full. A torn last line (a crash mid-write) is skipped."""
+        count = 0
+        for file in list_files(self.directory):
+            for _, line in read_lines(file):
+                try:
+                    record = msgspec.json.decode(line)
+                except msgspec.DecodeError:
+                    continue
+                self.mark(record)
+                count += 1
+        return count
+
+    def state(self, request_id: str) -> RequestState | None:
+        return self._index.get(request_id)
+
+    def mark(self, record: dict[str, Any]) -> None:
+        """Remember a record as written (or about to be, in the batch being built)."""
+        request_id = record["request_id"]
+        state = self._index.pop(request_id, None) or RequestState()
+        state.has_decision |= record.get("decision") is not None
+        state.has_observation |= record.get("observation") is not None
+        state.event_ids.update(record.get("event_ids", ()))
+        self._index[request_id] = state
+        while len(self._index) > self.dedup_capacity:
+            self._index.popitem(last=False)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _handle(self, day: str) -> tuple[AuditFile, IO[bytes]]:
+        current = self._open.get(day)
+        if current is not None and current[1].tell() < self.max_file_bytes:
+            return current
+        if current is not None:
+            current[1].close()
+            del self._open[day]
+        parts = [f for f in list_files(self.directory) if f.day == day]
+        last = parts[-1] if parts else None
+        if (
+            last is not None
+            and not last.compressed
+            and last.path.stat().st_size < self.max_file_bytes
+        ):
+            file = last
+        else:
+            part = last.part + 1 if last else 0
+            name = f"{day}.jsonl" if part == 0 else f"{day}.{part}.jsonl"
+            file = AuditFile(day, part, self.directory / name, False)
+        handle = open(file.path, "ab")  # noqa: SIM115 (kept open across batches)
+        self._open[day] = (file, handle)
+        return self._open[day]
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Write records to their day files; durable (flushed, fsynced) on return."""
+        touched: dict[str, IO[bytes]] = {}
+        for record in records:
+            _, handle = self._handle(record["day"])
+            handle.write(self._encoder.encode(record) + b"\n")
+            touched[record["day"]] = handle
+        for handle in touched.values():
+            handle.flush()
+            if self.fsync == "batch":
+                os.fsync(handle.fileno())
+
+    def close(self) -> None:
+        for _, handle in self._open.values():
+            handle.flush()
+            if self.fsync == "batch":
+                os.fsync(handle.fileno())
+            handle.close()
+        self._open.clear()
+
+    # -- compression and retention -----------------------------------------------------
+
+    def maintain(
+        self, today: date, *, retention_days: int, retention_bytes: int
+    ) -> tuple[list[Path], list[Path]]:
+        """Gzip files of past days, then delete by age and by total size, oldest first.
+        Never touches a file that is open for writing. Returns (compressed, deleted)."""
+        for day in [d for d in self._open if d < today.isoformat()]:
+            self._open.pop(day)[1].close()
+        open_paths = {file.path for file, _ in self._open.values()}
+        compressed = []
+        for file in list_files(self.directory):
+            if file.compressed or file.day >= today.isoformat() or file.path in open_paths:
+                continue
+            target = file.path.with_name(file.path.name + ".gz")
+            partial = target.with_name(target.name + ".partial")
+            with open(file.path, "rb") as source, gzip.open(partial, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+            with open(partial, "rb") as done:
+                os.fsync(done.fileno())
+            partial.rename(target)
+            file.path.unlink()
+            compressed.append(target)
+        deleted = []
+        cutoff = (today - timedelta(days=retention_days)).isoformat()
+        files = [f for f in list_files(self.directory) if f.path not in open_paths]
+        for file in files:
+            if file.day < cutoff:
+                file.path.unlink()
+                deleted.append(file.path)
+        remaining = [f for f in files if f.path not in deleted]
+        total = sum(f.path.stat().st_size for f in list_files(self.directory))
+        for file in remaining:
+            if total <= retention_bytes:
+                break
+            total -= file.path.stat().st_size
+            file.path.unlink()
+            deleted.append(file.path)
+        return compressed, deleted

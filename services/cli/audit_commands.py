@@ -1,0 +1,83 @@
+"""`routemesh audit summary` and `routemesh audit verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from routemesh.services.audit_writer.reports import now_utc, parse_duration, summarize, verify
+
+audit_app = typer.Typer(help="Audit trail: summaries and verification.", no_args_is_help=True)
+err = Console(stderr=True, soft_wrap=True)
+DirOption = Annotated[Path, typer.Option("--dir", help="The audit directory.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+@audit_app.command("summary")
+def summary(
+    directory: DirOption,
+    since: Annotated[str | None, typer.Option(help="Only records newer than this (1h).")] = None,
+    window: Annotated[str, typer.Option(help="Comma-separated windows.")] = "15m,1h,24h",
+    format: Annotated[Literal["table", "json"], typer.Option(help="Output format.")] = "table",
+) -> None:
+    """Per window: requests, route/reason/model shares, rates, latencies, tokens."""
+    if not directory.is_dir():
+        raise _fail(f"{directory} is not a directory")
+    try:
+        windows = {w.strip(): parse_duration(w) for w in window.split(",") if w.strip()}
+        since_delta = parse_duration(since) if since else None
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    result = summarize(directory, windows, since_delta, now_utc())
+    if format == "json":
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"audit summary of {directory}")
+    table.add_column("metric")
+    for label in result:
+        table.add_column(label, justify="right")
+    scalar_keys = ["requests", "low_confidence_rate", "embedding_error_rate", "error_rate",
+                   "non_2xx_rate", "escalation_rate"]
+    for key in scalar_keys:
+        table.add_row(key, *(_fmt(r[key]) for r in result.values()))
+    for key in ("decision_latency_ms", "upstream_latency_ms"):
+        for q in ("p50", "p95", "p99"):
+            table.add_row(f"{key} {q}", *(_fmt(r[key][q]) for r in result.values()))
+    for key in ("route_share", "reason_share", "target_model_share"):
+        names = sorted({n for r in result.values() for n in r[key]})
+        for name in names:
+            table.add_row(f"{key}[{name}]", *(_fmt(r[key].get(name)) for r in result.values()))
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        table.add_row(name, *(_fmt(r["tokens"].get(name, 0)) for r in result.values()))
+    Console().print(table)
+
+
+@audit_app.command("verify")
+def verify_command(directory: DirOption) -> None:
+    """Check every line parses, holds allowed fields only, and no request_id repeats
+    outside amendments. Exits 1 with the offending file and line."""
+    if not directory.is_dir():
+        raise _fail(f"{directory} is not a directory")
+    checked, problems = verify(directory)
+    for problem in problems:
+        err.print(str(problem), highlight=False)
+    if problems:
+        raise _fail(f"{len(problems)} problem(s) in {checked} records checked")
+    print(f"{checked} records verified in {directory}")

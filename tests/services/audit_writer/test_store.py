@@ -1,0 +1,117 @@
+import gzip
+import json
+from datetime import date, timedelta
+
+from routemesh.services.audit_writer.records import build_record
+from routemesh.services.audit_writer.reports import summarize, verify
+from routemesh.services.audit_writer.store import AuditStore, list_files
+from tests.services.audit_writer.helpers import DAY, decision, observation
+
+
+def records(n, day=DAY, prefix="r"):
+    return [build_record("joined", f"{prefix}{i}", decision(f"{prefix}{i}", day),
+                         observation(f"{prefix}{i}", day)) for i in range(n)]
+
+
+def test_appends_rotate_by_size_within_a_day(tmp_path):
+    store = AuditStore(tmp_path, max_file_bytes=4000)
+    for batch in range(6):
+        store.append(records(3, prefix=f"b{batch}-"))
+    store.close()
+    names = [f.path.name for f in list_files(tmp_path)]
+    assert names[0] == "2026-11-23.jsonl"
+    assert names[1:3] == ["2026-11-23.1.jsonl", "2026-11-23.2.jsonl"]
+    lines = sum(1 for f in list_files(tmp_path) for _ in f.path.open())
+    assert lines == 18
+
+
+def test_the_index_survives_a_restart_and_a_torn_line(tmp_path):
+    store = AuditStore(tmp_path)
+    store.append(records(5))
+    store.close()
+    with (tmp_path / "2026-11-23.jsonl").open("ab") as handle:
+        handle.write(b'{"request_id": "torn", "jo')
+    reopened = AuditStore(tmp_path)
+    assert reopened.load_index() == 5
+    assert reopened.state("r3").has_observation
+    assert reopened.state("torn") is None
+
+
+def test_the_index_is_bounded_and_keeps_the_newest(tmp_path):
+    store = AuditStore(tmp_path, dedup_capacity=1000)
+    for record in records(1500):
+        store.mark(record)
+    assert store.state("r0") is None
+    assert store.state("r1499") is not None
+
+
+def test_maintenance_gzips_past_days_and_applies_retention(tmp_path):
+    store = AuditStore(tmp_path)
+    today = date(2026, 11, 23)
+    for back in (40, 3, 1, 0):
+        when = DAY - timedelta(days=back)
+        store.append(records(20, day=when, prefix=f"d{back}-"))
+    compressed, deleted = store.maintain(today, retention_days=30, retention_bytes=10**9)
+    assert sorted(p.name for p in compressed) == ["2026-11-20.jsonl.gz", "2026-11-22.jsonl.gz"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "2026-11-23.jsonl" in names, "today's open file is left alone"
+    assert "2026-11-22.jsonl.gz" in names
+    assert "2026-11-20.jsonl.gz" in names
+    assert not any(n.startswith("2026-10-14") for n in names), "older than 30 days"
+    assert len(deleted) == 1
+    with gzip.open(tmp_path / "2026-11-22.jsonl.gz") as handle:
+        assert sum(1 for _ in handle) == 20
+    store.append(records(1, prefix="after-"))
+    _, deleted = store.maintain(today, retention_days=30, retention_bytes=1)
+    assert (tmp_path / "2026-11-23.jsonl").exists(), "never deletes the open file"
+    assert all(not p.name.endswith(".gz") for p in tmp_path.iterdir())
+
+
+def test_a_late_record_for_a_compressed_day_goes_to_a_new_part(tmp_path):
+    store = AuditStore(tmp_path)
+    yesterday = DAY - timedelta(days=1)
+    store.append(records(2, day=yesterday))
+    store.maintain(date(2026, 11, 23), retention_days=30, retention_bytes=10**9)
+    store.append(records(1, day=yesterday, prefix="late-"))
+    names = sorted(f.path.name for f in list_files(tmp_path))
+    assert names == ["2026-11-22.1.jsonl", "2026-11-22.jsonl.gz"]
+
+
+def test_summary_reads_plain_and_gzip_files(tmp_path):
+    store = AuditStore(tmp_path)
+    store.append(records(10, day=DAY - timedelta(hours=30), prefix="old-"))
+    store.append(records(4, day=DAY - timedelta(minutes=5), prefix="new-"))
+    failing = build_record("joined", "err", decision("err", DAY - timedelta(minutes=1)),
+                           observation("err", DAY - timedelta(minutes=1), upstream_status=502,
+                                       error_class="UpstreamError"))
+    store.append([failing])
+    store.maintain(date(2026, 11, 23), retention_days=30, retention_bytes=10**9)
+    store.close()
+    windows = {"15m": timedelta(minutes=15), "48h": timedelta(hours=48)}
+    result = summarize(tmp_path, windows, None,
+                       DAY + timedelta(seconds=1))
+    assert result["15m"]["requests"] == 5
+    assert result["48h"]["requests"] == 15
+    assert result["15m"]["non_2xx_rate"] == 0.2
+    assert result["15m"]["error_rate"] == 0.2
+    assert result["15m"]["route_share"] == {"lite": 1.0}
+    assert result["48h"]["tokens"]["total_tokens"] == 450
+    assert result["15m"]["decision_latency_ms"]["p50"] == 4.0
+
+
+def test_verify_names_the_file_and_line_of_each_problem(tmp_path):
+    store = AuditStore(tmp_path)
+    store.append(records(3))
+    store.close()
+    assert verify(tmp_path) == (3, [])
+    path = tmp_path / "2026-11-23.jsonl"
+    lines = path.read_text().splitlines()
+    duplicate = lines[1]
+    leaky = json.loads(lines[0])
+    leaky["decision"]["prompt_text"] = "oops"
+    path.write_text("\n".join([*lines, duplicate, json.dumps(leaky), "not json"]) + "\n")
+    checked, problems = verify(tmp_path)
+    assert checked == 6
+    assert [p.line for p in problems] == [4, 5, 6]
+    assert "already recorded at" in problems[0].message
+    assert "outside the allow-list" in problems[1].message
