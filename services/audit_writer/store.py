@@ -152,11 +152,18 @@ class AuditStore:
     def maintain(
         self, today: date, *, retention_days: int, retention_bytes: int
     ) -> tuple[list[Path], list[Path]]:
-        """Gzip files of past days, then delete by age and by total size, oldest first.
-        Never touches a file that is open for writing. Returns (compressed, deleted)."""
+        """Delete files past the retention age, gzip the rest of the past days, then
+        delete oldest first while the total exceeds the size limit. Never touches a file
+        that is open for writing. Returns (compressed, deleted)."""
         for day in [d for d in self._open if d < today.isoformat()]:
             self._open.pop(day)[1].close()
         open_paths = {file.path for file, _ in self._open.values()}
+        deleted = []
+        cutoff = (today - timedelta(days=retention_days)).isoformat()
+        for file in list_files(self.directory):
+            if file.day < cutoff and file.path not in open_paths:
+                file.path.unlink()
+                deleted.append(file.path)
         compressed = []
         for file in list_files(self.directory):
             if file.compressed or file.day >= today.isoformat() or file.path in open_paths:
@@ -170,16 +177,9 @@ class AuditStore:
             partial.rename(target)
             file.path.unlink()
             compressed.append(target)
-        deleted = []
-        cutoff = (today - timedelta(days=retention_days)).isoformat()
         files = [f for f in list_files(self.directory) if f.path not in open_paths]
-        for file in files:
-            if file.day < cutoff:
-                file.path.unlink()
-                deleted.append(file.path)
-        remaining = [f for f in files if f.path not in deleted]
         total = sum(f.path.stat().st_size for f in list_files(self.directory))
-        for file in remaining:
+        for file in files:
             if total <= retention_bytes:
                 break
             total -= file.path.stat().st_size
