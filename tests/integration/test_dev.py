@@ -4,6 +4,8 @@ registered topic, and stops on Ctrl-C within 10 s with no traceback."""
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -15,10 +17,21 @@ from tests.integration.test_embedded_broker import asyncio_run_list_topics
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
 def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
-    port = free_port()
+    port, audit_metrics = free_port(), free_port()
     process = subprocess.Popen(
-        [*CLI, "dev", "--data-dir", str(tmp_path / "data"), "--kafka-port", str(port)],
+        [*CLI, "dev", "--data-dir", str(tmp_path / "data"), "--kafka-port", str(port),
+         "--metrics-port", f"audit-writer={audit_metrics}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -31,10 +44,18 @@ def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
             line = process.stdout.readline()
             assert line or process.poll() is None, lines
             lines.append(line.rstrip("\n"))
-        components = dict(line.split(None, 1) for line in lines if "  " in line)
+        components = dict(line.rsplit("  ", 1) for line in lines if "  " in line)
         assert components["kafka"] == f"127.0.0.1:{port}"
         assert components["qdrant"].startswith(str(tmp_path / "data" / "qdrant"))
         assert (tmp_path / "data" / "qdrant").is_dir()
+
+        metrics_url = f"http://127.0.0.1:{audit_metrics}/metrics"
+        assert components["audit-writer metrics"] == metrics_url
+        deadline = time.monotonic() + 60
+        while _get(f"http://127.0.0.1:{audit_metrics}/readyz") != 200:
+            assert time.monotonic() < deadline, "the audit writer never became ready"
+            time.sleep(0.5)
+        assert _get(metrics_url) == 200
 
         listed = set(asyncio_run_list_topics(f"127.0.0.1:{port}"))
         assert {t.name() for t in TOPICS} <= listed

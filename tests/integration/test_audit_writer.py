@@ -1,0 +1,170 @@
+"""The audit writer against a real broker: exactly one record per request under
+redelivery and crashes, and poison pills in the DLQ."""
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from routemesh.contracts import decode_event, encode_event
+from routemesh.contracts.topics import DLQ, LLM_OBSERVATIONS, ROUTE_DECISIONS
+from routemesh.services.audit_writer.store import list_files, read_lines
+from tests.integration.conftest import CLI, cli_env, read_topic
+from tests.services.audit_writer.helpers import decision, observation
+
+pytestmark = pytest.mark.broker
+REQUESTS = 20_000
+WINDOW_S = 3
+
+
+def start_writer(settings, audit_dir: Path, log: Path) -> subprocess.Popen:
+    env = cli_env(
+        settings,
+        ROUTEMESH_AUDIT_DIR=str(audit_dir),
+        ROUTEMESH_AUDIT_JOIN_WINDOW_S=str(WINDOW_S),
+        ROUTEMESH_METRICS_PORT="0",
+    )
+    with log.open("ab") as out:
+        return subprocess.Popen([*CLI, "serve", "audit-writer"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def read_records(audit_dir: Path) -> list[dict]:
+    return [json.loads(line) for f in list_files(audit_dir) for _, line in read_lines(f)]
+
+
+def plan(request_ids: list[str]) -> tuple[list[tuple[str, bytes, str]], dict[str, str]]:
+    """Messages to publish, and what each request is: pair, decision_only or
+    observation_only. Some pairs reordered, some events duplicated."""
+    messages, kinds = [], {}
+    for i, request_id in enumerate(request_ids):
+        d, o = encode_event(decision(request_id)), encode_event(observation(request_id))
+        kind = i % 20
+        if kind == 0:
+            kinds[request_id] = "decision_only"
+            messages.append(("d", d, request_id))
+        elif kind == 1:
+            kinds[request_id] = "observation_only"
+            messages.append(("o", o, request_id))
+        else:
+            kinds[request_id] = "pair"
+            pair = [("d", d, request_id), ("o", o, request_id)]
+            if kind == 2:
+                pair.reverse()
+            if kind == 3:
+                pair.append(("d", d, request_id))
+            if kind == 4:
+                pair.append(("o", o, request_id))
+            messages += pair
+    return messages, kinds
+
+
+async def publish(settings, messages, chunks: int, pause_s: float) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5)
+    await producer.start()
+    topics = {"d": settings.topic(ROUTE_DECISIONS), "o": settings.topic(LLM_OBSERVATIONS)}
+    try:
+        size = len(messages) // chunks + 1
+        for start in range(0, len(messages), size):
+            sends = [
+                await producer.send(topics[which], value, key=key.encode())
+                for which, value, key in messages[start : start + size]
+            ]
+            await asyncio.gather(*sends)
+            await asyncio.sleep(pause_s)
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.slow
+async def test_twenty_thousand_requests_three_crashes_exactly_one_record_each(
+    settings, tmp_path
+):
+    rng = random.Random(20261123)
+    request_ids = [f"req-{i:05d}" for i in range(REQUESTS)]
+    messages, kinds = plan(request_ids)
+    audit_dir, log = tmp_path / "audit", tmp_path / "writer.log"
+    publishing = asyncio.create_task(publish(settings, messages, chunks=12, pause_s=1.5))
+
+    writer = start_writer(settings, audit_dir, log)
+    kills = []
+    try:
+        for _ in range(3):
+            await asyncio.sleep(rng.uniform(6.0, 12.0))
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(10)
+            kills.append(len(read_records(audit_dir)) if audit_dir.exists() else 0)
+            writer = start_writer(settings, audit_dir, log)
+        await publishing
+
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            records = read_records(audit_dir)
+            done = {r["request_id"] for r in records if r["join"] != "amendment"}
+            if len(done) >= REQUESTS:
+                break
+            await asyncio.sleep(1)
+        await asyncio.sleep(WINDOW_S + 2)  # let late partners land as amendments
+        writer.send_signal(signal.SIGTERM)
+        assert writer.wait(15) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+
+    assert len(kills) == 3
+    assert kills[0] > 0, "the first crash happened while records were being written"
+    assert kills[-1] < REQUESTS, "the last crash happened before the work was done"
+
+    verify = subprocess.run([*CLI, "audit", "verify", "--dir", str(audit_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
+
+    records = read_records(audit_dir)
+    primary = [r for r in records if r["join"] != "amendment"]
+    assert len(primary) == REQUESTS
+    assert {r["request_id"] for r in primary} == set(request_ids)
+    has_observation = {r["request_id"] for r in records if r["observation"] is not None}
+    has_decision = {r["request_id"] for r in records if r["decision"] is not None}
+    for request_id, kind in kinds.items():
+        assert (request_id in has_decision) == (kind != "observation_only"), request_id
+        assert (request_id in has_observation) == (kind != "decision_only"), request_id
+    joins = {r["request_id"]: r["join"] for r in primary}
+    assert all(joins[r] == "decision_only" for r, k in kinds.items() if k == "decision_only")
+    assert all(joins[r] == "observation_only" for r, k in kinds.items() if k == "observation_only")
+
+
+async def test_poison_pills_go_to_the_dlq_and_the_writer_keeps_going(settings, tmp_path):
+    audit_dir = tmp_path / "audit"
+    writer = start_writer(settings, audit_dir, tmp_path / "writer.log")
+    unknown = b'{"type": "SomethingNew", "schema_version": "1.0", "request_id": "x"}'
+    try:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+        await producer.start()
+        decisions = settings.topic(ROUTE_DECISIONS)
+        await producer.send_and_wait(decisions, b"\x00garbage", key=b"k")
+        await producer.send_and_wait(decisions, unknown, key=b"k")
+        await producer.send_and_wait(decisions, encode_event(decision("after")), key=b"k")
+        await producer.send_and_wait(settings.topic(LLM_OBSERVATIONS),
+                                     encode_event(observation("after")), key=b"k")
+        await producer.stop()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            audit_dir.exists() and read_records(audit_dir)
+        ):
+            await asyncio.sleep(0.5)
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        writer.wait(15)
+    (record,) = read_records(audit_dir)
+    assert (record["request_id"], record["join"]) == ("after", "joined")
+    letters = [decode_event(r.value) for r in await read_topic(settings, settings.topic(DLQ), 2)]
+    assert {(letter.original, letter.error_kind) for letter in letters} == {
+        (b"\x00garbage", "invalid_json"), (unknown, "unknown_type")
+    }
+    assert {letter.consumer_group for letter in letters} == {"routemesh-audit-writer"}
