@@ -102,44 +102,36 @@ class Joiner:
 
     def add(self, event: Event, position: Position, now: float) -> list[Output]:
         if isinstance(event, RouteDecided):
-            return self._decision(event, position, now)
+            return self._arrive(event, position, now, "decision")
         if isinstance(event, CompletionObserved):
-            return self._observation(event, position, now)
+            return self._arrive(event, position, now, "observation")
         return []
 
-    def _decision(self, event: RouteDecided, position: Position, now: float) -> list[Output]:
+    def _arrive(self, event: Any, position: Position, now: float, side: str) -> list[Output]:
+        """One half of a pair arrived: skip it if seen, join it with a waiting partner,
+        amend a record written without it, or hold it in the window."""
+        is_decision = side == "decision"
+        mine, partners = (
+            (self.decisions, self.observations) if is_decision
+            else (self.observations, self.decisions)
+        )
         request_id = event.request_id
         state = self.store.state(request_id)
-        if (state and (state.has_decision or str(event.event_id) in state.event_ids)) or (
-            request_id in self.decisions
-        ):
+        already = state is not None and (
+            (state.has_decision if is_decision else state.has_observation)
+            or str(event.event_id) in state.event_ids
+        )
+        if already or request_id in mine:
             self.stats.dedup_hits += 1
             return []
-        waiting = self.observations.pop(request_id, None)
+        waiting = partners.pop(request_id, None)
         if waiting is not None:
-            return [self._emit("joined", request_id, event, waiting.event, [waiting.position])]
-        if state and state.has_observation:
-            return [self._emit("amendment", request_id, event, None, [], amends=state)]
-        self.decisions[request_id] = _Held(event, position, now)
-        self.tracker.hold(position)
-        return []
-
-    def _observation(
-        self, event: CompletionObserved, position: Position, now: float
-    ) -> list[Output]:
-        request_id = event.request_id
-        state = self.store.state(request_id)
-        if (state and (state.has_observation or str(event.event_id) in state.event_ids)) or (
-            request_id in self.observations
-        ):
-            self.stats.dedup_hits += 1
-            return []
-        waiting = self.decisions.pop(request_id, None)
-        if waiting is not None:
-            return [self._emit("joined", request_id, waiting.event, event, [waiting.position])]
-        if state and state.has_decision:
-            return [self._emit("amendment", request_id, None, event, [], amends=state)]
-        self.observations[request_id] = _Held(event, position, now)
+            pair = (event, waiting.event) if is_decision else (waiting.event, event)
+            return [self._emit("joined", request_id, *pair, [waiting.position])]
+        if state is not None and (state.has_observation if is_decision else state.has_decision):
+            pair = (event, None) if is_decision else (None, event)
+            return [self._emit("amendment", request_id, *pair, [], amends=state)]
+        mine[request_id] = _Held(event, position, now)
         self.tracker.hold(position)
         return []
 

@@ -84,3 +84,15 @@ def test_dropping_a_revoked_partition_forgets_what_it_held(tmp_path):
     tracker.forget({(D, 3)})
     assert set(joiner.decisions) == {"b"}
     assert tracker.to_commit() == {(D, 4): 0}
+
+
+def test_a_late_decision_after_an_observation_only_record_is_an_amendment(tmp_path):
+    joiner, tracker, _ = make(tmp_path, window=1)
+    o = observation("a")
+    feed(joiner, tracker, o, (O, 0, 0), now=0)
+    (lonely,) = joiner.expire(2)
+    assert lonely.record["join"] == "observation_only"
+    (out,) = feed(joiner, tracker, decision("a"), (D, 0, 0), now=3)
+    assert (out.record["join"], out.record["amends"]) == ("amendment", str(o.event_id))
+    assert out.record["observation"] is None
+    assert out.record["decision"]["route_id"] == "lite"
