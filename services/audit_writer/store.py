@@ -7,6 +7,7 @@ import gzip
 import os
 import re
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,8 +128,10 @@ class AuditStore:
         self._open[day] = (file, handle)
         return self._open[day]
 
-    def append(self, records: list[dict[str, Any]]) -> None:
-        """Write records to their day files; durable (flushed, fsynced) on return."""
+    def append(self, records: list[dict[str, Any]]) -> tuple[float, float]:
+        """Write records to their day files; durable (flushed, fsynced) on return.
+        Returns the seconds spent writing and fsyncing."""
+        started = time.perf_counter()
         touched: dict[str, IO[bytes]] = {}
         for record in records:
             _, handle = self._handle(record["day"])
@@ -136,8 +139,11 @@ class AuditStore:
             touched[record["day"]] = handle
         for handle in touched.values():
             handle.flush()
-            if self.fsync == "batch":
+        written = time.perf_counter()
+        if self.fsync == "batch":
+            for handle in touched.values():
                 os.fsync(handle.fileno())
+        return written - started, time.perf_counter() - written
 
     def close(self) -> None:
         for _, handle in self._open.values():

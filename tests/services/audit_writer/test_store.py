@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 from datetime import date, timedelta
 
 from routemesh.services.audit_writer.records import build_record
@@ -11,6 +12,20 @@ from tests.services.audit_writer.helpers import DAY, decision, observation
 def records(n, day=DAY, prefix="r"):
     return [build_record("joined", f"{prefix}{i}", decision(f"{prefix}{i}", day),
                          observation(f"{prefix}{i}", day)) for i in range(n)]
+
+
+def test_append_fsyncs_each_touched_file_once_per_batch_unless_off(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    two_days = records(3) + records(2, day=DAY - timedelta(days=1), prefix="y")
+    write_s, fsync_s = AuditStore(tmp_path).append(two_days)
+    assert len(synced) == 2
+    assert write_s >= 0
+    assert fsync_s >= 0
+    synced.clear()
+    AuditStore(tmp_path / "nosync", fsync="off").append(records(3))
+    assert synced == []
 
 
 def test_appends_rotate_by_size_within_a_day(tmp_path):
