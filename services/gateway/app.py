@@ -1,0 +1,376 @@
+"""The HTTP front door: an OpenAI-compatible proxy and a decision API.
+
+Every request gets a decision from the router core; the decision and the observation of
+the upstream call are offered to the publisher, never awaited. Nothing of the prompt or
+the completion reaches an event, a log line, a metric or a span.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+
+from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
+from routemesh.services.gateway.publisher import EventPublisher
+from routemesh.services.gateway.settings import GatewaySettings
+from routemesh.services.gateway.upstream import Upstream, UpstreamUnavailable
+from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("routemesh.gateway")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Any = None
+
+
+class ChatCompletionBody(BaseModel):
+    """The fields the gateway reads; every other OpenAI field is forwarded as is."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+
+
+class RouteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[_Message] | None = None
+    input: str | None = None
+    model: str | None = None
+
+
+class OutcomeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=128)
+    completed: bool | None = None
+    correct_route: bool | None = None
+    expected_route: str | None = Field(default=None, max_length=64)
+    quality_score: float | None = Field(default=None, ge=0, le=1)
+    labels: list[str] = Field(default=[], max_length=16)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+
+
+def error_response(status: int, message: str, type_: str, code: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "code": code}}, status_code=status
+    )
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "routemesh_gateway_requests_total", "Requests by route, reason and status class",
+            ["endpoint", "route", "reason", "status_class"], registry=registry,
+        )
+        self.decision = Histogram(
+            "routemesh_gateway_decision_seconds", "Decision latency", ["layer"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25),
+        )
+        self.upstream = Histogram(
+            "routemesh_gateway_upstream_seconds", "Upstream call duration", ["route"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "routemesh_gateway_upstream_ttft_seconds", "Time to the first streamed byte",
+            ["route"], registry=registry,
+        )
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    router: Any
+    upstream: Upstream
+    publisher: EventPublisher
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        self.metrics = _Metrics(self.registry)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body over {limit} bytes", "invalid_request_error",
+                       "body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body over {limit} bytes", "invalid_request_error",
+                           "body_too_large")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", "invalid_request_error",
+                       "invalid_json") from None
+
+
+def _validate(model: type[BaseModel], data: Any) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except Exception as exc:
+        errors = getattr(exc, "errors", lambda: [])()
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}"
+            for e in errors
+        ) or str(exc)
+        raise ApiError(400, f"invalid request body: {detail}", "invalid_request_error",
+                       "invalid_body") from None
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id")
+    return given if given and _REQUEST_ID.match(given) else str(uuid.uuid4())
+
+
+def _route_headers(decision: RouteDecided) -> dict[str, str]:
+    return {
+        "x-routemesh-request-id": decision.request_id,
+        "x-routemesh-route": decision.route_id,
+        "x-routemesh-reason": decision.reason,
+    }
+
+
+class _StreamStats:
+    """Reads the relayed SSE stream for finish reason, usage and tool calls, without
+    keeping any content."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.tools_used = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                continue
+            _note_completion(self, event, delta=True)
+
+
+def _note_completion(stats: Any, body: Any, delta: bool) -> None:
+    if not isinstance(body, dict):
+        return
+    if isinstance(body.get("usage"), dict):
+        stats.usage = body["usage"]
+    for choice in body.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason"):
+            stats.finish_reason = choice["finish_reason"]
+        message = choice.get("delta" if delta else "message") or {}
+        if isinstance(message, dict) and message.get("tool_calls"):
+            stats.tools_used = True
+
+
+def create_app(state: GatewayState) -> FastAPI:
+    app = FastAPI(
+        title="routemesh gateway",
+        version="1.0.0",
+        description="OpenAI-compatible proxy that routes each request to a model tier.",
+    )
+    settings = state.settings
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        state.metrics.requests.labels(request.url.path, "", "", f"{exc.status // 100}xx").inc()
+        return error_response(exc.status, exc.message, exc.type, exc.code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", extra={"path": request.url.path})
+        return error_response(500, "internal error", "server_error", "internal_error")
+
+    async def decide(body: dict[str, Any], request: Request) -> RouteDecided:
+        override = request.headers.get("x-routemesh-route")
+        started = time.perf_counter()
+        with tracer.start_as_current_span("routemesh.decide") as span:
+            try:
+                decision = await state.router.adecide(
+                    RouteRequest.from_body(body, override), _request_id(request)
+                )
+            except UnknownRouteError as exc:
+                raise ApiError(400, str(exc), "invalid_request_error", "unknown_route") from None
+            span.set_attribute("routemesh.route", decision.route_id)
+            span.set_attribute("routemesh.reason", decision.reason)
+        state.metrics.decision.labels(decision.layer).observe(time.perf_counter() - started)
+        state.publisher.offer(decision)
+        return decision
+
+    def upstream_for(decision: RouteDecided) -> tuple[str, str | None]:
+        current = state.settings
+        key = current.upstream_api_key.get_secret_value() if current.upstream_api_key else None
+        return current.upstream_base_url, key
+
+    def observe(decision: RouteDecided, stream: bool, tools_requested: bool, started: float,
+                status: int | None, stats: Any = None, ttft: float | None = None,
+                error: str | None = None) -> None:
+        usage = (stats.usage if stats else None) or {}
+        state.publisher.offer(CompletionObserved(
+            request_id=decision.request_id,
+            route_id=decision.route_id,
+            target_model=decision.target_model,
+            upstream_status=status,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            ttft_ms=ttft * 1000 if ttft is not None else None,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            finish_reason=stats.finish_reason if stats else None,
+            tools_requested=tools_requested,
+            tools_used=bool(stats and stats.tools_used),
+            stream=stream,
+            error_class=error,
+            escalation_path=(decision.target_model,),
+        ))
+        state.metrics.upstream.labels(decision.route_id).observe(time.perf_counter() - started)
+
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": ChatCompletionBody.model_json_schema()}}}},
+    )
+    async def chat_completions(request: Request) -> Response:
+        data = await _read_json(request, settings.max_body_bytes)
+        parsed = _validate(ChatCompletionBody, data)
+        decision = await decide(data, request)
+        forwarded = dict(data, model=decision.target_model)
+        base_url, api_key = upstream_for(decision)
+        stream = bool(parsed.stream)
+        tools_requested = bool(data.get("tools") or data.get("functions"))
+        headers = _route_headers(decision)
+        started = time.perf_counter()
+        try:
+            with tracer.start_as_current_span("routemesh.upstream") as span:
+                span.set_attribute("routemesh.route", decision.route_id)
+                span.set_attribute("routemesh.target_model", decision.target_model)
+                response = await state.upstream.open(
+                    base_url, api_key, json.dumps(forwarded).encode()
+                )
+        except UpstreamUnavailable as exc:
+            observe(decision, stream, tools_requested, started, None, error=str(exc))
+            status = 504 if exc.timed_out else 502
+            state.metrics.requests.labels("chat", decision.route_id, decision.reason,
+                                          f"{status // 100}xx").inc()
+            return error_response(status, f"upstream unavailable: {exc}", "upstream_error",
+                                  "upstream_timeout" if exc.timed_out else "upstream_unavailable")
+        if response.status_code >= 400 or not stream:
+            body = await response.aread()
+            await response.aclose()
+            stats = _StreamStats()
+            with contextlib.suppress(ValueError):
+                _note_completion(stats, json.loads(body), delta=False)
+            error = None if response.status_code < 400 else f"upstream_{response.status_code}"
+            observe(decision, stream, tools_requested, started, response.status_code, stats,
+                    error=error)
+            status = response.status_code
+            if status >= 500 or status == 429:
+                status = 502
+                body = json.dumps({"error": {
+                    "message": f"upstream failed with {response.status_code} after retries",
+                    "type": "upstream_error", "code": "upstream_error"}}).encode()
+            state.metrics.requests.labels("chat", decision.route_id, decision.reason,
+                                          f"{status // 100}xx").inc()
+            return Response(body, status_code=status, headers=headers,
+                            media_type="application/json")
+
+        async def relay() -> AsyncIterator[bytes]:
+            stats, first = _StreamStats(), None
+            error = None
+            try:
+                async for chunk in response.aiter_raw():
+                    if first is None:
+                        first = time.perf_counter() - started
+                        state.metrics.ttft.labels(decision.route_id).observe(first)
+                    stats.feed(chunk)
+                    yield chunk
+            except httpx.HTTPError as exc:
+                error = type(exc).__name__
+            finally:
+                # Also reached when the client goes away: closing cancels the upstream call.
+                await response.aclose()
+                observe(decision, True, tools_requested, started, response.status_code,
+                        stats, first, error)
+
+        state.metrics.requests.labels("chat", decision.route_id, decision.reason, "2xx").inc()
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+    @app.post(
+        "/v1/route",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": RouteBody.model_json_schema()}}}},
+    )
+    async def route(request: Request) -> Response:
+        data = await _read_json(request, settings.max_body_bytes)
+        parsed = _validate(RouteBody, data)
+        if not parsed.messages and parsed.input is None:
+            raise ApiError(400, "invalid request body: give messages or input",
+                           "invalid_request_error", "invalid_body")
+        decision = await decide(data, request)
+        state.metrics.requests.labels("route", decision.route_id, decision.reason, "2xx").inc()
+        return Response(msgspec.json.encode(decision), media_type="application/json",
+                        headers=_route_headers(decision))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        config = state.router.config
+        names = list(config.aliases) + [r.id for r in config.routes]
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "routemesh"}
+            for name in dict.fromkeys(names)
+        ]}
+
+    @app.post(
+        "/v1/outcomes",
+        status_code=202,
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": OutcomeBody.model_json_schema()}}}},
+    )
+    async def outcomes(request: Request) -> dict[str, str]:
+        parsed = _validate(OutcomeBody, await _read_json(request, settings.max_body_bytes))
+        event = OutcomeReported(
+            request_id=parsed.request_id,
+            completed=parsed.completed,
+            correct_route=parsed.correct_route,
+            expected_route=parsed.expected_route,
+            quality_score=parsed.quality_score,
+            labels=tuple(label[:64] for label in parsed.labels if label),
+        )
+        state.publisher.offer(event)
+        return {"status": "accepted", "event_id": str(event.event_id)}
+
+    return app
+

@@ -1,0 +1,95 @@
+"""`routemesh serve gateway`: the HTTP front door as a mesh service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import uvicorn
+
+from routemesh.services.gateway.app import GatewayState, create_app
+from routemesh.services.gateway.publisher import EventPublisher
+from routemesh.services.gateway.settings import GatewaySettings
+from routemesh.services.gateway.upstream import Upstream
+from routemesh.services.router.bank import build_bank, default_collection
+from routemesh.services.router.cascade import Router
+from routemesh.services.router.config import load_config
+from routemesh.services.router.encoders import build_dense_encoder
+from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
+from routemesh.services.runtime.service import ServiceContext, ServiceSpec
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside a mesh service: the runtime owns SIGTERM/SIGINT and stops the
+    server through ``should_exit``, so uvicorn must not take the signals over."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def build_router(settings: GatewaySettings, instance: str) -> Router:
+    """Load the config and its bank; in the embedded default, build the bank if needed."""
+    loaded = load_config(settings.router_config)
+    key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    qdrant = open_qdrant(settings.qdrant_url, settings.qdrant_path, key)
+    encoder = build_dense_encoder(loaded.config.encoder)
+    try:
+        return load_router(loaded, qdrant=qdrant, encoder=encoder, instance=instance)
+    except (LookupError, StaleBankError):
+        if not settings.bank_autobuild:
+            raise
+    report = build_bank(loaded, encoder, qdrant, default_collection(loaded))
+    log.info("route bank built", extra={"embedded": report.embedded, "kept": report.kept})
+    return load_router(loaded, qdrant=qdrant, encoder=encoder, instance=instance)
+
+
+async def setup(ctx: ServiceContext) -> None:
+    settings = ctx.settings
+    assert isinstance(settings, GatewaySettings)
+    publisher = EventPublisher(ctx.broker, settings, ctx.registry, settings.publish_queue_size)
+    upstream = Upstream(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
+                        settings.upstream_max_retries)
+    server: _EmbeddedServer | None = None
+    serving: asyncio.Task[None] | None = None
+
+    async def start() -> None:
+        nonlocal server, serving
+        instance = settings.instance_id or "gateway"
+        router = await asyncio.to_thread(build_router, settings, instance)
+        state = GatewayState(settings, router, upstream, publisher, ctx.registry)
+        await publisher.start()
+        config = uvicorn.Config(create_app(state), host=settings.http_host,
+                                port=settings.http_port, log_config=None, lifespan="off",
+                                access_log=False)
+        server = _EmbeddedServer(config)
+        serving = asyncio.create_task(server.serve())
+        ctx.readiness.set("router", True, str(settings.router_config))
+
+    async def stop() -> None:
+        if server is not None and serving is not None:
+            server.should_exit = True
+            await serving
+        await publisher.drain(timeout_s=5.0)
+        await upstream.aclose()
+
+    ctx.on_startup.append(start)
+    ctx.on_shutdown.append(stop)
+
+
+SPEC = ServiceSpec(
+    name="gateway",
+    settings_class=GatewaySettings,
+    setup=setup,
+    default_metrics_port=9101,
+    description="OpenAI-compatible proxy and decision API",
+    dev_env=lambda data_dir: {"ROUTEMESH_BANK_AUTOBUILD": "true",
+                              "ROUTEMESH_HTTP_HOST": "127.0.0.1"},
+    dev_http_port=8080,
+)
+
+

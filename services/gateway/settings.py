@@ -1,0 +1,25 @@
+"""Gateway settings (ROUTEMESH_* environment variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+
+from routemesh.services.runtime.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    router_config: Path = Path("deploy/examples/lite-deep.yaml")
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    upstream_base_url: str = "http://127.0.0.1:4000/v1"
+    upstream_api_key: SecretStr | None = None
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_read_timeout_s: float = Field(default=120.0, gt=0)
+    upstream_max_retries: int = Field(default=2, ge=0, le=10)
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    publish_queue_size: int = Field(default=10_000, ge=1)
+    # Embedded default only: build or refresh the route bank in Qdrant local mode at
+    # start. Against a Qdrant server the bank is built by `routemesh bank build`.
+    bank_autobuild: bool = False

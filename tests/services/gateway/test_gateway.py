@@ -1,0 +1,206 @@
+"""The gateway on loopback, driven by the official OpenAI SDK, against a fake upstream."""
+
+import json
+import logging
+
+import httpx
+import openai
+import pytest
+from prometheus_client import generate_latest
+
+from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided, encode_event
+
+CANARY = "CANARY-gw-5e1d77"
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-client-key", max_retries=0)
+
+
+def only(events, kind):
+    (event,) = [e for e in events if isinstance(e, kind)]
+    return event
+
+
+def test_a_chat_completion_is_routed_forwarded_and_observed(client, gateway, behaviour):
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "what is the capital of spain"}]
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Hello from the upstream."
+    assert raw.headers["x-routemesh-route"] == "lite"
+    assert raw.headers["x-routemesh-reason"] == "semantic"
+    assert behaviour.requests[0]["model"] == "small-model"
+    decision = only(gateway.publisher.events, RouteDecided)
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert decision.request_id == observation.request_id == raw.headers["x-routemesh-request-id"]
+    assert (observation.upstream_status, observation.total_tokens) == (200, 18)
+    assert observation.finish_reason == "stop"
+    assert observation.stream is False
+
+
+def test_streaming_is_relayed_chunk_by_chunk_with_usage(client, gateway, behaviour):
+    behaviour.content = "one two three four"
+    stream = client.chat.completions.create(
+        model="deep", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "prove it"}],
+    )
+    deltas = [c.choices[0].delta.content for c in stream
+              if c.choices and c.choices[0].delta.content]
+    assert deltas == ["one ", "two ", "three ", "four"]
+    assert behaviour.requests[0]["model"] == "large-model"
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.stream is True
+    assert observation.total_tokens == 8
+    assert observation.finish_reason == "stop"
+    assert observation.ttft_ms is not None
+    assert observation.ttft_ms <= observation.duration_ms
+
+
+def test_tool_calls_are_relayed_and_observed(client, gateway, behaviour):
+    behaviour.tool_call = True
+    completion = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "look it up"}],
+        tools=[{"type": "function", "function": {"name": "lookup", "parameters": {}}}],
+    )
+    assert completion.choices[0].message.tool_calls[0].function.name == "lookup"
+    decision = only(gateway.publisher.events, RouteDecided)
+    assert (decision.route_id, decision.reason) == ("deep", "rule")
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.tools_requested
+    assert observation.tools_used
+    assert observation.finish_reason == "tool_calls"
+
+
+def test_the_override_header_an_alias_and_passthrough(client, gateway, behaviour):
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-routemesh-route": "deep"},
+    )
+    assert (raw.headers["x-routemesh-route"], raw.headers["x-routemesh-reason"]) == (
+        "deep", "override")
+    client.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}])
+    raw = client.chat.completions.with_raw_response.create(
+        model="some-vendor-model", messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-routemesh-reason"] == "passthrough"
+    assert [r["model"] for r in behaviour.requests] == [
+        "large-model", "small-model", "some-vendor-model"]
+
+
+def test_a_clients_request_id_is_honoured(gateway):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions",
+                          headers={"x-request-id": "client-req-42"},
+                          json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.headers["x-routemesh-request-id"] == "client-req-42"
+    assert only(gateway.publisher.events, RouteDecided).request_id == "client-req-42"
+
+
+def test_upstream_5xx_is_retried(client, gateway, behaviour):
+    behaviour.fail_statuses = [503, 500]
+    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    assert len(behaviour.requests) == 3
+
+
+def test_upstream_failure_after_retries_is_a_502(client, gateway, behaviour):
+    behaviour.fail_statuses = [503, 503, 503]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502
+    assert info.value.body["type"] == "upstream_error"
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert (observation.upstream_status, observation.error_class) == (503, "upstream_503")
+
+
+def test_a_stalled_upstream_is_a_504(client, behaviour):
+    behaviour.stall_s = 3
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 504
+
+
+def test_an_unreachable_upstream_is_a_502(gateway):
+    gateway.state.settings = gateway.state.settings.model_copy(
+        update={"upstream_base_url": "http://127.0.0.1:9/v1"})
+    response = httpx.post(f"{gateway.url}/v1/chat/completions",
+                          json={"model": "auto", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert (observation.upstream_status, observation.error_class) == (None, "ConnectError")
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code", "says"),
+    [
+        (b"{not json", 400, "invalid_json", "malformed JSON"),
+        (b'{"model": "auto"}', 400, "invalid_body", "messages"),
+        (b'{"model": "auto", "messages": []}', 400, "invalid_body", "messages"),
+        (b'[1, 2]', 400, "invalid_body", "invalid request body"),
+        (b'{"messages": [{"role": "user", "content": "' + b"x" * 30_000 + b'"}]}', 413,
+         "body_too_large", "20000 bytes"),
+    ],
+)
+def test_bad_bodies_get_openai_shaped_errors(gateway, content, status, code, says):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", content=content,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert says in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_an_unknown_override_route_is_a_400(gateway):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions",
+                          headers={"x-routemesh-route": "nowhere"},
+                          json={"messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "unknown_route"
+
+
+def test_route_models_and_outcomes(gateway):
+    decided = httpx.post(f"{gateway.url}/v1/route", json={"input": "tell me a joke about cats"})
+    assert decided.status_code == 200
+    assert decided.json()["type"] == "RouteDecided"
+    assert decided.json()["route_id"] == "lite"
+    models = httpx.get(f"{gateway.url}/v1/models").json()
+    assert {"auto", "lite", "deep", "fast"} <= {m["id"] for m in models["data"]}
+    accepted = httpx.post(f"{gateway.url}/v1/outcomes", json={
+        "request_id": decided.json()["request_id"], "correct_route": True, "quality_score": 0.9})
+    assert accepted.status_code == 202
+    outcome = only(gateway.publisher.events, OutcomeReported)
+    assert outcome.quality_score == 0.9
+    bad = httpx.post(f"{gateway.url}/v1/outcomes", json={"request_id": "r", "quality_score": 2})
+    assert bad.status_code == 400
+    assert "quality_score" in bad.json()["error"]["message"]
+    assert httpx.post(f"{gateway.url}/v1/route", json={}).status_code == 400
+
+
+def test_the_canary_reaches_no_event_log_or_metric(client, gateway, behaviour, caplog):
+    caplog.set_level(logging.DEBUG)
+    behaviour.content = f"completion {CANARY}"
+    client.chat.completions.create(
+        model="auto",
+        messages=[{"role": "system", "content": f"system {CANARY}"},
+                  {"role": "user", "content": f"user {CANARY}"}],
+        tools=[{"type": "function", "function": {"name": "f", "description": CANARY,
+                                                 "parameters": {}}}],
+    )
+    list(client.chat.completions.create(
+        model="auto", stream=True, messages=[{"role": "user", "content": CANARY}]))
+    httpx.post(f"{gateway.url}/v1/chat/completions", content=b'{"x": "' + CANARY.encode())
+    assert len(gateway.publisher.events) == 4
+    for event in gateway.publisher.events:
+        assert CANARY.encode() not in encode_event(event)
+        assert b"sk-upstream-secret-123" not in encode_event(event)
+    assert CANARY not in caplog.text
+    assert CANARY not in generate_latest(gateway.state.registry).decode()
+
+
+def test_openapi_document_lists_the_endpoints(gateway):
+    document = httpx.get(f"{gateway.url}/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/route", "/v1/models", "/v1/outcomes"} <= set(
+        document["paths"])
+    body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    assert "messages" in json.dumps(body)
