@@ -22,6 +22,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -203,6 +204,9 @@ def create_app(state: GatewayState) -> FastAPI:
         description="OpenAI-compatible proxy that routes each request to a model tier.",
     )
     settings = state.settings
+    # One server span per HTTP request (method and route template only, never bodies);
+    # decide, upstream and publish spans hang under it.
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="openapi.json,docs")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -8,6 +8,8 @@ import contextlib
 import logging
 
 from faststream.kafka import KafkaBroker
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from routemesh.contracts import Event
@@ -28,7 +30,9 @@ class EventPublisher:
     ) -> None:
         self.broker = broker
         self.settings = settings
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        # Each event keeps the trace context it was offered in, so its publish span (and
+        # the traceparent header) continue the request's trace from the background task.
+        self.queue: asyncio.Queue[tuple[Event, Context]] = asyncio.Queue(maxsize)
         self.concurrency = concurrency
         self._task: asyncio.Task[None] | None = None
         self.depth = Gauge("routemesh_gateway_publish_queue_events",
@@ -44,7 +48,7 @@ class EventPublisher:
     def offer(self, event: Event) -> None:
         """Never blocks the request: the event is queued, or counted as dropped."""
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait((event, otel_context.get_current()))
         except asyncio.QueueFull:
             self.dropped.inc()
             log.error("publish queue full; event dropped",
@@ -63,10 +67,10 @@ class EventPublisher:
             backoff = 0.1
             while pending:
                 results = await asyncio.gather(
-                    *(publish_event(self.broker, self.settings, e) for e in pending),
+                    *(self._publish(event, ctx) for event, ctx in pending),
                     return_exceptions=True,
                 )
-                failed = [e for e, r in zip(pending, results, strict=True)
+                failed = [item for item, r in zip(pending, results, strict=True)
                           if isinstance(r, BaseException)]
                 self.published.inc(len(pending) - len(failed))
                 if failed:
@@ -77,6 +81,13 @@ class EventPublisher:
             for _ in batch:
                 self.queue.task_done()
             self.depth.set(self.queue.qsize())
+
+    async def _publish(self, event: Event, ctx: Context) -> None:
+        token = otel_context.attach(ctx)
+        try:
+            await publish_event(self.broker, self.settings, event)
+        finally:
+            otel_context.detach(token)
 
     async def drain(self, timeout_s: float) -> None:
         """On shutdown: give every queued event ``timeout_s`` to be confirmed, then stop."""

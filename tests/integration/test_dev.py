@@ -14,7 +14,7 @@ from routemesh.services.runtime.embedded_broker import free_port
 from tests.integration.conftest import CLI
 from tests.integration.test_embedded_broker import asyncio_run_list_topics
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.model]
 
 
 def _get(url: str) -> int:
@@ -28,10 +28,12 @@ def _get(url: str) -> int:
 
 
 def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
-    port, audit_metrics = free_port(), free_port()
+    port, audit_metrics, gateway, gateway_metrics = (free_port() for _ in range(4))
     process = subprocess.Popen(
         [*CLI, "dev", "--data-dir", str(tmp_path / "data"), "--kafka-port", str(port),
-         "--metrics-port", f"audit-writer={audit_metrics}"],
+         "--gateway-port", str(gateway),
+         "--metrics-port", f"audit-writer={audit_metrics}",
+         "--metrics-port", f"gateway={gateway_metrics}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -56,6 +58,12 @@ def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
             assert time.monotonic() < deadline, "the audit writer never became ready"
             time.sleep(0.5)
         assert _get(metrics_url) == 200
+        assert components["gateway"] == f"http://127.0.0.1:{gateway}"
+        deadline = time.monotonic() + 180
+        while _get(f"http://127.0.0.1:{gateway_metrics}/readyz") != 200:
+            assert time.monotonic() < deadline, "the gateway never became ready"
+            time.sleep(0.5)
+        assert _get(f"http://127.0.0.1:{gateway}/v1/models") == 200
 
         listed = set(asyncio_run_list_topics(f"127.0.0.1:{port}"))
         assert {t.name() for t in TOPICS} <= listed

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 
 import httpx
 import openai
@@ -18,7 +19,12 @@ def client(gateway):
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-client-key", max_retries=0)
 
 
-def only(events, kind):
+def only(events, kind, timeout_s=5.0):
+    """The one event of ``kind``; a streamed request's observation is offered only after
+    the last byte went out, so it may trail the client by a moment."""
+    deadline = time.monotonic() + timeout_s
+    while not any(isinstance(e, kind) for e in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
     (event,) = [e for e in events if isinstance(e, kind)]
     return event
 
@@ -190,6 +196,9 @@ def test_the_canary_reaches_no_event_log_or_metric(client, gateway, behaviour, c
     list(client.chat.completions.create(
         model="auto", stream=True, messages=[{"role": "user", "content": CANARY}]))
     httpx.post(f"{gateway.url}/v1/chat/completions", content=b'{"x": "' + CANARY.encode())
+    deadline = time.monotonic() + 5
+    while len(gateway.publisher.events) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(gateway.publisher.events) == 4
     for event in gateway.publisher.events:
         assert CANARY.encode() not in encode_event(event)
