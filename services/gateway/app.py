@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
+from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.publisher import EventPublisher
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import Upstream, UpstreamUnavailable
@@ -96,6 +97,10 @@ class _Metrics:
             "routemesh_gateway_upstream_seconds", "Upstream call duration", ["route"],
             registry=registry,
         )
+        self.auth_failures = Counter(
+            "routemesh_gateway_auth_failures_total", "Requests refused for a bad API key",
+            registry=registry,
+        )
         self.ttft = Histogram(
             "routemesh_gateway_upstream_ttft_seconds", "Time to the first streamed byte",
             ["route"], registry=registry,
@@ -109,6 +114,7 @@ class GatewayState:
     upstream: Upstream
     publisher: EventPublisher
     registry: CollectorRegistry
+    keys: ApiKeys | None = None
 
     def __post_init__(self) -> None:
         self.metrics = _Metrics(self.registry)
@@ -207,6 +213,16 @@ def create_app(state: GatewayState) -> FastAPI:
     # One server span per HTTP request (method and route template only, never bodies);
     # decide, upstream and publish spans hang under it.
     FastAPIInstrumentor.instrument_app(app, excluded_urls="openapi.json,docs")
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next):
+        if state.keys is not None and request.url.path.startswith("/v1/") and not (
+            state.keys.allows(request.headers.get("authorization"))
+        ):
+            state.metrics.auth_failures.inc()
+            return error_response(401, "invalid or missing API key", "invalid_request_error",
+                                  "invalid_api_key")
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

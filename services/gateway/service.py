@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from routemesh.services.gateway.app import GatewayState, create_app
+from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.publisher import EventPublisher
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import Upstream
@@ -60,8 +61,13 @@ async def setup(ctx: ServiceContext) -> None:
     async def start() -> None:
         nonlocal server, serving
         instance = settings.instance_id or "gateway"
+        keys = (
+            ApiKeys(settings.auth_key_sha256, settings.auth_keys_file)
+            if settings.auth_enabled
+            else None
+        )
         router = await asyncio.to_thread(build_router, settings, instance)
-        state = GatewayState(settings, router, upstream, publisher, ctx.registry)
+        state = GatewayState(settings, router, upstream, publisher, ctx.registry, keys)
         await publisher.start()
         config = uvicorn.Config(create_app(state), host=settings.http_host,
                                 port=settings.http_port, log_config=None, lifespan="off",
@@ -88,7 +94,8 @@ SPEC = ServiceSpec(
     default_metrics_port=9101,
     description="OpenAI-compatible proxy and decision API",
     dev_env=lambda data_dir: {"ROUTEMESH_BANK_AUTOBUILD": "true",
-                              "ROUTEMESH_HTTP_HOST": "127.0.0.1"},
+                              "ROUTEMESH_HTTP_HOST": "127.0.0.1",
+                              "ROUTEMESH_AUTH_ENABLED": "false"},
     dev_http_port=8080,
 )
 

@@ -23,3 +23,8 @@ class GatewaySettings(ServiceSettings):
     # Embedded default only: build or refresh the route bank in Qdrant local mode at
     # start. Against a Qdrant server the bank is built by `routemesh bank build`.
     bank_autobuild: bool = False
+    # Inbound auth: on unless turned off (routemesh dev turns it off). Keys are given as
+    # sha256 hex digests, comma-separated and/or one per line in a file re-read on change.
+    auth_enabled: bool = True
+    auth_key_sha256: str = ""
+    auth_keys_file: Path | None = None

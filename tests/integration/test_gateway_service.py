@@ -2,6 +2,7 @@
 Every request's decision and observation reach Kafka, in one trace, without the prompt."""
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -38,6 +39,7 @@ async def test_the_gateway_publishes_decisions_and_observations_to_kafka(setting
             ROUTEMESH_METRICS_PORT=str(metrics),
             ROUTEMESH_UPSTREAM_BASE_URL=f"{upstream.url}/v1",
             ROUTEMESH_UPSTREAM_API_KEY="sk-upstream-key-777",
+            ROUTEMESH_AUTH_KEY_SHA256=hashlib.sha256(b"client-key-1").hexdigest(),
         )
         with log.open("wb") as out:
             process = subprocess.Popen([*CLI, "serve", "gateway"], env=env, stdout=out,
@@ -53,7 +55,10 @@ async def test_the_gateway_publishes_decisions_and_observations_to_kafka(setting
                 assert process.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, "the gateway never became ready"
                 await asyncio.sleep(0.5)
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}",
+                headers={"authorization": "Bearer client-key-1"},
+            ) as client:
                 response = await client.post("/v1/chat/completions", json={
                     "model": "auto",
                     "messages": [{"role": "user", "content":
