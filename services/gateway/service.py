@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Iterator
 
 import uvicorn
 
+from routemesh.contracts import Event, RouteBankPublished
+from routemesh.contracts.topics import ROUTEBANK_CHANGES
 from routemesh.services.gateway.app import GatewayState, create_app
 from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.publisher import EventPublisher
+from routemesh.services.gateway.reload import Reloader
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import Upstream
 from routemesh.services.router.bank import build_bank, default_collection
@@ -19,6 +23,7 @@ from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import load_config
 from routemesh.services.router.encoders import build_dense_encoder
 from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
+from routemesh.services.runtime.kafka import subscribe_events
 from routemesh.services.runtime.service import ServiceContext, ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -57,10 +62,20 @@ async def setup(ctx: ServiceContext) -> None:
                         settings.upstream_max_retries)
     server: _EmbeddedServer | None = None
     serving: asyncio.Task[None] | None = None
+    reloader: Reloader | None = None
+    instance = settings.instance_id or "gateway"
+
+    async def on_bank(event: Event, msg: object) -> None:
+        if reloader is not None and isinstance(event, RouteBankPublished):
+            await reloader.on_bank_published(event.route_bank_sha256)
+
+    # Every gateway must see every bank change, so each instance is its own group.
+    subscribe_events(ctx.broker, settings, [ROUTEBANK_CHANGES],
+                     group_id=f"routemesh-gateway-{instance}-{uuid.uuid4().hex[:8]}",
+                     handler=on_bank, dead_letters=ctx.dead_letters)
 
     async def start() -> None:
-        nonlocal server, serving
-        instance = settings.instance_id or "gateway"
+        nonlocal server, serving, reloader
         keys = (
             ApiKeys(settings.auth_key_sha256, settings.auth_keys_file)
             if settings.auth_enabled
@@ -74,9 +89,14 @@ async def setup(ctx: ServiceContext) -> None:
                                 access_log=False)
         server = _EmbeddedServer(config)
         serving = asyncio.create_task(server.serve())
+        reloader = Reloader(state, settings.router_config,
+                            lambda: build_router(settings, instance), ctx.registry)
+        await reloader.start()
         ctx.readiness.set("router", True, str(settings.router_config))
 
     async def stop() -> None:
+        if reloader is not None:
+            await reloader.stop()
         if server is not None and serving is not None:
             server.should_exit = True
             await serving

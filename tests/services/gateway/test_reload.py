@@ -1,0 +1,62 @@
+import logging
+
+import httpx
+from qdrant_client import QdrantClient
+
+from routemesh.services.gateway.reload import Reloader
+from routemesh.services.router.bank import build_bank, load_snapshot
+from routemesh.services.router.cascade import Router
+from routemesh.services.router.config import load_config
+from tests.services.router.conftest import CONFIG, HashingEncoder
+
+
+def builder(path):
+    def build() -> Router:
+        loaded = load_config(path)
+        encoder = HashingEncoder()
+        client = QdrantClient(":memory:")
+        build_bank(loaded, encoder, client, "bank")
+        return Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), encoder)
+    return build
+
+
+async def test_a_changed_config_is_swapped_in_and_a_broken_one_refused(gateway, tmp_path, caplog):
+    config = tmp_path / "routes.yaml"
+    reloader = Reloader(gateway.state, config, builder(config), gateway.state.registry)
+    first = gateway.state.router
+    assert await reloader.check_file() is None, "unchanged file, nothing to do"
+
+    config.write_text(CONFIG.replace("fast: lite,", "fast: lite, speedy: lite,"))
+    assert await reloader.check_file() is True
+    assert gateway.state.router is not first
+    assert gateway.state.router.loaded.sha256 != first.loaded.sha256
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        response = await client.post("/v1/chat/completions", json={
+            "model": "speedy", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.headers["x-routemesh-reason"] == "override"
+
+    good = gateway.state.router
+    config.write_text(CONFIG.replace("threshold: 0.45", "threshold: lots"))
+    caplog.set_level(logging.ERROR)
+    assert await reloader.check_file() is False
+    assert gateway.state.router is good
+    (refusal,) = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
+    assert "routes.yaml:" in refusal.error
+    assert "routes[1].threshold" in refusal.error
+    assert gateway.state.registry.get_sample_value(
+        "routemesh_gateway_config_reloads_total",
+        {"trigger": "config_file", "result": "refused"}) == 1
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        still = await client.post("/v1/chat/completions", json={
+            "model": "speedy", "messages": [{"role": "user", "content": "hi"}]})
+    assert still.status_code == 200
+
+
+async def test_a_published_bank_reloads_only_when_it_differs(gateway, tmp_path):
+    config = tmp_path / "routes.yaml"
+    reloader = Reloader(gateway.state, config, builder(config), gateway.state.registry)
+    current = gateway.state.router
+    await reloader.on_bank_published(current.matcher.sha256)
+    assert gateway.state.router is current
+    await reloader.on_bank_published("f" * 64)
+    assert gateway.state.router is not current
