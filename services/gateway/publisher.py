@@ -1,5 +1,12 @@
-"""Publishing events off the request path: a bounded queue drained by a background task
-that retries until the broker confirms each event."""
+"""Publishing events off the request path.
+
+A bounded in-memory queue is drained by a background task that retries until the broker
+confirms each event. When the queue is full (the broker is slow or down) events spill
+to an append-only spool on disk; from then on new events follow them into the spool, and
+the spool is drained only once the queue is empty, so events reach Kafka in the order
+they were offered. At shutdown, queued events that were not confirmed go to the front of
+the spool, so a restart loses nothing.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,13 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from routemesh.contracts import Event
+from routemesh.contracts import Event, EventDecodeError, decode_event, encode_event
+from routemesh.services.gateway.spool import Spool
 from routemesh.services.runtime.kafka import publish_event
 from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+Item = tuple[Event, Context]
 
 
 class EventPublisher:
@@ -27,76 +36,121 @@ class EventPublisher:
         registry: CollectorRegistry,
         maxsize: int = 10_000,
         concurrency: int = 64,
+        spool: Spool | None = None,
     ) -> None:
         self.broker = broker
         self.settings = settings
+        self.spool = spool
         # Each event keeps the trace context it was offered in, so its publish span (and
         # the traceparent header) continue the request's trace from the background task.
-        self.queue: asyncio.Queue[tuple[Event, Context]] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
         self.concurrency = concurrency
-        self._task: asyncio.Task[None] | None = None
+        self._inflight: list[Item] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self.depth = Gauge("routemesh_gateway_publish_queue_events",
-                           "Events waiting to be published", registry=registry)
+                           "Events waiting in memory to be published", registry=registry)
+        self.spool_bytes = Gauge("routemesh_gateway_spool_bytes",
+                                 "Bytes of events waiting in the disk spool", registry=registry)
+        self.spooled = Counter("routemesh_gateway_spooled_events_total",
+                               "Events written to the disk spool", registry=registry)
         self.failures = Counter("routemesh_gateway_publish_failures_total",
                                 "Publish attempts the broker did not confirm", registry=registry)
         self.dropped = Counter("routemesh_gateway_publish_dropped_total",
-                               "Events dropped because the publish queue was full",
+                               "Events dropped: queue full and no spool configured",
                                registry=registry)
         self.published = Counter("routemesh_gateway_published_events_total",
                                  "Events the broker confirmed", registry=registry)
 
     def offer(self, event: Event) -> None:
-        """Never blocks the request: the event is queued, or counted as dropped."""
+        """Never blocks on Kafka: the event is queued, spooled, or (no spool) dropped."""
+        if self.spool is not None and (self.spool.pending_bytes or self.queue.full()):
+            self.spool.append([encode_event(event)])
+            self.spooled.inc()
+            self.spool_bytes.set(self.spool.pending_bytes)
+            return
         try:
             self.queue.put_nowait((event, otel_context.get_current()))
         except asyncio.QueueFull:
             self.dropped.inc()
-            log.error("publish queue full; event dropped",
+            log.error("publish queue full and no spool; event dropped",
                       extra={"event_type": type(event).__name__})
         self.depth.set(self.queue.qsize())
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._tasks.append(asyncio.create_task(self._run_queue()))
+        if self.spool is not None:
+            self.spool_bytes.set(self.spool.pending_bytes)
+            self._tasks.append(asyncio.create_task(self._run_spool()))
 
-    async def _run(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            while len(batch) < self.concurrency and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            pending = batch
-            backoff = 0.1
-            while pending:
-                results = await asyncio.gather(
-                    *(self._publish(event, ctx) for event, ctx in pending),
-                    return_exceptions=True,
-                )
-                failed = [item for item, r in zip(pending, results, strict=True)
-                          if isinstance(r, BaseException)]
-                self.published.inc(len(pending) - len(failed))
-                if failed:
-                    self.failures.inc(len(failed))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                pending = failed
-            for _ in batch:
-                self.queue.task_done()
-            self.depth.set(self.queue.qsize())
-
-    async def _publish(self, event: Event, ctx: Context) -> None:
+    async def _publish(self, item: Item) -> None:
+        event, ctx = item
         token = otel_context.attach(ctx)
         try:
             await publish_event(self.broker, self.settings, event)
         finally:
             otel_context.detach(token)
 
+    async def _confirm_all(self, items: list[Item]) -> None:
+        """Publish until the broker confirmed every item, backing off between rounds."""
+        pending, backoff = items, 0.1
+        while pending:
+            results = await asyncio.gather(*(self._publish(i) for i in pending),
+                                           return_exceptions=True)
+            failed = [i for i, r in zip(pending, results, strict=True)
+                      if isinstance(r, BaseException)]
+            self.published.inc(len(pending) - len(failed))
+            if failed:
+                self.failures.inc(len(failed))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            pending = failed
+
+    async def _run_queue(self) -> None:
+        while True:
+            self._inflight = [await self.queue.get()]
+            while len(self._inflight) < self.concurrency and not self.queue.empty():
+                self._inflight.append(self.queue.get_nowait())
+            await self._confirm_all(self._inflight)
+            for _ in self._inflight:
+                self.queue.task_done()
+            self._inflight = []
+            self.depth.set(self.queue.qsize())
+
+    async def _run_spool(self) -> None:
+        assert self.spool is not None
+        while True:
+            # Older events are in memory: the spool waits until they are all confirmed.
+            if not self.spool.pending_bytes or not self.queue.empty() or self._inflight:
+                await asyncio.sleep(0.1)
+                continue
+            lines, end = self.spool.read(self.concurrency)
+            items = []
+            for line in lines:
+                try:
+                    items.append((decode_event(line), otel_context.get_current()))
+                except EventDecodeError:
+                    log.error("skipping an unreadable spool line")
+            await self._confirm_all(items)
+            self.spool.confirm(end)
+            self.spool_bytes.set(self.spool.pending_bytes)
+
     async def drain(self, timeout_s: float) -> None:
-        """On shutdown: give every queued event ``timeout_s`` to be confirmed, then stop."""
+        """On shutdown: give queued events ``timeout_s`` to be confirmed; spool the rest."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.queue.join(), timeout_s)
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if not self.queue.empty():
-            log.error("events left unpublished at shutdown",
-                      extra={"events": self.queue.qsize()})
+                await task
+        left = list(self._inflight)
+        while not self.queue.empty():
+            left.append(self.queue.get_nowait())
+        if self.spool is not None:
+            self.spool.prepend([encode_event(event) for event, _ in left])
+            waiting = self.spool.pending_bytes
+            self.spool.close()
+            if waiting:
+                log.warning("events spooled for the next start",
+                            extra={"spool_bytes": waiting})
+        elif left:
+            log.error("events left unpublished at shutdown", extra={"events": len(left)})

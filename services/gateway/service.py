@@ -7,6 +7,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
@@ -17,6 +18,7 @@ from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.publisher import EventPublisher
 from routemesh.services.gateway.reload import Reloader
 from routemesh.services.gateway.settings import GatewaySettings
+from routemesh.services.gateway.spool import Spool
 from routemesh.services.gateway.upstream import Upstream
 from routemesh.services.router.bank import build_bank, default_collection
 from routemesh.services.router.cascade import Router
@@ -57,7 +59,8 @@ def build_router(settings: GatewaySettings, instance: str) -> Router:
 async def setup(ctx: ServiceContext) -> None:
     settings = ctx.settings
     assert isinstance(settings, GatewaySettings)
-    publisher = EventPublisher(ctx.broker, settings, ctx.registry, settings.publish_queue_size)
+    publisher = EventPublisher(ctx.broker, settings, ctx.registry, settings.publish_queue_size,
+                               spool=Spool(settings.spool_dir))
     upstream = Upstream(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
                         settings.upstream_max_retries)
     server: _EmbeddedServer | None = None
@@ -114,6 +117,7 @@ SPEC = ServiceSpec(
     default_metrics_port=9101,
     description="OpenAI-compatible proxy and decision API",
     dev_env=lambda data_dir: {"ROUTEMESH_BANK_AUTOBUILD": "true",
+                              "ROUTEMESH_SPOOL_DIR": str(Path(data_dir) / "spool" / "gateway"),
                               "ROUTEMESH_HTTP_HOST": "127.0.0.1",
                               "ROUTEMESH_AUTH_ENABLED": "false"},
     dev_http_port=8080,

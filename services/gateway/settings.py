@@ -20,6 +20,8 @@ class GatewaySettings(ServiceSettings):
     upstream_max_retries: int = Field(default=2, ge=0, le=10)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     publish_queue_size: int = Field(default=10_000, ge=1)
+    # Where events wait on disk while the broker is unreachable (one directory per gateway).
+    spool_dir: Path = Path("spool")
     # Embedded default only: build or refresh the route bank in Qdrant local mode at
     # start. Against a Qdrant server the bank is built by `routemesh bank build`.
     bank_autobuild: bool = False

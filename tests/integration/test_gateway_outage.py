@@ -1,0 +1,151 @@
+"""A 30 s broker outage while requests flow: users see no failure and, once the broker is
+back, every decision and observation is on Kafka exactly once per request."""
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from routemesh.contracts import decode_event
+from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
+from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
+from routemesh.services.runtime.settings import ServiceSettings
+from tests.integration.conftest import CLI, cli_env
+from tests.services.gateway.conftest import Behaviour, Served, fake_upstream
+
+pytestmark = [pytest.mark.broker, pytest.mark.model, pytest.mark.slow]
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+OUTAGE_S = 30
+
+
+async def _everything(bootstrap: str, topic: str) -> list:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records = []
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in partitions])
+
+        while await behind():
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A broker of its own: this test freezes it."""
+    embedded = EmbeddedBroker(free_port(), log_file=tmp_path / "tansu.log")
+    embedded.start()
+    yield embedded
+    embedded.resume()
+    embedded.stop()
+
+
+async def test_a_broker_outage_loses_and_duplicates_nothing(broker, tmp_path):
+    settings = ServiceSettings(kafka_bootstrap_servers=broker.bootstrap)
+    port, metrics = free_port(), free_port()
+    log = tmp_path / "gateway.log"
+    sent: list[str] = []
+    statuses: list[int] = []
+    try:
+        with Served(fake_upstream(Behaviour())) as upstream:
+            env = cli_env(
+                settings,
+                ROUTEMESH_ROUTER_CONFIG=str(EXAMPLES / "lite-deep.yaml"),
+                ROUTEMESH_QDRANT_PATH=str(tmp_path / "qdrant"),
+                ROUTEMESH_BANK_AUTOBUILD="true",
+                ROUTEMESH_AUTH_ENABLED="false",
+                ROUTEMESH_HTTP_HOST="127.0.0.1",
+                ROUTEMESH_HTTP_PORT=str(port),
+                ROUTEMESH_METRICS_HOST="127.0.0.1",
+                ROUTEMESH_METRICS_PORT=str(metrics),
+                ROUTEMESH_UPSTREAM_BASE_URL=f"{upstream.url}/v1",
+                ROUTEMESH_PUBLISH_QUEUE_SIZE="20",
+                ROUTEMESH_SPOOL_DIR=str(tmp_path / "spool"),
+            )
+            with log.open("wb") as out:
+                gateway = subprocess.Popen([*CLI, "serve", "gateway"], env=env, stdout=out,
+                                           stderr=subprocess.STDOUT)
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                             timeout=30) as client:
+                    deadline = time.monotonic() + 180
+                    while True:
+                        try:
+                            ready = await client.get(f"http://127.0.0.1:{metrics}/readyz")
+                            if ready.status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        assert gateway.poll() is None, log.read_text()
+                        assert time.monotonic() < deadline, "the gateway never became ready"
+                        await asyncio.sleep(0.5)
+
+                    async def traffic(seconds: float) -> None:
+                        end = time.monotonic() + seconds
+                        while time.monotonic() < end:
+                            response = await client.post("/v1/chat/completions", json={
+                                "model": "auto",
+                                "messages": [{"role": "user", "content": f"hi #{len(sent)}"}],
+                            })
+                            statuses.append(response.status_code)
+                            sent.append(response.headers.get("x-routemesh-request-id", ""))
+                            await asyncio.sleep(0.05)
+
+                    await traffic(5)
+                    broker.pause()
+                    try:
+                        await traffic(OUTAGE_S)
+                        spooled = (await client.get(f"http://127.0.0.1:{metrics}/metrics")).text
+                    finally:
+                        broker.resume()
+                    await traffic(5)
+
+                    expected = len(sent)
+                    deadline = time.monotonic() + 120
+                    while time.monotonic() < deadline:
+                        decisions = await _everything(broker.bootstrap,
+                                                      settings.topic(ROUTE_DECISIONS))
+                        observations = await _everything(broker.bootstrap,
+                                                         settings.topic(LLM_OBSERVATIONS))
+                        if len({r.key for r in decisions}) >= expected and len(
+                            {r.key for r in observations}
+                        ) >= expected:
+                            break
+                        await asyncio.sleep(2)
+            finally:
+                gateway.send_signal(signal.SIGTERM)
+                gateway.wait(30)
+    finally:
+        broker.resume()
+
+    assert set(statuses) == {200}, "the outage never failed a user's request"
+    assert "routemesh_gateway_spooled_events_total" in spooled
+    spooled_count = next(
+        float(line.split()[-1]) for line in spooled.splitlines()
+        if line.startswith("routemesh_gateway_spooled_events_total")
+    )
+    assert spooled_count > 0, "the queue overflowed into the disk spool during the outage"
+    for records in (decisions, observations):
+        by_request: dict[str, set] = defaultdict(set)
+        for record in records:
+            event = decode_event(record.value)
+            by_request[event.request_id].add(event.event_id)
+        assert set(by_request) == set(sent), "every request's event arrived"
+        assert all(len(ids) == 1 for ids in by_request.values()), (
+            "repeats only ever carry the same event_id"
+        )
