@@ -89,7 +89,10 @@ async def setup(ctx: ServiceContext) -> None:
         await publisher.start()
         config = uvicorn.Config(create_app(state), host=settings.http_host,
                                 port=settings.http_port, log_config=None, lifespan="off",
-                                access_log=False)
+                                access_log=False,
+                                # Without a bound, uvicorn waits forever for idle
+                                # keep-alive connections; half the shutdown budget is theirs.
+                                timeout_graceful_shutdown=settings.shutdown_timeout_s / 2)
         server = _EmbeddedServer(config)
         serving = asyncio.create_task(server.serve())
         reloader = Reloader(state, settings.router_config,
