@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -28,10 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
 from routemesh.services.gateway.auth import ApiKeys
+from routemesh.services.gateway.gates import failed_gate
 from routemesh.services.gateway.publisher import EventPublisher
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import Upstream, UpstreamUnavailable
 from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
+from routemesh.services.router.config import RouteConfig
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("routemesh.gateway")
@@ -250,19 +253,24 @@ def create_app(state: GatewayState) -> FastAPI:
         state.publisher.offer(decision)
         return decision
 
-    def upstream_for(decision: RouteDecided) -> tuple[str, str | None]:
+    def upstream_for(route: RouteConfig | None) -> tuple[str, str | None]:
         current = state.settings
+        if route is not None and route.upstream_base_url:
+            # The config names the variable; the key itself lives only in the environment.
+            key_env = route.upstream_api_key_env
+            return route.upstream_base_url, os.environ.get(key_env) if key_env else None
         key = current.upstream_api_key.get_secret_value() if current.upstream_api_key else None
         return current.upstream_base_url, key
 
     def observe(decision: RouteDecided, stream: bool, tools_requested: bool, started: float,
                 status: int | None, stats: Any = None, ttft: float | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, path: tuple[str, ...] = (),
+                why: str | None = None) -> None:
         usage = (stats.usage if stats else None) or {}
         state.publisher.offer(CompletionObserved(
             request_id=decision.request_id,
             route_id=decision.route_id,
-            target_model=decision.target_model,
+            target_model=path[-1] if path else decision.target_model,
             upstream_status=status,
             duration_ms=(time.perf_counter() - started) * 1000,
             ttft_ms=ttft * 1000 if ttft is not None else None,
@@ -274,9 +282,27 @@ def create_app(state: GatewayState) -> FastAPI:
             tools_used=bool(stats and stats.tools_used),
             stream=stream,
             error_class=error,
-            escalation_path=(decision.target_model,),
+            escalation_path=path or (decision.target_model,),
+            escalation_reason=why,
         ))
         state.metrics.upstream.labels(decision.route_id).observe(time.perf_counter() - started)
+
+    async def attempt(route: RouteConfig | None, model: str,
+                      data: dict[str, Any]) -> httpx.Response | UpstreamUnavailable:
+        base_url, api_key = upstream_for(route)
+        with tracer.start_as_current_span("routemesh.upstream") as span:
+            span.set_attribute("routemesh.target_model", model)
+            try:
+                return await state.upstream.open(
+                    base_url, api_key, json.dumps(dict(data, model=model)).encode()
+                )
+            except UpstreamUnavailable as exc:
+                return exc
+
+    def failed(outcome: httpx.Response | UpstreamUnavailable) -> bool:
+        return isinstance(outcome, UpstreamUnavailable) or (
+            outcome.status_code >= 500 or outcome.status_code == 429
+        )
 
     @app.post(
         "/v1/chat/completions",
@@ -287,41 +313,62 @@ def create_app(state: GatewayState) -> FastAPI:
         data = await _read_json(request, settings.max_body_bytes)
         parsed = _validate(ChatCompletionBody, data)
         decision = await decide(data, request)
-        forwarded = dict(data, model=decision.target_model)
-        base_url, api_key = upstream_for(decision)
+        routes = {r.id: r for r in state.router.config.routes}
+        route = routes.get(decision.route_id)
         stream = bool(parsed.stream)
         tools_requested = bool(data.get("tools") or data.get("functions"))
         headers = _route_headers(decision)
         started = time.perf_counter()
-        try:
-            with tracer.start_as_current_span("routemesh.upstream") as span:
-                span.set_attribute("routemesh.route", decision.route_id)
-                span.set_attribute("routemesh.target_model", decision.target_model)
-                response = await state.upstream.open(
-                    base_url, api_key, json.dumps(forwarded).encode()
-                )
-        except UpstreamUnavailable as exc:
-            observe(decision, stream, tools_requested, started, None, error=str(exc))
-            status = 504 if exc.timed_out else 502
+        path, why = [decision.target_model], None
+
+        outcome = await attempt(route, decision.target_model, data)
+        if failed(outcome) and route is not None and route.fallback_route:
+            if isinstance(outcome, httpx.Response):
+                await outcome.aclose()
+            route = routes[route.fallback_route]
+            path.append(route.target_model)
+            why = "upstream_failure"
+            outcome = await attempt(route, route.target_model, data)
+
+        if isinstance(outcome, UpstreamUnavailable):
+            observe(decision, stream, tools_requested, started, None, error=str(outcome),
+                    path=tuple(path), why=why)
+            status = 504 if outcome.timed_out else 502
             state.metrics.requests.labels("chat", decision.route_id, decision.reason,
                                           f"{status // 100}xx").inc()
-            return error_response(status, f"upstream unavailable: {exc}", "upstream_error",
-                                  "upstream_timeout" if exc.timed_out else "upstream_unavailable")
+            return error_response(
+                status, f"upstream unavailable: {outcome}", "upstream_error",
+                "upstream_timeout" if outcome.timed_out else "upstream_unavailable",
+            )
+        response = outcome
         if response.status_code >= 400 or not stream:
             body = await response.aread()
             await response.aclose()
+            status = response.status_code
+            escalate = route.escalate_to if route is not None and why is None else None
+            if status < 400 and escalate:
+                with contextlib.suppress(ValueError):
+                    why = failed_gate(data, json.loads(body), route.gates)
+                if why is not None:
+                    stronger = routes[escalate]
+                    path.append(stronger.target_model)
+                    second = await attempt(stronger, stronger.target_model, data)
+                    if isinstance(second, httpx.Response):
+                        second_body = await second.aread()
+                        await second.aclose()
+                        if second.status_code < 400:
+                            body, status = second_body, second.status_code
             stats = _StreamStats()
             with contextlib.suppress(ValueError):
                 _note_completion(stats, json.loads(body), delta=False)
-            error = None if response.status_code < 400 else f"upstream_{response.status_code}"
-            observe(decision, stream, tools_requested, started, response.status_code, stats,
-                    error=error)
-            status = response.status_code
+            error = None if status < 400 else f"upstream_{status}"
+            observe(decision, stream, tools_requested, started, status, stats, error=error,
+                    path=tuple(path), why=why)
             if status >= 500 or status == 429:
-                status = 502
                 body = json.dumps({"error": {
-                    "message": f"upstream failed with {response.status_code} after retries",
+                    "message": f"upstream failed with {status} after retries",
                     "type": "upstream_error", "code": "upstream_error"}}).encode()
+                status = 502
             state.metrics.requests.labels("chat", decision.route_id, decision.reason,
                                           f"{status // 100}xx").inc()
             return Response(body, status_code=status, headers=headers,
@@ -343,7 +390,7 @@ def create_app(state: GatewayState) -> FastAPI:
                 # Also reached when the client goes away: closing cancels the upstream call.
                 await response.aclose()
                 observe(decision, True, tools_requested, started, response.status_code,
-                        stats, first, error)
+                        stats, first, error, path=tuple(path), why=why)
 
         state.metrics.requests.labels("chat", decision.route_id, decision.reason, "2xx").inc()
         return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)

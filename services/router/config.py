@@ -83,6 +83,18 @@ class RuleConfig(_Strict):
     confidence: Unit = 1.0
 
 
+class EscalationGates(_Strict):
+    """Deterministic checks of a cheap model's answer; any failure escalates."""
+
+    min_chars: NonNegativeInt = 1
+    refusal_phrases: tuple[str, ...] = (
+        "i can't help with", "i cannot help with", "i'm not able to", "i am not able to",
+        "as an ai", "i'm sorry, but i can", "i don't know",
+    )
+    json_when_asked: bool = True
+    tool_call_when_required: bool = True
+
+
 class RouteConfig(_Strict):
     id: RouteIdStr
     target_model: Annotated[str, msgspec.Meta(min_length=1)]
@@ -90,6 +102,15 @@ class RouteConfig(_Strict):
     utterances: tuple[str, ...] = ()
     utterances_file: str | None = None
     description: str = ""
+    # Where this route's requests go, if not the gateway's default upstream. The key is
+    # named by environment variable, never written in the config.
+    upstream_base_url: str | None = None
+    upstream_api_key_env: str | None = None
+    # Served instead when this route's upstream still fails after retries.
+    fallback_route: RouteIdStr | None = None
+    # Non-streaming only: retry on this route when a gate fails on the answer.
+    escalate_to: RouteIdStr | None = None
+    gates: EscalationGates = EscalationGates()
 
 
 class RouterConfig(_Strict):
@@ -223,6 +244,12 @@ def parse_config(text: str, source: str = "<config>") -> RouterConfig:
                 re.compile(rule.when.regex)
             except re.error as exc:
                 raise refuse(f"rules[{i}].when.regex", f"invalid regex: {exc}") from None
+    for i, route in enumerate(config.routes):
+        for key in ("fallback_route", "escalate_to"):
+            target = getattr(route, key)
+            if target is not None and (target not in ids or target == route.id):
+                raise refuse(f"routes[{i}].{key}",
+                             f"{target!r} is not another route ({_known(ids)})")
     for alias, target in config.aliases.items():
         if target is not None and target not in ids:
             raise refuse(f"aliases.{alias}", f"{target!r} is not a route ({_known(ids)})")

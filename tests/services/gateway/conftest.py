@@ -34,10 +34,14 @@ class Behaviour:
     content: str = "Hello from the upstream."
     tool_call: bool = False
     requests: list[dict] = field(default_factory=list)
+    # Per target model: an answer to give instead of ``content``, or always failing.
+    content_by_model: dict[str, str] = field(default_factory=dict)
+    failing_models: set[str] = field(default_factory=set)
 
 
 def _completion(body: dict, behaviour: Behaviour) -> dict:
-    message = {"role": "assistant", "content": behaviour.content}
+    content = behaviour.content_by_model.get(body["model"], behaviour.content)
+    message = {"role": "assistant", "content": content}
     finish = "stop"
     if behaviour.tool_call:
         message = {"role": "assistant", "content": None, "tool_calls": [{
@@ -55,6 +59,9 @@ def fake_upstream(behaviour: Behaviour) -> Starlette:
     async def chat(request: Request):
         body = await request.json()
         behaviour.requests.append(body)
+        if body["model"] in behaviour.failing_models:
+            return JSONResponse({"error": {"message": "down", "type": "server_error"}},
+                                status_code=503)
         if behaviour.fail_statuses:
             status = behaviour.fail_statuses.pop(0)
             return JSONResponse({"error": {"message": "busy", "type": "server_error"}},
@@ -135,9 +142,14 @@ def upstream(behaviour):
 
 
 @pytest.fixture
-def gateway(upstream, tmp_path):
+def gateway_config() -> str:
+    return CONFIG
+
+
+@pytest.fixture
+def gateway(upstream, tmp_path, gateway_config):
     (tmp_path / "deep.txt").write_text(DEEP)
-    (tmp_path / "routes.yaml").write_text(CONFIG)
+    (tmp_path / "routes.yaml").write_text(gateway_config)
     loaded = load_config(tmp_path / "routes.yaml")
     encoder = HashingEncoder()
     client = QdrantClient(":memory:")

@@ -1,0 +1,82 @@
+"""Fallback routes and escalation through deterministic gates."""
+
+import openai
+import pytest
+
+from routemesh.contracts import CompletionObserved
+from tests.services.gateway.test_gateway import only
+from tests.services.router.conftest import CONFIG
+
+
+@pytest.fixture
+def gateway_config() -> str:
+    return CONFIG.replace(
+        "    threshold: 0.40\n",
+        "    threshold: 0.40\n    fallback_route: deep\n    escalate_to: deep\n"
+        "    gates: {min_chars: 12}\n",
+        1,
+    )
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="k", max_retries=0)
+
+
+def ask(client, **extra):
+    return client.chat.completions.create(
+        model="lite", messages=[{"role": "user", "content": "hello"}], **extra)
+
+
+def test_a_good_cheap_answer_is_not_escalated(client, gateway, behaviour):
+    behaviour.content_by_model = {"small-model": "A perfectly adequate answer."}
+    assert ask(client).choices[0].message.content == "A perfectly adequate answer."
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.escalation_path == ("small-model",)
+    assert observation.escalation_reason is None
+
+
+@pytest.mark.parametrize(
+    ("cheap", "extra", "gate"),
+    [
+        ("ok", {}, "too_short"),
+        ("I'm sorry, but I can't help with that request.", {}, "refusal"),
+        ("Sure! here is your data: {oops", {"response_format": {"type": "json_object"}},
+         "invalid_json"),
+    ],
+)
+def test_a_failed_gate_escalates_and_the_client_gets_the_strong_answer(
+    client, gateway, behaviour, cheap, extra, gate
+):
+    behaviour.content_by_model = {"small-model": cheap, "large-model": '{"answer": "strong"}'}
+    completion = ask(client, **extra)
+    assert completion.choices[0].message.content == '{"answer": "strong"}'
+    assert [r["model"] for r in behaviour.requests] == ["small-model", "large-model"]
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.escalation_path == ("small-model", "large-model")
+    assert observation.escalation_reason == gate
+    assert observation.target_model == "large-model"
+
+
+def test_streaming_requests_are_never_escalated(client, behaviour):
+    behaviour.content = "ok"
+    chunks = list(ask(client, stream=True))
+    assert chunks
+    assert [r["model"] for r in behaviour.requests] == ["small-model"]
+
+
+def test_a_failing_upstream_falls_back_to_the_fallback_route(client, gateway, behaviour):
+    behaviour.failing_models = {"small-model"}
+    behaviour.content_by_model = {"large-model": "Answered by the fallback model."}
+    assert ask(client).choices[0].message.content == "Answered by the fallback model."
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.escalation_path == ("small-model", "large-model")
+    assert observation.escalation_reason == "upstream_failure"
+    assert observation.upstream_status == 200
+
+
+def test_when_the_fallback_fails_too_the_client_gets_a_502(client, behaviour):
+    behaviour.failing_models = {"small-model", "large-model"}
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(client)
+    assert info.value.status_code == 502
