@@ -31,6 +31,7 @@ from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecide
 from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.gates import failed_gate
 from routemesh.services.gateway.publisher import EventPublisher
+from routemesh.services.gateway.review import redacted_capture, write_raw_local
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import Upstream, UpstreamUnavailable
 from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
@@ -253,6 +254,16 @@ def create_app(state: GatewayState) -> FastAPI:
         state.publisher.offer(decision)
         return decision
 
+    def capture(decision: RouteDecided, data: dict[str, Any]) -> None:
+        mode = state.settings.review_capture
+        if mode == "off":
+            return
+        messages = RouteRequest.from_body(data).messages
+        if mode == "redacted":
+            state.publisher.offer(redacted_capture(decision, messages))
+        else:
+            write_raw_local(state.settings.review_dir, decision, messages)
+
     def upstream_for(route: RouteConfig | None) -> tuple[str, str | None]:
         current = state.settings
         if route is not None and route.upstream_base_url:
@@ -313,6 +324,7 @@ def create_app(state: GatewayState) -> FastAPI:
         data = await _read_json(request, settings.max_body_bytes)
         parsed = _validate(ChatCompletionBody, data)
         decision = await decide(data, request)
+        capture(decision, data)
         routes = {r.id: r for r in state.router.config.routes}
         route = routes.get(decision.route_id)
         stream = bool(parsed.stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 
@@ -22,6 +23,10 @@ class GatewaySettings(ServiceSettings):
     publish_queue_size: int = Field(default=10_000, ge=1)
     # Where events wait on disk while the broker is unreachable (one directory per gateway).
     spool_dir: Path = Path("spool")
+    # Prompt capture for review: off (default), redacted (secrets masked, to the
+    # prompts.review topic) or raw_local (to review_dir on this machine only).
+    review_capture: Literal["off", "redacted", "raw_local"] = "off"
+    review_dir: Path = Path("review")
     # Embedded default only: build or refresh the route bank in Qdrant local mode at
     # start. Against a Qdrant server the bank is built by `routemesh bank build`.
     bank_autobuild: bool = False
