@@ -37,6 +37,8 @@ class Behaviour:
     # Per target model: an answer to give instead of ``content``, or always failing.
     content_by_model: dict[str, str] = field(default_factory=dict)
     failing_models: set[str] = field(default_factory=set)
+    chunk_delay_s: float = 0.01
+    streams_cut_short: int = 0
 
 
 def _completion(body: dict, behaviour: Behaviour) -> dict:
@@ -73,13 +75,20 @@ def fake_upstream(behaviour: Behaviour) -> Starlette:
 
         async def chunks():
             words = behaviour.content.split(" ")
-            for i, word in enumerate(words):
-                delta = {"content": word + ("" if i == len(words) - 1 else " ")}
-                yield "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk",
-                                             "created": 1, "model": body["model"],
-                                             "choices": [{"index": 0, "delta": delta,
-                                                          "finish_reason": None}]}) + "\n\n"
-                await asyncio.sleep(0.01)
+            finished = False
+            try:
+                for i, word in enumerate(words):
+                    delta = {"content": word + ("" if i == len(words) - 1 else " ")}
+                    yield "data: " + json.dumps({
+                        "id": "c", "object": "chat.completion.chunk", "created": 1,
+                        "model": body["model"],
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                    }) + "\n\n"
+                    await asyncio.sleep(behaviour.chunk_delay_s)
+                finished = True
+            finally:
+                if not finished:
+                    behaviour.streams_cut_short += 1
             final = {"id": "c", "object": "chat.completion.chunk", "created": 1,
                      "model": body["model"],
                      "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}

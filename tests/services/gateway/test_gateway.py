@@ -189,7 +189,12 @@ def test_the_canary_reaches_no_event_log_or_metric(client, gateway, behaviour, c
     client.chat.completions.create(
         model="auto",
         messages=[{"role": "system", "content": f"system {CANARY}"},
-                  {"role": "user", "content": f"user {CANARY}"}],
+                  {"role": "user", "content": f"user {CANARY}"},
+                  {"role": "assistant", "content": None, "tool_calls": [{
+                      "id": "t1", "type": "function",
+                      "function": {"name": "f", "arguments": json.dumps({"q": CANARY})}}]},
+                  {"role": "tool", "tool_call_id": "t1", "content": f"result {CANARY}"},
+                  {"role": "user", "content": f"and now {CANARY}"}],
         tools=[{"type": "function", "function": {"name": "f", "description": CANARY,
                                                  "parameters": {}}}],
     )
@@ -213,3 +218,18 @@ def test_openapi_document_lists_the_endpoints(gateway):
         document["paths"])
     body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]
     assert "messages" in json.dumps(body)
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_call(gateway, behaviour):
+    behaviour.content = " ".join(f"w{i}" for i in range(100))
+    behaviour.chunk_delay_s = 0.1
+    body = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body) as response:
+        next(response.iter_raw())
+    deadline = time.monotonic() + 8
+    while behaviour.streams_cut_short == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert behaviour.streams_cut_short == 1, "the upstream stream was not cancelled"
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.stream is True
+    assert observation.finish_reason is None
