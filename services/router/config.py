@@ -37,9 +37,12 @@ class EncoderConfig(_Strict):
     api_key_env: str | None = None
     timeout_s: Positive = 10.0
     max_retries: NonNegativeInt = 2
-    # Micro-batching of concurrent encodes: at most this many texts, waiting at most this long.
+    # Micro-batching of concurrent encodes: at most this many texts, waiting at most this
+    # long for company. 0 is "natural batching": a batch is whatever queued while the
+    # previous one was encoding. Measured here, a 2 ms wait added 2 ms to a lone request
+    # (adecide p50 7.2 -> 5.2 ms) and nothing measurable to throughput at 32 callers.
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
-    max_wait_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 2.0
+    max_wait_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0
 
 
 class SemanticConfig(_Strict):
