@@ -155,6 +155,18 @@ def _validate(model: type[BaseModel], data: Any) -> BaseModel:
                        "invalid_body") from None
 
 
+async def _body(request: Request, model: type[BaseModel], limit: int) -> tuple[Any, Any]:
+    """The JSON body (size-limited) and its validated form; ApiError on either failing."""
+    data = await _read_json(request, limit)
+    return data, _validate(model, data)
+
+
+def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body the handler reads itself (to give OpenAI-shaped errors)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
+
+
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
     return given if given and _REQUEST_ID.match(given) else str(uuid.uuid4())
@@ -317,12 +329,10 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.post(
         "/v1/chat/completions",
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": ChatCompletionBody.model_json_schema()}}}},
+        openapi_extra=_documented_body(ChatCompletionBody),
     )
     async def chat_completions(request: Request) -> Response:
-        data = await _read_json(request, settings.max_body_bytes)
-        parsed = _validate(ChatCompletionBody, data)
+        data, parsed = await _body(request, ChatCompletionBody, settings.max_body_bytes)
         decision = await decide(data, request)
         capture(decision, data)
         routes = {r.id: r for r in state.router.config.routes}
@@ -409,12 +419,10 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.post(
         "/v1/route",
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": RouteBody.model_json_schema()}}}},
+        openapi_extra=_documented_body(RouteBody),
     )
     async def route(request: Request) -> Response:
-        data = await _read_json(request, settings.max_body_bytes)
-        parsed = _validate(RouteBody, data)
+        data, parsed = await _body(request, RouteBody, settings.max_body_bytes)
         if not parsed.messages and parsed.input is None:
             raise ApiError(400, "invalid request body: give messages or input",
                            "invalid_request_error", "invalid_body")
@@ -435,11 +443,10 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.post(
         "/v1/outcomes",
         status_code=202,
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": OutcomeBody.model_json_schema()}}}},
+        openapi_extra=_documented_body(OutcomeBody),
     )
     async def outcomes(request: Request) -> dict[str, str]:
-        parsed = _validate(OutcomeBody, await _read_json(request, settings.max_body_bytes))
+        _, parsed = await _body(request, OutcomeBody, settings.max_body_bytes)
         event = OutcomeReported(
             request_id=parsed.request_id,
             completed=parsed.completed,

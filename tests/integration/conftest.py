@@ -2,11 +2,14 @@
 
 import asyncio
 import os
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -74,3 +77,45 @@ async def read_topic(settings: ServiceSettings, topic: str, count: int, timeout_
     finally:
         await consumer.stop()
     return records
+
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "lite-deep.yaml"
+
+
+def start_gateway(settings: ServiceSettings, tmp_path: Path, upstream_url: str, **extra: str):
+    """`routemesh serve gateway` on free loopback ports with the shipped lite-deep config;
+    returns the process, its HTTP and metrics ports, and its log file."""
+    port, metrics = free_port(), free_port()
+    log = tmp_path / "gateway.log"
+    env = cli_env(
+        settings,
+        ROUTEMESH_ROUTER_CONFIG=str(EXAMPLE_CONFIG),
+        ROUTEMESH_QDRANT_PATH=str(tmp_path / "qdrant"),
+        ROUTEMESH_BANK_AUTOBUILD="true",
+        ROUTEMESH_HTTP_HOST="127.0.0.1",
+        ROUTEMESH_HTTP_PORT=str(port),
+        ROUTEMESH_METRICS_HOST="127.0.0.1",
+        ROUTEMESH_METRICS_PORT=str(metrics),
+        ROUTEMESH_UPSTREAM_BASE_URL=upstream_url,
+        ROUTEMESH_SPOOL_DIR=str(tmp_path / "spool"),
+        **extra,
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen([*CLI, "serve", "gateway"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    return process, port, metrics, log
+
+
+async def wait_until_ready(metrics_port: int, process, log: Path, timeout_s: float = 180):
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                ready = await client.get(f"http://127.0.0.1:{metrics_port}/readyz")
+                if ready.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the service never became ready"
+            await asyncio.sleep(0.5)

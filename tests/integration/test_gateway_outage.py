@@ -3,10 +3,8 @@ back, every decision and observation is on Kafka exactly once per request."""
 
 import asyncio
 import signal
-import subprocess
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,11 +14,10 @@ from routemesh.contracts import decode_event
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
 from routemesh.services.runtime.settings import ServiceSettings
-from tests.integration.conftest import CLI, cli_env
+from tests.integration.conftest import start_gateway, wait_until_ready
 from tests.services.gateway.conftest import Behaviour, Served, fake_upstream
 
 pytestmark = [pytest.mark.broker, pytest.mark.model, pytest.mark.slow]
-EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 OUTAGE_S = 30
 
 
@@ -57,43 +54,18 @@ def broker(tmp_path):
 
 async def test_a_broker_outage_loses_and_duplicates_nothing(broker, tmp_path):
     settings = ServiceSettings(kafka_bootstrap_servers=broker.bootstrap)
-    port, metrics = free_port(), free_port()
-    log = tmp_path / "gateway.log"
     sent: list[str] = []
     statuses: list[int] = []
     try:
         with Served(fake_upstream(Behaviour())) as upstream:
-            env = cli_env(
-                settings,
-                ROUTEMESH_ROUTER_CONFIG=str(EXAMPLES / "lite-deep.yaml"),
-                ROUTEMESH_QDRANT_PATH=str(tmp_path / "qdrant"),
-                ROUTEMESH_BANK_AUTOBUILD="true",
-                ROUTEMESH_AUTH_ENABLED="false",
-                ROUTEMESH_HTTP_HOST="127.0.0.1",
-                ROUTEMESH_HTTP_PORT=str(port),
-                ROUTEMESH_METRICS_HOST="127.0.0.1",
-                ROUTEMESH_METRICS_PORT=str(metrics),
-                ROUTEMESH_UPSTREAM_BASE_URL=f"{upstream.url}/v1",
-                ROUTEMESH_PUBLISH_QUEUE_SIZE="20",
-                ROUTEMESH_SPOOL_DIR=str(tmp_path / "spool"),
+            gateway, port, metrics, log = start_gateway(
+                settings, tmp_path, f"{upstream.url}/v1",
+                ROUTEMESH_AUTH_ENABLED="false", ROUTEMESH_PUBLISH_QUEUE_SIZE="20",
             )
-            with log.open("wb") as out:
-                gateway = subprocess.Popen([*CLI, "serve", "gateway"], env=env, stdout=out,
-                                           stderr=subprocess.STDOUT)
             try:
+                await wait_until_ready(metrics, gateway, log)
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
                                              timeout=30) as client:
-                    deadline = time.monotonic() + 180
-                    while True:
-                        try:
-                            ready = await client.get(f"http://127.0.0.1:{metrics}/readyz")
-                            if ready.status_code == 200:
-                                break
-                        except httpx.HTTPError:
-                            pass
-                        assert gateway.poll() is None, log.read_text()
-                        assert time.monotonic() < deadline, "the gateway never became ready"
-                        await asyncio.sleep(0.5)
 
                     async def traffic(seconds: float) -> None:
                         end = time.monotonic() + seconds

@@ -1,60 +1,32 @@
 """`routemesh serve gateway` as a real process: real broker, real encoder, real HTTP.
 Every request's decision and observation reach Kafka, in one trace, without the prompt."""
 
-import asyncio
 import hashlib
 import os
 import signal
-import subprocess
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from routemesh.contracts import CompletionObserved, RouteDecided, decode_event
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
-from routemesh.services.runtime.embedded_broker import free_port
-from tests.integration.conftest import CLI, cli_env, read_topic
+from tests.integration.conftest import read_topic, start_gateway, wait_until_ready
 from tests.services.gateway.conftest import Behaviour, Served, fake_upstream
 
 pytestmark = [pytest.mark.broker, pytest.mark.model]
-EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 CANARY = "CANARY-gw-kafka-42"
 
 
 async def test_the_gateway_publishes_decisions_and_observations_to_kafka(settings, tmp_path):
     behaviour = Behaviour(content=f"the answer is {CANARY}")
-    port, metrics = free_port(), free_port()
-    log = tmp_path / "gateway.log"
     with Served(fake_upstream(behaviour)) as upstream:
-        env = cli_env(
-            settings,
-            ROUTEMESH_ROUTER_CONFIG=str(EXAMPLES / "lite-deep.yaml"),
-            ROUTEMESH_QDRANT_PATH=str(tmp_path / "qdrant"),
-            ROUTEMESH_BANK_AUTOBUILD="true",
-            ROUTEMESH_HTTP_HOST="127.0.0.1",
-            ROUTEMESH_HTTP_PORT=str(port),
-            ROUTEMESH_METRICS_HOST="127.0.0.1",
-            ROUTEMESH_METRICS_PORT=str(metrics),
-            ROUTEMESH_UPSTREAM_BASE_URL=f"{upstream.url}/v1",
+        process, port, metrics, log = start_gateway(
+            settings, tmp_path, f"{upstream.url}/v1",
             ROUTEMESH_UPSTREAM_API_KEY="sk-upstream-key-777",
             ROUTEMESH_AUTH_KEY_SHA256=hashlib.sha256(b"client-key-1").hexdigest(),
         )
-        with log.open("wb") as out:
-            process = subprocess.Popen([*CLI, "serve", "gateway"], env=env, stdout=out,
-                                       stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{metrics}/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the gateway never became ready"
-                await asyncio.sleep(0.5)
+            await wait_until_ready(metrics, process, log)
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{port}",
                 headers={"authorization": "Bearer client-key-1"},
