@@ -11,15 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from routemesh.services.audit_writer.reports import now_utc, parse_duration, summarize, verify
+from routemesh.services.cli.output import err, fail
 
 audit_app = typer.Typer(help="Audit trail: summaries and verification.", no_args_is_help=True)
-err = Console(stderr=True, soft_wrap=True)
 DirOption = Annotated[Path, typer.Option("--dir", help="The audit directory.")]
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _fmt(value: object) -> str:
@@ -39,12 +34,12 @@ def summary(
 ) -> None:
     """Per window: requests, route/reason/model shares, rates, latencies, tokens."""
     if not directory.is_dir():
-        raise _fail(f"{directory} is not a directory")
+        raise fail(f"{directory} is not a directory")
     try:
         windows = {w.strip(): parse_duration(w) for w in window.split(",") if w.strip()}
         since_delta = parse_duration(since) if since else None
     except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     result = summarize(directory, windows, since_delta, now_utc())
     if format == "json":
         print(json.dumps(result, indent=2))
@@ -74,10 +69,10 @@ def verify_command(directory: DirOption) -> None:
     """Check every line parses, holds allowed fields only, and no request_id repeats
     outside amendments. Exits 1 with the offending file and line."""
     if not directory.is_dir():
-        raise _fail(f"{directory} is not a directory")
+        raise fail(f"{directory} is not a directory")
     checked, problems = verify(directory)
     for problem in problems:
         err.print(str(problem), highlight=False)
     if problems:
-        raise _fail(f"{len(problems)} problem(s) in {checked} records checked")
+        raise fail(f"{len(problems)} problem(s) in {checked} records checked")
     print(f"{checked} records verified in {directory}")

@@ -11,12 +11,12 @@ from typing import Annotated
 
 import typer
 from aiokafka.errors import KafkaConnectionError
-from rich.console import Console
 
 from routemesh.contracts import topic_by_suffix
 from routemesh.contracts.schema_export import drift, export
 from routemesh.services.cli import audit_commands, router_commands
 from routemesh.services.cli.dev import DevMesh, parse_port_overrides
+from routemesh.services.cli.output import fail
 from routemesh.services.cli.tail import tail_topic
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
 from routemesh.services.runtime.kafka import create_topics
@@ -37,12 +37,6 @@ app.add_typer(audit_commands.audit_app, name="audit")
 app.command("route")(router_commands.route)
 app.command("eval")(router_commands.eval_command)
 
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _wait_for_signal() -> None:
@@ -71,7 +65,7 @@ def broker(
     try:
         created = embedded.start()
     except EmbeddedBrokerError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     print(f"kafka  {embedded.bootstrap}  ({len(created)} topics created)", flush=True)
     try:
         _wait_for_signal()
@@ -85,7 +79,7 @@ def serve(service: Annotated[str, typer.Argument(help="The service to run.")]) -
     specs = discover_services()
     if service not in specs:
         known = ", ".join(specs) or "none installed"
-        raise _fail(f"unknown service {service!r}; available: {known}")
+        raise fail(f"unknown service {service!r}; available: {known}")
     asyncio.run(run(specs[service]))
 
 
@@ -108,7 +102,7 @@ def dev(
     try:
         overrides = parse_port_overrides(metrics_port or [])
     except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     mesh = DevMesh(
         data_dir=data_dir.resolve(),
         config=config.resolve() if config else None,
@@ -122,14 +116,14 @@ def dev(
             print(f"{name}  {address}", flush=True)
     except (EmbeddedBrokerError, ValueError, RuntimeError) as exc:
         mesh.stop()
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     print("routemesh dev is running; Ctrl-C stops everything.", flush=True)
     try:
         failed = mesh.wait()
     finally:
         mesh.stop()
     if failed:
-        raise _fail(failed)
+        raise fail(failed)
 
 
 @app.command()
@@ -147,7 +141,7 @@ def tail(
     try:
         name = settings.topic(topic_by_suffix(suffix))
     except LookupError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     try:
         asyncio.run(
             tail_topic(settings, name, from_beginning=from_beginning, limit=max, idle_s=timeout)
@@ -155,7 +149,7 @@ def tail(
     except KeyboardInterrupt:
         pass
     except KafkaConnectionError:
-        raise _fail(
+        raise fail(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
             "(set ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS)"
         ) from None
@@ -181,7 +175,7 @@ def contracts_check(
     """Fail when the checked-in schemas differ from what the structs generate."""
     stale = drift(directory)
     if stale:
-        raise _fail(
+        raise fail(
             f"schemas in {directory} are out of date: {', '.join(stale)}; "
             "run `routemesh contracts export` and commit the result"
         )
@@ -197,7 +191,7 @@ def topics_create(
     try:
         created = asyncio.run(create_topics(settings, replication_factor=replication_factor))
     except KafkaConnectionError:
-        raise _fail(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}") from None
+        raise fail(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}") from None
     for name in created:
         print(f"created {name}")
     print(f"{len(created)} topics created")

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from routemesh.services.cli.output import err, fail
 from routemesh.services.router.bank import build_bank, default_collection
 from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
 from routemesh.services.router.config import ConfigError, load_config
@@ -28,16 +29,10 @@ from routemesh.services.router.factory import StaleBankError, load_router, open_
 from routemesh.services.runtime.settings import ServiceSettings
 
 bank_app = typer.Typer(help="The route bank in Qdrant.", no_args_is_help=True)
-err = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", help="Route config (YAML).")]
 QdrantUrl = Annotated[str | None, typer.Option(help="Qdrant server URL.")]
 QdrantPath = Annotated[Path | None, typer.Option(help="Qdrant local-mode directory.")]
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _qdrant(url: str | None, path: Path | None, *, required: bool):
@@ -65,7 +60,7 @@ def route(
         router = load_router(config, qdrant=_qdrant(qdrant_url, qdrant_path, required=False))
         decision = router.decide(RouteRequest.from_text(text, model), str(uuid.uuid4()))
     except (ConfigError, StaleBankError, LookupError, UnknownRouteError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(decision)).decode() + "\n")
 
 
@@ -80,7 +75,7 @@ def bank_build(
     try:
         loaded = load_config(config)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     client = _qdrant(qdrant_url, qdrant_path, required=True)
     encoder = build_dense_encoder(loaded.config.encoder)
     report = build_bank(loaded, encoder, client, collection or default_collection(loaded))
@@ -107,7 +102,7 @@ def eval_command(
         )
         items = load_dataset(dataset)
     except (ConfigError, StaleBankError, LookupError, DatasetError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     report = evaluate(
         router, items, file_sha256(dataset),
         progress=lambda it: track(it, description="routing", console=err),
