@@ -85,6 +85,13 @@ class BuildReport:
     sha256: str
 
 
+def config_bank_sha256(loaded: LoadedConfig, encoder_name: str) -> str:
+    """The bank sha256 that building ``loaded`` with this encoder gives."""
+    semantic = loaded.config.semantic
+    entries = [_entry(u) for u in loaded.utterances]
+    return bank_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
+
+
 def default_collection(loaded: LoadedConfig) -> str:
     return loaded.config.bank.collection or "routemesh-routes"
 
@@ -157,7 +164,7 @@ def build_bank(
         embedded=len(missing),
         removed=len(stale),
         kept=len(kept),
-        sha256=bank_sha256(entries, encoder.name, semantic.bm25_k1, semantic.bm25_b),
+        sha256=config_bank_sha256(loaded, encoder.name),
     )
 
 

@@ -7,15 +7,13 @@ from pathlib import Path
 from qdrant_client import QdrantClient
 
 from routemesh.services.router.bank import (
-    BankEntry,
     Matcher,
     QdrantMatcher,
-    bank_sha256,
     build_bank,
+    config_bank_sha256,
     default_collection,
     limit_blas_threads,
     load_snapshot,
-    text_sha256,
 )
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import LoadedConfig, load_config
@@ -34,15 +32,6 @@ def open_qdrant(url: str | None = None, path: Path | None = None, api_key: str |
         path.mkdir(parents=True, exist_ok=True)
         return QdrantClient(path=str(path))
     return QdrantClient(":memory:")
-
-
-def expected_bank_sha256(loaded: LoadedConfig, encoder_name: str) -> str:
-    semantic = loaded.config.semantic
-    entries = [
-        BankEntry(u.route_id, u.source, u.index, text_sha256(u.text), u.provenance)
-        for u in loaded.utterances
-    ]
-    return bank_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
 
 
 def load_router(
@@ -67,7 +56,7 @@ def load_router(
         matcher = QdrantMatcher(qdrant, collection, loaded.config.semantic)
     else:
         matcher = load_snapshot(qdrant, collection, loaded.config.semantic)
-    expected = expected_bank_sha256(loaded, encoder.name)
+    expected = config_bank_sha256(loaded, encoder.name)
     if matcher.sha256 != expected:
         raise StaleBankError(
             f"the route bank in collection {collection!r} does not match {loaded.source} "
