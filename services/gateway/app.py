@@ -225,7 +225,6 @@ def create_app(state: GatewayState) -> FastAPI:
         version="1.0.0",
         description="OpenAI-compatible proxy that routes each request to a model tier.",
     )
-    settings = state.settings
     # One server span per HTTP request (method and route template only, never bodies);
     # decide, upstream and publish spans hang under it.
     FastAPIInstrumentor.instrument_app(app, excluded_urls="openapi.json,docs")
@@ -332,7 +331,7 @@ def create_app(state: GatewayState) -> FastAPI:
         openapi_extra=_documented_body(ChatCompletionBody),
     )
     async def chat_completions(request: Request) -> Response:
-        data, parsed = await _body(request, ChatCompletionBody, settings.max_body_bytes)
+        data, parsed = await _body(request, ChatCompletionBody, state.settings.max_body_bytes)
         decision = await decide(data, request)
         capture(decision, data)
         routes = {r.id: r for r in state.router.config.routes}
@@ -422,7 +421,7 @@ def create_app(state: GatewayState) -> FastAPI:
         openapi_extra=_documented_body(RouteBody),
     )
     async def route(request: Request) -> Response:
-        data, parsed = await _body(request, RouteBody, settings.max_body_bytes)
+        data, parsed = await _body(request, RouteBody, state.settings.max_body_bytes)
         if not parsed.messages and parsed.input is None:
             raise ApiError(400, "invalid request body: give messages or input",
                            "invalid_request_error", "invalid_body")
@@ -446,7 +445,7 @@ def create_app(state: GatewayState) -> FastAPI:
         openapi_extra=_documented_body(OutcomeBody),
     )
     async def outcomes(request: Request) -> dict[str, str]:
-        _, parsed = await _body(request, OutcomeBody, settings.max_body_bytes)
+        _, parsed = await _body(request, OutcomeBody, state.settings.max_body_bytes)
         event = OutcomeReported(
             request_id=parsed.request_id,
             completed=parsed.completed,
