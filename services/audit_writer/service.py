@@ -132,7 +132,7 @@ class AuditWriter:
                     try:
                         event = decode_event(record.value or b"", self.accepted)
                     except EventDecodeError as exc:
-                        await self.ctx.dead_letters.send(record, GROUP, exc.kind, str(exc))
+                        await self._dead_letter(record, position, exc)
                         continue
                     before = self.joiner.stats.dedup_hits
                     outputs += self.joiner.add(event, position, now)
@@ -140,6 +140,24 @@ class AuditWriter:
             outputs += self.joiner.expire(now)
             await self._flush(outputs)
             await self._maintain()
+
+    async def _dead_letter(self, record, position, exc: EventDecodeError) -> None:
+        """Publish the dead letter, retrying while the broker refuses. Its offset is held
+        until it is sent, so a stop (or crash) meanwhile never commits past it."""
+        self.tracker.hold(position)
+        delay = 0.5
+        while True:
+            try:
+                await self.ctx.dead_letters.send(record, GROUP, exc.kind, str(exc))
+            except Exception:
+                log.exception("could not publish a dead letter; retrying")
+                if self._stopping.is_set():
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            else:
+                self.tracker.release(position)
+                return
 
     async def _flush(self, outputs: list[Output]) -> None:
         if outputs:
