@@ -13,6 +13,7 @@ import msgspec
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
@@ -24,19 +25,26 @@ log = logging.getLogger(__name__)
 def setup_tracing(service: str, settings: ServiceSettings) -> TracerProvider:
     """A TracerProvider whose Resource honours OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES.
 
-    Spans are exported over OTLP/HTTP only when an endpoint is configured; otherwise
-    they are created (trace ids still reach logs and Kafka headers) and dropped.
+    Spans are recorded and exported over OTLP/HTTP only when an endpoint is configured;
+    otherwise they are not recorded, but trace ids still reach logs and Kafka headers.
     """
     attributes = {SERVICE_NAME: settings.otel_service_name or f"routemesh-{service}"}
     if settings.instance_id:
         attributes[SERVICE_INSTANCE_ID] = settings.instance_id
-    provider = TracerProvider(resource=Resource.create(attributes))
+    resource = Resource.create(attributes)
     if settings.otel_exporter_otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        # The exporter reads the endpoint and headers from the standard OTEL_* variables.
+        # The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based, always on);
+        # the exporter reads the endpoint and headers from the standard OTEL_* variables.
+        provider = TracerProvider(resource=resource)
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    else:
+        # Nothing would receive the spans, so none is recorded: ids are still made and
+        # reach logs and Kafka headers, but recording cost ~0.2 ms of the gateway's
+        # event loop per span, three spans a request.
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     trace.set_tracer_provider(provider)
     return provider
 

@@ -36,6 +36,18 @@ def test_json_logs_carry_the_trace_and_span_ids():
     assert entry["span_id"] == format(context.span_id, "016x")
 
 
+def test_spans_are_recorded_only_when_an_exporter_is_configured(monkeypatch):
+    quiet = setup_tracing("unit", ServiceSettings())
+    with quiet.get_tracer("t").start_as_current_span("work") as span:
+        assert span.get_span_context().is_valid
+        assert not span.is_recording()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    exporting = setup_tracing("unit", ServiceSettings())
+    # Never ended, so never exported to the closed port.
+    assert exporting.get_tracer("t").start_span("work").is_recording()
+    exporting.shutdown()
+
+
 def test_json_logs_without_a_span_have_no_trace_id():
     entry = json.loads(JsonFormatter("unit").format(_record("x")))
     assert "trace_id" not in entry
