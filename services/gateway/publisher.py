@@ -13,33 +13,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Protocol
 
-from faststream.kafka import KafkaBroker
 from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from routemesh.contracts import Event, EventDecodeError, decode_event, encode_event
+from routemesh.contracts import (
+    CONTENT_TYPE,
+    Event,
+    EventDecodeError,
+    decode_event,
+    encode_event,
+    topic_for_event,
+)
 from routemesh.services.gateway.spool import Spool
-from routemesh.services.runtime.kafka import publish_event
 from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 Item = tuple[Event, Context]
 
 
+class Producer(Protocol):
+    """What the publisher sends through (``runtime.kafka.EventProducer`` in service)."""
+
+    async def publish(
+        self, message: bytes, topic: str, key: bytes | None, headers: dict[str, str]
+    ) -> None: ...
+
+
 class EventPublisher:
     def __init__(
         self,
-        broker: KafkaBroker,
+        producer: Producer,
         settings: ServiceSettings,
         registry: CollectorRegistry,
         maxsize: int = 10_000,
         concurrency: int = 64,
         spool: Spool | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
-        self.broker = broker
+        self.producer = producer
         self.settings = settings
+        self.tracer = trace.get_tracer("routemesh.gateway", tracer_provider=tracer_provider)
         self.spool = spool
         # Each event keeps the trace context it was offered in, so its publish span (and
         # the traceparent header) continue the request's trace from the background task.
@@ -84,11 +101,16 @@ class EventPublisher:
 
     async def _publish(self, item: Item) -> None:
         event, ctx = item
-        token = otel_context.attach(ctx)
-        try:
-            await publish_event(self.broker, self.settings, event)
-        finally:
-            otel_context.detach(token)
+        topic = topic_for_event(type(event))
+        name = self.settings.topic(topic)
+        # A producer span in the request's trace; its context travels in the headers.
+        with self.tracer.start_as_current_span(
+            f"{name} publish", context=ctx, kind=trace.SpanKind.PRODUCER,
+            attributes={"messaging.system": "kafka", "messaging.destination.name": name},
+        ):
+            headers = {"content-type": CONTENT_TYPE}
+            propagate.inject(headers)
+            await self.producer.publish(encode_event(event), name, topic.key_for(event), headers)
 
     async def _confirm_all(self, items: list[Item]) -> None:
         """Publish until the broker confirmed every item, backing off between rounds."""

@@ -25,7 +25,7 @@ from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import load_config
 from routemesh.services.router.encoders import build_dense_encoder
 from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
-from routemesh.services.runtime.kafka import subscribe_events
+from routemesh.services.runtime.kafka import EventProducer, subscribe_events
 from routemesh.services.runtime.service import ServiceContext, ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ def build_router(settings: GatewaySettings, instance: str) -> Router:
 async def setup(ctx: ServiceContext) -> None:
     settings = ctx.settings
     assert isinstance(settings, GatewaySettings)
-    publisher = EventPublisher(ctx.broker, settings, ctx.registry, settings.publish_queue_size,
-                               spool=Spool(settings.spool_dir))
+    producer = EventProducer(settings, "gateway")
+    publisher = EventPublisher(producer, settings, ctx.registry, settings.publish_queue_size,
+                               spool=Spool(settings.spool_dir),
+                               tracer_provider=ctx.tracer_provider)
     upstream = Upstream(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
                         settings.upstream_max_retries)
     server: _EmbeddedServer | None = None
@@ -85,7 +87,9 @@ async def setup(ctx: ServiceContext) -> None:
             else None
         )
         router = await asyncio.to_thread(build_router, settings, instance)
-        state = GatewayState(settings, router, upstream, publisher, ctx.registry, keys)
+        state = GatewayState(settings, router, upstream, publisher, ctx.registry, keys,
+                             ctx.tracer_provider)
+        await producer.start()
         await publisher.start()
         config = uvicorn.Config(create_app(state), host=settings.http_host,
                                 port=settings.http_port, log_config=None, lifespan="off",
@@ -107,6 +111,7 @@ async def setup(ctx: ServiceContext) -> None:
             server.should_exit = True
             await serving
         await publisher.drain(timeout_s=5.0)
+        await producer.stop()
         await upstream.aclose()
 
     ctx.on_startup.append(start)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 from qdrant_client import QdrantClient
 from starlette.applications import Starlette
@@ -170,9 +173,13 @@ def gateway(upstream, tmp_path, gateway_config):
         upstream_read_timeout_s=1.0, upstream_max_retries=2, max_body_bytes=20_000,
     )
     publisher = CollectingPublisher()
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     state = GatewayState(settings, router, Upstream(1.0, 1.0, 2), publisher,
-                         CollectorRegistry())
+                         CollectorRegistry(), tracer_provider=tracer_provider)
     with Served(create_app(state)) as served:
         served.publisher = publisher
         served.state = state
+        served.spans = spans
         yield served

@@ -210,6 +210,11 @@ def test_the_canary_reaches_no_event_log_or_metric(client, gateway, behaviour, c
         assert b"sk-upstream-secret-123" not in encode_event(event)
     assert CANARY not in caplog.text
     assert CANARY not in generate_latest(gateway.state.registry).decode()
+    spans = gateway.spans.get_finished_spans()
+    assert {"POST /v1/chat/completions", "routemesh.decide", "routemesh.upstream"} <= {
+        span.name for span in spans}
+    for span in spans:
+        assert CANARY not in span.to_json()
 
 
 def test_openapi_document_lists_the_endpoints(gateway):
