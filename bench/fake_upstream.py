@@ -1,6 +1,8 @@
-"""A minimal OpenAI-compatible upstream for benchmarks: answers at once, streams three
-chunks. Run: python bench/fake_upstream.py PORT"""
+"""A minimal OpenAI-compatible upstream for benchmarks: streams three chunks, after a
+latency the benchmark sets with ``POST /control {"latency_ms": N}`` (0 at start: answer at
+once). Run: python bench/fake_upstream.py PORT"""
 
+import asyncio
 import json
 import sys
 
@@ -16,10 +18,20 @@ COMPLETION = {
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
 }
+latency_s = 0.0
+
+
+async def control(request: Request):
+    global latency_s
+    latency_s = (await request.json())["latency_ms"] / 1000
+    return JSONResponse({"latency_ms": latency_s * 1000})
 
 
 async def chat(request: Request):
     body = await request.json()
+    if latency_s:
+        # The model's time to its first token: both the whole answer and the stream wait.
+        await asyncio.sleep(latency_s)
     if not body.get("stream"):
         return JSONResponse(COMPLETION)
 
@@ -33,6 +45,7 @@ async def chat(request: Request):
 
 
 if __name__ == "__main__":
-    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                            Route("/control", control, methods=["POST"])])
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
                 access_log=False)

@@ -1,25 +1,33 @@
 """Gateway overhead and decision-API throughput on this machine.
 
-    python bench/gateway.py [--requests 400] [--route-seconds 15]
+    python bench/gateway.py [--encoder-backend onnx|onnx-int8] [--requests 400]
+                            [--upstream-latency-ms 250] [--route-rate 300]
 
 One run: the embedded broker, a fake OpenAI-compatible upstream (bench/fake_upstream.py,
-its own process) and `routemesh serve gateway` (its own process, local encoder, events
-published to Kafka). The load comes from this process. Prints:
+its own process) and `routemesh serve gateway` (its own process, the local encoder with
+the shipped lite-deep config, events published to Kafka). Prompts are the 310 distinct
+single prompts of the lite-deep eval set. Prints:
 
 - proxy overhead = gateway latency minus a direct call to the same upstream, p50/p95/p99,
   at concurrency 1 and 32, for non-streaming requests and for streaming ones (time to
-  the first byte); both measured here, in the same run;
-- /v1/route requests/s and p50/p99 with 64 concurrent clients.
+  the first byte); both measured here, in the same run. At concurrency 32 twice: with an
+  upstream that answers at once (every client re-sends the moment it has an answer: the
+  gateway's saturation, where the overhead is queueing for the two cores) and with an
+  upstream that takes --upstream-latency-ms to answer, as a model does, so that 32
+  requests are in flight;
+- /v1/route with 64 concurrent clients (wrk): at saturation (each client re-sends at
+  once: the most requests/s), and paced at --route-rate requests/s in all.
 
 Targets: overhead p50 <= 10 ms and p99 <= 40 ms at concurrency 32; /v1/route >= 300
-requests/s with p99 <= 50 ms. All processes share the machine's two cores. The
-/v1/route load comes from wrk when it is installed (apt-get install wrk).
+requests/s with p99 <= 50 ms. All processes share the machine's two cores. The /v1/route
+load needs wrk (apt-get install wrk); without it that part is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -31,14 +39,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import yaml
 
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
 
 HERE = Path(__file__).resolve().parent
-CONFIG = HERE.parent / "deploy" / "examples" / "lite-deep.yaml"
-PROMPTS = ["what is the capital of peru?", "prove that sqrt 3 is irrational",
-           "translate good night into german", "design a rate limiter for an api",
-           "tell me a joke", "write a python function that merges two sorted lists"]
+EXAMPLES = HERE.parent / "deploy" / "examples"
+PROMPTS = [row["prompt"] for row in map(json.loads, (EXAMPLES / "lite-deep.eval.jsonl").open())
+           if "prompt" in row]
 
 
 def pct(values, q):
@@ -83,16 +91,39 @@ async def timed_calls(base: str, path: str, concurrency: int, total: int, stream
     return latencies
 
 
+# Bodies are JSON-encoded here and handed to Lua as long strings, so no prompt needs
+# escaping in Lua. With a rate, each wrk thread hands its connections send slots spaced
+# evenly in time (clock from LuaJIT's FFI); a connection whose slot has not come waits.
 WRK_SCRIPT = """
+local bodies = {%(bodies)s}
+local rate = %(rate)s
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-local prompts = {%s}
 local i = 0
 request = function()
   i = i + 1
-  return wrk.format(nil, nil, nil, '{"input": "' .. prompts[(i %% #prompts) + 1] .. '"}')
+  return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])
+end
+if rate > 0 then
+  local ffi = require("ffi")
+  ffi.cdef[[
+    typedef struct { long tv_sec; long tv_nsec; } routemesh_timespec;
+    int clock_gettime(int clk_id, routemesh_timespec *tp);
+  ]]
+  local now = ffi.new("routemesh_timespec")
+  local interval = 1000 / (rate / %(threads)d)
+  local next_slot = nil
+  delay = function()
+    ffi.C.clock_gettime(1, now)
+    local t = tonumber(now.tv_sec) * 1000 + tonumber(now.tv_nsec) / 1e6
+    next_slot = next_slot or t + math.random() * interval
+    local slot = next_slot
+    next_slot = math.max(next_slot, t - 1000) + interval
+    return math.max(0, slot - t)
+  end
 end
 """
+WRK_THREADS = 2
 
 
 def _ms(text: str) -> float:
@@ -100,15 +131,19 @@ def _ms(text: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[re.search(r"[a-z]+$", text).group()]
 
 
-def wrk_route(url: str, seconds: float) -> tuple[float, float, float]:
+def wrk_route(url: str, seconds: float, rate: float) -> tuple[float, float, float, int]:
+    bodies = ", ".join(f"[==[{json.dumps(route(i, False))}]==]" for i in range(len(PROMPTS)))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % ", ".join(f'"{p}"' for p in PROMPTS))
-    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{int(seconds)}s", "--latency", "-s",
-                          script.name, url], capture_output=True, text=True, check=True).stdout
+        script.write(WRK_SCRIPT % {"bodies": bodies, "rate": rate, "threads": WRK_THREADS})
+    out = subprocess.run(["wrk", f"-t{WRK_THREADS}", "-c64", f"-d{int(seconds)}s",
+                          "--latency", "-s", script.name, url],
+                         capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
     p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
-    return rps, p50, p99
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, p50, p99, int(errors.group(1)) if errors else 0
 
 
 def chat(i: int, stream: bool) -> dict:
@@ -120,6 +155,28 @@ def route(i: int, stream: bool) -> dict:
     return {"input": PROMPTS[i % len(PROMPTS)]}
 
 
+def bench_config(work: Path, backend: str) -> Path:
+    """The shipped lite-deep config with the chosen local encoder back-end."""
+    config = yaml.safe_load((EXAMPLES / "lite-deep.yaml").read_text())
+    config["encoder"] = dict(config.get("encoder") or {}, kind="local", backend=backend)
+    shutil.copytree(EXAMPLES / "lite-deep", work / "lite-deep")
+    path = work / "lite-deep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def overhead(direct: str, proxied: str, stream: bool, concurrency: int,
+                   total: int, label: str) -> None:
+    d = await timed_calls(direct, "/chat/completions", concurrency, total, stream, chat)
+    g = await timed_calls(proxied, "/chat/completions", concurrency, total, stream, chat)
+    over = [pct(g, q) - pct(d, q) for q in (50, 95, 99)]
+    mode = "stream TTFB" if stream else "non-stream"
+    print(f"{mode:<12}{concurrency:>5}  {label:>10}  "
+          f"{pct(d, 50):7.1f}/{pct(d, 95):7.1f}/{pct(d, 99):7.1f}  "
+          f"{pct(g, 50):7.1f}/{pct(g, 95):7.1f}/{pct(g, 99):7.1f}  "
+          f"{over[0]:8.1f}/{over[1]:7.1f}/{over[2]:7.1f}", flush=True)
+
+
 async def run(args, broker: EmbeddedBroker) -> None:
     upstream_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
     work = Path(tempfile.mkdtemp(prefix="routemesh-bench-gateway-"))
@@ -128,7 +185,7 @@ async def run(args, broker: EmbeddedBroker) -> None:
     env = dict(os.environ,
                ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
                ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
-               ROUTEMESH_ROUTER_CONFIG=str(CONFIG),
+               ROUTEMESH_ROUTER_CONFIG=str(bench_config(work, args.encoder_backend)),
                ROUTEMESH_QDRANT_PATH=str(work / "qdrant"),
                ROUTEMESH_BANK_AUTOBUILD="true",
                ROUTEMESH_AUTH_ENABLED="false",
@@ -148,36 +205,26 @@ async def run(args, broker: EmbeddedBroker) -> None:
         proxied = f"http://127.0.0.1:{gateway_port}/v1"
         for base in (direct, proxied):
             await timed_calls(base, "/chat/completions", 8, 100, False, chat)
-        print(f"{'mode':<14}{'conc':>5}  {'direct p50/p95/p99 ms':>24}  "
-              f"{'gateway p50/p95/p99 ms':>24}  {'overhead p50/p95/p99 ms':>26}")
-        for stream in (False, True):
-            for concurrency in (1, 32):
-                total = args.requests if concurrency > 1 else args.requests // 2
-                d = await timed_calls(direct, "/chat/completions", concurrency, total, stream,
-                                      chat)
-                g = await timed_calls(proxied, "/chat/completions", concurrency, total,
-                                      stream, chat)
-                over = [pct(g, q) - pct(d, q) for q in (50, 95, 99)]
-                mode = "stream TTFB" if stream else "non-stream"
-                print(f"{mode:<14}{concurrency:>5}  "
-                      f"{pct(d, 50):7.1f}/{pct(d, 95):7.1f}/{pct(d, 99):7.1f}  "
-                      f"{pct(g, 50):7.1f}/{pct(g, 95):7.1f}/{pct(g, 99):7.1f}  "
-                      f"{over[0]:8.1f}/{over[1]:7.1f}/{over[2]:7.1f}")
-        if shutil.which("wrk"):
-            # A C load generator: the Python client below spends most of the two cores
-            # itself at 64 connections, starving the gateway it measures.
-            rps, p50, p99 = await asyncio.to_thread(wrk_route, f"{proxied}/route",
-                                                    args.route_seconds)
-            client = "wrk"
-        else:
-            started = time.perf_counter()
-            total = int(args.route_seconds * 300)
-            latencies = await timed_calls(proxied, "/route", 64, total, False, route)
-            rps = len(latencies) / (time.perf_counter() - started)
-            p50, p99 = pct(latencies, 50), pct(latencies, 99)
-            client = "python httpx (install wrk for a lighter load generator)"
-        print(f"/v1/route at 64 clients ({client}): {rps:.0f} requests/s, "
-              f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        print(f"encoder back-end {args.encoder_backend}; {len(PROMPTS)} distinct prompts")
+        print(f"{'mode':<12}{'conc':>5}  {'upstream':>10}  {'direct p50/p95/p99 ms':>23}  "
+              f"{'gateway p50/p95/p99 ms':>23}  {'overhead p50/p95/p99 ms':>25}")
+        async with httpx.AsyncClient() as control:
+            for latency in (0, args.upstream_latency_ms):
+                (await control.post(f"http://127.0.0.1:{upstream_port}/control",
+                                    json={"latency_ms": latency})).raise_for_status()
+                for stream in (False, True):
+                    for concurrency in ((1, 32) if latency == 0 else (32,)):
+                        total = args.requests if concurrency > 1 else args.requests // 2
+                        await overhead(direct, proxied, stream, concurrency, total,
+                                       f"{latency:g} ms")
+        if not shutil.which("wrk"):
+            print("/v1/route: skipped, wrk is not installed (apt-get install wrk)")
+            return
+        for rate, label in ((0, "saturation"), (args.route_rate, f"paced {args.route_rate:g}/s")):
+            rps, p50, p99, errors = await asyncio.to_thread(
+                wrk_route, f"{proxied}/route", args.route_seconds, rate)
+            print(f"/v1/route, 64 clients, {label:<12}: {rps:6.0f} requests/s, "
+                  f"p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, non-2xx {errors}")
     finally:
         gateway.terminate()
         upstream.terminate()
@@ -187,8 +234,11 @@ async def run(args, broker: EmbeddedBroker) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder-backend", choices=["onnx", "onnx-int8"], default="onnx")
     parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--route-seconds", type=float, default=10)
+    parser.add_argument("--upstream-latency-ms", type=float, default=250)
+    parser.add_argument("--route-seconds", type=float, default=15)
+    parser.add_argument("--route-rate", type=float, default=300)
     args = parser.parse_args()
     broker = EmbeddedBroker(free_port())
     broker.start()
