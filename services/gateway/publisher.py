@@ -26,9 +26,9 @@ from routemesh.contracts import (
     EventDecodeError,
     decode_event,
     encode_event,
-    topic_for_event,
 )
 from routemesh.services.gateway.spool import Spool
+from routemesh.services.runtime.kafka import event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ class EventPublisher:
 
     async def _publish(self, item: Item) -> None:
         event, ctx = item
-        topic = topic_for_event(type(event))
-        name = self.settings.topic(topic)
+        name, key = event_address(self.settings, event)
         # A producer span in the request's trace; its context travels in the headers.
         with self.tracer.start_as_current_span(
             f"{name} publish", context=ctx, kind=trace.SpanKind.PRODUCER,
@@ -110,7 +109,7 @@ class EventPublisher:
         ):
             headers = {"content-type": CONTENT_TYPE}
             propagate.inject(headers)
-            await self.producer.publish(encode_event(event), name, topic.key_for(event), headers)
+            await self.producer.publish(encode_event(event), name, key, headers)
 
     async def _confirm_all(self, items: list[Item]) -> None:
         """Publish until the broker confirmed every item, backing off between rounds."""

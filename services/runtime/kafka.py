@@ -179,13 +179,16 @@ def create_broker(
     )
 
 
-async def publish_event(broker: KafkaBroker, settings: ServiceSettings, event: Event) -> None:
+def event_address(settings: ServiceSettings, event: Event) -> tuple[str, bytes | None]:
+    """The topic name (with the configured prefix) and the key an event is published under."""
     topic = topic_for_event(type(event))
+    return settings.topic(topic), topic.key_for(event)
+
+
+async def publish_event(broker: KafkaBroker, settings: ServiceSettings, event: Event) -> None:
+    name, key = event_address(settings, event)
     await broker.publish(
-        encode_event(event),
-        topic=settings.topic(topic),
-        key=topic.key_for(event),
-        headers={"content-type": CONTENT_TYPE},
+        encode_event(event), topic=name, key=key, headers={"content-type": CONTENT_TYPE}
     )
 
 
@@ -324,6 +327,7 @@ __all__ = [
     "client_kwargs",
     "create_broker",
     "create_topics",
+    "event_address",
     "publish_event",
     "subscribe_events",
 ]
