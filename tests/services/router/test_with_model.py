@@ -54,6 +54,15 @@ def test_the_int8_model_is_its_own_encoder_close_to_the_float_one(minilm, model_
             ).is_file()
 
 
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_a_text_encodes_the_same_whatever_shares_its_batch(model_cache, backend):
+    encoder = LocalEncoder(backend, model_cache)
+    texts = ["hi", "what is the capital of france", "explain " + "the proof in detail " * 40]
+    alone = np.stack([encoder.encode([text])[0] for text in texts])
+    together = encoder.encode(texts)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
 @pytest.mark.parametrize(("config", "dataset"), SETS)
 def test_the_int8_model_routes_nearly_as_well(minilm, model_cache, config, dataset):
     loaded = load_config(EXAMPLES / config)
