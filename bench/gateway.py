@@ -1,7 +1,7 @@
 """Gateway overhead and decision-API throughput on this machine.
 
     python bench/gateway.py [--encoder-backend onnx|onnx-int8] [--requests 400]
-                            [--upstream-latency-ms 250] [--route-rate 300]
+                            [--upstream-latency-ms 250] [--route-rate 300] [--route-only]
 
 One run: the embedded broker, a fake OpenAI-compatible upstream (bench/fake_upstream.py,
 its own process) and `routemesh serve gateway` (its own process, the local encoder with
@@ -139,11 +139,21 @@ def wrk_route(url: str, seconds: float, rate: float) -> tuple[float, float, floa
                           "--latency", "-s", script.name, url],
                          capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
+        p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    except (AttributeError, KeyError, ValueError):
+        raise RuntimeError(f"could not read wrk's output:\n{out}") from None
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return rps, p50, p99, int(errors.group(1)) if errors else 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc; psutil is not a
+    dependency and this is one line of it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def chat(i: int, stream: bool) -> dict:
@@ -209,7 +219,7 @@ async def run(args, broker: EmbeddedBroker) -> None:
         print(f"{'mode':<12}{'conc':>5}  {'upstream':>10}  {'direct p50/p95/p99 ms':>23}  "
               f"{'gateway p50/p95/p99 ms':>23}  {'overhead p50/p95/p99 ms':>25}")
         async with httpx.AsyncClient() as control:
-            for latency in (0, args.upstream_latency_ms):
+            for latency in () if args.route_only else (0, args.upstream_latency_ms):
                 (await control.post(f"http://127.0.0.1:{upstream_port}/control",
                                     json={"latency_ms": latency})).raise_for_status()
                 for stream in (False, True):
@@ -221,10 +231,15 @@ async def run(args, broker: EmbeddedBroker) -> None:
             print("/v1/route: skipped, wrk is not installed (apt-get install wrk)")
             return
         for rate, label in ((0, "saturation"), (args.route_rate, f"paced {args.route_rate:g}/s")):
+            cpu = cpu_seconds(gateway.pid)
             rps, p50, p99, errors = await asyncio.to_thread(
                 wrk_route, f"{proxied}/route", args.route_seconds, rate)
+            # CPU per request is far steadier than latency on a shared machine, so it is
+            # the figure to compare changes by.
+            cpu_ms = (cpu_seconds(gateway.pid) - cpu) * 1000 / (rps * args.route_seconds)
             print(f"/v1/route, 64 clients, {label:<12}: {rps:6.0f} requests/s, "
-                  f"p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, non-2xx {errors}")
+                  f"p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, non-2xx {errors}, "
+                  f"gateway CPU {cpu_ms:.2f} ms/request")
     finally:
         gateway.terminate()
         upstream.terminate()
@@ -239,6 +254,8 @@ def main() -> None:
     parser.add_argument("--upstream-latency-ms", type=float, default=250)
     parser.add_argument("--route-seconds", type=float, default=15)
     parser.add_argument("--route-rate", type=float, default=300)
+    parser.add_argument("--route-only", action="store_true",
+                        help="only the /v1/route part (quicker, to compare changes)")
     args = parser.parse_args()
     broker = EmbeddedBroker(free_port())
     broker.start()
