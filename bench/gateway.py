@@ -141,8 +141,9 @@ def wrk_route(url: str, seconds: float, rate: float) -> tuple[float, float, floa
     os.unlink(script.name)
     try:
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-        p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+        # Anchored: the thread-stats lines end in percentages such as "72.50%" too.
+        p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
+        p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
     except (AttributeError, KeyError, ValueError):
         raise RuntimeError(f"could not read wrk's output:\n{out}") from None
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
