@@ -33,9 +33,9 @@ class EncoderConfig(_Strict):
     # local only: ONNX Runtime (default, faster, same embeddings as PyTorch), the same
     # model with int8 weights (faster again, slightly different embeddings), or PyTorch.
     backend: Literal["onnx", "onnx-int8", "torch"] = "onnx"
-    # local ONNX only: threads per encode. One is the most texts per CPU-second and
-    # leaves the other cores to serving; more lowers a lone request's latency.
-    threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    # local ONNX only: how many chunks of a batch are encoded at once, each on its own
+    # thread (one CPU core each at most).
+    threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     base_url: str | None = None
     model: str | None = None
     api_key_env: str | None = None
