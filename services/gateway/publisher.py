@@ -6,6 +6,10 @@ to an append-only spool on disk; from then on new events follow them into the sp
 the spool is drained only once the queue is empty, so events reach Kafka in the order
 they were offered. At shutdown, queued events that were not confirmed go to the front of
 the spool, so a restart loses nothing.
+
+A spool line is the event's trace context (W3C headers as JSON), a tab, and the encoded
+event, so an event published from the spool still continues its request's trace. Lines
+without a tab (spooled before the context was kept) are read as bare events.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import logging
 from typing import Protocol
 
+import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -81,7 +86,7 @@ class EventPublisher:
     def offer(self, event: Event) -> None:
         """Never blocks on Kafka: the event is queued, spooled, or (no spool) dropped."""
         if self.spool is not None and (self.spool.pending_bytes or self.queue.full()):
-            self.spool.append([encode_event(event)])
+            self.spool.append([spool_line(event, otel_context.get_current())])
             self.spooled.inc()
             self.spool_bytes.set(self.spool.pending_bytes)
             return
@@ -148,8 +153,8 @@ class EventPublisher:
             items = []
             for line in lines:
                 try:
-                    items.append((decode_event(line), otel_context.get_current()))
-                except EventDecodeError:
+                    items.append(read_spool_line(line))
+                except (EventDecodeError, msgspec.DecodeError):
                     log.error("skipping an unreadable spool line")
             await self._confirm_all(items)
             self.spool.confirm(end)
@@ -167,7 +172,7 @@ class EventPublisher:
         while not self.queue.empty():
             left.append(self.queue.get_nowait())
         if self.spool is not None:
-            self.spool.prepend([encode_event(event) for event, _ in left])
+            self.spool.prepend([spool_line(event, ctx) for event, ctx in left])
             waiting = self.spool.pending_bytes
             self.spool.close()
             if waiting:
@@ -175,3 +180,20 @@ class EventPublisher:
                             extra={"spool_bytes": waiting})
         elif left:
             log.error("events left unpublished at shutdown", extra={"events": len(left)})
+
+
+_CARRIER = msgspec.json.Decoder(dict[str, str])
+
+
+def spool_line(event: Event, ctx: Context) -> bytes:
+    # msgspec's JSON has no raw tabs (they are escaped inside strings): a safe separator.
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=ctx)
+    return msgspec.json.encode(carrier) + b"\t" + encode_event(event)
+
+
+def read_spool_line(line: bytes) -> Item:
+    head, tab, body = line.partition(b"\t")
+    if not tab:
+        return decode_event(line), Context()
+    return decode_event(body), propagate.extract(_CARRIER.decode(head))

@@ -2,9 +2,10 @@
 
 import asyncio
 
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from routemesh.contracts import OutcomeReported, decode_event
+from routemesh.contracts import OutcomeReported, decode_event, encode_event
 from routemesh.services.gateway.publisher import EventPublisher
 from routemesh.services.gateway.spool import Spool
 from routemesh.services.runtime.settings import ServiceSettings
@@ -16,12 +17,15 @@ class StandInBroker:
     def __init__(self, down: bool) -> None:
         self.down = down
         self.published: list[str] = []
+        self.headers: dict[str, dict[str, str]] = {}
 
     async def publish(self, message, topic, key=None, headers=None):
         await asyncio.sleep(0)
         if self.down:
             raise ConnectionError("broker unreachable")
-        self.published.append(decode_event(message).request_id)
+        request_id = decode_event(message).request_id
+        self.published.append(request_id)
+        self.headers[request_id] = dict(headers or {})
 
 
 def event(i: int) -> OutcomeReported:
@@ -61,3 +65,44 @@ async def test_without_a_spool_a_full_queue_drops_and_counts(tmp_path):
     for i in range(5):
         publisher.offer(event(i))
     assert registry.get_sample_value("routemesh_gateway_publish_dropped_total") == 2
+
+
+async def test_spooled_events_keep_their_request_trace(tmp_path):
+    settings, provider = ServiceSettings(), TracerProvider()
+    tracer = provider.get_tracer("test")
+    down = StandInBroker(down=True)
+    first = EventPublisher(down, settings, CollectorRegistry(), maxsize=2, concurrency=1,
+                           spool=Spool(tmp_path), tracer_provider=provider)
+    await first.start()
+    traces = {}
+    for i in range(8):
+        with tracer.start_as_current_span("request") as span:
+            first.offer(event(i))
+            traces[f"r{i:03d}"] = f"{span.get_span_context().trace_id:032x}"
+        await asyncio.sleep(0)
+    await first.drain(timeout_s=0.1)
+
+    up = StandInBroker(down=False)
+    second = EventPublisher(up, settings, CollectorRegistry(), spool=Spool(tmp_path),
+                            tracer_provider=provider)
+    await second.start()
+    async with asyncio.timeout(10):
+        while len(up.published) < 8:
+            await asyncio.sleep(0.01)
+    await second.drain(timeout_s=1)
+    sent = {rid: h["traceparent"].split("-")[1] for rid, h in up.headers.items()}
+    assert sent == traces, "from memory and from the spool alike"
+
+
+async def test_spool_lines_written_before_trace_context_still_publish(tmp_path):
+    spool = Spool(tmp_path)
+    spool.append([encode_event(event(1))])
+    spool.close()
+    up = StandInBroker(down=False)
+    publisher = EventPublisher(up, ServiceSettings(), CollectorRegistry(), spool=Spool(tmp_path))
+    await publisher.start()
+    async with asyncio.timeout(10):
+        while not up.published:
+            await asyncio.sleep(0.01)
+    await publisher.drain(timeout_s=1)
+    assert up.published == ["r001"]
