@@ -40,12 +40,21 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def build_router(settings: GatewaySettings, instance: str) -> Router:
-    """Load the config and its bank; in the embedded default, build the bank if needed."""
+def build_router(
+    settings: GatewaySettings, instance: str, current: Router | None = None
+) -> Router:
+    """Load the config and its bank; in the embedded default, build the bank if needed.
+    The ``current`` router's encoder is kept when the encoder config did not change: a
+    reload that only edits routes need not load a model again."""
     loaded = load_config(settings.router_config)
     key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     qdrant = open_qdrant(settings.qdrant_url, settings.qdrant_path, key)
-    encoder = build_dense_encoder(loaded.config.encoder)
+    if current is not None and current.encoder is not None and (
+        current.config.encoder == loaded.config.encoder
+    ):
+        encoder = current.encoder
+    else:
+        encoder = build_dense_encoder(loaded.config.encoder)
     try:
         return load_router(loaded, qdrant=qdrant, encoder=encoder, instance=instance)
     except (LookupError, StaleBankError):
@@ -100,7 +109,8 @@ async def setup(ctx: ServiceContext) -> None:
         server = _EmbeddedServer(config)
         serving = asyncio.create_task(server.serve())
         reloader = Reloader(state, settings.router_config,
-                            lambda: build_router(settings, instance), ctx.registry)
+                            lambda: build_router(settings, instance, state.router),
+                            ctx.registry)
         await reloader.start()
         ctx.readiness.set("router", True, str(settings.router_config))
 
