@@ -84,7 +84,6 @@ class LocalEncoder:
             self._encode = functools.partial(
                 model.encode,
                 batch_size=ENCODE_CHUNK,
-                normalize_embeddings=True,
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
@@ -210,9 +209,13 @@ class LocalEncoder:
         return name
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        vectors = np.asarray(self._encode(list(texts)), dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.maximum(norms, 1e-12)
+        return _normalised(np.asarray(self._encode(list(texts)), dtype=np.float32))
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (an all-zero row stays zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
 
 
 def _check_mean_pooled(packaged: Path) -> None:
@@ -282,8 +285,7 @@ class OpenAIEncoder:
         if vectors.ndim != 2 or len(vectors) != count:
             raise EncoderError("embeddings response does not match the request")
         self.dim = vectors.shape[1]
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.maximum(norms, 1e-12)
+        return _normalised(vectors)
 
 
 def build_dense_encoder(config: EncoderConfig, cache_dir: Path | None = None) -> DenseEncoder:
