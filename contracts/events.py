@@ -113,6 +113,7 @@ class CompletionObserved(Event, frozen=True, kw_only=True):
     tools_requested: bool = False
     tools_used: bool = False
     stream: bool = False
+    # upstream_<status>, connect_error, connect_timeout, read_timeout or disconnected.
     error_class: str | None = None
     escalation_path: tuple[str, ...] = ()
     escalation_reason: str | None = None

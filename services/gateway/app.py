@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,7 +33,12 @@ from routemesh.services.gateway.gates import failed_gate
 from routemesh.services.gateway.publisher import EventPublisher
 from routemesh.services.gateway.review import redacted_capture, write_raw_local
 from routemesh.services.gateway.settings import GatewaySettings
-from routemesh.services.gateway.upstream import Upstream, UpstreamUnavailable
+from routemesh.services.gateway.upstream import (
+    Upstream,
+    UpstreamResponse,
+    UpstreamStreamError,
+    UpstreamUnavailable,
+)
 from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
 from routemesh.services.router.config import RouteConfig
 
@@ -336,7 +340,7 @@ def create_app(state: GatewayState) -> FastAPI:
         state.metrics.upstream.labels(decision.route_id).observe(time.perf_counter() - started)
 
     async def attempt(route: RouteConfig | None, model: str,
-                      data: dict[str, Any]) -> httpx.Response | UpstreamUnavailable:
+                      data: dict[str, Any]) -> UpstreamResponse | UpstreamUnavailable:
         base_url, api_key = upstream_for(route)
         with state.tracer.start_as_current_span("routemesh.upstream") as span:
             span.set_attribute("routemesh.target_model", model)
@@ -347,7 +351,7 @@ def create_app(state: GatewayState) -> FastAPI:
             except UpstreamUnavailable as exc:
                 return exc
 
-    def failed(outcome: httpx.Response | UpstreamUnavailable) -> bool:
+    def failed(outcome: UpstreamResponse | UpstreamUnavailable) -> bool:
         return isinstance(outcome, UpstreamUnavailable) or (
             outcome.status_code >= 500 or outcome.status_code == 429
         )
@@ -370,27 +374,32 @@ def create_app(state: GatewayState) -> FastAPI:
 
         outcome = await attempt(route, decision.target_model, data)
         if failed(outcome) and route is not None and route.fallback_route:
-            if isinstance(outcome, httpx.Response):
-                await outcome.aclose()
+            if isinstance(outcome, UpstreamResponse):
+                outcome.close()
             route = routes[route.fallback_route]
             path.append(route.target_model)
             why = "upstream_failure"
             outcome = await attempt(route, route.target_model, data)
 
-        if isinstance(outcome, UpstreamUnavailable):
-            observe(decision, stream, tools_requested, started, None, error=str(outcome),
+        def unavailable(failure: UpstreamUnavailable) -> Response:
+            observe(decision, stream, tools_requested, started, None, error=str(failure),
                     path=tuple(path), why=why)
-            status = 504 if outcome.timed_out else 502
+            status = 504 if failure.timed_out else 502
             state.metrics.requests.labels("chat", decision.route_id, decision.reason,
                                           f"{status // 100}xx").inc()
             return error_response(
-                status, f"upstream unavailable: {outcome}", "upstream_error",
-                "upstream_timeout" if outcome.timed_out else "upstream_unavailable",
+                status, f"upstream unavailable: {failure}", "upstream_error",
+                "upstream_timeout" if failure.timed_out else "upstream_unavailable",
             )
+
+        if isinstance(outcome, UpstreamUnavailable):
+            return unavailable(outcome)
         response = outcome
         if response.status_code >= 400 or not stream:
-            body = await response.aread()
-            await response.aclose()
+            try:
+                body = await response.read()
+            except UpstreamStreamError as exc:
+                return unavailable(exc)
             status = response.status_code
             escalate = route.escalate_to if route is not None and why is None else None
             if status < 400 and escalate:
@@ -400,11 +409,11 @@ def create_app(state: GatewayState) -> FastAPI:
                     stronger = routes[escalate]
                     path.append(stronger.target_model)
                     second = await attempt(stronger, stronger.target_model, data)
-                    if isinstance(second, httpx.Response):
-                        second_body = await second.aread()
-                        await second.aclose()
-                        if second.status_code < 400:
-                            body, status = second_body, second.status_code
+                    if isinstance(second, UpstreamResponse):
+                        with contextlib.suppress(UpstreamStreamError):
+                            second_body = await second.read()
+                            if second.status_code < 400:
+                                body, status = second_body, second.status_code
             stats = _StreamStats()
             with contextlib.suppress(ValueError):
                 _note_completion(stats, json.loads(body), delta=False)
@@ -425,17 +434,17 @@ def create_app(state: GatewayState) -> FastAPI:
             stats, first = _StreamStats(), None
             error = None
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.chunks():
                     if first is None:
                         first = time.perf_counter() - started
                         state.metrics.ttft.labels(decision.route_id).observe(first)
                     stats.feed(chunk)
                     yield chunk
-            except httpx.HTTPError as exc:
-                error = type(exc).__name__
+            except UpstreamStreamError as exc:
+                error = str(exc)
             finally:
                 # Also reached when the client goes away: closing cancels the upstream call.
-                await response.aclose()
+                response.close()
                 observe(decision, True, tools_requested, started, response.status_code,
                         stats, first, error, path=tuple(path), why=why)
 

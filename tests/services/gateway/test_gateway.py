@@ -118,11 +118,13 @@ def test_upstream_failure_after_retries_is_a_502(client, gateway, behaviour):
     assert (observation.upstream_status, observation.error_class) == (503, "upstream_503")
 
 
-def test_a_stalled_upstream_is_a_504(client, behaviour):
+def test_a_stalled_upstream_is_a_504(client, gateway, behaviour):
     behaviour.stall_s = 3
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 504
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert (observation.upstream_status, observation.error_class) == (None, "read_timeout")
 
 
 def test_an_unreachable_upstream_is_a_502(gateway):
@@ -133,7 +135,7 @@ def test_an_unreachable_upstream_is_a_502(gateway):
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_unavailable"
     observation = only(gateway.publisher.events, CompletionObserved)
-    assert (observation.upstream_status, observation.error_class) == (None, "ConnectError")
+    assert (observation.upstream_status, observation.error_class) == (None, "connect_error")
 
 
 @pytest.mark.parametrize(
