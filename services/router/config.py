@@ -33,18 +33,19 @@ class EncoderConfig(_Strict):
     # local only: ONNX Runtime (default, faster, same embeddings as PyTorch), the same
     # model with int8 weights (faster again, slightly different embeddings), or PyTorch.
     backend: Literal["onnx", "onnx-int8", "torch"] = "onnx"
-    # local ONNX only: how many chunks of a batch are encoded at once, each on its own
-    # thread (one CPU core each at most).
+    # local ONNX only: how many encoder runs go at once (chunks of a batch, or the
+    # micro-batches of concurrent requests), each on its own thread, one core at most.
     threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     base_url: str | None = None
     model: str | None = None
     api_key_env: str | None = None
     timeout_s: Positive = 10.0
     max_retries: NonNegativeInt = 2
-    # Micro-batching of concurrent encodes: at most this many texts, waiting at most this
-    # long for company. 0 is "natural batching": a batch is whatever queued while the
-    # previous one was encoding. Measured here, a 2 ms wait added 2 ms to a lone request
-    # (adecide p50 7.2 -> 5.2 ms) and nothing measurable to throughput at 32 callers.
+    # Micro-batching of concurrent encodes: at most this many texts per call (answered
+    # in pieces as they are encoded), waiting at most this long for company. 0 is
+    # "natural batching": a batch is whatever queued while the encoder was busy.
+    # Measured here, a 2 ms wait added 2 ms to a lone request (adecide p50 7.2 -> 5.2 ms)
+    # and nothing measurable to throughput at 32 callers.
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     max_wait_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0
 

@@ -12,10 +12,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,10 @@ class EncoderError(RuntimeError):
 class DenseEncoder(Protocol):
     name: str
     dim: int
+    # What concurrent callers should send: texts per call (None: no preference) and how
+    # many calls may usefully run at once.
+    batch_hint: int | None
+    parallel_calls: int
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 vectors, one row per text."""
@@ -65,6 +70,8 @@ class LocalEncoder:
     """
 
     dim = 384
+    batch_hint: int | None = ENCODE_CHUNK
+    parallel_calls = 1
 
     def __init__(
         self, backend: str = "onnx", cache_dir: Path | None = None, threads: int = 2
@@ -77,6 +84,7 @@ class LocalEncoder:
         self.name = f"local:{LOCAL_MODEL_NAME}"
         if backend in ("onnx", "onnx-int8"):
             self._encode = self._onnx_session(packaged, backend, cache_dir, threads)
+            self.parallel_calls = threads
         elif backend == "torch":
             from sentence_transformers import SentenceTransformer
 
@@ -105,11 +113,12 @@ class LocalEncoder:
             # down to 0.93 next to a long text). One text per run keeps it deterministic.
             file_name, chunk = self._int8_copy(path), 1
             self.name += ":int8-per-text"
+        self.batch_hint = chunk
         options = onnxruntime.SessionOptions()
-        # Each run on one thread, and ``threads`` runs at once on different chunks: for
-        # texts this short, splitting one run across threads cost 60 % more CPU per text
-        # (2.9 vs 1.8 ms, int8), while separate texts are independent work. Runs release
-        # the GIL, so the chunks of a batch really do go in parallel.
+        # Each run on one thread, and ``threads`` runs at once on different chunks (or
+        # calls): for texts this short, splitting one run across threads cost 60 % more
+        # CPU per text (2.9 vs 1.8 ms, int8), while separate texts are independent work.
+        # Runs release the GIL, so concurrent runs really do go in parallel.
         options.intra_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(
@@ -136,13 +145,13 @@ class LocalEncoder:
             return (hidden * weights).sum(axis=1) / weights.sum(axis=1)
 
         def encode(texts: list[str]) -> np.ndarray:
-            encodings = tokenizer.encode_batch(texts)
+            # Not ``encode_batch``: it hands even one text to the tokenizer's own thread
+            # pool, a third set of threads competing for two cores, to save ~30 us.
+            encodings = [tokenizer.encode(text) for text in texts]
             # Length-sorted chunks pad each text to a near neighbour's length, not to
             # the longest of a micro-batch: 20-25 % more texts/s on the eval prompts.
-            # A batch smaller than threads x chunk is cut finer, so every thread works.
             order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-            size = min(chunk, math.ceil(len(order) / threads)) or 1
-            parts = [order[start : start + size] for start in range(0, len(order), size)]
+            parts = [order[start : start + chunk] for start in range(0, len(order), chunk)]
             jobs = [[encodings[i] for i in rows] for rows in parts]
             results = pool.map(run, jobs) if pool and len(jobs) > 1 else map(run, jobs)
             pooled = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -245,6 +254,8 @@ class OpenAIEncoder:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.name = f"openai:{model}"
+        self.batch_hint: int | None = None
+        self.parallel_calls = 1
         self.model = model
         self.max_retries = max_retries
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -352,64 +363,127 @@ def idf(document_frequency: int, documents: int) -> float:
 
 
 class MicroBatcher(Generic[T, R]):
-    """Concurrent ``submit`` calls share one call of ``fn`` on up to ``batch_size`` items,
-    gathered for at most ``max_wait_ms`` after the first arrives. ``fn`` runs in a worker
-    thread so the event loop keeps serving; if it raises, every waiter of the batch gets
-    the error.
+    """Concurrent ``submit`` calls share calls of ``fn`` on up to ``batch_size`` items.
+
+    Up to ``workers`` calls run at once, each in a worker thread so the event loop keeps
+    serving. ``fn`` may return any iterable of results in item order: each is handed to
+    its caller as soon as it is yielded, so a generator answers its batch piece by piece
+    (answering a burst of 32 only at its end made every request in it wait for the whole
+    burst). Without a wait, a call takes what is queued but leaves idle workers their
+    share, so a small burst is spread over all of them; with ``max_wait_ms``, a call
+    waits that long at most for ``batch_size`` items. If ``fn`` raises, every waiter of
+    that call not yet answered gets the error.
 
     Written here rather than taken from a library: it is small, and it must run a
     blocking batch function off the loop and fail every waiter of a batch on one error.
     """
 
     def __init__(
-        self, fn: Callable[[list[T]], Sequence[R]], batch_size: int = 32, max_wait_ms: float = 2.0
+        self,
+        fn: Callable[[list[T]], Iterable[R]],
+        batch_size: int = 32,
+        max_wait_ms: float = 0.0,
+        workers: int = 1,
     ):
         self.fn = fn
         self.batch_size = batch_size
         self.max_wait_s = max_wait_ms / 1000
+        self.workers = workers
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._idle = 0
+        self._ready: list[tuple[asyncio.Future[R], R]] = []
+        self._ready_lock = threading.Lock()
+        self._flush_pending = False
 
     async def submit(self, item: T) -> R:
-        if self._worker is None or self._worker.done():
+        if not self._tasks or any(task.done() for task in self._tasks):
+            await self.aclose()
             self._queue = asyncio.Queue()
-            self._worker = asyncio.create_task(self._run())
+            self._tasks = [asyncio.create_task(self._run()) for _ in range(self.workers)]
         assert self._queue is not None
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
+        self._queue.put_nowait((item, future))
         return await future
 
     async def _run(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
+        queue = self._queue
+        assert queue is not None
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.batch_size:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
+            self._idle += 1
             try:
-                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+                batch = [await queue.get()]
+            finally:
+                self._idle -= 1
+            try:
+                await self._fill(queue, batch)
+                await asyncio.to_thread(self._call, asyncio.get_running_loop(), batch)
+            except asyncio.CancelledError:
+                _fail(batch, EncoderError("micro-batcher closed"))
+                raise
             except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail(batch, exc)
+
+    def _call(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[T, asyncio.Future[R]]]
+    ) -> None:
+        """Runs in a worker thread; hands each result to the loop as ``fn`` yields it.
+        While a hand-over is pending, later results join it: one wake-up of the loop
+        for all of them, however busy it is."""
+        results = self.fn([item for item, _ in batch])
+        for (_, future), result in zip(batch, results, strict=True):
+            with self._ready_lock:
+                self._ready.append((future, result))
+                if self._flush_pending:
+                    continue
+                self._flush_pending = True
+            loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._ready_lock:
+            ready, self._ready = self._ready, []
+            self._flush_pending = False
+        for future, result in ready:
+            _settle(future, result)
+
+    async def _fill(self, queue: asyncio.Queue[tuple[T, asyncio.Future[R]]],
+                    batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.batch_size
+        if not self.max_wait_s:
+            limit = min(limit, math.ceil((1 + queue.qsize()) / (1 + self._idle)))
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < limit:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), remaining))
+            except TimeoutError:
+                return
 
     async def aclose(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        """Stops the workers; whoever still waits gets an ``EncoderError``."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await task
+        self._idle = 0
+        while self._queue is not None and not self._queue.empty():
+            _fail([self._queue.get_nowait()], EncoderError("micro-batcher closed"))
+
+
+def _settle(future: asyncio.Future, result: object) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(batch: Sequence[tuple[object, asyncio.Future]], exc: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)

@@ -16,6 +16,8 @@ class HashingEncoder:
 
     name = "test:hashing"
     dim = 64
+    batch_hint = None
+    parallel_calls = 1
 
     def __init__(self, fail: bool = False):
         self.fail = fail

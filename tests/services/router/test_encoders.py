@@ -1,4 +1,5 @@
 import asyncio
+import threading
 
 import httpx
 import numpy as np
@@ -132,3 +133,79 @@ async def test_micro_batcher_fails_every_waiter_of_a_failed_batch_and_recovers()
     fail = False
     assert await batcher.submit(7) == 7
     await batcher.aclose()
+
+
+async def test_micro_batcher_answers_each_call_as_it_returns_while_another_still_runs():
+    release = threading.Event()
+
+    def slow_for_zero(items):
+        if items == [0]:
+            release.wait(10)
+        return items
+
+    batcher = MicroBatcher(slow_for_zero, batch_size=1, workers=2)
+    stuck = asyncio.ensure_future(batcher.submit(0))
+    others = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(i) for i in range(1, 5))), 5
+    )
+    assert others == [1, 2, 3, 4]
+    assert not stuck.done()
+    release.set()
+    assert await stuck == 0
+    await batcher.aclose()
+
+
+async def test_micro_batcher_spreads_a_burst_over_its_idle_workers():
+    sizes = []
+
+    def record(items):
+        sizes.append(len(items))
+        return items
+
+    batcher = MicroBatcher(record, batch_size=8, workers=2)
+    await batcher.submit(-1)
+    sizes.clear()
+    assert await asyncio.gather(*(batcher.submit(i) for i in range(6))) == list(range(6))
+    await batcher.aclose()
+    assert sizes == [3, 3]
+
+
+async def test_micro_batcher_closing_fails_its_waiters_instead_of_leaving_them_hanging():
+    release = threading.Event()
+    batcher = MicroBatcher(lambda items: release.wait(10) and items, batch_size=1)
+    waiters = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    await batcher.aclose()
+    release.set()
+    outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(o, EncoderError) for o in outcomes), outcomes
+
+
+async def test_micro_batcher_answers_a_generators_results_as_they_are_yielded():
+    release = threading.Event()
+
+    def first_then_wait(items):
+        yield items[0]
+        release.wait(10)
+        yield from items[1:]
+
+    batcher = MicroBatcher(first_then_wait, batch_size=8, max_wait_ms=50)
+    waiters = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+    assert await asyncio.wait_for(waiters[0], 5) == 0
+    assert not any(w.done() for w in waiters[1:])
+    release.set()
+    assert await asyncio.gather(*waiters) == [0, 1, 2]
+    await batcher.aclose()
+
+
+async def test_micro_batcher_fails_the_unanswered_rest_when_a_generator_breaks_off():
+    def one_then_fail(items):
+        yield items[0]
+        raise RuntimeError("encoder died")
+
+    batcher = MicroBatcher(one_then_fail, batch_size=8, max_wait_ms=50)
+    outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(3)),
+                                    return_exceptions=True)
+    await batcher.aclose()
+    assert outcomes[0] == 0
+    assert all(isinstance(o, RuntimeError) for o in outcomes[1:]), outcomes
