@@ -1,6 +1,6 @@
 """Gateway overhead and decision-API throughput on this machine.
 
-    python bench/gateway.py [--encoder-backend onnx|onnx-int8] [--requests 400]
+    python bench/gateway.py [--encoder-backend onnx|onnx-int8] [--requests 1000]
                             [--upstream-latency-ms 250] [--route-rate 300] [--route-only]
 
 One run: the embedded broker, a fake OpenAI-compatible upstream (bench/fake_upstream.py,

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from routemesh.contracts import (
     CONTENT_TYPE,
+    DeadLetter,
     Event,
     EventDecodeError,
     decode_event,
@@ -149,13 +150,15 @@ class EventPublisher:
             if not self.spool.pending_bytes or not self.queue.empty() or self._inflight:
                 await asyncio.sleep(0.1)
                 continue
+            start = self.spool.offset
             lines, end = self.spool.read(self.concurrency)
             items = []
             for line in lines:
                 try:
                     items.append(read_spool_line(line))
-                except (EventDecodeError, msgspec.DecodeError):
-                    log.error("skipping an unreadable spool line")
+                except (EventDecodeError, msgspec.DecodeError) as exc:
+                    items.append((spool_dead_letter(line, start, exc), Context()))
+                start += len(line) + 1
             await self._confirm_all(items)
             self.spool.confirm(end)
             self.spool_bytes.set(self.spool.pending_bytes)
@@ -183,6 +186,17 @@ class EventPublisher:
 
 
 _CARRIER = msgspec.json.Decoder(dict[str, str])
+# The dead letter of a spool line names the spool where a consumed message names its
+# topic; its offset is the line's byte offset in the spool file.
+SPOOL_SOURCE = "gateway.spool"
+
+
+def spool_dead_letter(line: bytes, offset: int, exc: Exception) -> DeadLetter:
+    kind = exc.kind if isinstance(exc, EventDecodeError) else "undecodable_trace_context"
+    log.error("an unreadable spool line goes to the dead-letter topic",
+              extra={"spool_offset": offset, "error_kind": kind})
+    return DeadLetter(original=line, source_topic=SPOOL_SOURCE, partition=-1, offset=offset,
+                      service="gateway", error_kind=kind, error=str(exc)[:4000])
 
 
 def spool_line(event: Event, ctx: Context) -> bytes:

@@ -5,9 +5,10 @@ import asyncio
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from routemesh.contracts import OutcomeReported, decode_event, encode_event
+from routemesh.contracts import DeadLetter, OutcomeReported, decode_event, encode_event
 from routemesh.services.gateway.publisher import EventPublisher
 from routemesh.services.gateway.spool import Spool
+from routemesh.services.runtime.kafka import event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
 
@@ -18,14 +19,18 @@ class StandInBroker:
         self.down = down
         self.published: list[str] = []
         self.headers: dict[str, dict[str, str]] = {}
+        self.dead_letters: list[tuple[str, DeadLetter]] = []
 
     async def publish(self, message, topic, key=None, headers=None):
         await asyncio.sleep(0)
         if self.down:
             raise ConnectionError("broker unreachable")
-        request_id = decode_event(message).request_id
-        self.published.append(request_id)
-        self.headers[request_id] = dict(headers or {})
+        decoded = decode_event(message)
+        if isinstance(decoded, DeadLetter):
+            self.dead_letters.append((topic, decoded))
+            return
+        self.published.append(decoded.request_id)
+        self.headers[decoded.request_id] = dict(headers or {})
 
 
 def event(i: int) -> OutcomeReported:
@@ -106,3 +111,28 @@ async def test_spool_lines_written_before_trace_context_still_publish(tmp_path):
             await asyncio.sleep(0.01)
     await publisher.drain(timeout_s=1)
     assert up.published == ["r001"]
+
+
+async def test_an_unreadable_spool_line_goes_whole_to_the_dead_letter_topic(tmp_path):
+    spool = Spool(tmp_path)
+    good = encode_event(event(1))
+    spool.append([b"{not an event", b"{broken carrier\t" + good, encode_event(event(2))])
+    spool.close()
+    up = StandInBroker(down=False)
+    settings = ServiceSettings()
+    publisher = EventPublisher(up, settings, CollectorRegistry(), spool=Spool(tmp_path))
+    await publisher.start()
+    async with asyncio.timeout(10):
+        while len(up.published) + len(up.dead_letters) < 3:
+            await asyncio.sleep(0.01)
+    await publisher.drain(timeout_s=1)
+    assert up.published == ["r002"]
+    first, second = (letter for _, letter in up.dead_letters)
+    assert event_address(settings, first)[0].endswith("dlq.v1")
+    assert {topic for topic, _ in up.dead_letters} == {event_address(settings, first)[0]}
+    assert (first.original, first.offset) == (b"{not an event", 0)
+    assert (second.original, second.offset) == (b"{broken carrier\t" + good, 14)
+    assert {first.source_topic, second.source_topic} == {"gateway.spool"}
+    assert first.error_kind not in ("", "undecodable_trace_context")
+    assert second.error_kind == "undecodable_trace_context"
+    assert Spool(tmp_path).pending_bytes == 0
