@@ -34,19 +34,16 @@ class UpstreamStreamError(UpstreamUnavailable):
     """The upstream's body broke off or stalled after its headers were received."""
 
 
-def _failure(exc: BaseException) -> UpstreamUnavailable:
+def _failure(
+    exc: BaseException, kind: type[UpstreamUnavailable] = UpstreamUnavailable
+) -> UpstreamUnavailable:
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnavailable("connect_error", False)
+        return kind("connect_error", False)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamUnavailable("connect_timeout", True)
+        return kind("connect_timeout", True)
     if isinstance(exc, TimeoutError):
-        return UpstreamUnavailable("read_timeout", True)
-    return UpstreamUnavailable("disconnected", False)
-
-
-def _broken(exc: BaseException) -> UpstreamStreamError:
-    failure = _failure(exc)
-    return UpstreamStreamError(str(failure), failure.timed_out)
+        return kind("read_timeout", True)
+    return kind("disconnected", False)
 
 
 class UpstreamResponse:
@@ -60,7 +57,7 @@ class UpstreamResponse:
         try:
             return await self._response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _broken(exc) from None
+            raise _failure(exc, UpstreamStreamError) from None
         finally:
             self._response.release()
 
@@ -70,7 +67,7 @@ class UpstreamResponse:
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _broken(exc) from None
+            raise _failure(exc, UpstreamStreamError) from None
 
     def close(self) -> None:
         """Done with it: a body read to its end returns the connection to the pool; one

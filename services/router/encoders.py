@@ -473,7 +473,6 @@ class MicroBatcher(Generic[T, R]):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._idle = 0
         while self._queue is not None and not self._queue.empty():
             _fail([self._queue.get_nowait()], EncoderError("micro-batcher closed"))
 
