@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from routemesh.contracts import RouteBankPublished
+
 log = logging.getLogger(__name__)
 # Requests in flight keep the router they started with; it is closed after this grace.
 RETIRE_AFTER_S = 30.0
+# A bank announced this long before the current router started loading is in it (or a
+# newer one is): a build reads the bank as it is then. The allowance is for the clocks
+# of the announcing host and this one disagreeing.
+CLOCK_SKEW_S = 60.0
 
 
 class Reloader:
@@ -25,8 +32,11 @@ class Reloader:
         build: Callable[[], Any],
         registry: CollectorRegistry,
         interval_s: float = 2.0,
+        built_at: float | None = None,
     ) -> None:
         self.state = state
+        # When the serving router began loading (epoch seconds).
+        self.built_at = time.time() if built_at is None else built_at
         self.config_path = config_path
         self.build = build
         self.interval_s = interval_s
@@ -54,6 +64,7 @@ class Reloader:
 
     async def reload(self, trigger: str) -> bool:
         async with self._lock:
+            started = time.time()
             try:
                 router = await asyncio.to_thread(self.build)
             except Exception as exc:
@@ -62,6 +73,7 @@ class Reloader:
                           extra={"trigger": trigger, "error": str(exc)})
                 return False
             old, self.state.router = self.state.router, router
+            self.built_at = started
             self.reloads.labels(trigger, "ok").inc()
             log.info("router reloaded", extra={
                 "trigger": trigger, "config_sha256": router.loaded.sha256,
@@ -72,9 +84,14 @@ class Reloader:
             )
             return True
 
-    async def on_bank_published(self, bank_sha256: str) -> None:
+    async def on_bank_published(self, event: RouteBankPublished) -> None:
+        """Reload for a bank that is not the one serving. The topic is read from its start
+        at every start of the gateway: announcements older than the serving router are
+        history it already reflects, and reloading for each would load it again."""
         current = self.state.router.matcher
-        if current is not None and current.sha256 == bank_sha256:
+        if current is not None and current.sha256 == event.route_bank_sha256:
+            return
+        if event.occurred_at.timestamp() < self.built_at - CLOCK_SKEW_S:
             return
         await self.reload("routebank_changes")
 

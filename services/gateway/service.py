@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,13 +79,20 @@ async def setup(ctx: ServiceContext) -> None:
     reloader: Reloader | None = None
     instance = settings.instance_id or "gateway"
 
-    async def on_bank(event: Event, msg: object) -> None:
-        if reloader is not None and isinstance(event, RouteBankPublished):
-            await reloader.on_bank_published(event.route_bank_sha256)
+    # The newest bank announced while the router was still loading, for after it is.
+    announced_early: list[RouteBankPublished] = []
 
-    # Every gateway must see every bank change, so each instance is its own group.
-    subscribe_events(ctx.broker, settings, [ROUTEBANK_CHANGES],
-                     group_id=f"routemesh-gateway-{instance}-{uuid.uuid4().hex[:8]}",
+    async def on_bank(event: Event, msg: object) -> None:
+        if not isinstance(event, RouteBankPublished):
+            return
+        if reloader is None:
+            announced_early[:] = [event]
+            return
+        await reloader.on_bank_published(event)
+
+    # Every gateway must see every bank change: a broadcast, no consumer group (a group
+    # per instance would leave one behind at every restart).
+    subscribe_events(ctx.broker, settings, [ROUTEBANK_CHANGES], group_id=None,
                      handler=on_bank, dead_letters=ctx.dead_letters)
 
     async def start() -> None:
@@ -95,6 +102,7 @@ async def setup(ctx: ServiceContext) -> None:
             if settings.auth_enabled
             else None
         )
+        built_at = time.time()
         router = await asyncio.to_thread(build_router, settings, instance)
         state = GatewayState(settings, router, upstream, publisher, ctx.registry, keys,
                              ctx.tracer_provider)
@@ -110,7 +118,9 @@ async def setup(ctx: ServiceContext) -> None:
         serving = asyncio.create_task(server.serve())
         reloader = Reloader(state, settings.router_config,
                             lambda: build_router(settings, instance, state.router),
-                            ctx.registry)
+                            ctx.registry, built_at=built_at)
+        for event in announced_early:
+            await reloader.on_bank_published(event)
         await reloader.start()
         ctx.readiness.set("router", True, str(settings.router_config))
 

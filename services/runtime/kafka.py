@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream import AckPolicy
@@ -244,7 +244,7 @@ def subscribe_events(
     settings: ServiceSettings,
     topics: Collection[Topic],
     *,
-    group_id: str,
+    group_id: str | None,
     handler: EventHandler,
     dead_letters: DeadLetters,
     retry_backoff_s: float = 1.0,
@@ -254,6 +254,11 @@ def subscribe_events(
     Undecodable bytes, event types the topics do not carry, and handler errors other
     than ``RetryableError`` go to the DLQ and are then committed, so one bad message
     never blocks a partition. A ``RetryableError`` rewinds to the message and retries it.
+
+    ``group_id=None`` is a broadcast: every instance reads every partition from the
+    start and commits nothing, so ``handler`` must be idempotent. For what each instance
+    of a service must see (a new route bank) without leaving a consumer group behind at
+    every restart, each with committed offsets and a lag that grows forever.
     """
     accepted = frozenset(e for topic in topics for e in topic.events)
     names = [settings.topic(t) for t in topics]
@@ -261,7 +266,9 @@ def subscribe_events(
     @broker.subscriber(
         *names,
         group_id=group_id,
-        ack_policy=AckPolicy.MANUAL,
+        # Without a group there is nothing to commit: FastStream's "ack first" is the
+        # policy that never calls commit.
+        ack_policy=AckPolicy.MANUAL if group_id else AckPolicy.ACK_FIRST,
         auto_offset_reset="earliest",
     )
     async def _consume(msg: KafkaMessage) -> None:
@@ -293,7 +300,12 @@ def subscribe_events(
         await msg.ack()
 
     async def _rewind(msg: KafkaMessage) -> None:
-        await msg.nack()
+        if group_id:
+            await msg.nack()
+        else:
+            # A broadcast message has no commit to hold back: move the reader back.
+            record = msg.raw_message
+            msg.consumer.seek(TopicPartition(record.topic, record.partition), record.offset)
         await asyncio.sleep(retry_backoff_s)
 
 

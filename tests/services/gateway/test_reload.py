@@ -1,9 +1,12 @@
 import logging
+import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
 from qdrant_client import QdrantClient
 
-from routemesh.services.gateway.reload import Reloader
+from routemesh.contracts import RouteBankPublished
+from routemesh.services.gateway.reload import CLOCK_SKEW_S, Reloader
 from routemesh.services.router.bank import build_bank, load_snapshot
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import load_config
@@ -52,11 +55,33 @@ async def test_a_changed_config_is_swapped_in_and_a_broken_one_refused(gateway, 
     assert still.status_code == 200
 
 
+def announced(sha256: str, ago_s: float = 0.0) -> RouteBankPublished:
+    return RouteBankPublished(
+        collection="bank", route_bank_sha256=sha256, encoder="hashing", utterances=4,
+        routes=("lite", "deep"), occurred_at=datetime.now(UTC) - timedelta(seconds=ago_s),
+    )
+
+
 async def test_a_published_bank_reloads_only_when_it_differs(gateway, tmp_path):
     config = tmp_path / "routes.yaml"
     reloader = Reloader(gateway.state, config, builder(config), gateway.state.registry)
     current = gateway.state.router
-    await reloader.on_bank_published(current.matcher.sha256)
+    await reloader.on_bank_published(announced(current.matcher.sha256))
     assert gateway.state.router is current
-    await reloader.on_bank_published("f" * 64)
+    await reloader.on_bank_published(announced("f" * 64))
     assert gateway.state.router is not current
+
+
+async def test_a_bank_announced_before_the_router_loaded_is_history(gateway, tmp_path):
+    """The topic is read from its start at every start: old announcements must not make
+    the gateway load its bank again once for each."""
+    config = tmp_path / "routes.yaml"
+    reloader = Reloader(gateway.state, config, builder(config), gateway.state.registry,
+                        built_at=time.time())
+    current = gateway.state.router
+    await reloader.on_bank_published(announced("e" * 64, ago_s=CLOCK_SKEW_S + 3600))
+    assert gateway.state.router is current
+    # Within the clock-skew allowance it may be newer than what was loaded: reload.
+    await reloader.on_bank_published(announced("e" * 64, ago_s=CLOCK_SKEW_S / 2))
+    assert gateway.state.router is not current
+    assert reloader.built_at > time.time() - 60
