@@ -118,12 +118,12 @@ def client_kwargs(settings: ServiceSettings) -> dict[str, Any]:
 
 def _delivery(settings: ServiceSettings) -> dict[str, Any]:
     """How every producer of the mesh delivers: confirmed by all in-sync replicas,
-    idempotent where the broker allows, compressed, batched for 5 ms."""
+    idempotent where the broker allows, compressed, batched for ``kafka_linger_ms``."""
     return {
         "acks": "all",
         "enable_idempotence": settings.kafka_idempotent_producer,
         "compression_type": settings.kafka_compression,
-        "linger_ms": 5,
+        "linger_ms": settings.kafka_linger_ms,
     }
 
 

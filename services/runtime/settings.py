@@ -35,6 +35,9 @@ class ServiceSettings(BaseSettings):
     # (it answers InitProducerId with an error), so `routemesh dev` turns this off.
     kafka_idempotent_producer: bool = True
     kafka_compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = "gzip"
+    # How long a producer waits to fill a batch. Nothing of ours waits on delivery in a
+    # request path, so this trades event latency for broker and producer CPU.
+    kafka_linger_ms: int = Field(default=5, ge=0, le=1000)
 
     qdrant_url: str | None = None
     qdrant_path: Path | None = None

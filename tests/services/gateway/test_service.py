@@ -1,5 +1,7 @@
 from routemesh.services.gateway import service
 from routemesh.services.gateway.settings import GatewaySettings
+from routemesh.services.runtime.kafka import _delivery
+from routemesh.services.runtime.settings import ServiceSettings
 from tests.services.router.conftest import CONFIG, DEEP, HashingEncoder
 
 
@@ -29,3 +31,10 @@ def test_a_reload_keeps_the_encoder_unless_its_config_changed(tmp_path, monkeypa
     third = service.build_router(settings, "g", second)
     assert third.encoder is not second.encoder
     assert len(built) == 2
+
+
+def test_the_gateway_batches_its_events_longer_than_other_producers(monkeypatch):
+    assert _delivery(GatewaySettings())["linger_ms"] == 50
+    assert _delivery(ServiceSettings())["linger_ms"] == 5
+    monkeypatch.setenv("ROUTEMESH_KAFKA_LINGER_MS", "0")
+    assert _delivery(GatewaySettings())["linger_ms"] == 0
