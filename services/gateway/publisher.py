@@ -150,15 +150,13 @@ class EventPublisher:
             if not self.spool.pending_bytes or not self.queue.empty() or self._inflight:
                 await asyncio.sleep(0.1)
                 continue
-            start = self.spool.offset
             lines, end = self.spool.read(self.concurrency)
             items = []
-            for line in lines:
+            for offset, line in lines:
                 try:
                     items.append(read_spool_line(line))
                 except (EventDecodeError, msgspec.DecodeError) as exc:
-                    items.append((spool_dead_letter(line, start, exc), Context()))
-                start += len(line) + 1
+                    items.append((spool_dead_letter(line, offset, exc), Context()))
             await self._confirm_all(items)
             self.spool.confirm(end)
             self.spool_bytes.set(self.spool.pending_bytes)

@@ -33,15 +33,16 @@ class Spool:
         self._handle.write(b"".join(line + b"\n" for line in lines))
         self._handle.flush()
 
-    def read(self, max_events: int) -> tuple[list[bytes], int]:
-        """Up to ``max_events`` unconfirmed lines and the offset just after them."""
+    def read(self, max_events: int) -> tuple[list[tuple[int, bytes]], int]:
+        """Up to ``max_events`` unconfirmed lines, each with its byte offset in the file,
+        and the offset just after them."""
         with self.path.open("rb") as reader:
             reader.seek(self.offset)
             lines, end = [], self.offset
             for line in reader:
                 if not line.endswith(b"\n") or len(lines) == max_events:
                     break
-                lines.append(line.rstrip(b"\n"))
+                lines.append((end, line.rstrip(b"\n")))
                 end += len(line)
         return lines, end
 
@@ -63,7 +64,8 @@ class Spool:
             return
         unread, _ = self.read(max_events=2**62)
         temporary = self.path.with_suffix(".tmp")
-        temporary.write_bytes(b"".join(line + b"\n" for line in [*lines, *unread]))
+        older_first = [*lines, *(line for _, line in unread)]
+        temporary.write_bytes(b"".join(line + b"\n" for line in older_first))
         self._handle.close()
         os.replace(temporary, self.path)
         self._handle = self.path.open("ab")
