@@ -12,6 +12,7 @@ from routemesh.contracts import RouteDecided, decode_event, encode_event
 from routemesh.contracts.topics import DLQ, ROUTE_DECISIONS
 from routemesh.services.runtime.kafka import (
     DeadLetters,
+    RetryableError,
     create_broker,
     publish_event,
     subscribe_events,
@@ -100,3 +101,36 @@ async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         return {tp.partition: offset for tp, offset in ends.items()}
     finally:
         await consumer.stop()
+
+
+async def test_a_broadcast_consumer_retries_a_message_in_place(settings):
+    """group_id=None: a RetryableError reads the same message again (there is no commit to
+    hold back), and the next message is handled after it."""
+    registry = CollectorRegistry()
+    broker = create_broker(settings, service="broadcast-test", registry=registry)
+    handled: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(event, msg: KafkaMessage):
+        handled.append(event.request_id)
+        if handled == ["first"]:
+            raise RetryableError("not yet")
+        if len(handled) == 3:
+            done.set()
+
+    subscribe_events(
+        broker,
+        settings,
+        [ROUTE_DECISIONS],
+        group_id=None,
+        handler=handler,
+        dead_letters=DeadLetters(broker, settings, "broadcast-test", registry),
+        retry_backoff_s=0.05,
+    )
+    async with broker:
+        await broker.start()
+        for request_id in ("first", "second"):
+            await broker.publish(encode_event(decision(request_id)),
+                                 settings.topic(ROUTE_DECISIONS), key=b"same-key")
+        await asyncio.wait_for(done.wait(), timeout=60)
+    assert handled == ["first", "first", "second"]
