@@ -4,8 +4,9 @@
   the wire), propagates W3C trace context in headers (OTel middleware) and counts
   messages (Prometheus middleware).
 - ``subscribe_events``: a consumer that decodes with the contracts codec, commits the
-  offset only after the handler succeeded, and sends anything it cannot decode or
-  process to ``dlq.v1`` with the original bytes, then moves on.
+  offset only after the handler succeeded (or, without a group, a broadcast that every
+  instance reads whole), and sends anything it cannot decode or process to ``dlq.v1``
+  with the original bytes, then moves on.
 - ``publish_event``: publishes an event to its registered topic, keyed by request id.
 """
 
