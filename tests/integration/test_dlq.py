@@ -28,6 +28,15 @@ def decision(request_id: str) -> RouteDecided:
     )
 
 
+def subscribed_broker(settings, service: str, group_id: str | None, handler, **options):
+    """A broker for ``service`` whose one subscriber reads route decisions."""
+    registry = CollectorRegistry()
+    broker = create_broker(settings, service=service, registry=registry)
+    subscribe_events(broker, settings, [ROUTE_DECISIONS], group_id=group_id, handler=handler,
+                     dead_letters=DeadLetters(broker, settings, service, registry), **options)
+    return broker
+
+
 async def test_poison_pills_go_to_the_dlq_and_valid_events_after_them_are_handled(settings):
     wrong_type = encode_event(decision("wrong")).replace(b'"prompt_chars":0', b'"prompt_chars":"z"')
     poison = {
@@ -35,8 +44,6 @@ async def test_poison_pills_go_to_the_dlq_and_valid_events_after_them_are_handle
         b'{"type": "NotAnEvent", "schema_version": "1.0", "x": 1}': "unknown_type",
         wrong_type: "invalid_event",
     }
-    registry = CollectorRegistry()
-    broker = create_broker(settings, service="dlq-test", registry=registry)
     handled: list[str] = []
     done = asyncio.Event()
 
@@ -45,14 +52,7 @@ async def test_poison_pills_go_to_the_dlq_and_valid_events_after_them_are_handle
         if len(handled) == 3:
             done.set()
 
-    subscribe_events(
-        broker,
-        settings,
-        [ROUTE_DECISIONS],
-        group_id="dlq-test",
-        handler=handler,
-        dead_letters=DeadLetters(broker, settings, "dlq-test", registry),
-    )
+    broker = subscribed_broker(settings, "dlq-test", "dlq-test", handler)
     topic = settings.topic(ROUTE_DECISIONS)
     async with broker:
         await broker.start()
@@ -106,8 +106,6 @@ async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 async def test_a_broadcast_consumer_retries_a_message_in_place(settings):
     """group_id=None: a RetryableError reads the same message again (there is no commit to
     hold back), and the next message is handled after it."""
-    registry = CollectorRegistry()
-    broker = create_broker(settings, service="broadcast-test", registry=registry)
     handled: list[str] = []
     done = asyncio.Event()
 
@@ -118,15 +116,7 @@ async def test_a_broadcast_consumer_retries_a_message_in_place(settings):
         if len(handled) == 3:
             done.set()
 
-    subscribe_events(
-        broker,
-        settings,
-        [ROUTE_DECISIONS],
-        group_id=None,
-        handler=handler,
-        dead_letters=DeadLetters(broker, settings, "broadcast-test", registry),
-        retry_backoff_s=0.05,
-    )
+    broker = subscribed_broker(settings, "broadcast-test", None, handler, retry_backoff_s=0.05)
     async with broker:
         await broker.start()
         for request_id in ("first", "second"):
