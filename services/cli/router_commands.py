@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import uuid
 from pathlib import Path
@@ -9,10 +10,12 @@ from typing import Annotated
 
 import msgspec
 import typer
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from routemesh.contracts import CONTENT_TYPE, RouteBankPublished, encode_event
 from routemesh.services.cli.output import err, fail
 from routemesh.services.router.bank import build_bank, default_collection
 from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
@@ -26,6 +29,7 @@ from routemesh.services.router.evaluate import (
     write_reports,
 )
 from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
+from routemesh.services.runtime.kafka import EventProducer, event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
 bank_app = typer.Typer(help="The route bank in Qdrant.", no_args_is_help=True)
@@ -70,6 +74,9 @@ def bank_build(
     qdrant_url: QdrantUrl = None,
     qdrant_path: QdrantPath = None,
     collection: Annotated[str | None, typer.Option(help="Collection name.")] = None,
+    announce: Annotated[bool, typer.Option(
+        help="Then publish a RouteBankPublished on routebank.changes (ROUTEMESH_KAFKA_* "
+             "settings), so that running gateways load the bank.")] = False,
 ) -> None:
     """Embed every utterance into Qdrant; an unchanged bank re-embeds nothing."""
     try:
@@ -83,6 +90,33 @@ def bank_build(
         f"collection {report.collection}: embedded {report.embedded}, kept {report.kept}, "
         f"removed {report.removed}; route_bank_sha256 {report.sha256}"
     )
+    if not announce:
+        return
+    event = RouteBankPublished(
+        collection=report.collection,
+        route_bank_sha256=report.sha256,
+        encoder=encoder.name,
+        utterances=report.embedded + report.kept,
+        routes=tuple(r.id for r in loaded.config.routes),
+        config_sha256=loaded.sha256,
+    )
+    try:
+        topic = asyncio.run(_announce(event))
+    except (KafkaError, OSError) as exc:
+        raise fail(f"the bank is built, but announcing it failed: {exc}") from None
+    print(f"announced on {topic}")
+
+
+async def _announce(event: RouteBankPublished) -> str:
+    settings = ServiceSettings()
+    producer = EventProducer(settings, "cli")
+    await producer.start()
+    try:
+        topic, key = event_address(settings, event)
+        await producer.publish(encode_event(event), topic, key, {"content-type": CONTENT_TYPE})
+    finally:
+        await producer.stop()
+    return topic
 
 
 def eval_command(

@@ -1,10 +1,11 @@
-"""A running gateway and routebank.changes.v1 on a real broker: every instance reads the
-topic itself (no consumer group), reloads for a new bank, and not for old announcements
-replayed from the start of the topic."""
+"""routebank.changes.v1 on a real broker: `routemesh bank build --announce` publishes the
+bank it built; a running gateway reads the topic itself (no consumer group), reloads for
+a new bank, and not for old announcements replayed from the start of the topic."""
 
 import asyncio
 import re
 import signal
+import subprocess
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -14,7 +15,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from routemesh.contracts import DeadLetter, RouteBankPublished, decode_event, encode_event
 from routemesh.contracts.topics import DLQ, ROUTEBANK_CHANGES
-from tests.integration.conftest import read_topic, start_gateway, wait_until_ready
+from routemesh.services.runtime.embedded_broker import free_port
+from tests.integration.conftest import (
+    CLI,
+    EXAMPLE_CONFIG,
+    cli_env,
+    read_topic,
+    start_gateway,
+    wait_until_ready,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.model]
 RELOADS = re.compile(
@@ -66,3 +75,33 @@ async def test_a_gateway_reloads_for_a_new_bank_without_a_consumer_group(setting
     assert reloads is not None, metrics_text
     assert float(reloads.group(1)) == 1.0, "the old announcement must not reload"
     assert not {g for g in groups_after - groups_before if "gateway" in g}
+
+
+def bank_build(settings, tmp_path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, "bank", "build", "--config", str(EXAMPLE_CONFIG),
+         "--qdrant-path", str(tmp_path / "qdrant"), "--announce"],
+        env=cli_env(settings, **env), capture_output=True, text=True, timeout=600,
+    )
+
+
+async def test_bank_build_announces_the_bank_it_built(settings, tmp_path):
+    built = await asyncio.to_thread(bank_build, settings, tmp_path)
+    assert built.returncode == 0, built.stderr
+    (record,) = await read_topic(settings, settings.topic(ROUTEBANK_CHANGES), 1)
+    event = decode_event(record.value)
+    assert isinstance(event, RouteBankPublished)
+    assert f"route_bank_sha256 {event.route_bank_sha256}" in built.stdout
+    assert event.routes == ("lite", "deep")
+    assert event.utterances > 0
+    assert event.encoder.startswith("local:all-MiniLM-L6-v2")
+
+
+async def test_bank_build_says_when_it_could_not_announce(settings, tmp_path):
+    unreachable = f"127.0.0.1:{free_port()}"
+    built = await asyncio.to_thread(bank_build, settings, tmp_path,
+                                    ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=unreachable)
+    assert built.returncode != 0
+    assert "route_bank_sha256" in built.stdout, "the bank itself was built"
+    assert "the bank is built, but announcing it failed" in built.stderr
+    assert "Traceback" not in built.stderr
