@@ -11,11 +11,12 @@ from typing import Annotated
 import msgspec
 import typer
 from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from routemesh.contracts import CONTENT_TYPE, RouteBankPublished, encode_event
+from routemesh.contracts import RouteBankPublished
 from routemesh.services.cli.output import err, fail
 from routemesh.services.router.bank import build_bank, default_collection
 from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
@@ -29,7 +30,7 @@ from routemesh.services.router.evaluate import (
     write_reports,
 )
 from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
-from routemesh.services.runtime.kafka import EventProducer, event_address
+from routemesh.services.runtime.kafka import create_broker, event_address, publish_event
 from routemesh.services.runtime.settings import ServiceSettings
 
 bank_app = typer.Typer(help="The route bank in Qdrant.", no_args_is_help=True)
@@ -109,14 +110,11 @@ def bank_build(
 
 async def _announce(event: RouteBankPublished) -> str:
     settings = ServiceSettings()
-    producer = EventProducer(settings, "cli")
-    await producer.start()
-    try:
-        topic, key = event_address(settings, event)
-        await producer.publish(encode_event(event), topic, key, {"content-type": CONTENT_TYPE})
-    finally:
-        await producer.stop()
-    return topic
+    broker = create_broker(settings, service="cli", registry=CollectorRegistry())
+    async with broker:
+        await broker.start()
+        await publish_event(broker, settings, event)
+    return event_address(settings, event)[0]
 
 
 def eval_command(
