@@ -1,8 +1,10 @@
 """Decision latency and throughput of the router core on this CPU.
 
     python bench/decision.py [--bank-size 10000] [--requests 600] [--concurrency 32]
+                             [--encoder-backend onnx-int8|onnx|torch]
 
-One run, local encoder (MiniLM in ONNX Runtime), an in-memory snapshot of a bank of
+One run, the local encoder (MiniLM; by default the back-end a config gets when it names
+none), an in-memory snapshot of a bank of
 ``--bank-size`` utterances (the shipped lite-deep and multi-route utterances, expanded
 with phrasing variants), queried with the shipped eval prompts. Prints:
 
@@ -28,7 +30,7 @@ from qdrant_client import QdrantClient
 
 from routemesh.services.router.bank import build_bank, limit_blas_threads, load_snapshot
 from routemesh.services.router.cascade import Router, RouteRequest
-from routemesh.services.router.config import LoadedConfig, Utterance, load_config
+from routemesh.services.router.config import EncoderConfig, LoadedConfig, Utterance, load_config
 from routemesh.services.router.encoders import LocalEncoder, SparseEncoder
 from routemesh.services.router.evaluate import load_dataset
 
@@ -82,10 +84,12 @@ def main() -> None:
     parser.add_argument("--bank-size", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--encoder-backend", default=EncoderConfig().backend,
+                        choices=["onnx-int8", "onnx", "torch"])
     args = parser.parse_args()
 
     limit_blas_threads()
-    encoder = LocalEncoder("onnx")
+    encoder = LocalEncoder(args.encoder_backend)
     loaded = big_bank(args.bank_size)
     client = QdrantClient(":memory:")
     started = time.perf_counter()
@@ -124,7 +128,7 @@ def main() -> None:
         encoder.encode(texts[start : start + size])
     raw = len(texts) / (time.perf_counter() - t0)
 
-    print(f"bank: {len(bank)} utterances, built in {build_s:.1f} s; "
+    print(f"encoder {encoder.name}; bank: {len(bank)} utterances, built in {build_s:.1f} s; "
           f"{len(prompts)} requests from the shipped eval sets")
     print(f"decision latency ms (single caller): p50 {pct(decision_ms, 50):.2f}  "
           f"p95 {pct(decision_ms, 95):.2f}  p99 {pct(decision_ms, 99):.2f}  "
