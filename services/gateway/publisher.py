@@ -34,7 +34,7 @@ from routemesh.contracts import (
     encode_event,
 )
 from routemesh.services.gateway.spool import Spool
-from routemesh.services.runtime.kafka import event_address
+from routemesh.services.runtime.kafka import DEAD_LETTER_ERROR_CHARS, event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def spool_dead_letter(line: bytes, offset: int, exc: Exception) -> DeadLetter:
     log.error("an unreadable spool line goes to the dead-letter topic",
               extra={"spool_offset": offset, "error_kind": kind})
     return DeadLetter(original=line, source_topic=SPOOL_SOURCE, partition=-1, offset=offset,
-                      service="gateway", error_kind=kind, error=str(exc)[:4000])
+                      service="gateway", error_kind=kind,
+                      error=str(exc)[:DEAD_LETTER_ERROR_CHARS])
 
 
 def spool_line(event: Event, ctx: Context) -> bytes:

@@ -193,6 +193,10 @@ async def publish_event(broker: KafkaBroker, settings: ServiceSettings, event: E
     )
 
 
+# A dead letter keeps the whole original; of the error that sent it there, this much.
+DEAD_LETTER_ERROR_CHARS = 4000
+
+
 class DeadLetters:
     """Builds and publishes dead letters, counted by source topic and error kind."""
 
@@ -225,7 +229,7 @@ class DeadLetters:
             consumer_group=group,
             service=self._service,
             error_kind=kind,
-            error=error[:4000],
+            error=error[:DEAD_LETTER_ERROR_CHARS],
         )
         await publish_event(self._broker, self._settings, letter)
         self._counter.labels(self._service, record.topic, kind).inc()
