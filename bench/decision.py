@@ -4,9 +4,9 @@
                              [--encoder-backend onnx-int8|onnx|torch]
 
 One run, the local encoder (MiniLM; by default the back-end a config gets when it names
-none), an in-memory snapshot of a bank of
-``--bank-size`` utterances (the shipped lite-deep and multi-route utterances, expanded
-with phrasing variants), queried with the shipped eval prompts. Prints:
+none), an in-memory snapshot of a bank of ``--bank-size`` utterances (the shipped
+lite-deep and multi-route utterances, expanded with phrasing variants), queried with the
+shipped eval prompts. Prints:
 
 - single-request decision latency p50/p95/p99 (encode + match + event);
 - the match alone (encoding excluded) p50/p95;
