@@ -62,7 +62,7 @@ def mesh():
     return broker, handled, dead, registry
 
 
-async def _settle(condition, timeout=5.0):
+async def _settle(condition, timeout=30.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never held"
