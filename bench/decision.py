@@ -1,7 +1,7 @@
 """Decision latency and throughput of the router core on this CPU.
 
     python bench/decision.py [--bank-size 10000] [--requests 600] [--concurrency 32]
-                             [--encoder-backend onnx-int8|onnx|torch]
+                             [--encoder-backend onnx|onnx-int8|torch]
 
 One run, the local encoder (MiniLM; by default the back-end a config gets when it names
 none), an in-memory snapshot of a bank of ``--bank-size`` utterances (the shipped
@@ -24,13 +24,20 @@ import itertools
 import statistics
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from qdrant_client import QdrantClient
 
 from routemesh.services.router.bank import build_bank, limit_blas_threads, load_snapshot
 from routemesh.services.router.cascade import Router, RouteRequest
-from routemesh.services.router.config import EncoderConfig, LoadedConfig, Utterance, load_config
+from routemesh.services.router.config import (
+    EncoderBackend,
+    EncoderConfig,
+    LoadedConfig,
+    Utterance,
+    load_config,
+)
 from routemesh.services.router.encoders import LocalEncoder, SparseEncoder
 from routemesh.services.router.evaluate import load_dataset
 
@@ -85,7 +92,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--encoder-backend", default=EncoderConfig().backend,
-                        choices=["onnx-int8", "onnx", "torch"])
+                        choices=get_args(EncoderBackend))
     args = parser.parse_args()
 
     limit_blas_threads()

@@ -1,6 +1,6 @@
 """Gateway overhead and decision-API throughput on this machine.
 
-    python bench/gateway.py [--encoder-backend onnx-int8|onnx] [--requests 1000]
+    python bench/gateway.py [--encoder-backend onnx|onnx-int8|torch] [--requests 1000]
                             [--upstream-latency-ms 250] [--warmup-seconds 3]
                             [--route-rate 300] [--route-only]
 
@@ -40,13 +40,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import aiohttp
 import httpx
 import numpy as np
 import yaml
 
-from routemesh.services.router.config import EncoderConfig
+from routemesh.services.router.config import EncoderBackend, EncoderConfig
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -293,8 +294,8 @@ async def run(args, broker: EmbeddedBroker) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder-backend", choices=["onnx-int8", "onnx"],
-                        default=EncoderConfig().backend)
+    parser.add_argument("--encoder-backend", default=EncoderConfig().backend,
+                        choices=get_args(EncoderBackend))
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--upstream-latency-ms", type=float, default=250)
     parser.add_argument("--warmup-seconds", type=float, default=3,

@@ -22,6 +22,7 @@ RouteIdStr = Annotated[
 Unit = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Positive = Annotated[float, msgspec.Meta(gt=0.0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+EncoderBackend = Literal["onnx", "onnx-int8", "torch"]
 
 
 class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -32,7 +33,7 @@ class EncoderConfig(_Strict):
     kind: Literal["local", "openai"] = "local"
     # local only: ONNX Runtime (default, faster, same embeddings as PyTorch), the same
     # model with int8 weights (faster again, slightly different embeddings), or PyTorch.
-    backend: Literal["onnx", "onnx-int8", "torch"] = "onnx"
+    backend: EncoderBackend = "onnx"
     # local ONNX only: how many encoder runs go at once (chunks of a batch, or the
     # micro-batches of concurrent requests), each on its own thread, one core at most.
     threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
