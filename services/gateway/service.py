@@ -80,13 +80,14 @@ async def setup(ctx: ServiceContext) -> None:
     instance = settings.instance_id or "gateway"
 
     # The newest bank announced while the router was still loading, for after it is.
-    announced_early: list[RouteBankPublished] = []
+    announced_early: RouteBankPublished | None = None
 
     async def on_bank(event: Event, msg: object) -> None:
+        nonlocal announced_early
         if not isinstance(event, RouteBankPublished):
             return
         if reloader is None:
-            announced_early[:] = [event]
+            announced_early = event
             return
         await reloader.on_bank_published(event)
 
@@ -119,8 +120,8 @@ async def setup(ctx: ServiceContext) -> None:
         reloader = Reloader(state, settings.router_config,
                             lambda: build_router(settings, instance, state.router),
                             ctx.registry, built_at=built_at)
-        for event in announced_early:
-            await reloader.on_bank_published(event)
+        if announced_early is not None:
+            await reloader.on_bank_published(announced_early)
         await reloader.start()
         ctx.readiness.set("router", True, str(settings.router_config))
 
