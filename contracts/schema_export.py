@@ -7,6 +7,7 @@ timestamps) so that CI can diff it against the checked-in copy.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,25 @@ def _name(event_type: type[Event]) -> str:
     return event_type.__struct_config__.tag
 
 
+def _normalised(node: Any) -> Any:
+    """``node`` with every ``description`` put through ``inspect.cleandoc``.
+
+    msgspec copies a struct's docstring into ``description``, and how it strips the
+    docstring's indentation changed between releases (0.22 kept it, 0.23 does not): the
+    checked-in schemas must compare meaning, not a library's whitespace.
+    """
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _normalised(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_normalised(item) for item in node]
+    return node
+
+
 def event_schema(event_type: type[Event]) -> dict[str, Any]:
     """A standalone JSON Schema for one event, its nested structs under ``$defs``."""
     (ref,), components = msgspec.json.schema_components(
@@ -35,7 +55,7 @@ def event_schema(event_type: type[Event]) -> dict[str, Any]:
     schema.update(components.pop(name))
     if components:
         schema["$defs"] = dict(sorted(components.items()))
-    return schema
+    return _normalised(schema)
 
 
 def _channel_id(topic: Topic) -> str:
@@ -94,7 +114,10 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         },
         "channels": channels,
         "operations": operations,
-        "components": {"messages": messages, "schemas": dict(sorted(components.items()))},
+        "components": {
+            "messages": messages,
+            "schemas": _normalised(dict(sorted(components.items()))),
+        },
     }
 
 

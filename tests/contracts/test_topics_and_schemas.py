@@ -5,7 +5,13 @@ import pytest
 import yaml
 
 from routemesh.contracts import EVENT_TYPES, TOPICS, RouteDecided, topic_by_suffix, topic_for_event
-from routemesh.contracts.schema_export import drift, event_schema, export, render
+from routemesh.contracts.schema_export import (
+    _normalised,
+    drift,
+    event_schema,
+    export,
+    render,
+)
 
 EXPECTED_SUFFIXES = {
     "route.decisions.v1",
@@ -45,6 +51,15 @@ def test_unknown_topic_lists_the_known_ones():
 
 def test_checked_in_schemas_match_the_structs(repo_root):
     assert drift(repo_root / "contracts" / "schemas") == []
+
+
+def test_descriptions_compare_by_meaning_not_by_a_librarys_indentation():
+    # msgspec 0.22 kept a docstring's indentation in ``description``, 0.23 strips it.
+    as_022 = {"description": "First line.\n\n    Second, indented.", "properties": [
+        {"description": "  Nested.\n      More."}]}
+    as_023 = {"description": "First line.\n\nSecond, indented.", "properties": [
+        {"description": "Nested.\nMore."}]}
+    assert _normalised(as_022) == _normalised(as_023) == as_023
 
 
 def test_drift_detects_a_changed_or_missing_file(tmp_path):
