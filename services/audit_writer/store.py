@@ -4,6 +4,7 @@ the dedup index that survives restarts (rebuilt from the files themselves)."""
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from typing import IO, Any, Literal
 
 import msgspec
 
+log = logging.getLogger(__name__)
 FILE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:\.(\d+))?\.jsonl(\.gz)?$")
 FsyncPolicy = Literal["batch", "off"]
 
@@ -46,6 +48,30 @@ def read_lines(file: AuditFile) -> Iterator[tuple[int, bytes]]:
     opener = gzip.open if file.compressed else open
     with opener(file.path, "rb") as handle:
         yield from enumerate(handle, start=1)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a crash mid-write) before appending, or the
+    next record would be glued to it and both lost. The torn record was never committed
+    (offsets move only after a batch is fsynced), so Kafka delivers its events again."""
+    if not path.exists():
+        return
+    with path.open("r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        start = max(0, size - 1024 * 1024)
+        handle.seek(start)
+        tail = handle.read()
+        cut = start + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        handle.truncate(cut)
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.warning("cut a torn last line from an audit file",
+                extra={"file": path.name, "bytes": size - cut})
 
 
 @dataclass
@@ -124,6 +150,7 @@ class AuditStore:
             part = last.part + 1 if last else 0
             name = f"{day}.jsonl" if part == 0 else f"{day}.{part}.jsonl"
             file = AuditFile(day, part, self.directory / name, False)
+        _cut_torn_tail(file.path)
         handle = open(file.path, "ab")  # noqa: SIM115 (kept open across batches)
         self._open[day] = (file, handle)
         return self._open[day]

@@ -52,6 +52,20 @@ def test_the_index_survives_a_restart_and_a_torn_line(tmp_path):
     assert reopened.state("torn") is None
 
 
+def test_an_append_after_a_torn_line_starts_a_fresh_line(tmp_path):
+    store = AuditStore(tmp_path)
+    store.append(records(2))
+    store.close()
+    with (tmp_path / "2026-11-23.jsonl").open("ab") as handle:
+        handle.write(b'{"request_id": "torn", "jo')
+    reopened = AuditStore(tmp_path)
+    reopened.append(records(1, prefix="after"))
+    reopened.close()
+    lines = (tmp_path / "2026-11-23.jsonl").read_bytes().splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == ["r0", "r1", "after0"]
+    assert verify(tmp_path) == (3, [])
+
+
 def test_the_index_is_bounded_and_keeps_the_newest(tmp_path):
     store = AuditStore(tmp_path, dedup_capacity=1000)
     for record in records(1500):
