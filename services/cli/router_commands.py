@@ -27,6 +27,7 @@ from routemesh.services.router.evaluate import (
     evaluate,
     file_sha256,
     load_dataset,
+    unrouted_warning,
     write_reports,
 )
 from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
@@ -126,6 +127,9 @@ def eval_command(
     ] = None,
     qdrant_url: QdrantUrl = None,
     qdrant_path: QdrantPath = None,
+    strict: Annotated[bool, typer.Option(
+        help="Exit non-zero when more than 5 % of the items were decided by an override "
+             "or passthrough instead of routing.")] = False,
 ) -> None:
     """Run a labelled set through the config and the baselines; write reports."""
     try:
@@ -151,3 +155,8 @@ def eval_command(
     print(f"decision latency ms p50 {latency['p50']:.2f} p95 {latency['p95']:.2f} "
           f"p99 {latency['p99']:.2f}")
     print(f"wrote {json_path} and {md_path}")
+    warning = unrouted_warning(report)
+    if warning is not None:
+        if strict:
+            raise fail(warning)
+        err.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)

@@ -467,8 +467,8 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        config = state.router.config
-        names = list(config.aliases) + [r.id for r in config.routes]
+        router = state.router
+        names = list(router.aliases) + [r.id for r in router.config.routes]
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "routemesh"}
             for name in dict.fromkeys(names)

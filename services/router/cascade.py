@@ -23,6 +23,8 @@ from routemesh.services.router.config import LoadedConfig, RuleConfig
 from routemesh.services.router.encoders import DenseEncoder, MicroBatcher, SparseEncoder
 
 PASSTHROUGH_ROUTE = "passthrough"
+# The requested model that means "decide": always, unless a config maps it elsewhere.
+AUTO_MODEL = "auto"
 ANSWER_PIECES = 8
 
 
@@ -151,6 +153,10 @@ class Router:
             encoder.parallel_calls if encoder is not None else 1,
         )
         self._routes = {route.id: route for route in self.config.routes}
+        # Requested model -> route (None: decide). ``auto`` is there even when a config
+        # lists no aliases: without it every ``auto`` request would pass through upstream
+        # as a model named "auto".
+        self.aliases: dict[str, str | None] = {AUTO_MODEL: None, **self.config.aliases}
         self._claimed_models = {route.target_model: route.id for route in self.config.routes}
         self._rules = [(rule, _compile(rule)) for rule in self.config.rules]
 
@@ -217,8 +223,8 @@ class Router:
             target = request.override
         elif request.requested_model is not None:
             model = request.requested_model
-            if model in self.config.aliases:
-                target = self.config.aliases[model]
+            if model in self.aliases:
+                target = self.aliases[model]
             elif model in self._claimed_models:
                 target = self._claimed_models[model]
             else:

@@ -13,7 +13,11 @@ from typing import Any
 import numpy as np
 
 from routemesh.contracts import RouteDecided
-from routemesh.services.router.cascade import Router, RouteRequest
+from routemesh.services.router.cascade import AUTO_MODEL, Router, RouteRequest
+
+# An eval where more than this share of items never reached routing (an override or a
+# passthrough decided them) measures the requests' model names, not the router.
+UNROUTED_WARN_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -34,10 +38,12 @@ def load_dataset(path: Path) -> list[EvalItem]:
             continue
         try:
             row = json.loads(line)
+            # A row may name the model its request asked for; most leave it to routing.
+            model = row.get("model", AUTO_MODEL)
             if "messages" in row:
-                request = RouteRequest.from_body({"messages": row["messages"], "model": "auto"})
+                request = RouteRequest.from_body({"messages": row["messages"], "model": model})
             else:
-                request = RouteRequest.from_text(row["prompt"], "auto")
+                request = RouteRequest.from_text(row["prompt"], model)
             items.append(EvalItem(str(row["id"]), request, row["route"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise DatasetError(
@@ -90,6 +96,7 @@ def score(
             "decisions": len(oks),
         }
     share = Counter(predicted)
+    unrouted = reasons["override"] + reasons["passthrough"]
     latencies = [d.decision_latency_ms for d in decisions]
     return {
         "accuracy": sum(correct) / len(items),
@@ -98,6 +105,7 @@ def score(
         "confusion": confusion,
         "layers": layers,
         "reasons": dict(sorted(reasons.items())),
+        "unrouted_share": unrouted / len(items),
         "route_share": {label: share.get(label, 0) / len(items) for label in labels},
         "latency_ms": {
             "p50": _percentile(latencies, 50),
@@ -144,6 +152,19 @@ def evaluate(
     report["config_source"] = router.loaded.source
     report["decisions"] = {item.id: d.route_id for item, d in zip(items, decisions, strict=True)}
     return report
+
+
+def unrouted_warning(report: dict[str, Any]) -> str | None:
+    """Why this eval says little about routing, if it does."""
+    share = report["unrouted_share"]
+    if share <= UNROUTED_WARN_SHARE:
+        return None
+    return (
+        f"{share:.0%} of the items were decided by an override or passthrough (the model "
+        "their request named), not by routing: this eval measures little about the "
+        "router. Leave `model` out of the dataset rows (or use auto), and check that the "
+        "config does not map it elsewhere."
+    )
 
 
 def _baseline_summary(scored: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from routemesh.services.router.cascade import (
     RouteRequest,
     UnknownRouteError,
 )
+from routemesh.services.router.config import load_config
 from tests.services.router.conftest import HashingEncoder
 
 CANARY = "CANARY-7f3a9c-do-not-leak"
@@ -132,6 +133,30 @@ def test_a_model_the_config_does_not_claim_passes_through(router):
 def test_auto_and_a_missing_model_are_decided(router):
     assert router.decide(chat("tell me a joke about cats", None), "r").reason == "semantic"
     assert router.decide(chat("tell me a joke about cats", "auto"), "r").reason == "semantic"
+
+
+def _router_with_aliases(config_path, encoder, aliases: str) -> Router:
+    text = config_path.read_text().replace(
+        "aliases: {auto: null, lite: lite, deep: deep, fast: lite, cheap-please: null}", aliases
+    )
+    config_path.write_text(text)
+    loaded = load_config(config_path)
+    client = QdrantClient(":memory:")
+    build_bank(loaded, encoder, client, "bank")
+    return Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), encoder)
+
+
+def test_auto_is_decided_by_a_config_without_aliases(config_path, encoder):
+    router = _router_with_aliases(config_path, encoder, "")
+    decision = router.decide(chat("tell me a joke about cats", "auto"), "r")
+    assert (decision.route_id, decision.reason) == ("lite", "semantic")
+    assert router.aliases == {"auto": None}
+
+
+def test_a_config_may_still_map_auto_to_a_route(config_path, encoder):
+    router = _router_with_aliases(config_path, encoder, "aliases: {auto: deep}")
+    decision = router.decide(chat("tell me a joke about cats", "auto"), "r")
+    assert (decision.route_id, decision.reason) == ("deep", "override")
 
 
 @pytest.mark.parametrize(

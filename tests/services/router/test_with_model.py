@@ -168,3 +168,33 @@ def test_a_broken_config_is_refused_by_the_cli_with_its_line(tmp_path):
     assert result.returncode == 1
     assert "bad.yaml:6: routes[0].threshold" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_eval_without_aliases_routes_and_warns_when_items_name_a_model(tmp_path):
+    config = tmp_path / "no-aliases.yaml"
+    text = (EXAMPLES / "lite-deep.yaml").read_text()
+    config.write_text(re.sub(r"(?m)^aliases:.*$", "", text).replace(
+        "utterances_file: lite-deep/", f"utterances_file: {EXAMPLES}/lite-deep/"))
+    items = [json.loads(line) for line in
+             (EXAMPLES / "lite-deep.eval.jsonl").read_text().splitlines()[:40]]
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps(item) + "\n" for item in items))
+    result = _cli("eval", "--config", str(config), "--dataset", str(routed),
+                  "--out", str(tmp_path / "a"), "--strict")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["unrouted_share"] == 0.0
+    assert "passthrough" not in report["reasons"]
+    assert report["accuracy"] >= 0.8
+
+    named = tmp_path / "named.jsonl"
+    named.write_text("".join(json.dumps({**item, "model": "gpt-4o"}) + "\n" for item in items))
+    warned = _cli("eval", "--config", str(config), "--dataset", str(named),
+                  "--out", str(tmp_path / "b"))
+    assert warned.returncode == 0, warned.stderr
+    assert "warning" in warned.stderr
+    assert "passthrough" in warned.stderr
+    strict = _cli("eval", "--config", str(config), "--dataset", str(named),
+                  "--out", str(tmp_path / "c"), "--strict")
+    assert strict.returncode == 1
+    assert "100%" in strict.stderr
