@@ -104,7 +104,7 @@ class AuditWriter:
         )
         self.consumer.subscribe(self.topics, listener=_Rebalance(self))
         await self.consumer.start()
-        self.ctx.readiness.set("audit_dir", True, str(self.settings.audit_dir))
+        self.ctx.readiness.set("audit_dir", True, "writable")
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:

@@ -46,7 +46,7 @@ def build_router(
     """Load the config and its bank; in the embedded default, build the bank if needed.
     The ``current`` router's encoder is kept when the encoder config did not change: a
     reload that only edits routes need not load a model again."""
-    loaded = load_config(settings.router_config)
+    loaded = load_config(settings.router_config, settings.router_config_name)
     key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     qdrant = open_qdrant(settings.qdrant_url, settings.qdrant_path, key)
     if current is not None and current.encoder is not None and (
@@ -123,7 +123,7 @@ async def setup(ctx: ServiceContext) -> None:
         if announced_early is not None:
             await reloader.on_bank_published(announced_early)
         await reloader.start()
-        ctx.readiness.set("router", True, str(settings.router_config))
+        ctx.readiness.set("router", True, router.loaded.source)
 
     async def stop() -> None:
         if reloader is not None:

@@ -12,6 +12,8 @@ from routemesh.services.runtime.settings import ServiceSettings
 
 class GatewaySettings(ServiceSettings):
     router_config: Path = Path("deploy/examples/lite-deep.yaml")
+    # What decisions call the config (config_source); default: the file's base name.
+    router_config_name: str | None = Field(default=None, min_length=1, max_length=128)
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
     upstream_base_url: str = "http://127.0.0.1:4000/v1"

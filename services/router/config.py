@@ -152,9 +152,14 @@ class Utterance:
 @dataclass(frozen=True)
 class LoadedConfig:
     config: RouterConfig
+    # The config's logical name (its file's base name unless one is given): it travels in
+    # every decision, so it is never a local path.
     source: str
     sha256: str
     utterances: tuple[Utterance, ...]
+    # Every file the config was read from (itself first, then its utterance files): a
+    # change to any of them changes the router.
+    files: tuple[Path, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -294,10 +299,13 @@ def _read_utterance_file(path: Path, route_id: str, display: str) -> list[Uttera
     return utterances
 
 
-def load_config(path: Path | str) -> LoadedConfig:
-    """Read, validate and resolve a config file (utterance files relative to it)."""
+def load_config(path: Path | str, name: str | None = None) -> LoadedConfig:
+    """Read, validate and resolve a config file (utterance files relative to it).
+
+    ``name`` is what decisions and error messages call the config (default: the file's
+    base name); the path itself stays on this machine."""
     path = Path(path)
-    source = str(path)
+    source = name or path.name
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -305,6 +313,7 @@ def load_config(path: Path | str) -> LoadedConfig:
     config = parse_config(text, source)
     root = yaml.compose(text)
     utterances: list[Utterance] = []
+    files = [path]
     for i, route in enumerate(config.routes):
         own = [
             Utterance(route.id, u, "inline", n, f"{path.name}:routes[{i}].utterances[{n}]")
@@ -314,7 +323,9 @@ def load_config(path: Path | str) -> LoadedConfig:
             file_path = (path.parent / route.utterances_file).resolve()
             key = f"routes[{i}].utterances_file"
             if not file_path.is_file():
-                raise ConfigError(source, key, f"no such file {file_path}", _line_of(root, key))
+                raise ConfigError(source, key, f"no such file {route.utterances_file!r}",
+                                  _line_of(root, key))
+            files.append(file_path)
             try:
                 from_file = _read_utterance_file(file_path, route.id, route.utterances_file)
             except ValueError as exc:
@@ -330,4 +341,6 @@ def load_config(path: Path | str) -> LoadedConfig:
                 source, key, "a route needs utterances or an utterances_file", _line_of(root, key)
             )
         utterances += own
-    return LoadedConfig(config, source, canonical_sha256(config), tuple(utterances))
+    return LoadedConfig(
+        config, source, canonical_sha256(config), tuple(utterances), tuple(dict.fromkeys(files))
+    )

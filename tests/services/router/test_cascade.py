@@ -57,6 +57,7 @@ def test_semantic_match_carries_the_evidence(router, loaded):
     assert decision.match_provenance == "routes.yaml:routes[0].utterances[0]"
     assert len(decision.match_text_sha256) == 64
     assert decision.config_sha256 == loaded.sha256
+    assert decision.config_source == "routes.yaml", "a name, never a local path"
     assert decision.route_bank_sha256 == router.matcher.sha256
     assert decision.gateway_instance == "gw-test"
     assert layers(decision) == [("override", False), ("rules", False), ("semantic", True)]

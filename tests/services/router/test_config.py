@@ -108,3 +108,13 @@ def test_missing_utterance_file_and_empty_route_are_refused(config_path):
 def test_a_route_id_must_be_a_safe_label():
     with pytest.raises(ConfigError, match=r"routes\[0\].id"):
         parse_config(CONFIG.replace("  - id: lite", '  - id: "lite route!"'))
+
+
+def test_the_config_is_named_by_its_base_name_or_a_given_name_never_its_path(config_path):
+    assert load_config(config_path).source == "routes.yaml"
+    assert load_config(config_path, "prod-routing").source == "prod-routing"
+    (config_path.parent / "deep.txt").unlink()
+    with pytest.raises(ConfigError) as info:
+        load_config(config_path)
+    assert str(config_path.parent) not in str(info.value)
+    assert str(info.value).startswith("routes.yaml:")
