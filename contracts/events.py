@@ -100,6 +100,13 @@ class RouteDecided(Event, frozen=True, kw_only=True):
 
 
 class CompletionObserved(Event, frozen=True, kw_only=True):
+    """One request's upstream calls: what was served, how it went, and any escalation.
+
+    1.1: ``escalation_gates`` and ``escalation_recovered``; ``target_model`` is the model
+    whose answer was served.
+    """
+
+    schema_version: str = "1.1"
     request_id: str
     route_id: RouteId
     target_model: str
@@ -115,8 +122,14 @@ class CompletionObserved(Event, frozen=True, kw_only=True):
     stream: bool = False
     # upstream_<status>, connect_error, connect_timeout, read_timeout or disconnected.
     error_class: str | None = None
+    # The models tried, in order, and why the first was not enough: the first failed gate,
+    # or ``upstream_failure`` when a fallback route answered instead.
     escalation_path: tuple[str, ...] = ()
     escalation_reason: str | None = None
+    # Every gate the first answer failed (escalation_reason names the first of them).
+    escalation_gates: tuple[str, ...] = ()
+    # Whether the escalated answer passed the gates; None when nothing was escalated.
+    escalation_recovered: bool | None = None
 
 
 class OutcomeReported(Event, frozen=True, kw_only=True):
@@ -224,14 +237,21 @@ class ReviewMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PromptReviewCaptured(Event, frozen=True, kw_only=True):
-    """Opt-in only, on its own topic: the redacted prompt for human review."""
+    """Opt-in only, on its own topic: the redacted prompt for human review.
 
+    1.1: only the latest user message is captured, cut to a configured length;
+    ``original_chars`` and ``truncated`` say how long it was and whether it was cut.
+    """
+
+    schema_version: str = "1.1"
     request_id: str
     route_id: RouteId
     reason: DecisionReason
     mode: Literal["redacted"] = "redacted"
     messages: tuple[ReviewMessage, ...] = ()
     redactions: Count = 0
+    original_chars: Count | None = None
+    truncated: bool = False
 
 
 class DeadLetter(Event, frozen=True, kw_only=True):

@@ -38,7 +38,7 @@ OBSERVATION_FIELDS = frozenset(
         "schema_version", "occurred_at", "route_id", "target_model", "upstream_status",
         "duration_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "total_tokens",
         "finish_reason", "tools_requested", "tools_used", "stream", "error_class",
-        "escalation_path", "escalation_reason",
+        "escalation_path", "escalation_reason", "escalation_gates", "escalation_recovered",
     }
 )
 RECORD_FIELDS = frozenset(

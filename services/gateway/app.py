@@ -7,16 +7,14 @@ the completion reaches an event, a log line, a metric or a span.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -27,20 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
+from routemesh.contracts import Event, OutcomeReported, RouteDecided
 from routemesh.services.gateway.auth import ApiKeys
-from routemesh.services.gateway.gates import failed_gate
-from routemesh.services.gateway.publisher import EventPublisher
-from routemesh.services.gateway.review import redacted_capture, write_raw_local
+from routemesh.services.gateway.completion_stats import CompletionStats
+from routemesh.services.gateway.dispatch import Dispatched, Dispatcher
+from routemesh.services.gateway.review import Excerpt, redacted_capture, write_raw_local
 from routemesh.services.gateway.settings import GatewaySettings
-from routemesh.services.gateway.upstream import (
-    Upstream,
-    UpstreamResponse,
-    UpstreamStreamError,
-    UpstreamUnavailable,
-)
-from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
-from routemesh.services.router.config import RouteConfig
+from routemesh.services.gateway.upstream import UpstreamStreamError, upstream_failed
+from routemesh.services.router import Router, RouteRequest, UnknownRouteError
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -115,16 +107,23 @@ class _Metrics:
         )
 
 
+class Publisher(Protocol):
+    def offer(self, event: Event) -> None: ...
+
+
 @dataclass
 class GatewayState:
     settings: GatewaySettings
-    router: Any
-    upstream: Upstream
-    publisher: EventPublisher
+    # Swapped whole by a reload; a request reads it once and keeps that router.
+    router: Router
+    dispatcher: Dispatcher
+    publisher: Publisher
     registry: CollectorRegistry
     keys: ApiKeys | None = None
     # The service's provider; None is the global one (tests, embedding).
     tracer_provider: trace.TracerProvider | None = None
+    # Redacted review captures: a queue and spool of their own, never the events' ones.
+    review_publisher: Publisher | None = None
 
     def __post_init__(self) -> None:
         self.metrics = _Metrics(self.registry)
@@ -211,45 +210,6 @@ def _route_headers(decision: RouteDecided) -> dict[str, str]:
     }
 
 
-class _StreamStats:
-    """Reads the relayed SSE stream for finish reason, usage and tool calls, without
-    keeping any content."""
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.tools_used = False
-
-    def feed(self, chunk: bytes) -> None:
-        self.buffer += chunk
-        *lines, self.buffer = self.buffer.split(b"\n")
-        for line in lines:
-            line = line.strip()
-            if not line.startswith(b"data:") or line == b"data: [DONE]":
-                continue
-            try:
-                event = json.loads(line[5:])
-            except ValueError:
-                continue
-            _note_completion(self, event, delta=True)
-
-
-def _note_completion(stats: Any, body: Any, delta: bool) -> None:
-    if not isinstance(body, dict):
-        return
-    if isinstance(body.get("usage"), dict):
-        stats.usage = body["usage"]
-    for choice in body.get("choices") or []:
-        if not isinstance(choice, dict):
-            continue
-        if choice.get("finish_reason"):
-            stats.finish_reason = choice["finish_reason"]
-        message = choice.get("delta" if delta else "message") or {}
-        if isinstance(message, dict) and message.get("tool_calls"):
-            stats.tools_used = True
-
-
 def create_app(state: GatewayState) -> FastAPI:
     app = FastAPI(
         title="routemesh gateway",
@@ -279,12 +239,12 @@ def create_app(state: GatewayState) -> FastAPI:
         log.exception("unexpected error", extra={"path": request.url.path})
         return error_response(500, "internal error", "server_error", "internal_error")
 
-    async def decide(body: dict[str, Any], request: Request) -> RouteDecided:
+    async def decide(router: Router, body: dict[str, Any], request: Request) -> RouteDecided:
         override = request.headers.get("x-routemesh-route")
         started = time.perf_counter()
         with state.tracer.start_as_current_span("routemesh.decide") as span:
             try:
-                decision = await state.router.adecide(
+                decision = await router.adecide(
                     RouteRequest.from_body(body, override), _request_id(request)
                 )
             except UnknownRouteError as exc:
@@ -296,65 +256,50 @@ def create_app(state: GatewayState) -> FastAPI:
         return decision
 
     def capture(decision: RouteDecided, data: dict[str, Any]) -> None:
-        mode = state.settings.review_capture
-        if mode == "off":
+        settings = state.settings
+        if settings.review_capture == "off":
             return
-        messages = RouteRequest.from_body(data).messages
-        if mode == "redacted":
-            state.publisher.offer(redacted_capture(decision, messages))
+        excerpt = Excerpt.of(RouteRequest.from_body(data).messages, settings.review_max_chars)
+        if excerpt is None:
+            return
+        if settings.review_capture == "redacted":
+            if state.review_publisher is not None:
+                state.review_publisher.offer(redacted_capture(decision, excerpt))
         else:
-            write_raw_local(state.settings.review_dir, decision, messages)
+            write_raw_local(settings.review_dir, decision, excerpt)
 
-    def upstream_for(route: RouteConfig | None) -> tuple[str, str | None]:
-        current = state.settings
-        if route is not None and route.upstream_base_url:
-            # The config names the variable; the key itself lives only in the environment.
-            key_env = route.upstream_api_key_env
-            return route.upstream_base_url, os.environ.get(key_env) if key_env else None
-        key = current.upstream_api_key.get_secret_value() if current.upstream_api_key else None
-        return current.upstream_base_url, key
+    def count(decision: RouteDecided, status: int) -> None:
+        state.metrics.requests.labels("chat", decision.route_id, decision.reason,
+                                      f"{status // 100}xx").inc()
 
-    def observe(decision: RouteDecided, stream: bool, tools_requested: bool, started: float,
-                status: int | None, stats: Any = None, ttft: float | None = None,
-                error: str | None = None, path: tuple[str, ...] = (),
-                why: str | None = None) -> None:
-        usage = (stats.usage if stats else None) or {}
-        state.publisher.offer(CompletionObserved(
-            request_id=decision.request_id,
-            route_id=decision.route_id,
-            target_model=path[-1] if path else decision.target_model,
-            upstream_status=status,
-            duration_ms=(time.perf_counter() - started) * 1000,
-            ttft_ms=ttft * 1000 if ttft is not None else None,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            total_tokens=usage.get("total_tokens"),
-            finish_reason=stats.finish_reason if stats else None,
-            tools_requested=tools_requested,
-            tools_used=bool(stats and stats.tools_used),
-            stream=stream,
-            error_class=error,
-            escalation_path=path or (decision.target_model,),
-            escalation_reason=why,
-        ))
+    def answer(decision: RouteDecided, dispatched: Dispatched, stream: bool,
+               tools_requested: bool, started: float) -> Response:
+        """The client's response to a request whose upstream answer is complete (or
+        never came), and its observation."""
+        stats = CompletionStats.of_body(dispatched.body) if dispatched.body else None
+        state.publisher.offer(dispatched.observation(
+            decision, stream=stream, tools_requested=tools_requested, started=started,
+            stats=stats))
         state.metrics.upstream.labels(decision.route_id).observe(time.perf_counter() - started)
-
-    async def attempt(route: RouteConfig | None, model: str,
-                      data: dict[str, Any]) -> UpstreamResponse | UpstreamUnavailable:
-        base_url, api_key = upstream_for(route)
-        with state.tracer.start_as_current_span("routemesh.upstream") as span:
-            span.set_attribute("routemesh.target_model", model)
-            try:
-                return await state.upstream.open(
-                    base_url, api_key, json.dumps(dict(data, model=model)).encode()
-                )
-            except UpstreamUnavailable as exc:
-                return exc
-
-    def failed(outcome: UpstreamResponse | UpstreamUnavailable) -> bool:
-        return isinstance(outcome, UpstreamUnavailable) or (
-            outcome.status_code >= 500 or outcome.status_code == 429
-        )
+        failure = dispatched.failure
+        if failure is not None:
+            status = 504 if failure.timed_out else 502
+            count(decision, status)
+            return error_response(
+                status, f"upstream unavailable: {failure}", "upstream_error",
+                "upstream_timeout" if failure.timed_out else "upstream_unavailable",
+            )
+        assert dispatched.status is not None
+        assert dispatched.body is not None
+        status, body = dispatched.status, dispatched.body
+        if upstream_failed(status):
+            body = json.dumps({"error": {
+                "message": f"upstream failed with {status} after retries",
+                "type": "upstream_error", "code": "upstream_error"}}).encode()
+            status = 502
+        count(decision, status)
+        return Response(body, status_code=status, headers=_route_headers(decision),
+                        media_type="application/json")
 
     @app.post(
         "/v1/chat/completions",
@@ -362,77 +307,24 @@ def create_app(state: GatewayState) -> FastAPI:
     )
     async def chat_completions(request: Request) -> Response:
         data, parsed = await _body(request, ChatCompletionBody, state.settings.max_body_bytes)
-        decision = await decide(data, request)
+        # One router for the whole request: a reload swapping ``state.router`` while this
+        # request waits for the encoder must not give it another config's routes.
+        router = state.router
+        decision = await decide(router, data, request)
         capture(decision, data)
-        routes = {r.id: r for r in state.router.config.routes}
-        route = routes.get(decision.route_id)
         stream = bool(parsed.stream)
         tools_requested = bool(data.get("tools") or data.get("functions"))
-        headers = _route_headers(decision)
         started = time.perf_counter()
-        path, why = [decision.target_model], None
-
-        outcome = await attempt(route, decision.target_model, data)
-        if failed(outcome) and route is not None and route.fallback_route:
-            if isinstance(outcome, UpstreamResponse):
-                outcome.close()
-            route = routes[route.fallback_route]
-            path.append(route.target_model)
-            why = "upstream_failure"
-            outcome = await attempt(route, route.target_model, data)
-
-        def unavailable(failure: UpstreamUnavailable) -> Response:
-            observe(decision, stream, tools_requested, started, None, error=str(failure),
-                    path=tuple(path), why=why)
-            status = 504 if failure.timed_out else 502
-            state.metrics.requests.labels("chat", decision.route_id, decision.reason,
-                                          f"{status // 100}xx").inc()
-            return error_response(
-                status, f"upstream unavailable: {failure}", "upstream_error",
-                "upstream_timeout" if failure.timed_out else "upstream_unavailable",
-            )
-
-        if isinstance(outcome, UpstreamUnavailable):
-            return unavailable(outcome)
-        response = outcome
-        if response.status_code >= 400 or not stream:
-            try:
-                body = await response.read()
-            except UpstreamStreamError as exc:
-                return unavailable(exc)
-            status = response.status_code
-            escalate = route.escalate_to if route is not None and why is None else None
-            if status < 400 and escalate:
-                with contextlib.suppress(ValueError):
-                    why = failed_gate(data, json.loads(body), route.gates)
-                if why is not None:
-                    stronger = routes[escalate]
-                    path.append(stronger.target_model)
-                    second = await attempt(stronger, stronger.target_model, data)
-                    if isinstance(second, UpstreamResponse):
-                        with contextlib.suppress(UpstreamStreamError):
-                            second_body = await second.read()
-                            if second.status_code < 400:
-                                body, status = second_body, second.status_code
-            stats = _StreamStats()
-            with contextlib.suppress(ValueError):
-                _note_completion(stats, json.loads(body), delta=False)
-            error = None if status < 400 else f"upstream_{status}"
-            observe(decision, stream, tools_requested, started, status, stats, error=error,
-                    path=tuple(path), why=why)
-            if status >= 500 or status == 429:
-                body = json.dumps({"error": {
-                    "message": f"upstream failed with {status} after retries",
-                    "type": "upstream_error", "code": "upstream_error"}}).encode()
-                status = 502
-            state.metrics.requests.labels("chat", decision.route_id, decision.reason,
-                                          f"{status // 100}xx").inc()
-            return Response(body, status_code=status, headers=headers,
-                            media_type="application/json")
+        if not stream:
+            dispatched = await state.dispatcher.complete(router, decision, data)
+            return answer(decision, dispatched, False, tools_requested, started)
+        dispatched = await state.dispatcher.open_stream(router, decision, data)
+        response = dispatched.stream
+        if response is None:
+            return answer(decision, dispatched, True, tools_requested, started)
 
         async def relay() -> AsyncIterator[bytes]:
-            stats, first = _StreamStats(), None
-            error = None
+            stats, first, error = CompletionStats(), None, None
             try:
                 async for chunk in response.chunks():
                     if first is None:
@@ -445,11 +337,15 @@ def create_app(state: GatewayState) -> FastAPI:
             finally:
                 # Also reached when the client goes away: closing cancels the upstream call.
                 response.close()
-                observe(decision, True, tools_requested, started, response.status_code,
-                        stats, first, error, path=tuple(path), why=why)
+                state.publisher.offer(dispatched.observation(
+                    decision, stream=True, tools_requested=tools_requested, started=started,
+                    stats=stats, ttft_s=first, error_class=error))
+                state.metrics.upstream.labels(decision.route_id).observe(
+                    time.perf_counter() - started)
 
-        state.metrics.requests.labels("chat", decision.route_id, decision.reason, "2xx").inc()
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+        count(decision, 200)
+        return StreamingResponse(relay(), media_type="text/event-stream",
+                                 headers=_route_headers(decision))
 
     @app.post(
         "/v1/route",
@@ -460,7 +356,7 @@ def create_app(state: GatewayState) -> FastAPI:
         if not parsed.messages and parsed.input is None:
             raise ApiError(400, "invalid request body: give messages or input",
                            "invalid_request_error", "invalid_body")
-        decision = await decide(data, request)
+        decision = await decide(state.router, data, request)
         state.metrics.requests.labels("route", decision.route_id, decision.reason, "2xx").inc()
         return Response(msgspec.json.encode(decision), media_type="application/json",
                         headers=_route_headers(decision))

@@ -1,7 +1,7 @@
 """Deterministic escalation gates: code that judges a cheap model's answer, never a model.
 
-A gate reads the answer to decide and forgets it; only the name of the gate that
-failed is kept (in the observation)."""
+A gate reads the answer to decide and forgets it; only the names of the gates that
+failed are kept (in the observation)."""
 
 from __future__ import annotations
 
@@ -11,33 +11,38 @@ from typing import Any
 from routemesh.services.router.config import EscalationGates
 
 
-def failed_gate(request: dict[str, Any], response: Any, gates: EscalationGates) -> str | None:
-    """The name of the first gate the answer fails, or None if it passes them all."""
+def failed_gates(request: dict[str, Any], response: Any, gates: EscalationGates) -> list[str]:
+    """The names of every gate the answer fails, in a fixed order; empty if it passes.
+
+    An answer that is not a completion object fails ``empty``; an empty answer is not
+    also reported ``too_short``."""
     choices = response.get("choices") if isinstance(response, dict) else None
     message = (choices[0] or {}).get("message") if choices else None
     if not isinstance(message, dict):
-        return "empty"
+        return ["empty"]
     content = message.get("content") if isinstance(message.get("content"), str) else ""
     tool_calls = message.get("tool_calls") or []
     choice = request.get("tool_choice")
     tool_required = choice == "required" or isinstance(choice, dict)
     if gates.tool_call_when_required and request.get("tools") and tool_required:
-        return None if tool_calls else "tool_call_missing"
+        return [] if tool_calls else ["tool_call_missing"]
     if tool_calls:
-        return None
+        return []
     text = content.strip()
     if not text:
-        return "empty"
+        return ["empty"]
+    failed = []
     if len(text) < gates.min_chars:
-        return "too_short"
+        failed.append("too_short")
     lowered = text.lower()
-    if any(phrase in lowered for phrase in gates.refusal_phrases):
-        return "refusal"
-    wants_json = (request.get("response_format") or {}).get("type") in ("json_object",
-                                                                       "json_schema")
+    if any(phrase.lower() in lowered for phrase in gates.refusal_phrases):
+        failed.append("refusal")
+    response_format = request.get("response_format")
+    wants_json = isinstance(response_format, dict) and response_format.get("type") in (
+        "json_object", "json_schema")
     if gates.json_when_asked and wants_json:
         try:
             json.loads(text)
         except ValueError:
-            return "invalid_json"
-    return None
+            failed.append("invalid_json")
+    return failed

@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
+from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import msgspec
@@ -49,6 +52,34 @@ class Producer(Protocol):
     ) -> None: ...
 
 
+class _Metrics:
+    """One set of series per registry; each publisher writes under its ``queue`` label."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.depth = Gauge("routemesh_gateway_publish_queue_events",
+                           "Events waiting in memory to be published", ["queue"],
+                           registry=registry)
+        self.spool_bytes = Gauge("routemesh_gateway_spool_bytes",
+                                 "Bytes of events waiting in the disk spool", ["queue"],
+                                 registry=registry)
+        self.spooled = Counter("routemesh_gateway_spooled_events_total",
+                               "Events written to the disk spool", ["queue"], registry=registry)
+        self.failures = Counter("routemesh_gateway_publish_failures_total",
+                                "Publish attempts the broker did not confirm", ["queue"],
+                                registry=registry)
+        self.dropped = Counter("routemesh_gateway_publish_dropped_total",
+                               "Events dropped: queue full and no spool configured", ["queue"],
+                               registry=registry)
+        self.published = Counter("routemesh_gateway_published_events_total",
+                                 "Events the broker confirmed", ["queue"], registry=registry)
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
+# What becomes of a spool line that cannot be read back: an event to publish in its
+# place (a dead letter), or None when it was set aside some other way.
+Unreadable = Callable[[bytes, int, Exception], Event | None]
+
+
 class EventPublisher:
     def __init__(
         self,
@@ -59,30 +90,28 @@ class EventPublisher:
         concurrency: int = 64,
         spool: Spool | None = None,
         tracer_provider: trace.TracerProvider | None = None,
+        *,
+        queue: str = "events",
+        unreadable: Unreadable | None = None,
     ) -> None:
         self.producer = producer
         self.settings = settings
         self.tracer = trace.get_tracer("routemesh.gateway", tracer_provider=tracer_provider)
         self.spool = spool
+        self.unreadable = unreadable or spool_dead_letter
         # Each event keeps the trace context it was offered in, so its publish span (and
         # the traceparent header) continue the request's trace from the background task.
         self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
         self.concurrency = concurrency
         self._inflight: list[Item] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self.depth = Gauge("routemesh_gateway_publish_queue_events",
-                           "Events waiting in memory to be published", registry=registry)
-        self.spool_bytes = Gauge("routemesh_gateway_spool_bytes",
-                                 "Bytes of events waiting in the disk spool", registry=registry)
-        self.spooled = Counter("routemesh_gateway_spooled_events_total",
-                               "Events written to the disk spool", registry=registry)
-        self.failures = Counter("routemesh_gateway_publish_failures_total",
-                                "Publish attempts the broker did not confirm", registry=registry)
-        self.dropped = Counter("routemesh_gateway_publish_dropped_total",
-                               "Events dropped: queue full and no spool configured",
-                               registry=registry)
-        self.published = Counter("routemesh_gateway_published_events_total",
-                                 "Events the broker confirmed", registry=registry)
+        metrics = _METRICS.get(registry) or _METRICS.setdefault(registry, _Metrics(registry))
+        self.depth = metrics.depth.labels(queue)
+        self.spool_bytes = metrics.spool_bytes.labels(queue)
+        self.spooled = metrics.spooled.labels(queue)
+        self.failures = metrics.failures.labels(queue)
+        self.dropped = metrics.dropped.labels(queue)
+        self.published = metrics.published.labels(queue)
 
     def offer(self, event: Event) -> None:
         """Never blocks on Kafka: the event is queued, spooled, or (no spool) dropped."""
@@ -156,7 +185,9 @@ class EventPublisher:
                 try:
                     items.append(read_spool_line(line))
                 except (EventDecodeError, msgspec.DecodeError) as exc:
-                    items.append((spool_dead_letter(line, offset, exc), Context()))
+                    replacement = self.unreadable(line, offset, exc)
+                    if replacement is not None:
+                        items.append((replacement, Context()))
             await self._confirm_all(items)
             self.spool.confirm(end)
             self.spool_bytes.set(self.spool.pending_bytes)
@@ -196,6 +227,19 @@ def spool_dead_letter(line: bytes, offset: int, exc: Exception) -> DeadLetter:
     return DeadLetter(original=line, source_topic=SPOOL_SOURCE, partition=-1, offset=offset,
                       service="gateway", error_kind=kind,
                       error=str(exc)[:DEAD_LETTER_ERROR_CHARS])
+
+
+def quarantine(path: Path) -> Unreadable:
+    """Set unreadable spool lines aside in a local file instead of dead-lettering them:
+    for spools whose lines may hold text that must not reach a shared topic."""
+
+    def set_aside(line: bytes, offset: int, exc: Exception) -> None:
+        with path.open("ab") as handle:
+            handle.write(line + b"\n")
+        log.error("an unreadable spool line was set aside",
+                  extra={"spool_offset": offset, "file": path.name})
+
+    return set_aside
 
 
 def spool_line(event: Event, ctx: Context) -> bytes:

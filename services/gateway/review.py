@@ -1,11 +1,14 @@
 """Opt-in prompt capture for human review, kept apart from everything else: ``redacted``
-publishes to ``prompts.review.v1`` with secrets masked, ``raw_local`` writes to a local
-directory only. Off by default."""
+publishes to ``prompts.review.v1`` (through a queue and spool of its own, under the
+review directory) with secrets masked, ``raw_local`` writes to a local directory only.
+Off by default. Only the latest user message is captured, cut to a bounded length: what a
+reviewer needs to judge a route, not the system prompt or tool output around it."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,28 +31,41 @@ def redact(text: str) -> tuple[str, int]:
     return text, count
 
 
-def redacted_capture(
-    decision: RouteDecided, messages: tuple[tuple[str, str], ...]
-) -> PromptReviewCaptured:
-    cleaned, total = [], 0
-    for role, content in messages:
-        text, count = redact(content)
-        cleaned.append(ReviewMessage(role=role, content=text))
-        total += count
+@dataclass(frozen=True)
+class Excerpt:
+    """The latest user message, cut to ``max_chars``."""
+
+    text: str
+    original_chars: int
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.text) < self.original_chars
+
+    @classmethod
+    def of(cls, messages: tuple[tuple[str, str], ...], max_chars: int) -> Excerpt | None:
+        for role, text in reversed(messages):
+            if role == "user" and text:
+                return cls(text[:max_chars], len(text))
+        return None
+
+
+def redacted_capture(decision: RouteDecided, excerpt: Excerpt) -> PromptReviewCaptured:
+    text, count = redact(excerpt.text)
     return PromptReviewCaptured(
         request_id=decision.request_id, route_id=decision.route_id, reason=decision.reason,
-        messages=tuple(cleaned), redactions=total,
+        messages=(ReviewMessage(role="user", content=text),), redactions=count,
+        original_chars=excerpt.original_chars, truncated=excerpt.truncated,
     )
 
 
-def write_raw_local(
-    directory: Path, decision: RouteDecided, messages: tuple[tuple[str, str], ...]
-) -> None:
+def write_raw_local(directory: Path, decision: RouteDecided, excerpt: Excerpt) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     day = datetime.now(UTC).date().isoformat()
     line = json.dumps({
         "request_id": decision.request_id, "route_id": decision.route_id,
-        "reason": decision.reason, "messages": [list(m) for m in messages],
+        "reason": decision.reason, "messages": [["user", excerpt.text]],
+        "original_chars": excerpt.original_chars, "truncated": excerpt.truncated,
     })
     with (directory / f"{day}.jsonl").open("a", encoding="utf-8") as handle:
         handle.write(line + "\n")

@@ -15,7 +15,8 @@ from routemesh.contracts import Event, RouteBankPublished
 from routemesh.contracts.topics import ROUTEBANK_CHANGES
 from routemesh.services.gateway.app import GatewayState, create_app
 from routemesh.services.gateway.auth import ApiKeys
-from routemesh.services.gateway.publisher import EventPublisher
+from routemesh.services.gateway.dispatch import Dispatcher
+from routemesh.services.gateway.publisher import EventPublisher, quarantine
 from routemesh.services.gateway.reload import Reloader
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.spool import Spool
@@ -72,6 +73,15 @@ async def setup(ctx: ServiceContext) -> None:
     publisher = EventPublisher(producer, settings, ctx.registry, settings.publish_queue_size,
                                spool=Spool(settings.spool_dir),
                                tracer_provider=ctx.tracer_provider)
+    # Review captures hold (redacted) prompt text: a queue and a spool of their own under
+    # the review directory, and a line that cannot be read back stays there, never the DLQ.
+    review_spool = settings.review_dir / "spool"
+    review = EventPublisher(
+        producer, settings, ctx.registry, settings.publish_queue_size,
+        spool=Spool(review_spool), tracer_provider=ctx.tracer_provider, queue="review",
+        unreadable=quarantine(review_spool / "unreadable.jsonl"),
+    ) if settings.review_capture == "redacted" else None
+    publishers = [p for p in (publisher, review) if p is not None]
     upstream = Upstream(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
                         settings.upstream_max_retries)
     server: _EmbeddedServer | None = None
@@ -105,10 +115,11 @@ async def setup(ctx: ServiceContext) -> None:
         )
         built_at = time.time()
         router = await asyncio.to_thread(build_router, settings, instance)
-        state = GatewayState(settings, router, upstream, publisher, ctx.registry, keys,
-                             ctx.tracer_provider)
+        state = GatewayState(settings, router, Dispatcher(settings, upstream, ctx.tracer_provider),
+                             publisher, ctx.registry, keys, ctx.tracer_provider, review)
         await producer.start()
-        await publisher.start()
+        for each in publishers:
+            await each.start()
         config = uvicorn.Config(create_app(state), host=settings.http_host,
                                 port=settings.http_port, log_config=None, lifespan="off",
                                 access_log=False,
@@ -131,7 +142,8 @@ async def setup(ctx: ServiceContext) -> None:
         if server is not None and serving is not None:
             server.should_exit = True
             await serving
-        await publisher.drain(timeout_s=5.0)
+        for each in publishers:
+            await each.drain(timeout_s=5.0)
         await producer.stop()
         await upstream.aclose()
 

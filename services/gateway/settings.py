@@ -34,6 +34,8 @@ class GatewaySettings(ServiceSettings):
     # prompts.review topic) or raw_local (to review_dir on this machine only).
     review_capture: Literal["off", "redacted", "raw_local"] = "off"
     review_dir: Path = Path("review")
+    # Of the latest user message, at most this many characters are captured.
+    review_max_chars: int = Field(default=4000, ge=1, le=1_000_000)
     # Embedded default only: build or refresh the route bank in Qdrant local mode at
     # start. Against a Qdrant server the bank is built by `routemesh bank build`.
     bank_autobuild: bool = False

@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+def upstream_failed(status: int) -> bool:
+    """The one rule for an answer that is the upstream's failure, not the request's: it is
+    retried, served by a fallback route, and reaches the client as a 502."""
+    return status == 429 or status >= 500
+
+
 # Below uvicorn's (so vLLM's and LiteLLM's) 5 s keep-alive, so the server is never the
 # one to close a connection we are about to reuse.
 KEEPALIVE_S = 4.0
@@ -114,7 +120,7 @@ class Upstream:
                 continue
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise _failure(exc) from None
-            if response.status in RETRYABLE_STATUS and attempt < self.max_retries:
+            if upstream_failed(response.status) and attempt < self.max_retries:
                 response.release()
                 continue
             return UpstreamResponse(response)

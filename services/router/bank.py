@@ -195,7 +195,7 @@ def _qdrant_sparse(vector: SparseVector) -> models.SparseVector:
 
 
 @dataclass(frozen=True, slots=True)
-class RouteScore:
+class RouteMatch:
     route_id: str
     score: float
     entry: BankEntry
@@ -211,12 +211,12 @@ class Matcher:
 
     def match(
         self, dense: np.ndarray, sparse: SparseVector, semantic: SemanticConfig
-    ) -> list[RouteScore]:
+    ) -> list[RouteMatch]:
         raise NotImplementedError
 
     def match_many(
         self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig
-    ) -> list[list[RouteScore]]:
+    ) -> list[list[RouteMatch]]:
         """One ranking per row of ``dense``."""
         return [self.match(row, query, semantic) for row, query in zip(dense, sparse, strict=True)]
 
@@ -259,12 +259,12 @@ class RouteBank(Matcher):
 
     def match(
         self, dense: np.ndarray, sparse: SparseVector, semantic: SemanticConfig
-    ) -> list[RouteScore]:
+    ) -> list[RouteMatch]:
         return self.match_many(dense[None, :], [sparse], semantic)[0]
 
     def match_many(
         self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig
-    ) -> list[list[RouteScore]]:
+    ) -> list[list[RouteMatch]]:
         # One matrix product for the whole batch: far cheaper than a product per query.
         # A lone query takes the matrix-vector path: a one-column GEMM has a p95 about
         # twice a GEMV's on a 10k bank (measured while writing bench/decision.py).
@@ -285,7 +285,7 @@ class RouteBank(Matcher):
         rankings = []
         for column in range(blended.shape[1]):
             scores = [
-                RouteScore(
+                RouteMatch(
                     self.entries[row].route_id,
                     float(blended[row, column]),
                     self.entries[row],
@@ -374,7 +374,7 @@ class QdrantMatcher(Matcher):
 
     def match(
         self, dense: np.ndarray, sparse: SparseVector, semantic: SemanticConfig
-    ) -> list[RouteScore]:
+    ) -> list[RouteMatch]:
         w = semantic.dense_weight
         squashed = models.DivExpression(
             div=models.DivParams(
@@ -402,13 +402,13 @@ class QdrantMatcher(Matcher):
             limit=2 * k,
             with_payload=True,
         )
-        ranked: dict[str, RouteScore] = {}
+        ranked: dict[str, RouteMatch] = {}
         for point in result.points:
             payload = point.payload or {}
             route_id = payload["route_id"]
             if route_id in ranked:
                 continue
-            ranked[route_id] = RouteScore(
+            ranked[route_id] = RouteMatch(
                 route_id, float(point.score), _payload_entry(payload), float("nan"), float("nan")
             )
         return sorted(ranked.values(), key=lambda r: -r.score)

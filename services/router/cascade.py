@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 
 from routemesh.contracts import FormatSignals, LayerAttempt, RouteDecided
-from routemesh.services.router.bank import Matcher, RouteScore
-from routemesh.services.router.config import LoadedConfig, RuleConfig
+from routemesh.services.router.bank import Matcher, RouteMatch
+from routemesh.services.router.config import LoadedConfig, Route, RuleConfig
 from routemesh.services.router.encoders import DenseEncoder, MicroBatcher, SparseEncoder
 
 PASSTHROUGH_ROUTE = "passthrough"
@@ -146,7 +146,7 @@ class Router:
         # Concurrent async decisions share encode-and-match calls, run side by side as
         # the encoder allows, each answering its batch piece by piece.
         self._piece = (encoder.batch_hint if encoder is not None else None) or 1
-        self.batcher: MicroBatcher[str, list[RouteScore]] = MicroBatcher(
+        self.batcher: MicroBatcher[str, list[RouteMatch]] = MicroBatcher(
             self._rank_pieces,
             loaded.config.encoder.batch_size,
             loaded.config.encoder.max_wait_ms,
@@ -161,6 +161,18 @@ class Router:
         self._rules = [(rule, _compile(rule)) for rule in self.config.rules]
 
     # -- public API -------------------------------------------------------------------
+
+    def route(self, route_id: str) -> Route | None:
+        """A decided route's config; None for a passthrough."""
+        return self._routes.get(route_id)
+
+    @property
+    def config_sha256(self) -> str:
+        return self.loaded.sha256
+
+    @property
+    def bank_sha256(self) -> str | None:
+        return self.matcher.sha256 if self.matcher is not None else None
 
     def decide(self, request: RouteRequest, request_id: str) -> RouteDecided:
         draft, decided = self._before_semantic(request, request_id)
@@ -260,14 +272,14 @@ class Router:
         draft.attempts.append(LayerAttempt(layer="rules", latency_ms=_ms(t0)))
         return None
 
-    def _rank_batch(self, texts: list[str]) -> list[list[RouteScore]]:
+    def _rank_batch(self, texts: list[str]) -> list[list[RouteMatch]]:
         if self.encoder is None or self.matcher is None:
             raise RuntimeError("no encoder or route bank loaded")
         dense = self.encoder.encode(texts)
         sparse = [SparseEncoder.query(text) for text in texts]
         return self.matcher.match_many(dense, sparse, self.config.semantic)
 
-    def _rank_pieces(self, texts: list[str]) -> Iterator[list[RouteScore]]:
+    def _rank_pieces(self, texts: list[str]) -> Iterator[list[RouteMatch]]:
         """``_rank_batch`` in at most ``ANSWER_PIECES`` pieces (none smaller than the
         encoder's preferred batch), so the first callers of a big batch are answered
         before its last text is encoded. One text per piece cost about 20 % of the
@@ -277,7 +289,7 @@ class Router:
         for start in range(0, len(texts), step):
             yield from self._rank_batch(texts[start : start + step])
 
-    def _semantic(self, draft: _Draft, ranked: list[RouteScore], t0: float) -> RouteDecided:
+    def _semantic(self, draft: _Draft, ranked: list[RouteMatch], t0: float) -> RouteDecided:
         top = ranked[0]
         second = ranked[1] if len(ranked) > 1 else None
         threshold = self._routes[top.route_id].threshold
@@ -323,10 +335,10 @@ class Router:
         layer: str,
         *,
         score: float | None = None,
-        second: RouteScore | None = None,
+        second: RouteMatch | None = None,
         observed_margin: float | None = None,
         threshold: float | None = None,
-        match: RouteScore | None = None,
+        match: RouteMatch | None = None,
     ) -> RouteDecided:
         request = draft.request
         semantic_evidence = second is not None or threshold is not None

@@ -95,16 +95,16 @@ class RuleConfig(_Strict):
 class EscalationGates(_Strict):
     """Deterministic checks of a cheap model's answer; any failure escalates."""
 
-    min_chars: NonNegativeInt = 1
+    min_chars: NonNegativeInt = 80
+    # Hedges and refusals, matched case-insensitively anywhere in the answer.
     refusal_phrases: tuple[str, ...] = (
-        "i can't help with", "i cannot help with", "i'm not able to", "i am not able to",
-        "as an ai", "i'm sorry, but i can", "i don't know",
+        "as an ai", "i cannot", "i'm sorry, but", "i don't have access", "i am unable to",
     )
     json_when_asked: bool = True
     tool_call_when_required: bool = True
 
 
-class RouteConfig(_Strict):
+class Route(_Strict):
     id: RouteIdStr
     target_model: Annotated[str, msgspec.Meta(min_length=1)]
     threshold: Unit = 0.5
@@ -122,10 +122,10 @@ class RouteConfig(_Strict):
     gates: EscalationGates = EscalationGates()
 
 
-class RouterConfig(_Strict):
+class RoutingConfig(_Strict):
     version: Literal[1]
     default_route: RouteIdStr
-    routes: Annotated[tuple[RouteConfig, ...], msgspec.Meta(min_length=1)]
+    routes: Annotated[tuple[Route, ...], msgspec.Meta(min_length=1)]
     margin: Unit = 0.05
     encoder: EncoderConfig = EncoderConfig()
     semantic: SemanticConfig = SemanticConfig()
@@ -133,7 +133,7 @@ class RouterConfig(_Strict):
     rules: tuple[RuleConfig, ...] = ()
     aliases: dict[str, RouteIdStr | None] = {}
 
-    def route(self, route_id: str) -> RouteConfig:
+    def route(self, route_id: str) -> Route:
         for route in self.routes:
             if route.id == route_id:
                 return route
@@ -151,7 +151,7 @@ class Utterance:
 
 @dataclass(frozen=True)
 class LoadedConfig:
-    config: RouterConfig
+    config: RoutingConfig
     # The config's logical name (its file's base name unless one is given): it travels in
     # every decision, so it is never a local path.
     source: str
@@ -174,7 +174,7 @@ class ConfigError(ValueError):
         self.line = line
 
 
-def canonical_sha256(config: RouterConfig) -> str:
+def canonical_sha256(config: RoutingConfig) -> str:
     """sha256 of the validated config with sorted keys: key order, whitespace, comments
     and explicitly written defaults do not change it."""
     canonical = json.dumps(
@@ -216,8 +216,8 @@ def _line_of(root: yaml.Node | None, path: str) -> int | None:
     return line
 
 
-def parse_config(text: str, source: str = "<config>") -> RouterConfig:
-    """Validate YAML text into a RouterConfig (structure and cross-references)."""
+def parse_config(text: str, source: str = "<config>") -> RoutingConfig:
+    """Validate YAML text into a RoutingConfig (structure and cross-references)."""
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -230,7 +230,7 @@ def parse_config(text: str, source: str = "<config>") -> RouterConfig:
     if not isinstance(data, dict):
         raise ConfigError(source, "", "the config must be a mapping", 1)
     try:
-        config = msgspec.convert(data, RouterConfig, strict=True)
+        config = msgspec.convert(data, RoutingConfig, strict=True)
     except msgspec.ValidationError as exc:
         path, reason = _msgspec_path(str(exc))
         if reason.startswith("Object contains unknown field"):

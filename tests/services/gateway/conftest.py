@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from routemesh.services.gateway.app import GatewayState, create_app
+from routemesh.services.gateway.dispatch import Dispatcher
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import Upstream
 from routemesh.services.router.bank import build_bank, load_snapshot
@@ -131,6 +132,12 @@ class Served:
         return f"http://127.0.0.1:{self.port}"
 
 
+def reconfigure(gateway, **update) -> None:
+    """Change the running gateway's settings, as a restart with them would."""
+    settings = gateway.state.settings.model_copy(update=update)
+    gateway.state.settings = gateway.state.dispatcher.settings = settings
+
+
 class CollectingPublisher:
     def __init__(self) -> None:
         self.events: list = []
@@ -172,14 +179,16 @@ def gateway(upstream, tmp_path, gateway_config):
         upstream_base_url=f"{upstream.url}/v1", upstream_api_key="sk-upstream-secret-123",
         upstream_read_timeout_s=1.0, upstream_max_retries=2, max_body_bytes=20_000,
     )
-    publisher = CollectingPublisher()
+    publisher, review = CollectingPublisher(), CollectingPublisher()
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    state = GatewayState(settings, router, Upstream(1.0, 1.0, 2), publisher,
-                         CollectorRegistry(), tracer_provider=tracer_provider)
+    dispatcher = Dispatcher(settings, Upstream(1.0, 1.0, 2), tracer_provider)
+    state = GatewayState(settings, router, dispatcher, publisher, CollectorRegistry(),
+                         tracer_provider=tracer_provider, review_publisher=review)
     with Served(create_app(state)) as served:
         served.publisher = publisher
+        served.review = review
         served.state = state
         served.spans = spans
         yield served

@@ -34,6 +34,8 @@ def test_a_good_cheap_answer_is_not_escalated(client, gateway, behaviour):
     observation = only(gateway.publisher.events, CompletionObserved)
     assert observation.escalation_path == ("small-model",)
     assert observation.escalation_reason is None
+    assert observation.escalation_gates == ()
+    assert observation.escalation_recovered is None
 
 
 @pytest.mark.parametrize(
@@ -55,7 +57,56 @@ def test_a_failed_gate_escalates_and_the_client_gets_the_strong_answer(
     observation = only(gateway.publisher.events, CompletionObserved)
     assert observation.escalation_path == ("small-model", "large-model")
     assert observation.escalation_reason == gate
+    assert observation.escalation_gates == (gate,)
+    assert observation.escalation_recovered is True
     assert observation.target_model == "large-model"
+
+
+def test_every_failed_gate_is_recorded(client, gateway, behaviour):
+    behaviour.content_by_model = {"small-model": "{no",
+                                  "large-model": '{"answer": "a proper one"}'}
+    ask(client, response_format={"type": "json_object"})
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.escalation_reason == "too_short"
+    assert observation.escalation_gates == ("too_short", "invalid_json")
+    assert observation.escalation_recovered is True
+
+
+def test_a_failed_escalation_serves_the_cheap_answer_and_says_so(client, gateway, behaviour):
+    behaviour.content_by_model = {"small-model": "ok"}
+    behaviour.failing_models = {"large-model"}
+    completion = ask(client)
+    assert completion.choices[0].message.content == "ok"
+    assert [r["model"] for r in behaviour.requests] == ["small-model"] + ["large-model"] * 3
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.target_model == "small-model", "the model whose answer was served"
+    assert observation.upstream_status == 200
+    assert observation.escalation_path == ("small-model", "large-model")
+    assert (observation.escalation_reason, observation.escalation_gates) == (
+        "too_short", ("too_short",))
+    assert observation.escalation_recovered is False
+
+
+def test_an_escalated_answer_that_fails_the_gates_too_is_not_recovered(
+    client, gateway, behaviour
+):
+    behaviour.content_by_model = {"small-model": "no", "large-model": "As an AI."}
+    completion = ask(client)
+    # It fails two gates where the cheap answer failed one: the cheap answer is served.
+    assert completion.choices[0].message.content == "no"
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.target_model == "small-model"
+    assert observation.escalation_recovered is False
+
+    gateway.publisher.events.clear()
+    behaviour.requests.clear()
+    behaviour.content_by_model = {"small-model": "no", "large-model": "Nope."}
+    completion = ask(client)
+    # As many failed gates: the route asked for the stronger model, which is served.
+    assert completion.choices[0].message.content == "Nope."
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.target_model == "large-model"
+    assert observation.escalation_recovered is False
 
 
 def test_streaming_requests_are_never_escalated(client, behaviour):
@@ -73,10 +124,16 @@ def test_a_failing_upstream_falls_back_to_the_fallback_route(client, gateway, be
     assert observation.escalation_path == ("small-model", "large-model")
     assert observation.escalation_reason == "upstream_failure"
     assert observation.upstream_status == 200
+    assert observation.target_model == "large-model"
+    assert observation.escalation_gates == ()
 
 
-def test_when_the_fallback_fails_too_the_client_gets_a_502(client, behaviour):
+def test_when_the_fallback_fails_too_the_client_gets_a_502(client, gateway, behaviour):
     behaviour.failing_models = {"small-model", "large-model"}
     with pytest.raises(openai.APIStatusError) as info:
         ask(client)
     assert info.value.status_code == 502
+    observation = only(gateway.publisher.events, CompletionObserved)
+    assert observation.escalation_path == ("small-model", "large-model")
+    assert (observation.upstream_status, observation.error_class) == (503, "upstream_503")
+    assert observation.target_model == "large-model"

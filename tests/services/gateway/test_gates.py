@@ -1,6 +1,6 @@
 import pytest
 
-from routemesh.services.gateway.gates import failed_gate
+from routemesh.services.gateway.gates import failed_gates
 from routemesh.services.router.config import EscalationGates
 
 GATES = EscalationGates(min_chars=10)
@@ -14,33 +14,54 @@ def answer(content=None, tool_calls=None):
 
 
 @pytest.mark.parametrize(
-    ("request_", "response", "gate"),
+    ("request_", "response", "gates"),
     [
-        ({}, answer("A perfectly fine answer."), None),
-        ({}, answer(""), "empty"),
-        ({}, answer("   "), "empty"),
-        ({}, {"choices": []}, "empty"),
-        ({}, "not even an object", "empty"),
-        ({}, answer("Yes."), "too_short"),
-        ({}, answer("I'm sorry, but I can't do that for you."), "refusal"),
-        ({}, answer("As an AI, I have no opinion on this matter."), "refusal"),
+        ({}, answer("A perfectly fine answer."), []),
+        ({}, answer(""), ["empty"]),
+        ({}, answer("   "), ["empty"]),
+        ({}, {"choices": []}, ["empty"]),
+        ({}, "not even an object", ["empty"]),
+        ({}, None, ["empty"]),
+        ({}, answer("Yes."), ["too_short"]),
+        ({}, answer("I'm sorry, but I can't do that for you."), ["refusal"]),
+        ({}, answer("As an AI, I have no opinion on this matter."), ["refusal"]),
+        ({}, answer("I cannot."), ["too_short", "refusal"]),
         ({"response_format": {"type": "json_object"}}, answer("here you go: {bad"),
-         "invalid_json"),
+         ["invalid_json"]),
+        ({"response_format": {"type": "json_object"}}, answer("{bad"),
+         ["too_short", "invalid_json"]),
         ({"response_format": {"type": "json_object"}}, answer('{"answer": 42, "ok": true}'),
-         None),
+         []),
+        ({"response_format": "json"}, answer("not json, but not asked for properly"), []),
         ({"tools": [{"type": "function"}], "tool_choice": "required"},
-         answer("I would call the tool now."), "tool_call_missing"),
+         answer("I would call the tool now."), ["tool_call_missing"]),
         ({"tools": [{"type": "function"}], "tool_choice": "required"},
-         answer(None, [{"id": "1", "type": "function"}]), None),
+         answer(None, [{"id": "1", "type": "function"}]), []),
         ({"tools": [{"type": "function"}], "tool_choice": "auto"},
-         answer("No tool needed here, thanks."), None),
+         answer("No tool needed here, thanks."), []),
     ],
 )
-def test_each_gate(request_, response, gate):
-    assert failed_gate(request_, response, GATES) == gate
+def test_every_failing_gate_is_named(request_, response, gates):
+    assert failed_gates(request_, response, GATES) == gates
+
+
+def test_the_defaults_catch_short_answers_and_hedges():
+    defaults = EscalationGates()
+    assert defaults.min_chars == 80
+    long_enough = "x" * 80
+    assert failed_gates({}, answer(long_enough), defaults) == []
+    assert failed_gates({}, answer(long_enough[:-1]), defaults) == ["too_short"]
+    for hedge in ("As an AI", "I cannot", "I'm sorry, but", "I don't have access",
+                  "I am unable to"):
+        assert failed_gates({}, answer(f"{hedge} {long_enough}"), defaults) == ["refusal"]
+
+
+def test_phrases_match_whatever_their_case():
+    gates = EscalationGates(min_chars=1, refusal_phrases=("Out Of Scope",))
+    assert failed_gates({}, answer("that is out of scope here"), gates) == ["refusal"]
 
 
 def test_gates_can_be_turned_off():
     relaxed = EscalationGates(min_chars=1, json_when_asked=False, refusal_phrases=())
-    assert failed_gate({"response_format": {"type": "json_object"}},
-                       answer("As an AI: not json"), relaxed) is None
+    assert failed_gates({"response_format": {"type": "json_object"}},
+                        answer("As an AI: not json"), relaxed) == []

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided, encode_event
+from tests.services.gateway.conftest import reconfigure
 
 CANARY = "CANARY-gw-5e1d77"
 
@@ -128,8 +129,7 @@ def test_a_stalled_upstream_is_a_504(client, gateway, behaviour):
 
 
 def test_an_unreachable_upstream_is_a_502(gateway):
-    gateway.state.settings = gateway.state.settings.model_copy(
-        update={"upstream_base_url": "http://127.0.0.1:9/v1"})
+    reconfigure(gateway, upstream_base_url="http://127.0.0.1:9/v1")
     response = httpx.post(f"{gateway.url}/v1/chat/completions",
                           json={"model": "auto", "messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 502

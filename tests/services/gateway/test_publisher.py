@@ -6,7 +6,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import DeadLetter, OutcomeReported, decode_event, encode_event
-from routemesh.services.gateway.publisher import EventPublisher
+from routemesh.services.gateway.publisher import EventPublisher, quarantine
 from routemesh.services.gateway.spool import Spool
 from routemesh.services.runtime.kafka import event_address
 from routemesh.services.runtime.settings import ServiceSettings
@@ -69,7 +69,8 @@ async def test_without_a_spool_a_full_queue_drops_and_counts(tmp_path):
                                maxsize=3)
     for i in range(5):
         publisher.offer(event(i))
-    assert registry.get_sample_value("routemesh_gateway_publish_dropped_total") == 2
+    assert registry.get_sample_value(
+        "routemesh_gateway_publish_dropped_total", {"queue": "events"}) == 2
 
 
 async def test_spooled_events_keep_their_request_trace(tmp_path):
@@ -136,3 +137,21 @@ async def test_an_unreadable_spool_line_goes_whole_to_the_dead_letter_topic(tmp_
     assert first.error_kind not in ("", "undecodable_trace_context")
     assert second.error_kind == "undecodable_trace_context"
     assert Spool(tmp_path).pending_bytes == 0
+
+
+async def test_a_quarantined_spool_sets_unreadable_lines_aside_and_never_dead_letters(tmp_path):
+    spool = Spool(tmp_path)
+    spool.append([b"{redacted prompt text that no longer decodes", encode_event(event(1))])
+    spool.close()
+    up = StandInBroker(down=False)
+    aside = tmp_path / "unreadable.jsonl"
+    publisher = EventPublisher(up, ServiceSettings(), CollectorRegistry(), spool=Spool(tmp_path),
+                               queue="review", unreadable=quarantine(aside))
+    await publisher.start()
+    async with asyncio.timeout(10):
+        while not up.published:
+            await asyncio.sleep(0.01)
+    await publisher.drain(timeout_s=1)
+    assert up.published == ["r001"]
+    assert up.dead_letters == []
+    assert aside.read_bytes() == b"{redacted prompt text that no longer decodes\n"
