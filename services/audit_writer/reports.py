@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import msgspec
 import numpy as np
 
 from routemesh.services.audit_writer.records import RecordProblem, check_record
-from routemesh.services.audit_writer.store import list_files, read_lines
+from routemesh.services.audit_writer.store import AuditFile, list_files, read_lines
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -33,11 +34,40 @@ def _when(record: dict[str, Any]) -> datetime | None:
     return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
 
 
-def _pcts(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None}
-    array = np.asarray(values)
-    return {f"p{q}": float(np.percentile(array, q)) for q in (50, 95, 99)}
+class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Percentiles:
+        if not values:
+            return cls()
+        p50, p95, p99 = (float(v) for v in np.percentile(np.asarray(values), (50, 95, 99)))
+        return cls(p50=p50, p95=p95, p99=p99)
+
+
+class WindowSummary(msgspec.Struct, frozen=True, kw_only=True):
+    requests: int
+    route_share: dict[str, float]
+    reason_share: dict[str, float]
+    target_model_share: dict[str, float]
+    low_confidence_rate: float | None
+    embedding_error_rate: float | None
+    error_rate: float | None
+    non_2xx_rate: float | None
+    escalation_rate: float | None
+    decision_latency_ms: Percentiles
+    upstream_latency_ms: Percentiles
+    tokens: dict[str, int]
+
+
+class SummaryReport(msgspec.Struct, frozen=True, kw_only=True):
+    # The instant every window ends at: the newest record's time unless one was given,
+    # so the summary of an archived slice is the same whenever it is made.
+    anchored_at: datetime | None
+    files_read: int
+    windows: dict[str, WindowSummary]
 
 
 @dataclass
@@ -81,55 +111,83 @@ class _Window:
             for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
                 self.tokens[key] += observation.get(key) or 0
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> WindowSummary:
         def share(counter: Counter, total: int) -> dict[str, float]:
             return {str(k): v / total for k, v in counter.most_common()} if total else {}
 
         def rate(count: int, total: int) -> float | None:
             return count / total if total else None
 
-        return {
-            "requests": self.requests,
-            "route_share": share(self.routes, self.decisions),
-            "reason_share": share(self.reasons, self.decisions),
-            "target_model_share": share(self.models, self.decisions),
-            "low_confidence_rate": rate(self.reasons["low_confidence"], self.decisions),
-            "embedding_error_rate": rate(self.reasons["embedding_error"], self.decisions),
-            "error_rate": rate(self.errors, self.observations),
-            "non_2xx_rate": rate(self.non_2xx, self.observations),
-            "escalation_rate": rate(self.escalations, self.observations),
-            "decision_latency_ms": _pcts(self.decision_ms),
-            "upstream_latency_ms": _pcts(self.upstream_ms),
-            "tokens": dict(self.tokens),
-        }
+        return WindowSummary(
+            requests=self.requests,
+            route_share=share(self.routes, self.decisions),
+            reason_share=share(self.reasons, self.decisions),
+            target_model_share=share(self.models, self.decisions),
+            low_confidence_rate=rate(self.reasons["low_confidence"], self.decisions),
+            embedding_error_rate=rate(self.reasons["embedding_error"], self.decisions),
+            error_rate=rate(self.errors, self.observations),
+            non_2xx_rate=rate(self.non_2xx, self.observations),
+            escalation_rate=rate(self.escalations, self.observations),
+            decision_latency_ms=Percentiles.of(self.decision_ms),
+            upstream_latency_ms=Percentiles.of(self.upstream_ms),
+            tokens=dict(self.tokens),
+        )
 
 
-def summarize(
-    directory: Path, windows: dict[str, timedelta], since: timedelta | None, now: datetime
-) -> dict[str, Any]:
-    """Statistics per window, keyed by the window's label (as the user wrote it)."""
-    spans = list(windows.values())
-    horizon = max([*spans, since] if since else spans)
-    earliest_day = (now - horizon).date().isoformat()
-    stats = {label: (span, _Window()) for label, span in windows.items()}
-    for file in list_files(directory):
-        if file.day < earliest_day:
-            continue
+def _records(files: list[AuditFile]) -> Iterator[tuple[dict[str, Any], datetime]]:
+    for file in files:
         for _, line in read_lines(file):
             try:
                 record = msgspec.json.decode(line)
             except msgspec.DecodeError:
                 continue
-            when = _when(record)
-            if when is None:
-                continue
-            age = now - when
-            if since is not None and age > since:
+            when = _when(record) if isinstance(record, dict) else None
+            if when is not None:
+                yield record, when
+
+
+def newest_record_time(files: list[AuditFile]) -> datetime | None:
+    """The newest record's time, read from the newest day's files only."""
+    if not files:
+        return None
+    newest_day = files[-1].day
+    times = [when for _, when in _records([f for f in files if f.day == newest_day])]
+    return max(times, default=None)
+
+
+def summarize(
+    directory: Path,
+    windows: dict[str, timedelta],
+    since: timedelta | None,
+    now: datetime | None = None,
+    max_files: int | None = None,
+) -> SummaryReport:
+    """Statistics per window, keyed by the window's label (as the user wrote it).
+
+    Windows end at ``now``, by default the newest record's time; ``max_files`` reads only
+    the newest files (bounded work on a large directory)."""
+    files = list_files(directory)
+    if max_files is not None:
+        files = files[-max_files:] if max_files > 0 else []
+    anchor = now or newest_record_time(files)
+    stats = {label: (span, _Window()) for label, span in windows.items()}
+    read = []
+    if anchor is not None:
+        spans = list(windows.values())
+        horizon = max([*spans, since] if since else spans)
+        read = [f for f in files if f.day >= (anchor - horizon).date().isoformat()]
+        for record, when in _records(read):
+            age = anchor - when
+            if age < timedelta(0) or (since is not None and age > since):
                 continue
             for span, window_stats in stats.values():
                 if age <= span:
                     window_stats.add(record)
-    return {label: window_stats.result() for label, (_, window_stats) in stats.items()}
+    return SummaryReport(
+        anchored_at=anchor,
+        files_read=len(read),
+        windows={label: window_stats.result() for label, (_, window_stats) in stats.items()},
+    )
 
 
 @dataclass
@@ -170,7 +228,3 @@ def verify(directory: Path, limit: int = 50) -> tuple[int, list[Problem]]:
             if len(problems) >= limit:
                 return checked, problems
     return checked, problems
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from routemesh.services.audit_writer.reports import now_utc, parse_duration, summarize, verify
+from routemesh.services.audit_writer.reports import parse_duration, summarize, verify
 from routemesh.services.cli.output import err, fail
 
 audit_app = typer.Typer(help="Audit trail: summaries and verification.", no_args_is_help=True)
@@ -31,6 +32,11 @@ def summary(
     since: Annotated[str | None, typer.Option(help="Only records newer than this (1h).")] = None,
     window: Annotated[str, typer.Option(help="Comma-separated windows.")] = "15m,1h,24h",
     format: Annotated[Literal["table", "json"], typer.Option(help="Output format.")] = "table",
+    now: Annotated[str | None, typer.Option(
+        help="Where the windows end (ISO 8601, UTC if no offset); default: the newest "
+             "record's time, so an archived slice summarises the same on any day.")] = None,
+    max_files: Annotated[int | None, typer.Option(
+        min=0, help="Read at most the newest N audit files.")] = None,
 ) -> None:
     """Per window: requests, route/reason/model shares, rates, latencies, tokens."""
     if not directory.is_dir():
@@ -38,13 +44,16 @@ def summary(
     try:
         windows = {w.strip(): parse_duration(w) for w in window.split(",") if w.strip()}
         since_delta = parse_duration(since) if since else None
+        anchor = _instant(now) if now else None
     except ValueError as exc:
         raise fail(str(exc), 2) from None
-    result = summarize(directory, windows, since_delta, now_utc())
+    report = summarize(directory, windows, since_delta, anchor, max_files)
     if format == "json":
-        print(json.dumps(result, indent=2))
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
         return
-    table = Table(title=f"audit summary of {directory}")
+    anchored = report.anchored_at.isoformat() if report.anchored_at else "no records"
+    result = {label: msgspec.to_builtins(w) for label, w in report.windows.items()}
+    table = Table(title=f"audit summary of {directory}, windows ending {anchored}")
     table.add_column("metric")
     for label in result:
         table.add_column(label, justify="right")
@@ -62,6 +71,14 @@ def summary(
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
         table.add_row(name, *(_fmt(r["tokens"].get(name, 0)) for r in result.values()))
     Console().print(table)
+
+
+def _instant(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--now: not an ISO 8601 time: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @audit_app.command("verify")

@@ -117,15 +117,35 @@ def test_summary_reads_plain_and_gzip_files(tmp_path):
     store.maintain(date(2026, 11, 23), retention_days=30, retention_bytes=10**9)
     store.close()
     windows = {"15m": timedelta(minutes=15), "48h": timedelta(hours=48)}
-    result = summarize(tmp_path, windows, None,
-                       DAY + timedelta(seconds=1))
-    assert result["15m"]["requests"] == 5
-    assert result["48h"]["requests"] == 15
-    assert result["15m"]["non_2xx_rate"] == 0.2
-    assert result["15m"]["error_rate"] == 0.2
-    assert result["15m"]["route_share"] == {"lite": 1.0}
-    assert result["48h"]["tokens"]["total_tokens"] == 450
-    assert result["15m"]["decision_latency_ms"]["p50"] == 4.0
+    report = summarize(tmp_path, windows, None, DAY + timedelta(seconds=1))
+    result = report.windows
+    assert report.anchored_at == DAY + timedelta(seconds=1)
+    assert result["15m"].requests == 5
+    assert result["48h"].requests == 15
+    assert result["15m"].non_2xx_rate == 0.2
+    assert result["15m"].error_rate == 0.2
+    assert result["15m"].route_share == {"lite": 1.0}
+    assert result["48h"].tokens["total_tokens"] == 450
+    assert result["15m"].decision_latency_ms.p50 == 4.0
+
+
+def test_the_summary_ends_at_the_newest_record_so_an_archive_reads_the_same_any_day(tmp_path):
+    store = AuditStore(tmp_path)
+    store.append(records(3, day=DAY - timedelta(hours=30), prefix="old-"))
+    store.append(records(2, day=DAY - timedelta(minutes=10), prefix="a-"))
+    store.append(records(1, day=DAY, prefix="newest-"))
+    store.close()
+    windows = {"15m": timedelta(minutes=15), "48h": timedelta(hours=48)}
+    report = summarize(tmp_path, windows, None)
+    assert report.anchored_at == DAY
+    assert (report.windows["15m"].requests, report.windows["48h"].requests) == (3, 6)
+    earlier = summarize(tmp_path, windows, None, DAY - timedelta(hours=29))
+    assert (earlier.windows["15m"].requests, earlier.windows["48h"].requests) == (0, 3), (
+        "records after the anchor are not counted")
+    newest_file_only = summarize(tmp_path, windows, None, max_files=1)
+    assert newest_file_only.files_read == 1
+    assert newest_file_only.windows["48h"].requests == 3
+    assert summarize(tmp_path / "empty", windows, None).anchored_at is None
 
 
 def test_verify_names_the_file_and_line_of_each_problem(tmp_path):
