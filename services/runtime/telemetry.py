@@ -86,11 +86,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(service: str, level: str) -> None:
+    """JSON lines on stderr. ``level`` below INFO applies to routemesh's own loggers only:
+    libraries log what they carry at DEBUG (aiokafka the value of every message it
+    sends), and a debugging session must not put prompts in the logs."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(max(logging.getLevelName(level), logging.INFO))
+    logging.getLogger("routemesh").setLevel(level)
 
 
 class Readiness:

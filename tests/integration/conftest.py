@@ -28,6 +28,16 @@ def kafka(tmp_path_factory) -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture
+def own_broker(tmp_path) -> Iterator[EmbeddedBroker]:
+    """A broker of the test's own, for tests that pause (SIGSTOP) it."""
+    embedded = EmbeddedBroker(free_port(), log_file=tmp_path / "tansu.log")
+    embedded.start()
+    yield embedded
+    embedded.resume()
+    embedded.stop()
+
+
+@pytest.fixture
 async def settings(kafka: EmbeddedBroker) -> ServiceSettings:
     """Settings on the session broker with topics of their own, so tests do not mix."""
     configured = ServiceSettings(
@@ -82,27 +92,34 @@ async def read_topic(settings: ServiceSettings, topic: str, count: int, timeout_
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "lite-deep.yaml"
 
 
+def start_service(name: str, settings: ServiceSettings, tmp_path: Path, **extra: str):
+    """`routemesh serve NAME` with metrics on a free loopback port; returns the process,
+    its metrics port and its log file."""
+    metrics = free_port()
+    log = tmp_path / f"{name}.log"
+    env = cli_env(settings, ROUTEMESH_METRICS_HOST="127.0.0.1",
+                  ROUTEMESH_METRICS_PORT=str(metrics), **extra)
+    with log.open("ab") as out:
+        process = subprocess.Popen([*CLI, "serve", name], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    return process, metrics, log
+
+
 def start_gateway(settings: ServiceSettings, tmp_path: Path, upstream_url: str, **extra: str):
     """`routemesh serve gateway` on free loopback ports with the shipped lite-deep config;
     returns the process, its HTTP and metrics ports, and its log file."""
-    port, metrics = free_port(), free_port()
-    log = tmp_path / "gateway.log"
-    env = cli_env(
-        settings,
-        ROUTEMESH_ROUTER_CONFIG=str(EXAMPLE_CONFIG),
-        ROUTEMESH_QDRANT_PATH=str(tmp_path / "qdrant"),
-        ROUTEMESH_BANK_AUTOBUILD="true",
-        ROUTEMESH_HTTP_HOST="127.0.0.1",
-        ROUTEMESH_HTTP_PORT=str(port),
-        ROUTEMESH_METRICS_HOST="127.0.0.1",
-        ROUTEMESH_METRICS_PORT=str(metrics),
-        ROUTEMESH_UPSTREAM_BASE_URL=upstream_url,
-        ROUTEMESH_SPOOL_DIR=str(tmp_path / "spool"),
+    port = free_port()
+    env = {
+        "ROUTEMESH_ROUTER_CONFIG": str(EXAMPLE_CONFIG),
+        "ROUTEMESH_QDRANT_PATH": str(tmp_path / "qdrant"),
+        "ROUTEMESH_BANK_AUTOBUILD": "true",
+        "ROUTEMESH_HTTP_HOST": "127.0.0.1",
+        "ROUTEMESH_HTTP_PORT": str(port),
+        "ROUTEMESH_UPSTREAM_BASE_URL": upstream_url,
+        "ROUTEMESH_SPOOL_DIR": str(tmp_path / "spool"),
         **extra,
-    )
-    with log.open("wb") as out:
-        process = subprocess.Popen([*CLI, "serve", "gateway"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
+    }
+    process, metrics, log = start_service("gateway", settings, tmp_path, **env)
     return process, port, metrics, log
 
 

@@ -12,7 +12,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from routemesh.contracts import decode_event
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
-from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
 from routemesh.services.runtime.settings import ServiceSettings
 from tests.integration.conftest import start_gateway, wait_until_ready
 from tests.services.gateway.conftest import Behaviour, Served, fake_upstream
@@ -42,17 +41,8 @@ async def _everything(bootstrap: str, topic: str) -> list:
         await consumer.stop()
 
 
-@pytest.fixture
-def broker(tmp_path):
-    """A broker of its own: this test freezes it."""
-    embedded = EmbeddedBroker(free_port(), log_file=tmp_path / "tansu.log")
-    embedded.start()
-    yield embedded
-    embedded.resume()
-    embedded.stop()
-
-
-async def test_a_broker_outage_loses_and_duplicates_nothing(broker, tmp_path):
+async def test_a_broker_outage_loses_and_duplicates_nothing(own_broker, tmp_path):
+    broker = own_broker
     settings = ServiceSettings(kafka_bootstrap_servers=broker.bootstrap)
     sent: list[str] = []
     statuses: list[int] = []

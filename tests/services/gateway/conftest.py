@@ -43,6 +43,8 @@ class Behaviour:
     failing_models: set[str] = field(default_factory=set)
     chunk_delay_s: float = 0.01
     streams_cut_short: int = 0
+    # The message of the error bodies answered for ``fail_statuses``.
+    error_message: str = "busy"
 
 
 def _completion(body: dict, behaviour: Behaviour) -> dict:
@@ -70,8 +72,8 @@ def fake_upstream(behaviour: Behaviour) -> Starlette:
                                 status_code=503)
         if behaviour.fail_statuses:
             status = behaviour.fail_statuses.pop(0)
-            return JSONResponse({"error": {"message": "busy", "type": "server_error"}},
-                                status_code=status)
+            return JSONResponse({"error": {"message": behaviour.error_message,
+                                           "type": "server_error"}}, status_code=status)
         if behaviour.stall_s:
             await asyncio.sleep(behaviour.stall_s)
         if not body.get("stream"):

@@ -12,6 +12,7 @@ from routemesh.services.runtime.telemetry import (
     JsonFormatter,
     MetricsServer,
     Readiness,
+    setup_logging,
     setup_tracing,
 )
 
@@ -46,6 +47,23 @@ def test_spans_are_recorded_only_when_an_exporter_is_configured(monkeypatch):
     # Never ended, so never exported to the closed port.
     assert exporting.get_tracer("t").start_span("work").is_recording()
     exporting.shutdown()
+
+
+def test_debug_is_for_routemesh_loggers_never_for_libraries_that_log_payloads():
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("routemesh").level)
+    try:
+        setup_logging("unit", "DEBUG")
+        assert logging.getLogger("routemesh.services.gateway").isEnabledFor(logging.DEBUG)
+        # aiokafka's producer logs the value of every message it sends at DEBUG.
+        assert not logging.getLogger("aiokafka.producer.producer").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("aiokafka").isEnabledFor(logging.INFO)
+        setup_logging("unit", "WARNING")
+        assert not logging.getLogger("routemesh.x").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("aiokafka").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("routemesh").setLevel(saved[2])
 
 
 def test_json_logs_without_a_span_have_no_trace_id():
