@@ -27,6 +27,8 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 # Route ids double as Prometheus label values; the router config restricts their characters.
 RouteId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# The Kafka key of a request's events and the join key of every consumer: never empty.
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 DecisionReason = Literal[
     "override", "passthrough", "rule", "semantic", "low_confidence", "embedding_error", "default"
@@ -71,7 +73,7 @@ class FormatSignals(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RouteDecided(Event, frozen=True, kw_only=True):
-    request_id: str
+    request_id: RequestId
     route_id: RouteId
     target_model: str
     reason: DecisionReason
@@ -107,7 +109,7 @@ class CompletionObserved(Event, frozen=True, kw_only=True):
     """
 
     schema_version: str = "1.1"
-    request_id: str
+    request_id: RequestId
     route_id: RouteId
     target_model: str
     upstream_status: int | None = None
@@ -133,7 +135,7 @@ class CompletionObserved(Event, frozen=True, kw_only=True):
 
 
 class OutcomeReported(Event, frozen=True, kw_only=True):
-    request_id: str
+    request_id: RequestId
     completed: bool | None = None
     correct_route: bool | None = None
     expected_route: RouteId | None = None
@@ -182,7 +184,7 @@ class ThresholdRecommendation(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ReviewCandidate(msgspec.Struct, frozen=True, kw_only=True):
-    request_id: str
+    request_id: RequestId
     reasons: tuple[str, ...]
     cluster: str
     route_id: RouteId | None = None
@@ -244,7 +246,7 @@ class PromptReviewCaptured(Event, frozen=True, kw_only=True):
     """
 
     schema_version: str = "1.1"
-    request_id: str
+    request_id: RequestId
     route_id: RouteId
     reason: DecisionReason
     mode: Literal["redacted"] = "redacted"

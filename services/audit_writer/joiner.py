@@ -1,72 +1,19 @@
-"""Joining decisions with observations, and which offsets are safe to commit.
+"""Joining decisions with observations by request id.
 
-Pure: no Kafka, no files. The service feeds events in, writes the records that come
-out, and only then releases their offsets.
+No Kafka, no writes: the service feeds events in, writes the records that come out, and
+only then releases their offsets. An event waiting for its partner holds its offset.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from routemesh.contracts import CompletionObserved, Event, RouteDecided
-from routemesh.services.audit_writer.records import Join, build_record
-from routemesh.services.audit_writer.store import AuditStore
-
-# (topic, partition, offset)
-Position = tuple[str, int, int]
-
-
-class OffsetTracker:
-    """Per partition: the next offset to consume and the offsets still held (in the
-    join window). The safe commit is the oldest held offset, else the next one."""
-
-    def __init__(self) -> None:
-        self._next: dict[tuple[str, int], int] = {}
-        self._held: dict[tuple[str, int], list[int]] = defaultdict(list)
-        self._released: dict[tuple[str, int], set[int]] = defaultdict(set)
-        self._committed: dict[tuple[str, int], int] = {}
-
-    def consumed(self, position: Position) -> None:
-        topic, partition, offset = position
-        key = (topic, partition)
-        self._next[key] = max(self._next.get(key, 0), offset + 1)
-
-    def hold(self, position: Position) -> None:
-        heapq.heappush(self._held[position[:2]], position[2])
-
-    def release(self, position: Position) -> None:
-        self._released[position[:2]].add(position[2])
-
-    def held_count(self) -> int:
-        return sum(len(h) - len(self._released[k]) for k, h in self._held.items())
-
-    def _oldest_held(self, key: tuple[str, int]) -> int | None:
-        heap, released = self._held[key], self._released[key]
-        while heap and heap[0] in released:
-            released.discard(heapq.heappop(heap))
-        return heap[0] if heap else None
-
-    def to_commit(self) -> dict[tuple[str, int], int]:
-        """Offsets that moved since the last call."""
-        moved = {}
-        for key, next_offset in self._next.items():
-            oldest = self._oldest_held(key)
-            safe = next_offset if oldest is None else oldest
-            if self._committed.get(key) != safe:
-                moved[key] = safe
-        return moved
-
-    def committed(self, offsets: dict[tuple[str, int], int]) -> None:
-        self._committed.update(offsets)
-
-    def forget(self, keys: set[tuple[str, int]]) -> None:
-        """A partition went to another consumer: it redelivers what we held."""
-        for key in keys:
-            for table in (self._next, self._held, self._released, self._committed):
-                table.pop(key, None)
+from routemesh.services.audit_writer.records import AuditRecord, Join, build_record
+from routemesh.services.audit_writer.store import AuditStore, RequestState
+from routemesh.services.runtime.consumer import OffsetTracker, PartitionKey, Position
 
 
 @dataclass
@@ -78,7 +25,7 @@ class _Held:
 
 @dataclass
 class Output:
-    record: dict[str, Any]
+    record: AuditRecord
     positions: list[Position] = field(default_factory=list)
 
 
@@ -150,7 +97,7 @@ class Joiner:
                 )
         return outputs
 
-    def drop_partitions(self, keys: set[tuple[str, int]]) -> None:
+    def drop_partitions(self, keys: Collection[PartitionKey]) -> None:
         for table in (self.decisions, self.observations):
             for request_id in [r for r, h in table.items() if h.position[:2] in keys]:
                 del table[request_id]
@@ -162,7 +109,7 @@ class Joiner:
         decision: RouteDecided | None,
         observation: CompletionObserved | None,
         positions: list[Position],
-        amends: Any = None,
+        amends: RequestState | None = None,
     ) -> Output:
         reference = sorted(amends.event_ids)[0] if amends is not None and amends.event_ids else None
         record = build_record(join, request_id, decision, observation, amends=reference)

@@ -1,75 +1,126 @@
-"""Audit records: one per request, built from an explicit allow-list of fields.
+"""Audit records: one per request, typed, built from an explicit allow-list of fields.
 
-The allow-list is the privacy firewall: a field added to an event later never reaches
-the audit trail until someone adds it here, on purpose.
+The structs below are the allow-list and the privacy firewall: a record is built by
+reading only the fields they declare from the events (``from_attributes``), so a field
+added to an event later never reaches the audit trail until someone adds it here, on
+purpose; and a line read back with a field they do not declare is refused
+(``forbid_unknown_fields``), which is what ``routemesh audit verify`` checks.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from routemesh.contracts import CompletionObserved, RouteDecided
+from routemesh.contracts.events import (
+    Count,
+    DecisionLayer,
+    DecisionReason,
+    NonNegative,
+    RequestId,
+    RouteId,
+    Sha256Hex,
+    UtcDatetime,
+    utc_now,
+)
 
 RECORD_VERSION = 1
 Join = Literal["joined", "decision_only", "observation_only", "amendment"]
 
-_ATTEMPT_FIELDS = frozenset(
-    {"layer", "selected_route", "confidence", "threshold", "latency_ms", "decided", "error"}
-)
-_FORMAT_FIELDS = frozenset(
-    {"tools_present", "tool_history", "tool_choice", "message_count", "input_chars",
-     "response_format"}
-)
-DECISION_FIELDS = frozenset(
-    {
-        "schema_version", "occurred_at", "route_id", "target_model", "reason", "layer", "score",
-        "second_route_id", "second_score", "margin", "threshold", "required_margin",
-        "attempts", "decision_latency_ms", "config_source", "config_sha256",
-        "route_bank_sha256", "match_source", "match_index", "match_text_sha256",
-        "match_score", "match_provenance", "prompt_sha256", "prompt_chars", "format",
-        "requested_model", "gateway_instance",
-    }
-)
-OBSERVATION_FIELDS = frozenset(
-    {
-        "schema_version", "occurred_at", "route_id", "target_model", "upstream_status",
-        "duration_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "total_tokens",
-        "finish_reason", "tools_requested", "tools_used", "stream", "error_class",
-        "escalation_path", "escalation_reason", "escalation_gates", "escalation_recovered",
-    }
-)
-RECORD_FIELDS = frozenset(
-    {"record_version", "request_id", "day", "join", "amends", "decision", "observation",
-     "event_ids", "written_at"}
-)
-NESTED = {"attempts": _ATTEMPT_FIELDS, "format": _FORMAT_FIELDS}
+
+class _Allowed(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
 
 
-def _allowed(event: msgspec.Struct, fields: frozenset[str]) -> dict[str, Any]:
-    raw = msgspec.to_builtins(event)
-    picked: dict[str, Any] = {}
-    for key in sorted(fields):
-        if key not in raw:
-            continue
-        value = raw[key]
-        nested = NESTED.get(key)
-        if nested is not None and isinstance(value, list):
-            value = [{k: v for k, v in item.items() if k in nested} for item in value]
-        elif nested is not None and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k in nested}
-        picked[key] = value
-    return picked
+class AuditAttempt(_Allowed, kw_only=True):
+    layer: DecisionLayer
+    selected_route: RouteId | None = None
+    confidence: float | None = None
+    threshold: float | None = None
+    latency_ms: NonNegative = 0.0
+    decided: bool = False
+    error: str | None = None
 
 
-def decision_fields(event: RouteDecided) -> dict[str, Any]:
-    return _allowed(event, DECISION_FIELDS)
+class AuditFormat(_Allowed, kw_only=True):
+    tools_present: bool = False
+    tool_history: bool = False
+    tool_choice: str | None = None
+    message_count: Count = 0
+    input_chars: Count = 0
+    response_format: str | None = None
 
 
-def observation_fields(event: CompletionObserved) -> dict[str, Any]:
-    return _allowed(event, OBSERVATION_FIELDS)
+class AuditDecision(_Allowed, kw_only=True):
+    schema_version: str
+    occurred_at: UtcDatetime
+    route_id: RouteId
+    target_model: str
+    reason: DecisionReason
+    layer: DecisionLayer
+    score: float | None = None
+    second_route_id: RouteId | None = None
+    second_score: float | None = None
+    margin: float | None = None
+    threshold: float | None = None
+    required_margin: float | None = None
+    attempts: tuple[AuditAttempt, ...] = ()
+    decision_latency_ms: NonNegative = 0.0
+    config_source: str = ""
+    config_sha256: Sha256Hex | None = None
+    route_bank_sha256: Sha256Hex | None = None
+    match_source: str | None = None
+    match_index: int | None = None
+    match_text_sha256: Sha256Hex | None = None
+    match_score: float | None = None
+    match_provenance: str | None = None
+    prompt_sha256: Sha256Hex | None = None
+    prompt_chars: Count = 0
+    format: AuditFormat = AuditFormat()
+    requested_model: str | None = None
+    gateway_instance: str = ""
+
+
+class AuditObservation(_Allowed, kw_only=True):
+    schema_version: str
+    occurred_at: UtcDatetime
+    route_id: RouteId
+    target_model: str
+    upstream_status: int | None = None
+    duration_ms: NonNegative = 0.0
+    ttft_ms: NonNegative | None = None
+    prompt_tokens: Count | None = None
+    completion_tokens: Count | None = None
+    total_tokens: Count | None = None
+    finish_reason: str | None = None
+    tools_requested: bool = False
+    tools_used: bool = False
+    stream: bool = False
+    error_class: str | None = None
+    escalation_path: tuple[str, ...] = ()
+    escalation_reason: str | None = None
+    escalation_gates: tuple[str, ...] = ()
+    escalation_recovered: bool | None = None
+
+
+class AuditRecord(_Allowed, kw_only=True):
+    """One line of ``AUDIT_DIR/<day>.jsonl``."""
+
+    record_version: int = RECORD_VERSION
+    request_id: RequestId
+    # The UTC day of the file the record is in: of the decision (of the observation when
+    # there is none).
+    day: Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+    join: Join
+    # The first event id of the record this one completes (join "amendment" only).
+    amends: str | None = None
+    decision: AuditDecision | None = None
+    observation: AuditObservation | None = None
+    event_ids: tuple[str, ...] = ()
+    written_at: UtcDatetime
 
 
 def build_record(
@@ -80,52 +131,33 @@ def build_record(
     *,
     amends: str | None = None,
     now: datetime | None = None,
-) -> dict[str, Any]:
-    """A record for ``AUDIT_DIR/<day>.jsonl``; ``day`` is the UTC day of the decision
-    (of the observation when there is no decision)."""
+) -> AuditRecord:
     anchor = decision or observation
     assert anchor is not None
-    event_ids = [str(e.event_id) for e in (decision, observation) if e is not None]
-    return {
-        "record_version": RECORD_VERSION,
-        "request_id": request_id,
-        "day": anchor.occurred_at.astimezone(UTC).date().isoformat(),
-        "join": join,
-        "amends": amends,
-        "decision": decision_fields(decision) if decision else None,
-        "observation": observation_fields(observation) if observation else None,
-        "event_ids": event_ids,
-        "written_at": (now or datetime.now(UTC)).isoformat(),
-    }
+    return AuditRecord(
+        request_id=request_id,
+        day=anchor.occurred_at.astimezone(UTC).date().isoformat(),
+        join=join,
+        amends=amends,
+        decision=msgspec.convert(decision, AuditDecision, from_attributes=True)
+        if decision else None,
+        observation=msgspec.convert(observation, AuditObservation, from_attributes=True)
+        if observation else None,
+        event_ids=tuple(str(e.event_id) for e in (decision, observation) if e is not None),
+        written_at=now or utc_now(),
+    )
+
+
+_DECODER = msgspec.json.Decoder(AuditRecord)
 
 
 class RecordProblem(ValueError):
     pass
 
 
-def check_record(record: Any) -> None:
-    """Raise RecordProblem when a parsed line is not a well-formed, allow-listed record."""
-    if not isinstance(record, dict):
-        raise RecordProblem("not a JSON object")
-    extra = set(record) - RECORD_FIELDS
-    if extra:
-        raise RecordProblem(f"fields outside the allow-list: {sorted(extra)}")
-    if not isinstance(record.get("request_id"), str) or not record["request_id"]:
-        raise RecordProblem("missing request_id")
-    if record.get("join") not in ("joined", "decision_only", "observation_only", "amendment"):
-        raise RecordProblem(f"unknown join {record.get('join')!r}")
-    for part, allowed in (("decision", DECISION_FIELDS), ("observation", OBSERVATION_FIELDS)):
-        value = record.get(part)
-        if value is None:
-            continue
-        if not isinstance(value, dict):
-            raise RecordProblem(f"{part} is not an object")
-        extra = set(value) - allowed
-        if extra:
-            raise RecordProblem(f"{part} fields outside the allow-list: {sorted(extra)}")
-        for key, nested in NESTED.items():
-            items = value.get(key)
-            items = items if isinstance(items, list) else [items] if items else []
-            for item in items:
-                if isinstance(item, dict) and set(item) - nested:
-                    raise RecordProblem(f"{part}.{key} fields outside the allow-list")
+def read_record(line: bytes) -> AuditRecord:
+    """Parse one line; RecordProblem says why it is not a well-formed, allow-listed record."""
+    try:
+        return _DECODER.decode(line)
+    except msgspec.DecodeError as exc:
+        raise RecordProblem(str(exc)) from None

@@ -9,13 +9,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import msgspec
-import numpy as np
 
-from routemesh.services.audit_writer.records import RecordProblem, check_record
+from routemesh.services.audit_writer.records import AuditRecord, RecordProblem, read_record
 from routemesh.services.audit_writer.store import AuditFile, list_files, read_lines
+from routemesh.services.runtime.stats import Percentiles
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -28,23 +27,10 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def _when(record: dict[str, Any]) -> datetime | None:
-    part = record.get("decision") or record.get("observation") or {}
-    stamp = part.get("occurred_at")
-    return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
-
-
-class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
-    p50: float | None = None
-    p95: float | None = None
-    p99: float | None = None
-
-    @classmethod
-    def of(cls, values: list[float]) -> Percentiles:
-        if not values:
-            return cls()
-        p50, p95, p99 = (float(v) for v in np.percentile(np.asarray(values), (50, 95, 99)))
-        return cls(p50=p50, p95=p95, p99=p99)
+def _when(record: AuditRecord) -> datetime:
+    part = record.decision or record.observation
+    assert part is not None
+    return part.occurred_at
 
 
 class WindowSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,31 +71,29 @@ class _Window:
     upstream_ms: list[float] = field(default_factory=list)
     tokens: Counter = field(default_factory=Counter)
 
-    def add(self, record: dict[str, Any]) -> None:
-        if record.get("join") != "amendment":
+    def add(self, record: AuditRecord) -> None:
+        if record.join != "amendment":
             self.requests += 1
-        decision = record.get("decision")
-        if decision:
+        decision = record.decision
+        if decision is not None:
             self.decisions += 1
-            self.routes[decision.get("route_id")] += 1
-            self.reasons[decision.get("reason")] += 1
-            self.models[decision.get("target_model")] += 1
-            if isinstance(decision.get("decision_latency_ms"), int | float):
-                self.decision_ms.append(decision["decision_latency_ms"])
-        observation = record.get("observation")
-        if observation:
+            self.routes[decision.route_id] += 1
+            self.reasons[decision.reason] += 1
+            self.models[decision.target_model] += 1
+            self.decision_ms.append(decision.decision_latency_ms)
+        observation = record.observation
+        if observation is not None:
             self.observations += 1
-            if observation.get("error_class"):
+            if observation.error_class:
                 self.errors += 1
-            status = observation.get("upstream_status")
+            status = observation.upstream_status
             if status is None or not 200 <= status < 300:
                 self.non_2xx += 1
-            if len(observation.get("escalation_path") or ()) > 1:
+            if len(observation.escalation_path) > 1:
                 self.escalations += 1
-            if isinstance(observation.get("duration_ms"), int | float):
-                self.upstream_ms.append(observation["duration_ms"])
+            self.upstream_ms.append(observation.duration_ms)
             for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                self.tokens[key] += observation.get(key) or 0
+                self.tokens[key] += getattr(observation, key) or 0
 
     def result(self) -> WindowSummary:
         def share(counter: Counter, total: int) -> dict[str, float]:
@@ -134,16 +118,14 @@ class _Window:
         )
 
 
-def _records(files: list[AuditFile]) -> Iterator[tuple[dict[str, Any], datetime]]:
+def _records(files: list[AuditFile]) -> Iterator[tuple[AuditRecord, datetime]]:
     for file in files:
         for _, line in read_lines(file):
             try:
-                record = msgspec.json.decode(line)
-            except msgspec.DecodeError:
+                record = read_record(line)
+            except RecordProblem:
                 continue
-            when = _when(record) if isinstance(record, dict) else None
-            if when is not None:
-                yield record, when
+            yield record, _when(record)
 
 
 def newest_record_time(files: list[AuditFile]) -> datetime | None:
@@ -201,7 +183,7 @@ class Problem:
 
 
 def verify(directory: Path, limit: int = 50) -> tuple[int, list[Problem]]:
-    """(records checked, problems): every line parses and is allow-listed, and no
+    """(records checked, problems): every line parses into an allow-listed record, and no
     request_id has two records outside amendments."""
     seen: dict[str, tuple[Path, int]] = {}
     problems: list[Problem] = []
@@ -210,21 +192,20 @@ def verify(directory: Path, limit: int = 50) -> tuple[int, list[Problem]]:
         for number, line in read_lines(file):
             checked += 1
             try:
-                record = msgspec.json.decode(line)
-                check_record(record)
-            except (msgspec.DecodeError, RecordProblem) as exc:
+                record = read_record(line)
+            except RecordProblem as exc:
                 problems.append(Problem(file.path, number, str(exc)))
             else:
-                if record["join"] != "amendment":
-                    first = seen.get(record["request_id"])
+                if record.join != "amendment":
+                    first = seen.get(record.request_id)
                     if first is not None:
                         problems.append(Problem(
                             file.path, number,
-                            f"request_id {record['request_id']} already recorded at "
+                            f"request_id {record.request_id} already recorded at "
                             f"{first[0]}:{first[1]}",
                         ))
                     else:
-                        seen[record["request_id"]] = (file.path, number)
+                        seen[record.request_id] = (file.path, number)
             if len(problems) >= limit:
                 return checked, problems
     return checked, problems

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Literal
 
 import msgspec
+
+from routemesh.services.audit_writer.records import AuditRecord, RecordProblem, read_record
 
 log = logging.getLogger(__name__)
 FILE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:\.(\d+))?\.jsonl(\.gz)?$")
@@ -32,21 +34,32 @@ class AuditFile:
 
 
 def list_files(directory: Path) -> list[AuditFile]:
-    """Audit files in ``directory``, oldest first."""
-    found = []
+    """Audit files in ``directory``, oldest first. A file caught being compressed (its
+    ``.gz`` complete, the plain file not yet removed) is listed once, as the plain file."""
+    found: dict[tuple[str, int], AuditFile] = {}
     for path in directory.iterdir() if directory.is_dir() else ():
         match = FILE_NAME.match(path.name)
         if match:
-            found.append(
-                AuditFile(match.group(1), int(match.group(2) or 0), path, bool(match.group(3)))
-            )
-    return sorted(found)
+            file = AuditFile(match.group(1), int(match.group(2) or 0), path, bool(match.group(3)))
+            key = (file.day, file.part)
+            if key not in found or found[key].compressed:
+                found[key] = file
+    return sorted(found.values())
 
 
 def read_lines(file: AuditFile) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) of a plain or gzip file, streamed."""
-    opener = gzip.open if file.compressed else open
-    with opener(file.path, "rb") as handle:
+    """(line number, line) of a plain or gzip file, streamed. The writer may compress or
+    delete files while a reader lists them: a plain file that was compressed since is read
+    from its ``.gz``, one that was deleted (retention) reads as empty."""
+    path, compressed = file.path, file.compressed
+    if not compressed and not path.exists():
+        path, compressed = path.with_name(path.name + ".gz"), True
+    opener = gzip.open if compressed else open
+    try:
+        handle = opener(path, "rb")
+    except FileNotFoundError:
+        return
+    with handle:
         yield from enumerate(handle, start=1)
 
 
@@ -108,8 +121,8 @@ class AuditStore:
         for file in list_files(self.directory):
             for _, line in read_lines(file):
                 try:
-                    record = msgspec.json.decode(line)
-                except msgspec.DecodeError:
+                    record = read_record(line)
+                except RecordProblem:
                     continue
                 self.mark(record)
                 count += 1
@@ -118,13 +131,13 @@ class AuditStore:
     def state(self, request_id: str) -> RequestState | None:
         return self._index.get(request_id)
 
-    def mark(self, record: dict[str, Any]) -> None:
+    def mark(self, record: AuditRecord) -> None:
         """Remember a record as written (or about to be, in the batch being built)."""
-        request_id = record["request_id"]
+        request_id = record.request_id
         state = self._index.pop(request_id, None) or RequestState()
-        state.has_decision |= record.get("decision") is not None
-        state.has_observation |= record.get("observation") is not None
-        state.event_ids.update(record.get("event_ids", ()))
+        state.has_decision |= record.decision is not None
+        state.has_observation |= record.observation is not None
+        state.event_ids.update(record.event_ids)
         self._index[request_id] = state
         while len(self._index) > self.dedup_capacity:
             self._index.popitem(last=False)
@@ -155,15 +168,20 @@ class AuditStore:
         self._open[day] = (file, handle)
         return self._open[day]
 
-    def append(self, records: list[dict[str, Any]]) -> tuple[float, float]:
+    def forget_index(self) -> None:
+        """Drop the index (rebuild it with ``load_index``): after a failed write, records
+        marked for the batch may not be on disk."""
+        self._index.clear()
+
+    def append(self, records: list[AuditRecord]) -> tuple[float, float]:
         """Write records to their day files; durable (flushed, fsynced) on return.
         Returns the seconds spent writing and fsyncing."""
         started = time.perf_counter()
         touched: dict[str, IO[bytes]] = {}
         for record in records:
-            _, handle = self._handle(record["day"])
+            _, handle = self._handle(record.day)
             handle.write(self._encoder.encode(record) + b"\n")
-            touched[record["day"]] = handle
+            touched[record.day] = handle
         for handle in touched.values():
             handle.flush()
         written = time.perf_counter()
@@ -201,6 +219,9 @@ class AuditStore:
         for file in list_files(self.directory):
             if file.compressed or file.day >= today.isoformat() or file.path in open_paths:
                 continue
+            # Not open for writing, so a torn last line is a crash's; it was never
+            # committed and is written again from Kafka: it must not be archived.
+            _cut_torn_tail(file.path)
             target = file.path.with_name(file.path.name + ".gz")
             partial = target.with_name(target.name + ".partial")
             with open(file.path, "rb") as source, gzip.open(partial, "wb") as sink:

@@ -16,13 +16,23 @@ from routemesh.services.runtime.service import ServiceSpec
 STOP_TIMEOUT_S = 8.0
 
 
-def parse_port_overrides(items: list[str]) -> dict[str, int]:
+def parse_port_overrides(
+    items: list[str], specs: dict[str, ServiceSpec]
+) -> dict[tuple[str, str], int]:
+    """``SERVICE.PORT=NUMBER`` items (``gateway.http=8081``) checked against the ports the
+    services declare."""
     overrides = {}
     for item in items:
-        name, sep, port = item.partition("=")
-        if not sep or not port.isdigit():
-            raise ValueError(f"--metrics-port takes SERVICE=PORT, got {item!r}")
-        overrides[name] = int(port)
+        where, sep, number = item.partition("=")
+        service, dot, port = where.partition(".")
+        if not sep or not dot or not number.isdigit() or not 0 < int(number) < 65536:
+            raise ValueError(f"--port takes SERVICE.PORT=NUMBER (gateway.http=8081), "
+                             f"got {item!r}")
+        declared = {p.name for p in specs[service].ports} if service in specs else set()
+        if port not in declared:
+            known = ", ".join(f"{n}.{p.name}" for n, s in specs.items() for p in s.ports)
+            raise ValueError(f"--port {item!r}: no such service port; known: {known}")
+        overrides[(service, port)] = int(number)
     return overrides
 
 
@@ -31,30 +41,31 @@ class DevMesh:
     data_dir: Path
     config: Path | None
     kafka_port: int
-    gateway_port: int
-    metrics_ports: dict[str, int]
+    port_overrides: dict[tuple[str, str], int]
     specs: dict[str, ServiceSpec]
     broker: EmbeddedBroker | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    def ports(self) -> dict[tuple[str, str], int]:
+        """Every (service, port name) to the number it listens on here."""
+        return {
+            (name, port.name): self.port_overrides.get((name, port.name), port.default)
+            for name, spec in self.specs.items()
+            for port in spec.ports
+        }
+
     def start(self) -> list[tuple[str, str]]:
         """Start everything; return (name, address) lines, in start order."""
-        unknown = set(self.metrics_ports) - set(self.specs)
-        if unknown:
-            raise ValueError(f"--metrics-port names unknown services: {', '.join(sorted(unknown))}")
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         qdrant_path = self.data_dir / "qdrant"
         qdrant_path.mkdir(parents=True, exist_ok=True)
 
-        ports = {name: self.metrics_ports.get(name, spec.default_metrics_port)
-                 for name, spec in self.specs.items()}
-        wanted = [("gateway", self.gateway_port)] if "gateway" in self.specs else []
-        wanted += [(f"{name} metrics", port) for name, port in ports.items()]
+        ports = self.ports()
         taken = [
-            f"{what} port {port}"
-            for what, port in wanted
-            if not port_is_free("127.0.0.1", port)
+            f"{service} {name} port {number}"
+            for (service, name), number in ports.items()
+            if not port_is_free("127.0.0.1", number)
         ]
         if taken:
             raise ValueError(f"already in use: {', '.join(taken)}")
@@ -68,16 +79,15 @@ class DevMesh:
             env.update(
                 ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=self.broker.bootstrap,
                 ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
-                ROUTEMESH_METRICS_HOST="127.0.0.1",
-                ROUTEMESH_METRICS_PORT=str(ports[name]),
                 ROUTEMESH_QDRANT_PATH=str(qdrant_path),
                 ROUTEMESH_INSTANCE_ID=f"dev-{name}",
             )
+            for port in spec.ports:
+                env[port.env] = str(ports[(name, port.name)])
+                env[port.host_env] = "127.0.0.1"
             if self.config is not None:
                 env["ROUTEMESH_ROUTER_CONFIG"] = str(self.config)
-            if spec.dev_http_port is not None:
-                env["ROUTEMESH_HTTP_PORT"] = str(self.gateway_port)
-            env.update(spec.dev_env(str(self.data_dir)))
+            env.update(spec.dev_env(self.data_dir))
             with open(logs / f"{name}.log", "ab") as log_file:
                 self.processes[name] = subprocess.Popen(
                     [sys.executable, "-m", "routemesh.services.cli.main", "serve", name],
@@ -87,9 +97,13 @@ class DevMesh:
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
                 )
-            if spec.dev_http_port is not None:
-                lines.append((name, f"http://127.0.0.1:{self.gateway_port}"))
-            lines.append((f"{name} metrics", f"http://127.0.0.1:{ports[name]}/metrics"))
+            for port in spec.ports:
+                address = f"http://127.0.0.1:{ports[(name, port.name)]}"
+                if port.name == "metrics":
+                    lines.append((f"{name} metrics", f"{address}/metrics"))
+                else:
+                    label = name if port.name == "http" else f"{name} {port.name}"
+                    lines.append((label, address))
         lines.append(("logs", str(logs)))
         return lines
 

@@ -19,6 +19,7 @@ from routemesh.services.cli import audit_commands, router_commands
 from routemesh.services.cli.dev import DevMesh, parse_port_overrides
 from routemesh.services.cli.output import fail
 from routemesh.services.cli.tail import tail_topic
+from routemesh.services.runtime.consumer import TopicNotFound
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
 from routemesh.services.runtime.kafka import create_topics
 from routemesh.services.runtime.service import discover_services, run
@@ -95,24 +96,24 @@ def dev(
         ".routemesh"
     ),
     kafka_port: Annotated[int, typer.Option(help="Embedded broker port.")] = 9092,
-    gateway_port: Annotated[int, typer.Option(help="Gateway HTTP port.")] = 8080,
-    metrics_port: Annotated[
+    port: Annotated[
         list[str] | None,
-        typer.Option(help="Override a service's metrics port: SERVICE=PORT (repeatable)."),
+        typer.Option(help="Move one of a service's ports: SERVICE.PORT=NUMBER, e.g. "
+                          "gateway.http=8081 or audit-writer.metrics=9202 (repeatable)."),
     ] = None,
 ) -> None:
     """Run the whole mesh locally: embedded broker, Qdrant local mode, every service."""
+    specs = discover_services()
     try:
-        overrides = parse_port_overrides(metrics_port or [])
+        overrides = parse_port_overrides(port or [], specs)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     mesh = DevMesh(
         data_dir=data_dir.resolve(),
         config=config.resolve() if config else None,
         kafka_port=kafka_port,
-        gateway_port=gateway_port,
-        metrics_ports=overrides,
-        specs=discover_services(),
+        port_overrides=overrides,
+        specs=specs,
     )
     try:
         for name, address in mesh.start():
@@ -151,6 +152,8 @@ def tail(
         )
     except KeyboardInterrupt:
         pass
+    except TopicNotFound as exc:
+        raise fail(str(exc)) from None
     except KafkaConnectionError:
         raise fail(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "

@@ -11,7 +11,6 @@ from typing import Annotated
 import msgspec
 import typer
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -31,7 +30,7 @@ from routemesh.services.router.evaluate import (
     write_reports,
 )
 from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
-from routemesh.services.runtime.kafka import create_broker, event_address, publish_event
+from routemesh.services.runtime.kafka import EventProducer, event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
 bank_app = typer.Typer(help="The route bank in Qdrant.", no_args_is_help=True)
@@ -111,10 +110,12 @@ def bank_build(
 
 async def _announce(event: RouteBankPublished) -> str:
     settings = ServiceSettings()
-    broker = create_broker(settings, service="cli", registry=CollectorRegistry())
-    async with broker:
-        await broker.start()
-        await publish_event(broker, settings, event)
+    producer = EventProducer(settings, "cli")
+    try:
+        await producer.start()
+        await producer.publish(event)
+    finally:
+        await producer.stop()
     return event_address(settings, event)[0]
 
 

@@ -17,19 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import msgspec
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import propagate
 from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from routemesh.contracts import (
-    CONTENT_TYPE,
     DeadLetter,
     Event,
     EventDecodeError,
@@ -37,8 +35,8 @@ from routemesh.contracts import (
     encode_event,
 )
 from routemesh.services.gateway.spool import Spool
-from routemesh.services.runtime.kafka import DEAD_LETTER_ERROR_CHARS, event_address
-from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.runtime.kafka import DEAD_LETTER_ERROR_CHARS
+from routemesh.services.runtime.telemetry import registered
 
 log = logging.getLogger(__name__)
 Item = tuple[Event, Context]
@@ -47,9 +45,7 @@ Item = tuple[Event, Context]
 class Producer(Protocol):
     """What the publisher sends through (``runtime.kafka.EventProducer`` in service)."""
 
-    async def publish(
-        self, message: bytes, topic: str, key: bytes | None, headers: dict[str, str]
-    ) -> None: ...
+    async def publish(self, event: Event, context: Context | None = None) -> None: ...
 
 
 class _Metrics:
@@ -74,7 +70,6 @@ class _Metrics:
                                  "Events the broker confirmed", ["queue"], registry=registry)
 
 
-_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
 # What becomes of a spool line that cannot be read back: an event to publish in its
 # place (a dead letter), or None when it was set aside some other way.
 Unreadable = Callable[[bytes, int, Exception], Event | None]
@@ -84,28 +79,23 @@ class EventPublisher:
     def __init__(
         self,
         producer: Producer,
-        settings: ServiceSettings,
         registry: CollectorRegistry,
         maxsize: int = 10_000,
         concurrency: int = 64,
         spool: Spool | None = None,
-        tracer_provider: trace.TracerProvider | None = None,
         *,
         queue: str = "events",
         unreadable: Unreadable | None = None,
     ) -> None:
         self.producer = producer
-        self.settings = settings
-        self.tracer = trace.get_tracer("routemesh.gateway", tracer_provider=tracer_provider)
         self.spool = spool
         self.unreadable = unreadable or spool_dead_letter
-        # Each event keeps the trace context it was offered in, so its publish span (and
-        # the traceparent header) continue the request's trace from the background task.
+        # Each event keeps the trace context it was offered in.
         self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
         self.concurrency = concurrency
         self._inflight: list[Item] = []
         self._tasks: list[asyncio.Task[None]] = []
-        metrics = _METRICS.get(registry) or _METRICS.setdefault(registry, _Metrics(registry))
+        metrics = registered(registry, _Metrics)
         self.depth = metrics.depth.labels(queue)
         self.spool_bytes = metrics.spool_bytes.labels(queue)
         self.spooled = metrics.spooled.labels(queue)
@@ -136,15 +126,8 @@ class EventPublisher:
 
     async def _publish(self, item: Item) -> None:
         event, ctx = item
-        name, key = event_address(self.settings, event)
-        # A producer span in the request's trace; its context travels in the headers.
-        with self.tracer.start_as_current_span(
-            f"{name} publish", context=ctx, kind=trace.SpanKind.PRODUCER,
-            attributes={"messaging.system": "kafka", "messaging.destination.name": name},
-        ):
-            headers = {"content-type": CONTENT_TYPE}
-            propagate.inject(headers)
-            await self.producer.publish(encode_event(event), name, key, headers)
+        # The producer's span continues the request's trace from this background task.
+        await self.producer.publish(event, ctx)
 
     async def _confirm_all(self, items: list[Item]) -> None:
         """Publish until the broker confirmed every item, backing off between rounds."""

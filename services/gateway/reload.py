@@ -1,6 +1,6 @@
-"""Hot reload: a changed config file or a RouteBankPublished event builds a new router
-in the background and swaps it in; a broken config is refused and the last good one
-keeps serving."""
+"""Hot reload: a changed config file (or a file it names, such as an utterances file) or a
+RouteBankPublished event builds a new router in the background and swaps it in; a broken
+config is refused and the last good one keeps serving."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from routemesh.contracts import RouteBankPublished
+from routemesh.services.router import ConfigError, Router
+from routemesh.services.runtime.files import FileWatch
 
 log = logging.getLogger(__name__)
 # Requests in flight keep the router they started with; it is closed after this grace.
@@ -28,8 +29,7 @@ class Reloader:
     def __init__(
         self,
         state: Any,
-        config_path: Path,
-        build: Callable[[], Any],
+        build: Callable[[], Router],
         registry: CollectorRegistry,
         interval_s: float = 2.0,
         built_at: float | None = None,
@@ -37,29 +37,20 @@ class Reloader:
         self.state = state
         # When the serving router began loading (epoch seconds).
         self.built_at = time.time() if built_at is None else built_at
-        self.config_path = config_path
         self.build = build
         self.interval_s = interval_s
-        self._stamp = self._file_stamp()
+        self._files = FileWatch(state.router.loaded.files)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.reloads = Counter("routemesh_gateway_config_reloads_total",
                                "Config and route bank reloads by result", ["trigger", "result"],
                                registry=registry)
 
-    def _file_stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self.config_path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
-
     async def check_file(self) -> bool | None:
-        """Reload if the file changed: True on success, False if refused, None if unchanged."""
-        stamp = self._file_stamp()
-        if stamp == self._stamp:
+        """Reload if the config or a file it names changed: True on success, False if
+        refused, None if unchanged."""
+        if not await asyncio.to_thread(self._files.changed):
             return None
-        self._stamp = stamp
         return await self.reload("config_file")
 
     async def reload(self, trigger: str) -> bool:
@@ -69,10 +60,15 @@ class Reloader:
                 router = await asyncio.to_thread(self.build)
             except Exception as exc:
                 self.reloads.labels(trigger, "refused").inc()
+                # A config error names the config by its logical name and line; other
+                # errors may quote local paths, so only their kind is logged.
+                error = str(exc) if isinstance(exc, ConfigError) else type(exc).__name__
                 log.error("reload refused; the last good config keeps serving",
-                          extra={"trigger": trigger, "error": str(exc)})
+                          extra={"trigger": trigger, "error": error})
                 return False
             old, self.state.router = self.state.router, router
+            # Watch the files the new config names (one may have been added).
+            self._files = FileWatch(router.loaded.files)
             self.built_at = started
             self.reloads.labels(trigger, "ok").inc()
             log.info("router reloaded", extra={

@@ -1,7 +1,9 @@
-"""Assemble a Router from a config file and a Qdrant location."""
+"""Assemble a Router from a config and a Qdrant location: the one way the gateway, the
+command line and the benches get one."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from qdrant_client import QdrantClient
@@ -18,6 +20,8 @@ from routemesh.services.router.bank import (
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import LoadedConfig, load_config
 from routemesh.services.router.encoders import DenseEncoder, build_dense_encoder
+
+log = logging.getLogger(__name__)
 
 
 class StaleBankError(RuntimeError):
@@ -41,16 +45,43 @@ def load_router(
     encoder: DenseEncoder | None = None,
     backend: str | None = None,
     instance: str = "",
+    autobuild: bool = False,
+    current: Router | None = None,
 ) -> Router:
     """Without ``qdrant`` the bank is built in memory from the config; with it, the bank
-    must already be built (``routemesh bank build``) and match the config."""
+    must already be built (``routemesh bank build``) and match the config, unless
+    ``autobuild`` builds (or refreshes) it first. A ``current`` router's encoder is kept
+    when the encoder config did not change: a reload that only edits routes need not
+    load a model again."""
     limit_blas_threads()
     loaded = config if isinstance(config, LoadedConfig) else load_config(config)
+    if encoder is None and current is not None and current.encoder is not None and (
+        current.config.encoder == loaded.config.encoder
+    ):
+        encoder = current.encoder
     encoder = encoder or build_dense_encoder(loaded.config.encoder)
     collection = default_collection(loaded)
     if qdrant is None:
         qdrant = QdrantClient(":memory:")
         build_bank(loaded, encoder, qdrant, collection)
+    try:
+        return _assemble(loaded, qdrant, encoder, collection, backend, instance)
+    except (LookupError, StaleBankError):
+        if not autobuild:
+            raise
+    report = build_bank(loaded, encoder, qdrant, collection)
+    log.info("route bank built", extra={"embedded": report.embedded, "kept": report.kept})
+    return _assemble(loaded, qdrant, encoder, collection, backend, instance)
+
+
+def _assemble(
+    loaded: LoadedConfig,
+    qdrant: QdrantClient,
+    encoder: DenseEncoder,
+    collection: str,
+    backend: str | None,
+    instance: str,
+) -> Router:
     matcher: Matcher
     if (backend or loaded.config.bank.backend) == "qdrant":
         matcher = QdrantMatcher(qdrant, collection, loaded.config.semantic)

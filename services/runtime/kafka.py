@@ -1,13 +1,23 @@
-"""One way for every service to talk to Kafka.
+"""How services talk to Kafka.
 
-- ``create_broker``: a FastStream KafkaBroker that encodes with msgspec (no pydantic on
-  the wire), propagates W3C trace context in headers (OTel middleware) and counts
-  messages (Prometheus middleware).
-- ``subscribe_events``: a consumer that decodes with the contracts codec, commits the
-  offset only after the handler succeeded (or, without a group, a broadcast that every
-  instance reads whole), and sends anything it cannot decode or process to ``dlq.v1``
-  with the original bytes, then moves on.
-- ``publish_event``: publishes an event to its registered topic, keyed by request id.
+Publishing, one way: ``EventProducer.publish`` encodes an event with the contracts codec
+and sends it to its registered topic under its key (the request id), with the content
+type and the W3C trace context in the headers, confirmed by all in-sync replicas. The
+gateway's non-blocking queue and disk spool (``gateway/publisher.py``) sit on top of it.
+
+Consuming, two ways, both decoding with the contracts codec and sending what cannot be
+decoded to ``dlq.v1`` (``DeadLetters``) before moving on:
+
+- ``runtime.consumer.EventConsumer``: batches to a handler that may hold events until
+  their effect is durable; a partition's commit never passes the oldest held event. For
+  every service that joins, windows or batches events (audit writer, drift detector,
+  scorer, replay worker).
+- ``subscribe_events`` (FastStream): one message at a time, committed once its handler
+  returned; or, without a group, a broadcast every instance reads whole (the gateway's
+  route-bank announcements).
+
+``create_broker`` makes the FastStream broker ``subscribe_events`` needs; ``client_kwargs``
+the connection settings every aiokafka client shares.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from faststream.security import (
     SASLScram256,
     SASLScram512,
 )
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Counter
 
@@ -128,13 +140,24 @@ def _delivery(settings: ServiceSettings) -> dict[str, Any]:
     }
 
 
-class EventProducer:
-    """A plain aiokafka producer with the broker factory's delivery settings, for a
-    service's hot publishing path. FastStream's per-message publish middlewares (a span
-    and Prometheus series each) took a third of the gateway's event loop under load;
-    callers of ``publish`` count their own deliveries and add the trace context."""
+Publish = Callable[[Event], Awaitable[None]]
 
-    def __init__(self, settings: ServiceSettings, service: str) -> None:
+
+class EventProducer:
+    """The one way a service publishes events (see the module's docstring).
+
+    A plain aiokafka producer rather than FastStream's: FastStream's per-message publish
+    middlewares (a span and Prometheus series each) took a third of the gateway's event
+    loop under load (bench/gateway.py)."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        service: str,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tracer = trace.get_tracer(f"routemesh.{service}", tracer_provider=tracer_provider)
         self._producer = AIOKafkaProducer(
             **client_kwargs(settings), client_id=f"routemesh-{service}", **_delivery(settings)
         )
@@ -143,16 +166,25 @@ class EventProducer:
         await self._producer.start()
 
     async def stop(self) -> None:
+        """Flushes what was sent, then closes."""
         await self._producer.stop()
 
-    async def publish(
-        self, message: bytes, topic: str, key: bytes | None, headers: dict[str, str]
-    ) -> None:
-        """Returns once the broker confirmed the message; raises if it did not."""
-        delivery = await self._producer.send(
-            topic, message, key=key, headers=[(k, v.encode()) for k, v in headers.items()]
-        )
-        await delivery
+    async def publish(self, event: Event, context: Context | None = None) -> None:
+        """Returns once the broker confirmed the event; raises if it did not. The publish
+        span (and so the traceparent header) continues ``context``, by default the
+        current one."""
+        topic, key = event_address(self.settings, event)
+        with self.tracer.start_as_current_span(
+            f"{topic} publish", context=context, kind=trace.SpanKind.PRODUCER,
+            attributes={"messaging.system": "kafka", "messaging.destination.name": topic},
+        ):
+            headers = {"content-type": CONTENT_TYPE}
+            propagate.inject(headers)
+            delivery = await self._producer.send(
+                topic, encode_event(event), key=key,
+                headers=[(k, v.encode()) for k, v in headers.items()],
+            )
+            await delivery
 
 
 def create_broker(
@@ -186,13 +218,6 @@ def event_address(settings: ServiceSettings, event: Event) -> tuple[str, bytes |
     return settings.topic(topic), topic.key_for(event)
 
 
-async def publish_event(broker: KafkaBroker, settings: ServiceSettings, event: Event) -> None:
-    name, key = event_address(settings, event)
-    await broker.publish(
-        encode_event(event), topic=name, key=key, headers={"content-type": CONTENT_TYPE}
-    )
-
-
 # A dead letter keeps the whole original; of the error that sent it there, this much.
 DEAD_LETTER_ERROR_CHARS = 4000
 
@@ -200,15 +225,8 @@ DEAD_LETTER_ERROR_CHARS = 4000
 class DeadLetters:
     """Builds and publishes dead letters, counted by source topic and error kind."""
 
-    def __init__(
-        self,
-        broker: KafkaBroker,
-        settings: ServiceSettings,
-        service: str,
-        registry: CollectorRegistry,
-    ) -> None:
-        self._broker = broker
-        self._settings = settings
+    def __init__(self, publish: Publish, service: str, registry: CollectorRegistry) -> None:
+        self._publish = publish
         self._service = service
         self._counter = Counter(
             "routemesh_dlq_messages_total",
@@ -231,7 +249,7 @@ class DeadLetters:
             error_kind=kind,
             error=error[:DEAD_LETTER_ERROR_CHARS],
         )
-        await publish_event(self._broker, self._settings, letter)
+        await self._publish(letter)
         self._counter.labels(self._service, record.topic, kind).inc()
         log.warning(
             "dead-lettered a message",
@@ -339,12 +357,12 @@ async def create_topics(
 __all__ = [
     "DLQ",
     "DeadLetters",
+    "EventProducer",
     "MsgspecCodec",
     "RetryableError",
     "client_kwargs",
     "create_broker",
     "create_topics",
     "event_address",
-    "publish_event",
     "subscribe_events",
 ]

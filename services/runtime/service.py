@@ -12,15 +12,19 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Protocol
 
 from faststream.kafka import KafkaBroker
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from routemesh.services.runtime.kafka import DeadLetters, create_broker
+from routemesh.contracts import Topic
+from routemesh.services.runtime.consumer import BatchHandler, EventConsumer
+from routemesh.services.runtime.kafka import DeadLetters, EventProducer, create_broker
 from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.runtime.telemetry import (
     MetricsServer,
@@ -35,35 +39,71 @@ ENTRY_POINT_GROUP = "routemesh.services"
 READINESS_INTERVAL_S = 2.0
 
 
+class Service(Protocol):
+    """What a service is to the runtime: started once Kafka is connected, stopped on
+    SIGTERM/SIGINT before the producer flushes (so it can still publish while it drains)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class ServiceContext:
-    """Everything a service's ``setup`` gets to wire itself up."""
+    """Everything a service is made with."""
 
     name: str
     settings: ServiceSettings
+    # FastStream, for subscribe_events and the readiness ping.
     broker: KafkaBroker
+    producer: EventProducer
     registry: CollectorRegistry
     readiness: Readiness
     tracer_provider: TracerProvider
     dead_letters: DeadLetters
-    # Run once the broker is connected, in order.
-    on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    # Run on SIGTERM/SIGINT in reverse order, before the broker stops, so a service's own
-    # loops can drain, commit and still publish (dead letters) while they do.
-    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def consumer(
+        self, topics: list[Topic], group_id: str, handler: BatchHandler, **options: Any
+    ) -> EventConsumer:
+        """An EventConsumer wired to this service's dead letters, metrics and traces."""
+        return EventConsumer(
+            self.settings, topics, group_id=group_id, handler=handler,
+            dead_letters=self.dead_letters, registry=self.registry, service=self.name,
+            tracer_provider=self.tracer_provider, **options,
+        )
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """A port a service listens on, and the settings variables that place it."""
+
+    name: str
+    default: int
+    env: str
+    host_env: str
+
+
+def metrics_port(default: int) -> ServicePort:
+    """/metrics, /healthz and /readyz: every service has one."""
+    return ServicePort("metrics", default, "ROUTEMESH_METRICS_PORT", "ROUTEMESH_METRICS_HOST")
 
 
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
     settings_class: type[ServiceSettings]
-    setup: Callable[[ServiceContext], Awaitable[None]]
-    default_metrics_port: int
+    factory: Callable[[ServiceContext], Service]
+    # Every port it listens on, the metrics port first.
+    ports: tuple[ServicePort, ...]
     description: str = ""
     # Extra environment `routemesh dev` gives the service, from the dev data directory.
-    dev_env: Callable[[str], dict[str, str]] = lambda data_dir: {}
-    # An HTTP address the service listens on besides metrics, for `routemesh dev` to print.
-    dev_http_port: int | None = None
+    dev_env: Callable[[Path], dict[str, str]] = lambda data_dir: {}
+
+    def port(self, name: str) -> ServicePort:
+        for port in self.ports:
+            if port.name == name:
+                return port
+        raise KeyError(f"{self.name} declares no {name} port")
 
 
 def discover_services() -> dict[str, ServiceSpec]:
@@ -82,14 +122,16 @@ def build_context(spec: ServiceSpec, settings: ServiceSettings) -> ServiceContex
     broker = create_broker(
         settings, service=spec.name, registry=registry, tracer_provider=tracer_provider
     )
+    producer = EventProducer(settings, spec.name, tracer_provider)
     return ServiceContext(
         name=spec.name,
         settings=settings,
         broker=broker,
+        producer=producer,
         registry=registry,
         readiness=Readiness(),
         tracer_provider=tracer_provider,
-        dead_letters=DeadLetters(broker, settings, spec.name, registry),
+        dead_letters=DeadLetters(producer.publish, spec.name, registry),
     )
 
 
@@ -106,7 +148,7 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     setup_logging(spec.name, settings.log_level)
     ctx = build_context(spec, settings)
     ctx.readiness.set("kafka", False, "not connected yet")
-    await spec.setup(ctx)
+    service = spec.factory(ctx)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,11 +163,12 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     watcher = None
     try:
         await ctx.broker.start()
-        for hook in ctx.on_startup:
-            await hook()
+        await ctx.producer.start()
+        await service.start()
         # What start-up loaded (models, banks, libraries) lives as long as the process;
         # frozen, it is out of the cyclic collector's reach, which otherwise walks it on
-        # every full collection: 17 % of the gateway's event loop under load, measured.
+        # every full collection (a large share of the gateway's event loop under load in
+        # bench/gateway.py).
         gc.collect()
         gc.freeze()
         watcher = asyncio.create_task(_watch_broker(ctx))
@@ -137,11 +180,11 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        for hook in reversed(ctx.on_shutdown):
-            await hook()
+        await service.stop()
         # FastStream stops the subscribers, waits up to graceful_timeout for handlers in
-        # flight (each commits its own offset), then stops the producer, which flushes.
+        # flight (each commits its own offset); then the producer flushes.
         await ctx.broker.stop()
+        await ctx.producer.stop()
         ctx.tracer_provider.shutdown()
         metrics.stop()
         log.info("service stopped")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import msgspec
@@ -20,6 +22,20 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+M = TypeVar("M")
+_REGISTERED: weakref.WeakKeyDictionary[CollectorRegistry, dict[type, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def registered(registry: CollectorRegistry, metrics: type[M]) -> M:
+    """One instance of a class of metrics per registry: every component of a kind in a
+    process (two publishers, two consumers) writes to the same series under its labels,
+    where registering the series twice would be an error."""
+    made = _REGISTERED.setdefault(registry, {})
+    if metrics not in made:
+        made[metrics] = metrics(registry)  # type: ignore[call-arg]
+    return made[metrics]
 
 
 def setup_tracing(service: str, settings: ServiceSettings) -> TracerProvider:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from routemesh.contracts.topics import ROUTE_DECISIONS
 from routemesh.services.runtime.kafka import subscribe_events
-from routemesh.services.runtime.service import ServiceContext, ServiceSpec
+from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
 
 
@@ -16,10 +16,26 @@ class SampleSettings(ServiceSettings):
     sample_delay_s: float = 0.0
 
 
-async def setup(ctx: ServiceContext) -> None:
-    settings: SampleSettings = ctx.settings  # type: ignore[assignment]
+class Sample:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        subscribe_events(
+            ctx.broker,
+            ctx.settings,
+            [ROUTE_DECISIONS],
+            group_id="sample",
+            handler=self.handle,
+            dead_letters=ctx.dead_letters,
+        )
 
-    async def handle(event, msg) -> None:
+    async def start(self) -> None:
+        self.ctx.readiness.set("sample", True)
+
+    async def stop(self) -> None:
+        pass
+
+    async def handle(self, event, msg) -> None:
+        settings: SampleSettings = self.ctx.settings  # type: ignore[assignment]
         with settings.sample_out.open("a") as out:
             out.write(f"start {event.request_id}\n")
         await asyncio.sleep(settings.sample_delay_s)
@@ -28,19 +44,9 @@ async def setup(ctx: ServiceContext) -> None:
             out.flush()
             os.fsync(out.fileno())
 
-    subscribe_events(
-        ctx.broker,
-        settings,
-        [ROUTE_DECISIONS],
-        group_id="sample",
-        handler=handle,
-        dead_letters=ctx.dead_letters,
-    )
-    ctx.readiness.set("sample", True)
-
 
 SPEC = ServiceSpec(
-    name="sample", settings_class=SampleSettings, setup=setup, default_metrics_port=0
+    name="sample", settings_class=SampleSettings, factory=Sample, ports=(metrics_port(0),)
 )
 
 if __name__ == "__main__":

@@ -83,7 +83,9 @@ async def publish(settings, messages, chunks: int, pause_s: float) -> None:
 
 class LineCounter:
     """Records on disk so far, reading only what was appended since the last call (the
-    day files grow to tens of MB; re-reading them at every poll would be the bottleneck)."""
+    day files grow to tens of MB; re-reading them at every poll would be the bottleneck).
+    Records are appended to plain files only; a file the writer compresses was counted
+    before (a writer never compresses the file it writes)."""
 
     def __init__(self, audit_dir: Path) -> None:
         self.audit_dir = audit_dir
@@ -91,10 +93,15 @@ class LineCounter:
         self.lines = 0
 
     def count(self) -> int:
-        for file in list_files(self.audit_dir) if self.audit_dir.exists() else ():
-            with file.path.open("rb") as handle:
-                handle.seek(self.offsets.get(file.path, 0))
-                chunk = handle.read()
+        for file in list_files(self.audit_dir):
+            if file.compressed:
+                continue
+            try:
+                with file.path.open("rb") as handle:
+                    handle.seek(self.offsets.get(file.path, 0))
+                    chunk = handle.read()
+            except FileNotFoundError:
+                continue
             # Only whole lines: a torn tail is counted once its newline is written.
             whole = chunk[: chunk.rfind(b"\n") + 1]
             self.lines += whole.count(b"\n")

@@ -11,6 +11,7 @@ import pytest
 
 from routemesh.contracts import TOPICS
 from routemesh.services.runtime.embedded_broker import free_port
+from routemesh.services.runtime.service import discover_services
 from tests.integration.conftest import CLI
 from tests.integration.test_embedded_broker import asyncio_run_list_topics
 
@@ -28,12 +29,16 @@ def _get(url: str) -> int:
 
 
 def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
-    port, audit_metrics, gateway, gateway_metrics = (free_port() for _ in range(4))
+    port = free_port()
+    # Every port every registered service declares, moved to a free one.
+    ports = {(name, p.name): free_port()
+             for name, spec in discover_services().items() for p in spec.ports}
+    audit_metrics = ports[("audit-writer", "metrics")]
+    gateway, gateway_metrics = ports[("gateway", "http")], ports[("gateway", "metrics")]
+    moves = [arg for (name, kind), number in ports.items()
+             for arg in ("--port", f"{name}.{kind}={number}")]
     process = subprocess.Popen(
-        [*CLI, "dev", "--data-dir", str(tmp_path / "data"), "--kafka-port", str(port),
-         "--gateway-port", str(gateway),
-         "--metrics-port", f"audit-writer={audit_metrics}",
-         "--metrics-port", f"gateway={gateway_metrics}"],
+        [*CLI, "dev", "--data-dir", str(tmp_path / "data"), "--kafka-port", str(port), *moves],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

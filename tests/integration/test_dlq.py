@@ -14,10 +14,10 @@ from routemesh.services.runtime.kafka import (
     DeadLetters,
     RetryableError,
     create_broker,
-    publish_event,
     subscribe_events,
 )
 from tests.integration.conftest import read_topic
+from tests.services.runtime.helpers import broker_publish
 
 pytestmark = pytest.mark.broker
 
@@ -33,7 +33,8 @@ def subscribed_broker(settings, service: str, group_id: str | None, handler, **o
     registry = CollectorRegistry()
     broker = create_broker(settings, service=service, registry=registry)
     subscribe_events(broker, settings, [ROUTE_DECISIONS], group_id=group_id, handler=handler,
-                     dead_letters=DeadLetters(broker, settings, service, registry), **options)
+                     dead_letters=DeadLetters(broker_publish(broker, settings), service, registry),
+                     **options)
     return broker
 
 
@@ -57,7 +58,7 @@ async def test_poison_pills_go_to_the_dlq_and_valid_events_after_them_are_handle
     async with broker:
         await broker.start()
         # One key, so everything lands on one partition in this order.
-        await publish_event(broker, settings, decision("before"))
+        await broker_publish(broker, settings)(decision("before"))
         for payload in poison:
             await broker.publish(payload, topic, key=b"same-key")
         for request_id in ("after-1", "after-2"):

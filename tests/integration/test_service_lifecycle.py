@@ -18,8 +18,9 @@ from prometheus_client import CollectorRegistry
 from routemesh.contracts import RouteDecided
 from routemesh.contracts.topics import ROUTE_DECISIONS
 from routemesh.services.runtime.embedded_broker import free_port
-from routemesh.services.runtime.kafka import create_broker, publish_event
+from routemesh.services.runtime.kafka import create_broker
 from tests.integration.conftest import cli_env
+from tests.services.runtime.helpers import broker_publish
 
 pytestmark = pytest.mark.broker
 SAMPLE = Path(__file__).with_name("sample_service.py")
@@ -67,10 +68,7 @@ async def test_sigterm_finishes_the_message_in_flight_commits_and_exits_zero(
         broker = create_broker(settings, service="producer", registry=CollectorRegistry())
         async with broker:
             await broker.start()
-            await publish_event(
-                broker,
-                settings,
-                RouteDecided(
+            await broker_publish(broker, settings)(RouteDecided(
                     request_id="in-flight", route_id="lite", target_model="m",
                     reason="rule", layer="rules",
                 ),

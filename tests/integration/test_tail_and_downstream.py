@@ -10,8 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import FormatSignals, LayerAttempt, RouteDecided, decode_event
 from routemesh.contracts.topics import ROUTE_DECISIONS
-from routemesh.services.runtime.kafka import create_broker, publish_event
+from routemesh.services.runtime.kafka import create_broker
 from tests.integration.conftest import CLI, EXAMPLES, cli_env
+from tests.services.runtime.helpers import broker_publish
 
 pytestmark = pytest.mark.broker
 
@@ -32,7 +33,7 @@ async def published(settings) -> RouteDecided:
     broker = create_broker(settings, service="tail-test", registry=CollectorRegistry())
     async with broker:
         await broker.start()
-        await publish_event(broker, settings, event)
+        await broker_publish(broker, settings)(event)
     return event
 
 

@@ -15,9 +15,9 @@ from routemesh.contracts.topics import ROUTE_DECISIONS
 from routemesh.services.runtime.kafka import (
     DeadLetters,
     create_broker,
-    publish_event,
     subscribe_events,
 )
+from tests.services.runtime.helpers import broker_publish
 
 pytestmark = pytest.mark.broker
 
@@ -37,11 +37,11 @@ async def test_the_consumer_continues_the_producers_trace(settings):
         done.set()
 
     subscribe_events(broker, settings, [ROUTE_DECISIONS], group_id="trace", handler=handler,
-                     dead_letters=DeadLetters(broker, settings, "trace", registry))
+                     dead_letters=DeadLetters(broker_publish(broker, settings), "trace", registry))
     async with broker:
         await broker.start()
         with provider.get_tracer("test").start_as_current_span("request") as root:
-            await publish_event(broker, settings, RouteDecided(
+            await broker_publish(broker, settings)(RouteDecided(
                 request_id="traced", route_id="lite", target_model="m", reason="rule",
                 layer="rules"))
         await asyncio.wait_for(done.wait(), 60)

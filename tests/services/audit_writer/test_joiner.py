@@ -1,5 +1,6 @@
-from routemesh.services.audit_writer.joiner import Joiner, OffsetTracker
+from routemesh.services.audit_writer.joiner import Joiner
 from routemesh.services.audit_writer.store import AuditStore
+from routemesh.services.runtime.consumer import OffsetTracker
 from tests.services.audit_writer.helpers import decision, observation
 
 D, O = "decisions", "observations"  # noqa: E741 (topic initials)
@@ -20,11 +21,11 @@ def test_a_pair_joins_in_either_order(tmp_path):
     joiner, tracker, _ = make(tmp_path)
     assert feed(joiner, tracker, decision("a"), (D, 0, 0)) == []
     (out,) = feed(joiner, tracker, observation("a"), (O, 0, 0))
-    assert out.record["join"] == "joined"
+    assert out.record.join == "joined"
     assert out.positions == [(D, 0, 0)]
     assert feed(joiner, tracker, observation("b"), (O, 0, 1)) == []
     (out,) = feed(joiner, tracker, decision("b"), (D, 0, 1))
-    assert out.record["join"] == "joined"
+    assert out.record.join == "joined"
 
 
 def test_a_held_message_holds_back_its_partitions_commit(tmp_path):
@@ -46,9 +47,9 @@ def test_the_window_writes_lonely_events(tmp_path):
     feed(joiner, tracker, observation("b"), (O, 1, 0), now=5)
     assert joiner.expire(9) == []
     (first,) = joiner.expire(10)
-    assert (first.record["join"], first.record["observation"]) == ("decision_only", None)
+    assert (first.record.join, first.record.observation) == ("decision_only", None)
     (second,) = joiner.expire(15)
-    assert second.record["join"] == "observation_only"
+    assert second.record.join == "observation_only"
 
 
 def test_a_late_observation_becomes_an_amendment(tmp_path):
@@ -57,9 +58,9 @@ def test_a_late_observation_becomes_an_amendment(tmp_path):
     feed(joiner, tracker, d, (D, 0, 0), now=0)
     joiner.expire(2)
     (out,) = feed(joiner, tracker, observation("a"), (O, 0, 0), now=3)
-    assert out.record["join"] == "amendment"
-    assert out.record["amends"] == str(d.event_id)
-    assert out.record["decision"] is None
+    assert out.record.join == "amendment"
+    assert out.record.amends == str(d.event_id)
+    assert out.record.decision is None
 
 
 def test_redelivered_and_duplicated_events_are_skipped(tmp_path):
@@ -91,8 +92,8 @@ def test_a_late_decision_after_an_observation_only_record_is_an_amendment(tmp_pa
     o = observation("a")
     feed(joiner, tracker, o, (O, 0, 0), now=0)
     (lonely,) = joiner.expire(2)
-    assert lonely.record["join"] == "observation_only"
+    assert lonely.record.join == "observation_only"
     (out,) = feed(joiner, tracker, decision("a"), (D, 0, 0), now=3)
-    assert (out.record["join"], out.record["amends"]) == ("amendment", str(o.event_id))
-    assert out.record["observation"] is None
-    assert out.record["decision"]["route_id"] == "lite"
+    assert (out.record.join, out.record.amends) == ("amendment", str(o.event_id))
+    assert out.record.observation is None
+    assert out.record.decision.route_id == "lite"

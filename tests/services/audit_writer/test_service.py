@@ -1,48 +1,53 @@
-"""The writer's dead-letter path when the broker refuses the dead letter."""
+"""The writer's handler when the disk fails: nothing is acknowledged that is not on disk."""
 
-import asyncio
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client import CollectorRegistry
 
-from routemesh.contracts import EventDecodeError
 from routemesh.services.audit_writer.service import AuditWriter, AuditWriterSettings
+from routemesh.services.runtime.consumer import Delivery, OffsetTracker
+from routemesh.services.runtime.kafka import RetryableError
 from routemesh.services.runtime.telemetry import Readiness
+from tests.services.audit_writer.helpers import decision, observation
 
-POSITION = ("routemesh.route.decisions.v1", 0, 7)
-
-
-class FlakyDeadLetters:
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.sent = 0
-
-    async def send(self, record, group, kind, error):
-        if self.failures:
-            self.failures -= 1
-            raise ConnectionError("broker unreachable")
-        self.sent += 1
+D, O = "d", "o"  # noqa: E741 (topic initials)
 
 
-def writer(tmp_path, dead_letters) -> AuditWriter:
-    ctx = SimpleNamespace(registry=CollectorRegistry(), readiness=Readiness(),
-                          dead_letters=dead_letters)
-    return AuditWriter(ctx, AuditWriterSettings(audit_dir=tmp_path))
+def writer(tmp_path) -> AuditWriter:
+    offsets = OffsetTracker()
+
+    def consumer(topics, group_id, handler, **options):
+        return SimpleNamespace(offsets=offsets)
+
+    ctx = SimpleNamespace(settings=AuditWriterSettings(audit_dir=tmp_path),
+                          registry=CollectorRegistry(), readiness=Readiness(),
+                          consumer=consumer)
+    return AuditWriter(ctx)
 
 
-async def test_a_refused_dead_letter_is_retried_and_its_offset_held_until_sent(tmp_path):
-    letters = FlakyDeadLetters(failures=2)
-    audit = writer(tmp_path, letters)
-    audit.tracker.consumed(POSITION)
-    await asyncio.wait_for(
-        audit._dead_letter(object(), POSITION, EventDecodeError("invalid_json", "x")), 10)
-    assert letters.sent == 1
-    assert audit.tracker.to_commit() == {POSITION[:2]: 8}
+def pair(request_id: str, offset: int) -> list[Delivery]:
+    return [Delivery(decision(request_id), (D, 0, offset)),
+            Delivery(observation(request_id), (O, 0, offset))]
 
 
-async def test_stopping_mid_retry_keeps_the_offset_held(tmp_path):
-    audit = writer(tmp_path, FlakyDeadLetters(failures=10**6))
-    audit.tracker.consumed(POSITION)
-    audit._stopping.set()
-    await audit._dead_letter(object(), POSITION, EventDecodeError("invalid_json", "x"))
-    assert audit.tracker.to_commit() == {POSITION[:2]: 7}, "never commits past it"
+async def test_a_failed_write_asks_for_a_retry_and_forgets_what_it_did_not_write(
+    tmp_path, monkeypatch
+):
+    audit = writer(tmp_path)
+    offsets = audit.consumer.offsets
+    await audit.handle(pair("written", 0), offsets)
+
+    def disk_full(records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit.store, "append", disk_full)
+    with pytest.raises(RetryableError):
+        await audit.handle(pair("lost", 1), offsets)
+    assert audit.store.state("written") is not None, "the index was rebuilt from the files"
+    assert audit.store.state("lost") is None, "so its redelivery is written, not skipped"
+    monkeypatch.undo()
+    audit.revoked({(D, 0), (O, 0)})
+    await audit.handle(pair("lost", 1), offsets)
+    assert audit.store.state("lost").has_observation
+    audit.store.close()

@@ -5,7 +5,7 @@ from datetime import date, timedelta
 
 from routemesh.services.audit_writer.records import build_record
 from routemesh.services.audit_writer.reports import summarize, verify
-from routemesh.services.audit_writer.store import AuditStore, list_files
+from routemesh.services.audit_writer.store import AuditStore, list_files, read_lines
 from tests.services.audit_writer.helpers import DAY, decision, observation
 
 
@@ -163,4 +163,36 @@ def test_verify_names_the_file_and_line_of_each_problem(tmp_path):
     assert checked == 6
     assert [p.line for p in problems] == [4, 5, 6]
     assert "already recorded at" in problems[0].message
-    assert "outside the allow-list" in problems[1].message
+    assert "unknown field `prompt_text`" in problems[1].message
+
+
+def test_readers_survive_files_being_compressed_or_deleted_under_them(tmp_path):
+    store = AuditStore(tmp_path)
+    store.append(records(3, day=DAY - timedelta(days=1), prefix="y"))
+    store.close()
+    (listed,) = list_files(tmp_path)
+    plain = listed.path
+    # Mid-compression: both the plain file and its complete .gz exist; read once.
+    with plain.open("rb") as source, gzip.open(plain.with_name(plain.name + ".gz"), "wb") as gz:
+        gz.write(source.read())
+    assert [f.compressed for f in list_files(tmp_path)] == [False]
+    assert verify(tmp_path) == (3, [])
+    # The plain file goes after the listing: its .gz is read instead.
+    plain.unlink()
+    assert len(list(read_lines(listed))) == 3
+    # Retention deletes it after the listing: nothing to read, no error.
+    plain.with_name(plain.name + ".gz").unlink()
+    assert list(read_lines(listed)) == []
+
+
+def test_a_torn_line_left_by_a_crash_is_not_archived(tmp_path):
+    store = AuditStore(tmp_path)
+    store.append(records(2, day=DAY - timedelta(days=1), prefix="y"))
+    store.close()
+    (file,) = list_files(tmp_path)
+    with file.path.open("ab") as handle:
+        handle.write(b'{"request_id": "torn", "jo')
+    compressed, _ = AuditStore(tmp_path).maintain(
+        date(2026, 11, 23), retention_days=30, retention_bytes=10**9)
+    assert [p.name for p in compressed] == ["2026-11-22.jsonl.gz"]
+    assert verify(tmp_path) == (2, [])

@@ -2,10 +2,11 @@
 
 import asyncio
 
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from routemesh.contracts import DeadLetter, OutcomeReported, decode_event, encode_event
+from routemesh.contracts import DeadLetter, OutcomeReported, encode_event
 from routemesh.services.gateway.publisher import EventPublisher, quarantine
 from routemesh.services.gateway.spool import Spool
 from routemesh.services.runtime.kafka import event_address
@@ -18,19 +19,20 @@ class StandInBroker:
     def __init__(self, down: bool) -> None:
         self.down = down
         self.published: list[str] = []
-        self.headers: dict[str, dict[str, str]] = {}
+        self.traces: dict[str, str] = {}
         self.dead_letters: list[tuple[str, DeadLetter]] = []
 
-    async def publish(self, message, topic, key=None, headers=None):
+    async def publish(self, event, context=None):
         await asyncio.sleep(0)
         if self.down:
             raise ConnectionError("broker unreachable")
-        decoded = decode_event(message)
-        if isinstance(decoded, DeadLetter):
-            self.dead_letters.append((topic, decoded))
+        topic = event_address(ServiceSettings(), event)[0]
+        if isinstance(event, DeadLetter):
+            self.dead_letters.append((topic, event))
             return
-        self.published.append(decoded.request_id)
-        self.headers[decoded.request_id] = dict(headers or {})
+        self.published.append(event.request_id)
+        trace_id = trace.get_current_span(context).get_span_context().trace_id
+        self.traces[event.request_id] = f"{trace_id:032x}"
 
 
 def event(i: int) -> OutcomeReported:
@@ -38,9 +40,8 @@ def event(i: int) -> OutcomeReported:
 
 
 async def test_an_outage_and_a_restart_lose_nothing_and_keep_the_order(tmp_path):
-    settings = ServiceSettings()
     down = StandInBroker(down=True)
-    first = EventPublisher(down, settings, CollectorRegistry(), maxsize=5, concurrency=2,
+    first = EventPublisher(down, CollectorRegistry(), maxsize=5, concurrency=2,
                            spool=Spool(tmp_path))
     await first.start()
     for i in range(30):
@@ -51,7 +52,7 @@ async def test_an_outage_and_a_restart_lose_nothing_and_keep_the_order(tmp_path)
     assert down.published == []
 
     up = StandInBroker(down=False)
-    second = EventPublisher(up, settings, CollectorRegistry(), maxsize=5, concurrency=2,
+    second = EventPublisher(up, CollectorRegistry(), maxsize=5, concurrency=2,
                             spool=Spool(tmp_path))
     await second.start()
     second.offer(event(30))
@@ -65,8 +66,7 @@ async def test_an_outage_and_a_restart_lose_nothing_and_keep_the_order(tmp_path)
 
 async def test_without_a_spool_a_full_queue_drops_and_counts(tmp_path):
     registry = CollectorRegistry()
-    publisher = EventPublisher(StandInBroker(down=True), ServiceSettings(), registry,
-                               maxsize=3)
+    publisher = EventPublisher(StandInBroker(down=True), registry, maxsize=3)
     for i in range(5):
         publisher.offer(event(i))
     assert registry.get_sample_value(
@@ -74,11 +74,10 @@ async def test_without_a_spool_a_full_queue_drops_and_counts(tmp_path):
 
 
 async def test_spooled_events_keep_their_request_trace(tmp_path):
-    settings, provider = ServiceSettings(), TracerProvider()
-    tracer = provider.get_tracer("test")
+    tracer = TracerProvider().get_tracer("test")
     down = StandInBroker(down=True)
-    first = EventPublisher(down, settings, CollectorRegistry(), maxsize=2, concurrency=1,
-                           spool=Spool(tmp_path), tracer_provider=provider)
+    first = EventPublisher(down, CollectorRegistry(), maxsize=2, concurrency=1,
+                           spool=Spool(tmp_path))
     await first.start()
     traces = {}
     for i in range(8):
@@ -89,15 +88,13 @@ async def test_spooled_events_keep_their_request_trace(tmp_path):
     await first.drain(timeout_s=0.1)
 
     up = StandInBroker(down=False)
-    second = EventPublisher(up, settings, CollectorRegistry(), spool=Spool(tmp_path),
-                            tracer_provider=provider)
+    second = EventPublisher(up, CollectorRegistry(), spool=Spool(tmp_path))
     await second.start()
     async with asyncio.timeout(10):
         while len(up.published) < 8:
             await asyncio.sleep(0.01)
     await second.drain(timeout_s=1)
-    sent = {rid: h["traceparent"].split("-")[1] for rid, h in up.headers.items()}
-    assert sent == traces, "from memory and from the spool alike"
+    assert up.traces == traces, "from memory and from the spool alike"
 
 
 async def test_spool_lines_written_before_trace_context_still_publish(tmp_path):
@@ -105,7 +102,7 @@ async def test_spool_lines_written_before_trace_context_still_publish(tmp_path):
     spool.append([encode_event(event(1))])
     spool.close()
     up = StandInBroker(down=False)
-    publisher = EventPublisher(up, ServiceSettings(), CollectorRegistry(), spool=Spool(tmp_path))
+    publisher = EventPublisher(up, CollectorRegistry(), spool=Spool(tmp_path))
     await publisher.start()
     async with asyncio.timeout(10):
         while not up.published:
@@ -121,7 +118,7 @@ async def test_an_unreadable_spool_line_goes_whole_to_the_dead_letter_topic(tmp_
     spool.close()
     up = StandInBroker(down=False)
     settings = ServiceSettings()
-    publisher = EventPublisher(up, settings, CollectorRegistry(), spool=Spool(tmp_path))
+    publisher = EventPublisher(up, CollectorRegistry(), spool=Spool(tmp_path))
     await publisher.start()
     async with asyncio.timeout(10):
         while len(up.published) + len(up.dead_letters) < 3:
@@ -145,7 +142,7 @@ async def test_a_quarantined_spool_sets_unreadable_lines_aside_and_never_dead_le
     spool.close()
     up = StandInBroker(down=False)
     aside = tmp_path / "unreadable.jsonl"
-    publisher = EventPublisher(up, ServiceSettings(), CollectorRegistry(), spool=Spool(tmp_path),
+    publisher = EventPublisher(up, CollectorRegistry(), spool=Spool(tmp_path),
                                queue="review", unreadable=quarantine(aside))
     await publisher.start()
     async with asyncio.timeout(10):

@@ -25,7 +25,7 @@ def builder(path):
 
 async def test_a_changed_config_is_swapped_in_and_a_broken_one_refused(gateway, tmp_path, caplog):
     config = tmp_path / "routes.yaml"
-    reloader = Reloader(gateway.state, config, builder(config), gateway.state.registry)
+    reloader = Reloader(gateway.state, builder(config), gateway.state.registry)
     first = gateway.state.router
     assert await reloader.check_file() is None, "unchanged file, nothing to do"
 
@@ -55,6 +55,19 @@ async def test_a_changed_config_is_swapped_in_and_a_broken_one_refused(gateway, 
     assert still.status_code == 200
 
 
+async def test_editing_an_utterances_file_reloads_without_touching_the_config(gateway, tmp_path):
+    config = tmp_path / "routes.yaml"
+    reloader = Reloader(gateway.state, builder(config), gateway.state.registry)
+    first = gateway.state.router
+    assert tmp_path / "deep.txt" in first.loaded.files
+    assert await reloader.check_file() is None
+    with (tmp_path / "deep.txt").open("a") as utterances:
+        utterances.write("plan a database migration with zero downtime\n")
+    assert await reloader.check_file() is True
+    assert gateway.state.router is not first
+    assert len(gateway.state.router.loaded.utterances) == len(first.loaded.utterances) + 1
+
+
 def announced(sha256: str, ago_s: float = 0.0) -> RouteBankPublished:
     return RouteBankPublished(
         collection="bank", route_bank_sha256=sha256, encoder="hashing", utterances=4,
@@ -64,7 +77,7 @@ def announced(sha256: str, ago_s: float = 0.0) -> RouteBankPublished:
 
 async def test_a_published_bank_reloads_only_when_it_differs(gateway, tmp_path):
     config = tmp_path / "routes.yaml"
-    reloader = Reloader(gateway.state, config, builder(config), gateway.state.registry)
+    reloader = Reloader(gateway.state, builder(config), gateway.state.registry)
     current = gateway.state.router
     await reloader.on_bank_published(announced(current.matcher.sha256))
     assert gateway.state.router is current
@@ -76,7 +89,7 @@ async def test_a_bank_announced_before_the_router_loaded_is_history(gateway, tmp
     """The topic is read from its start at every start: old announcements must not make
     the gateway load its bank again once for each."""
     config = tmp_path / "routes.yaml"
-    reloader = Reloader(gateway.state, config, builder(config), gateway.state.registry,
+    reloader = Reloader(gateway.state, builder(config), gateway.state.registry,
                         built_at=time.time())
     current = gateway.state.router
     await reloader.on_bank_published(announced("e" * 64, ago_s=CLOCK_SKEW_S + 3600))

@@ -20,10 +20,10 @@ from routemesh.contracts.topics import DLQ, ROUTE_DECISIONS
 from routemesh.services.runtime.kafka import (
     DeadLetters,
     create_broker,
-    publish_event,
     subscribe_events,
 )
 from routemesh.services.runtime.settings import ServiceSettings
+from tests.services.runtime.helpers import broker_publish
 
 SETTINGS = ServiceSettings(kafka_idempotent_producer=False)
 
@@ -52,7 +52,7 @@ def mesh():
         [ROUTE_DECISIONS],
         group_id="unit",
         handler=handler,
-        dead_letters=DeadLetters(broker, SETTINGS, "unit", registry),
+        dead_letters=DeadLetters(broker_publish(broker, SETTINGS), "unit", registry),
     )
 
     @broker.subscriber(SETTINGS.topic(DLQ), group_id="dlq-reader")
@@ -72,7 +72,7 @@ async def _settle(condition, timeout=30.0):
 async def test_valid_events_reach_the_handler(mesh):
     broker, handled, dead, _ = mesh
     async with TestKafkaBroker(broker):
-        await publish_event(broker, SETTINGS, decision("r1"))
+        await broker_publish(broker, SETTINGS)(decision("r1"))
         await _settle(lambda: handled)
     assert [e.request_id for e in handled] == ["r1"]
     assert dead == []
@@ -90,7 +90,7 @@ async def test_bad_payloads_become_dead_letters_with_the_original_bytes(mesh, pa
     broker, handled, dead, registry = mesh
     async with TestKafkaBroker(broker):
         await broker.publish(payload, SETTINGS.topic(ROUTE_DECISIONS), key=b"k1")
-        await publish_event(broker, SETTINGS, decision("after"))
+        await broker_publish(broker, SETTINGS)(decision("after"))
         await _settle(lambda: dead and handled)
     (letter,) = dead
     assert letter.original == payload
@@ -121,8 +121,8 @@ async def test_an_event_of_another_topic_is_dead_lettered_as_unexpected(mesh):
 async def test_a_failing_handler_dead_letters_and_moves_on(mesh):
     broker, handled, dead, _ = mesh
     async with TestKafkaBroker(broker):
-        await publish_event(broker, SETTINGS, decision("boom"))
-        await publish_event(broker, SETTINGS, decision("fine"))
+        await broker_publish(broker, SETTINGS)(decision("boom"))
+        await broker_publish(broker, SETTINGS)(decision("fine"))
         await _settle(lambda: dead and handled)
     assert dead[0].error_kind == "handler_error"
     assert "cannot handle boom" in dead[0].error

@@ -1,0 +1,401 @@
+"""The consumer every stream-processing service runs: read, decode, dead-letter, dedup,
+hand over, and commit only what is durable.
+
+A service gives an ``EventConsumer`` its topics, a consumer group and a handler. Each
+poll's events go to the handler in one call. What the handler has made durable when the
+call returns is done; an event whose effect must wait (a decision held in a join window
+until its observation comes) is ``hold``-ed on the ``OffsetTracker`` and ``release``-d by
+a later call once its effect is durable. A partition's committed offset never passes the
+oldest held event, so a crash redelivers everything not yet durable, and the handler
+(plus the consumer's own memory of handled ``event_id``s) makes the redelivery harmless.
+
+Written on aiokafka rather than as a FastStream subscriber because FastStream acknowledges
+messages one by one (committing everything consumed), which cannot hold one message back
+while later ones go through. Stateless handlers that finish each message before the next
+use ``runtime.kafka.subscribe_events`` (FastStream) instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from routemesh.contracts import Event, EventDecodeError, Topic, decode_event
+from routemesh.services.runtime.kafka import DeadLetters, RetryableError, client_kwargs
+from routemesh.services.runtime.retry import Backoff
+from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.runtime.telemetry import registered
+
+log = logging.getLogger(__name__)
+
+# (topic, partition, offset)
+Position = tuple[str, int, int]
+PartitionKey = tuple[str, int]
+
+
+class OffsetTracker:
+    """Per partition: the next offset to consume and the offsets still held. The safe
+    commit is the oldest held offset, else the next one to consume."""
+
+    def __init__(self) -> None:
+        self._next: dict[PartitionKey, int] = {}
+        self._held: dict[PartitionKey, list[int]] = defaultdict(list)
+        self._holding: dict[PartitionKey, set[int]] = defaultdict(set)
+        self._committed: dict[PartitionKey, int] = {}
+
+    def consumed(self, position: Position) -> None:
+        topic, partition, offset = position
+        key = (topic, partition)
+        self._next[key] = max(self._next.get(key, 0), offset + 1)
+
+    def hold(self, position: Position) -> None:
+        key, offset = position[:2], position[2]
+        if offset not in self._holding[key]:
+            self._holding[key].add(offset)
+            heapq.heappush(self._held[key], offset)
+
+    def release(self, position: Position) -> None:
+        self._holding[position[:2]].discard(position[2])
+
+    def is_held(self, position: Position) -> bool:
+        return position[2] in self._holding.get(position[:2], ())
+
+    def held_count(self) -> int:
+        return sum(len(offsets) for offsets in self._holding.values())
+
+    def _oldest_held(self, key: PartitionKey) -> int | None:
+        heap, holding = self._held[key], self._holding[key]
+        while heap and heap[0] not in holding:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def to_commit(self) -> dict[PartitionKey, int]:
+        """Offsets that moved since the last commit."""
+        moved = {}
+        for key, next_offset in self._next.items():
+            oldest = self._oldest_held(key)
+            safe = next_offset if oldest is None else oldest
+            if self._committed.get(key) != safe:
+                moved[key] = safe
+        return moved
+
+    def committed(self, offsets: dict[PartitionKey, int]) -> None:
+        self._committed.update(offsets)
+
+    def committed_offset(self, key: PartitionKey) -> int | None:
+        return self._committed.get(key)
+
+    def forget(self, keys: Collection[PartitionKey]) -> None:
+        """Partitions went elsewhere (or are re-read): what was held is redelivered."""
+        for key in keys:
+            for table in (self._next, self._held, self._holding, self._committed):
+                table.pop(key, None)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One decoded event and where it came from."""
+
+    event: Event
+    position: Position
+    key: bytes | None = None
+    # The consumer span of this event; ended once its effect is durable.
+    span: Span | None = field(default=None, repr=False)
+
+
+class BatchHandler(Protocol):
+    async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
+        """Make the effect of ``deliveries`` durable, or ``offsets.hold`` the positions of
+        those that must wait (and ``release`` them in a later call, once durable). Called
+        with no deliveries when a poll found nothing, so time-based work (a join window
+        expiring) still happens. Raise ``RetryableError`` when a dependency (a disk, a
+        server) failed: the consumer goes back to the last commit and redelivers."""
+        ...
+
+    def revoked(self, partitions: Collection[PartitionKey]) -> None:
+        """Drop what is held for these partitions: it will be delivered again (here or to
+        another instance)."""
+        ...
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events = Counter("routemesh_consumer_events_total",
+                              "Events handed to a consumer's handler", ["group", "topic"],
+                              registry=registry)
+        self.dedup = Counter("routemesh_consumer_dedup_hits_total",
+                             "Events skipped because their event_id was already handled",
+                             ["group"], registry=registry)
+        self.lag = Gauge("routemesh_consumer_lag_messages",
+                         "Messages between the committed offset and the partition end",
+                         ["group", "topic", "partition"], registry=registry)
+        self.held = Gauge("routemesh_consumer_held_events",
+                          "Events consumed whose effect is not durable yet", ["group"],
+                          registry=registry)
+        self.retries = Counter("routemesh_consumer_retries_total",
+                               "Batches redelivered after the handler asked to retry",
+                               ["group"], registry=registry)
+
+
+class _SeenEvents:
+    """The ``event_id``s of recently handled events, oldest forgotten first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[Any, None] = OrderedDict()
+
+    def __contains__(self, event_id: Any) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: Any) -> None:
+        self._ids[event_id] = None
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+
+class EventConsumer:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        topics: Sequence[Topic],
+        *,
+        group_id: str,
+        handler: BatchHandler,
+        dead_letters: DeadLetters,
+        registry: CollectorRegistry,
+        service: str,
+        tracer_provider: trace.TracerProvider | None = None,
+        batch_max_records: int = 2000,
+        poll_ms: int = 100,
+        dedup_capacity: int = 100_000,
+    ) -> None:
+        self.settings = settings
+        self.group_id = group_id
+        self.handler = handler
+        self.dead_letters = dead_letters
+        self.service = service
+        self.topics = [settings.topic(t) for t in topics]
+        self.accepted = frozenset(e for t in topics for e in t.events)
+        self.batch_max_records = batch_max_records
+        self.poll_ms = poll_ms
+        self.offsets = OffsetTracker()
+        self.tracer = trace.get_tracer("routemesh.consumer", tracer_provider=tracer_provider)
+        self._seen = _SeenEvents(dedup_capacity)
+        self._open: dict[Position, Delivery] = {}
+        self._metrics = registered(registry, _Metrics)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        # When the committed offsets last moved, or the consumer last found nothing to do.
+        self.last_progress = time.monotonic()
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            **client_kwargs(self.settings),
+            group_id=self.group_id,
+            client_id=f"routemesh-{self.service}-{self.settings.instance_id or 'single'}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            # Topics keyed by request_id with equal partition counts: the range assignor
+            # gives one instance the same partitions of each, so a request's events meet.
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_poll_interval_ms=300_000,
+        )
+        self._consumer.subscribe(self.topics, listener=_Rebalance(self))
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"consume-{self.group_id}")
+
+    async def stop(self) -> None:
+        """Stop polling; let the handler finish its batch; commit what is durable."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.commit()
+            await self._consumer.stop()
+        for delivery in self._open.values():
+            if delivery.span is not None:
+                delivery.span.end()
+        self._open.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        backoff = Backoff(0.5, 10.0)
+        delays = backoff.delays()
+        while not self._stopping.is_set():
+            batch = await self._consumer.getmany(
+                timeout_ms=self.poll_ms, max_records=self.batch_max_records
+            )
+            deliveries = []
+            for tp, records in batch.items():
+                for record in records:
+                    delivery = await self._deliver(tp, record)
+                    if delivery is not None:
+                        deliveries.append(delivery)
+            try:
+                await self.handler.handle(deliveries, self.offsets)
+            except RetryableError as exc:
+                log.warning("handler asked to retry; rewinding to the last commit",
+                            extra={"group": self.group_id, "error": str(exc)})
+                self._metrics.retries.labels(self.group_id).inc()
+                await self._rewind()
+                await asyncio.sleep(next(delays))
+                continue
+            delays = backoff.delays()
+            self._close_done()
+            await self.commit()
+            if not batch:
+                self.last_progress = time.monotonic()
+
+    async def _deliver(self, tp: TopicPartition, record: Any) -> Delivery | None:
+        position = (tp.topic, tp.partition, record.offset)
+        self.offsets.consumed(position)
+        try:
+            event = decode_event(record.value or b"", self.accepted)
+        except EventDecodeError as exc:
+            await self._dead_letter(record, position, exc.kind, str(exc))
+            return None
+        if event.event_id in self._seen or position in self._open:
+            self._metrics.dedup.labels(self.group_id).inc()
+            return None
+        self._metrics.events.labels(self.group_id, tp.topic).inc()
+        carrier = {k: v.decode("latin-1") for k, v in record.headers or ()}
+        span = self.tracer.start_span(
+            f"{tp.topic} process", context=propagate.extract(carrier),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"messaging.system": "kafka", "messaging.destination.name": tp.topic,
+                        "messaging.consumer.group.name": self.group_id,
+                        "messaging.kafka.message.offset": record.offset},
+        )
+        delivery = Delivery(event, position, record.key, span)
+        self._open[position] = delivery
+        return delivery
+
+    def _close_done(self) -> None:
+        """End the spans of events whose effect is durable, and remember their ids."""
+        done = [p for p in self._open if not self.offsets.is_held(p)]
+        for position in done:
+            delivery = self._open.pop(position)
+            self._seen.add(delivery.event.event_id)
+            if delivery.span is not None:
+                delivery.span.end()
+        self._metrics.held.labels(self.group_id).set(self.offsets.held_count())
+
+    async def _dead_letter(self, record: Any, position: Position, kind: str, error: str) -> None:
+        """Publish the dead letter, retrying while the broker refuses. Its offset is held
+        until it is sent, so a stop (or crash) meanwhile never commits past it."""
+        self.offsets.hold(position)
+        delays = Backoff(0.5, 10.0).delays()
+        while True:
+            try:
+                await self.dead_letters.send(record, self.group_id, kind, error)
+            except Exception:
+                log.exception("could not publish a dead letter; retrying")
+                if self._stopping.is_set():
+                    return
+                await asyncio.sleep(next(delays))
+            else:
+                self.offsets.release(position)
+                return
+
+    async def _rewind(self) -> None:
+        """Back to the last commit of every assigned partition, forgetting what was held."""
+        assert self._consumer is not None
+        assigned = self._consumer.assignment()
+        keys = {(tp.topic, tp.partition) for tp in assigned}
+        self._drop(keys)
+        for tp in assigned:
+            committed = await self._consumer.committed(tp)
+            if committed is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, committed)
+
+    def _drop(self, keys: Collection[PartitionKey]) -> None:
+        self.handler.revoked(keys)
+        self.offsets.forget(keys)
+        for position in [p for p in self._open if p[:2] in keys]:
+            delivery = self._open.pop(position)
+            if delivery.span is not None:
+                delivery.span.end()
+
+    async def commit(self) -> None:
+        assert self._consumer is not None
+        moved = self.offsets.to_commit()
+        if not moved:
+            return
+        await self._consumer.commit({TopicPartition(t, p): o for (t, p), o in moved.items()})
+        self.offsets.committed(moved)
+        self.last_progress = time.monotonic()
+        for (topic, partition), offset in moved.items():
+            end = self._consumer.highwater(TopicPartition(topic, partition))
+            if end is not None:
+                self._metrics.lag.labels(self.group_id, topic, str(partition)).set(
+                    max(end - offset, 0))
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, consumer: EventConsumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        # Commit what is safe; what is held goes back to the partition's next owner.
+        with contextlib.suppress(Exception):
+            await self.consumer.commit()
+        self.consumer._drop({(tp.topic, tp.partition) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        pass
+
+
+class TopicNotFound(LookupError):
+    pass
+
+
+async def read_records(
+    settings: ServiceSettings, topic: str, *, from_beginning: bool, idle_s: float | None
+) -> AsyncIterator[Any]:
+    """Every record of ``topic`` as it arrives (from its start, or from now), raw and in
+    partition order, until ``idle_s`` pass without one. No consumer group: reading moves
+    nobody's committed offsets."""
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+    try:
+        await consumer.start()
+        await consumer.topics()  # metadata, so that partitions_for_topic knows the topic
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise TopicNotFound(f"topic {topic} does not exist")
+        assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assignment)
+        if from_beginning:
+            await consumer.seek_to_beginning(*assignment)
+        else:
+            await consumer.seek_to_end(*assignment)
+        while True:
+            batch = await consumer.getmany(timeout_ms=int((idle_s or 3600) * 1000))
+            if not batch and idle_s is not None:
+                return
+            for records in batch.values():
+                for record in records:
+                    yield record
+    finally:
+        await consumer.stop()

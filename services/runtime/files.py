@@ -1,0 +1,36 @@
+"""Noticing that files changed, for whatever the mesh re-reads while running (route
+configs and their utterance files, key files)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class FileWatch:
+    """Reports a change of content in any of ``paths`` (a file appearing or going away
+    included). By content, not by modification time and size: a key swapped for one of
+    the same length within the filesystem's timestamp granularity is still a change."""
+
+    def __init__(self, paths: Iterable[Path]) -> None:
+        self.paths = tuple(paths)
+        self._seen = self._digests()
+
+    def _digests(self) -> tuple[str | None, ...]:
+        return tuple(_digest(path) for path in self.paths)
+
+    def changed(self) -> bool:
+        """True once per change since the last call (or since the watch was made)."""
+        now = self._digests()
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
