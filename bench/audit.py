@@ -27,12 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from routemesh.contracts import CompletionObserved, RouteDecided, encode_event
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
+from routemesh.services.runtime.stats import Percentiles
 
 D, OBS = ROUTE_DECISIONS.name(), LLM_OBSERVATIONS.name()
 
@@ -145,10 +145,6 @@ async def through_writer(bootstrap: str, tail: Tail, prefix: str, pairs: int, ra
     return 2 * pairs / elapsed, [(tail.seen[r] - sent[r]) * 1000 for r in sent]
 
 
-def pct(values, q) -> float:
-    return float(np.percentile(values, q))
-
-
 async def main_async(args, broker: EmbeddedBroker) -> None:
     work = Path(tempfile.mkdtemp(prefix="routemesh-bench-audit-"))
     env = dict(os.environ, ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
@@ -177,10 +173,11 @@ async def main_async(args, broker: EmbeddedBroker) -> None:
     print(f"  ratio writer / baseline: {w_rate / b_rate:.2f}")
     print(f"latency at a fixed {args.rate:.0f} events/s for {args.seconds:.0f} s "
           f"({steady_pairs} pairs), ms:")
-    print(f"  audit writer event-to-disk: p50 {pct(w_lat, 50):7.1f}  p99 {pct(w_lat, 99):7.1f}")
-    print(f"  consume-only baseline:      p50 {pct(b_lat, 50):7.1f}  p99 {pct(b_lat, 99):7.1f}")
+    writer_ms, baseline_ms = Percentiles.of(w_lat), Percentiles.of(b_lat)
+    print(f"  audit writer event-to-disk: p50 {writer_ms.p50:7.1f}  p99 {writer_ms.p99:7.1f}")
+    print(f"  consume-only baseline:      p50 {baseline_ms.p50:7.1f}  p99 {baseline_ms.p99:7.1f}")
     print(f"targets: >= 5,000 events/s: {'met' if w_rate >= 5000 else 'MISSED'}; "
-          f"p99 <= 1 s: {'met' if pct(w_lat, 99) <= 1000 else 'MISSED'}")
+          f"p99 <= 1 s: {'met' if writer_ms.p99 <= 1000 else 'MISSED'}")
 
 
 def main() -> None:

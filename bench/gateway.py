@@ -44,20 +44,16 @@ from typing import get_args
 
 import aiohttp
 import httpx
-import numpy as np
 import yaml
 
-from routemesh.services.router.config import EncoderBackend, EncoderConfig
+from routemesh.services.router import EncoderBackend, EncoderConfig
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
+from routemesh.services.runtime.stats import Percentiles
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "deploy" / "examples"
 PROMPTS = [row["prompt"] for row in map(json.loads, (EXAMPLES / "lite-deep.eval.jsonl").open())
            if "prompt" in row]
-
-
-def pct(values, q):
-    return float(np.percentile(values, q))
 
 
 async def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
@@ -206,7 +202,8 @@ def bench_config(work: Path, backend: str) -> Path:
 
 
 def _triple(values: list[float]) -> str:
-    return f"{pct(values, 50):7.1f}/{pct(values, 95):7.1f}/{pct(values, 99):7.1f}"
+    p = Percentiles.of(values)
+    return f"{p.p50:7.1f}/{p.p95:7.1f}/{p.p99:7.1f}"
 
 
 async def overhead(direct: str, proxied: str, stream: bool, concurrency: int,
@@ -224,7 +221,8 @@ async def overhead(direct: str, proxied: str, stream: bool, concurrency: int,
     if concurrency > 1:
         phases.append(("start", direct_start, proxied_start))
     for phase, d, g in phases:
-        over = [pct(g, q) - pct(d, q) for q in (50, 95, 99)]
+        gp, dp = Percentiles.of(g), Percentiles.of(d)
+        over = [gp.p50 - dp.p50, gp.p95 - dp.p95, gp.p99 - dp.p99]
         print(f"{mode:<12}{concurrency:>5}  {label:>10}  {phase:>5}  {_triple(d)}  {_triple(g)}"
               f"  {over[0]:8.1f}/{over[1]:7.1f}/{over[2]:7.1f}", flush=True)
 

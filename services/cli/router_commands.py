@@ -17,19 +17,22 @@ from rich.table import Table
 
 from routemesh.contracts import RouteBankPublished
 from routemesh.services.cli.output import err, fail
-from routemesh.services.router.bank import build_bank, default_collection
-from routemesh.services.router.cascade import RouteRequest, UnknownRouteError
-from routemesh.services.router.config import ConfigError, load_config
-from routemesh.services.router.encoders import build_dense_encoder
-from routemesh.services.router.evaluate import (
+from routemesh.services.router import (
+    ConfigError,
     DatasetError,
+    RouteRequest,
+    StaleBankError,
+    UnknownRouteError,
+    build_route_bank,
     evaluate,
     file_sha256,
+    load_config,
     load_dataset,
+    load_router,
+    open_qdrant,
     unrouted_warning,
     write_reports,
 )
-from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
 from routemesh.services.runtime.kafka import EventProducer, event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
@@ -85,8 +88,7 @@ def bank_build(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     client = _qdrant(qdrant_url, qdrant_path, required=True)
-    encoder = build_dense_encoder(loaded.config.encoder)
-    report = build_bank(loaded, encoder, client, collection or default_collection(loaded))
+    report = build_route_bank(loaded, client, collection)
     print(
         f"collection {report.collection}: embedded {report.embedded}, kept {report.kept}, "
         f"removed {report.removed}; route_bank_sha256 {report.sha256}"
@@ -96,7 +98,7 @@ def bank_build(
     event = RouteBankPublished(
         collection=report.collection,
         route_bank_sha256=report.sha256,
-        encoder=encoder.name,
+        encoder=report.encoder,
         utterances=report.embedded + report.kept,
         routes=tuple(r.id for r in loaded.config.routes),
         config_sha256=loaded.sha256,
@@ -145,16 +147,16 @@ def eval_command(
         progress=lambda it: track(it, description="routing", console=err),
     )
     json_path, md_path = write_reports(report, out)
-    table = Table(title=f"{dataset.name}: {report['items']} items")
+    table = Table(title=f"{dataset.name}: {report.items} items")
     table.add_column("system")
     table.add_column("accuracy", justify="right")
-    table.add_row("routemesh", f"{report['accuracy']:.3f}")
-    for name, baseline in report["baselines"].items():
-        table.add_row(name, f"{baseline['accuracy']:.3f}")
+    table.add_row("routemesh", f"{report.accuracy:.3f}")
+    for name, baseline in report.baselines.items():
+        table.add_row(name, f"{baseline.accuracy:.3f}")
     Console().print(table)
-    latency = report["latency_ms"]
-    print(f"decision latency ms p50 {latency['p50']:.2f} p95 {latency['p95']:.2f} "
-          f"p99 {latency['p99']:.2f}")
+    latency = report.latency_ms
+    print(f"decision latency ms p50 {latency.p50:.2f} p95 {latency.p95:.2f} "
+          f"p99 {latency.p99:.2f}")
     print(f"wrote {json_path} and {md_path}")
     warning = unrouted_warning(report)
     if warning is not None:

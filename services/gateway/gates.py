@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from routemesh.services.router.config import EscalationGates
+from routemesh.services.router import EscalationGates
 
 
 def failed_gates(request: dict[str, Any], response: Any, gates: EscalationGates) -> list[str]:

@@ -36,6 +36,7 @@ from routemesh.contracts import (
 )
 from routemesh.services.gateway.spool import Spool
 from routemesh.services.runtime.kafka import DEAD_LETTER_ERROR_CHARS
+from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.telemetry import registered
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class EventPublisher:
 
     async def _confirm_all(self, items: list[Item]) -> None:
         """Publish until the broker confirmed every item, backing off between rounds."""
-        pending, backoff = items, 0.1
+        pending, delays = items, Backoff(0.1, 5.0).delays()
         while pending:
             results = await asyncio.gather(*(self._publish(i) for i in pending),
                                            return_exceptions=True)
@@ -140,8 +141,7 @@ class EventPublisher:
             self.published.inc(len(pending) - len(failed))
             if failed:
                 self.failures.inc(len(failed))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(next(delays))
             pending = failed
 
     async def _run_queue(self) -> None:

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from routemesh.services.runtime.retry import Backoff
+
 
 def upstream_failed(status: int) -> bool:
     """The one rule for an answer that is the upstream's failure, not the request's: it is
@@ -109,9 +111,10 @@ class Upstream:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         url = base_url.rstrip("/") + "/chat/completions"
+        delays = Backoff(0.1, 2.0).delays()
         for attempt in range(self.max_retries + 1):
             if attempt:
-                await asyncio.sleep(min(0.1 * 2 ** (attempt - 1), 2.0))
+                await asyncio.sleep(next(delays))
             try:
                 response = await self._client().post(url, data=body, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:

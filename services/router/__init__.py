@@ -12,17 +12,39 @@ from routemesh.services.router.cascade import (
 )
 from routemesh.services.router.config import (
     ConfigError,
+    EncoderBackend,
+    EncoderConfig,
+    EscalationGates,
     LoadedConfig,
     Route,
     RoutingConfig,
     load_config,
 )
-from routemesh.services.router.factory import StaleBankError, load_router, open_qdrant
+from routemesh.services.router.evaluate import (
+    DatasetError,
+    EvalReport,
+    evaluate,
+    file_sha256,
+    load_dataset,
+    unrouted_warning,
+    write_reports,
+)
+from routemesh.services.router.factory import (
+    StaleBankError,
+    build_route_bank,
+    load_router,
+    open_qdrant,
+)
 
 __all__ = [
     "AUTO_MODEL",
     "PASSTHROUGH_ROUTE",
     "ConfigError",
+    "DatasetError",
+    "EncoderBackend",
+    "EncoderConfig",
+    "EscalationGates",
+    "EvalReport",
     "LoadedConfig",
     "Route",
     "RouteRequest",
@@ -30,7 +52,13 @@ __all__ = [
     "RoutingConfig",
     "StaleBankError",
     "UnknownRouteError",
+    "build_route_bank",
+    "evaluate",
+    "file_sha256",
     "load_config",
+    "load_dataset",
     "load_router",
     "open_qdrant",
+    "unrouted_warning",
+    "write_reports",
 ]

@@ -83,6 +83,7 @@ class BuildReport:
     removed: int
     kept: int
     sha256: str
+    encoder: str
 
 
 def config_bank_sha256(loaded: LoadedConfig, encoder_name: str) -> str:
@@ -165,6 +166,7 @@ def build_bank(
         removed=len(stale),
         kept=len(kept),
         sha256=config_bank_sha256(loaded, encoder.name),
+        encoder=encoder.name,
     )
 
 

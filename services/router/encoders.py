@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 
 from routemesh.services.router.config import EncoderConfig
+from routemesh.services.runtime.retry import Backoff
 
 LOCAL_MODEL_NAME = "all-MiniLM-L6-v2"
 T = TypeVar("T")
@@ -269,9 +270,10 @@ class OpenAIEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         last: Exception | None = None
+        delays = Backoff(0.2, 2.0).delays()
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(min(0.1 * 2**attempt, 2.0))
+                time.sleep(next(delays))
             try:
                 response = self._client.post(
                     "embeddings", json={"model": self.model, "input": list(texts)}

@@ -8,12 +8,12 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+import msgspec
 
 from routemesh.contracts import RouteDecided
 from routemesh.services.router.cascade import AUTO_MODEL, Router, RouteRequest
+from routemesh.services.runtime.stats import Percentiles
 
 # An eval where more than this share of items never reached routing (an override or a
 # passthrough decided them) measures the requests' model names, not the router.
@@ -58,13 +58,65 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
+class RouteFigures(msgspec.Struct, frozen=True, kw_only=True):
+    precision: float
+    recall: float
+    f1: float
+    support: int
 
 
-def score(
-    items: list[EvalItem], decisions: list[RouteDecided], routes: list[str]
-) -> dict[str, Any]:
+class LayerFigures(msgspec.Struct, frozen=True, kw_only=True):
+    capture_rate: float
+    accuracy: float
+    decisions: int
+
+
+class Scores(msgspec.Struct, frozen=True, kw_only=True):
+    """How one system's decisions compare with the labels."""
+
+    accuracy: float
+    items: int
+    macro_f1: float
+    per_route: dict[str, RouteFigures]
+    # Rows: expected route; columns: predicted.
+    confusion: dict[str, dict[str, int]]
+    layers: dict[str, LayerFigures]
+    reasons: dict[str, int]
+    # Share of items an override or passthrough decided (the requested model), not routing.
+    unrouted_share: float
+    route_share: dict[str, float]
+    latency_ms: Percentiles
+
+
+class Baseline(msgspec.Struct, frozen=True, kw_only=True):
+    accuracy: float
+    route_share: dict[str, float]
+
+
+class Mistake(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    expected: str
+    predicted: str
+    reason: str
+    score: float | None
+
+
+class Hashes(msgspec.Struct, frozen=True, kw_only=True):
+    config: str
+    route_bank: str | None
+    dataset: str
+
+
+class EvalReport(Scores, frozen=True, kw_only=True):
+    baselines: dict[str, Baseline]
+    mistakes: list[Mistake]
+    sha256: Hashes
+    config_source: str
+    # Item id -> the route decided.
+    decisions: dict[str, str]
+
+
+def score(items: list[EvalItem], decisions: list[RouteDecided], routes: list[str]) -> Scores:
     """Accuracy, per-route precision/recall/F1, confusion, per-layer figures, route share."""
     expected = [item.route for item in items]
     predicted = [d.route_id for d in decisions]
@@ -81,38 +133,31 @@ def score(
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_route[label] = {
-            "precision": precision, "recall": recall, "f1": f1, "support": tp + fn,
-        }
-    layers: dict[str, dict[str, float]] = {}
+        per_route[label] = RouteFigures(precision=precision, recall=recall, f1=f1,
+                                        support=tp + fn)
     by_layer: dict[str, list[bool]] = defaultdict(list)
     reasons = Counter(d.reason for d in decisions)
     for decision, ok in zip(decisions, correct, strict=True):
         by_layer[decision.layer].append(ok)
-    for layer, oks in sorted(by_layer.items()):
-        layers[layer] = {
-            "capture_rate": len(oks) / len(items),
-            "accuracy": sum(oks) / len(oks),
-            "decisions": len(oks),
-        }
-    share = Counter(predicted)
-    unrouted = reasons["override"] + reasons["passthrough"]
-    latencies = [d.decision_latency_ms for d in decisions]
-    return {
-        "accuracy": sum(correct) / len(items),
-        "items": len(items),
-        "per_route": per_route,
-        "confusion": confusion,
-        "layers": layers,
-        "reasons": dict(sorted(reasons.items())),
-        "unrouted_share": unrouted / len(items),
-        "route_share": {label: share.get(label, 0) / len(items) for label in labels},
-        "latency_ms": {
-            "p50": _percentile(latencies, 50),
-            "p95": _percentile(latencies, 95),
-            "p99": _percentile(latencies, 99),
-        },
+    layers = {
+        layer: LayerFigures(capture_rate=len(oks) / len(items), accuracy=sum(oks) / len(oks),
+                            decisions=len(oks))
+        for layer, oks in sorted(by_layer.items())
     }
+    share = Counter(predicted)
+    supported = [f.f1 for label, f in per_route.items() if f.support]
+    return Scores(
+        accuracy=sum(correct) / len(items),
+        items=len(items),
+        macro_f1=sum(supported) / len(supported) if supported else 0.0,
+        per_route=per_route,
+        confusion=confusion,
+        layers=layers,
+        reasons=dict(sorted(reasons.items())),
+        unrouted_share=(reasons["override"] + reasons["passthrough"]) / len(items),
+        route_share={label: share.get(label, 0) / len(items) for label in labels},
+        latency_ms=Percentiles.of([d.decision_latency_ms for d in decisions]),
+    )
 
 
 def evaluate(
@@ -120,11 +165,11 @@ def evaluate(
     items: list[EvalItem],
     dataset_sha256: str,
     progress: Callable[[Iterable[EvalItem]], Iterable[EvalItem]] = lambda it: it,
-) -> dict[str, Any]:
+) -> EvalReport:
     routes = [route.id for route in router.config.routes]
     decisions = [router.decide(item.request, item.id) for item in progress(items)]
-    report = score(items, decisions, routes)
-    baselines: dict[str, dict[str, Any]] = {}
+    scores = score(items, decisions, routes)
+    baselines: dict[str, Baseline] = {}
     for route in routes:
         target = router.config.route(route).target_model
         always = [
@@ -134,29 +179,32 @@ def evaluate(
             )
             for item in items
         ]
-        baselines[f"always-{route}"] = _baseline_summary(score(items, always, routes))
+        baselines[f"always-{route}"] = _baseline(score(items, always, routes))
     rules_only = [router.decide_rules_only(item.request, item.id) for item in items]
-    baselines["rules-only"] = _baseline_summary(score(items, rules_only, routes))
-    report["baselines"] = baselines
-    report["mistakes"] = [
-        {"id": item.id, "expected": item.route, "predicted": d.route_id, "reason": d.reason,
-         "score": d.score}
-        for item, d in zip(items, decisions, strict=True)
-        if d.route_id != item.route
-    ]
-    report["sha256"] = {
-        "config": router.loaded.sha256,
-        "route_bank": router.matcher.sha256 if router.matcher else None,
-        "dataset": dataset_sha256,
-    }
-    report["config_source"] = router.loaded.source
-    report["decisions"] = {item.id: d.route_id for item, d in zip(items, decisions, strict=True)}
-    return report
+    baselines["rules-only"] = _baseline(score(items, rules_only, routes))
+    return EvalReport(
+        **msgspec.structs.asdict(scores),
+        baselines=baselines,
+        mistakes=[
+            Mistake(id=item.id, expected=item.route, predicted=d.route_id, reason=d.reason,
+                    score=d.score)
+            for item, d in zip(items, decisions, strict=True)
+            if d.route_id != item.route
+        ],
+        sha256=Hashes(config=router.config_sha256, route_bank=router.bank_sha256,
+                      dataset=dataset_sha256),
+        config_source=router.loaded.source,
+        decisions={item.id: d.route_id for item, d in zip(items, decisions, strict=True)},
+    )
 
 
-def unrouted_warning(report: dict[str, Any]) -> str | None:
+def _baseline(scores: Scores) -> Baseline:
+    return Baseline(accuracy=scores.accuracy, route_share=scores.route_share)
+
+
+def unrouted_warning(report: Scores) -> str | None:
     """Why this eval says little about routing, if it does."""
-    share = report["unrouted_share"]
+    share = report.unrouted_share
     if share <= UNROUTED_WARN_SHARE:
         return None
     return (
@@ -167,53 +215,47 @@ def unrouted_warning(report: dict[str, Any]) -> str | None:
     )
 
 
-def _baseline_summary(scored: dict[str, Any]) -> dict[str, Any]:
-    return {"accuracy": scored["accuracy"], "route_share": scored["route_share"]}
-
-
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: EvalReport) -> str:
     lines = [
         "# routemesh eval report",
         "",
-        f"- config: `{report['config_source']}` sha256 `{report['sha256']['config']}`",
-        f"- route bank sha256 `{report['sha256']['route_bank']}`",
-        f"- dataset sha256 `{report['sha256']['dataset']}` ({report['items']} items)",
+        f"- config: `{report.config_source}` sha256 `{report.sha256.config}`",
+        f"- route bank sha256 `{report.sha256.route_bank}`",
+        f"- dataset sha256 `{report.sha256.dataset}` ({report.items} items)",
         "",
-        f"**Accuracy: {report['accuracy']:.3f}**",
+        f"**Accuracy: {report.accuracy:.3f}** (macro-F1 {report.macro_f1:.3f})",
         "",
         "| system | accuracy |",
         "| --- | --- |",
-        f"| routemesh | {report['accuracy']:.3f} |",
+        f"| routemesh | {report.accuracy:.3f} |",
     ]
-    lines += [f"| {name} | {b['accuracy']:.3f} |" for name, b in report["baselines"].items()]
+    lines += [f"| {name} | {b.accuracy:.3f} |" for name, b in report.baselines.items()]
     lines += ["", "## Per route", "", "| route | precision | recall | F1 | support | share |",
               "| --- | --- | --- | --- | --- | --- |"]
-    for route, m in report["per_route"].items():
+    for route, m in report.per_route.items():
         lines.append(
-            f"| {route} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
-            f"{m['support']} | {report['route_share'].get(route, 0):.3f} |"
+            f"| {route} | {m.precision:.3f} | {m.recall:.3f} | {m.f1:.3f} | "
+            f"{m.support} | {report.route_share.get(route, 0):.3f} |"
         )
     lines += ["", "## Per layer", "", "| layer | capture rate | accuracy | decisions |",
               "| --- | --- | --- | --- |"]
-    for layer, m in report["layers"].items():
-        lines.append(
-            f"| {layer} | {m['capture_rate']:.3f} | {m['accuracy']:.3f} | {m['decisions']} |"
-        )
-    labels = list(report["confusion"])
+    for layer, f in report.layers.items():
+        lines.append(f"| {layer} | {f.capture_rate:.3f} | {f.accuracy:.3f} | {f.decisions} |")
+    labels = list(report.confusion)
     lines += ["", "## Confusion (rows: expected, columns: predicted)", "",
               "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for expected in labels:
-        row = report["confusion"][expected]
+        row = report.confusion[expected]
         lines.append(f"| {expected} | " + " | ".join(str(row[p]) for p in labels) + " |")
-    latency = report["latency_ms"]
-    lines += ["", f"Decision latency ms: p50 {latency['p50']:.2f}, p95 {latency['p95']:.2f}, "
-              f"p99 {latency['p99']:.2f}", ""]
+    latency = report.latency_ms
+    lines += ["", f"Decision latency ms: p50 {latency.p50:.2f}, p95 {latency.p95:.2f}, "
+              f"p99 {latency.p99:.2f}", ""]
     return "\n".join(lines)
 
 
-def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
+def write_reports(report: EvalReport, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "report.json", out / "report.md"
-    json_path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    json_path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
     md_path.write_text(render_markdown(report), encoding="utf-8")
     return json_path, md_path

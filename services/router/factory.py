@@ -9,6 +9,7 @@ from pathlib import Path
 from qdrant_client import QdrantClient
 
 from routemesh.services.router.bank import (
+    BuildReport,
     Matcher,
     QdrantMatcher,
     build_bank,
@@ -95,3 +96,12 @@ def _assemble(
             "run `routemesh bank build`"
         )
     return Router(loaded, matcher, encoder, instance=instance)
+
+
+def build_route_bank(
+    loaded: LoadedConfig, qdrant: QdrantClient, collection: str | None = None
+) -> BuildReport:
+    """Embed the config's utterances into Qdrant with the encoder it names (``routemesh
+    bank build``); an unchanged bank re-embeds nothing."""
+    encoder = build_dense_encoder(loaded.config.encoder)
+    return build_bank(loaded, encoder, qdrant, collection or default_collection(loaded))

@@ -72,7 +72,7 @@ def test_the_int8_model_routes_nearly_as_well(minilm, model_cache, config, datas
         client = QdrantClient(":memory:")
         build_bank(loaded, encoder, client, "bank")
         router = Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), encoder)
-        accuracy[encoder.name] = evaluate(router, items, "x")["accuracy"]
+        accuracy[encoder.name] = evaluate(router, items, "x").accuracy
     exact, quantised = accuracy.values()
     assert quantised >= exact - 0.02, accuracy
 
@@ -116,9 +116,9 @@ def test_backends_agree_and_routemesh_beats_every_baseline(minilm, config, datas
         for item in items
     )
     assert agree / len(items) >= 0.99
-    best_baseline = max(b["accuracy"] for b in report["baselines"].values())
-    assert report["accuracy"] > best_baseline + 0.3
-    assert report["accuracy"] >= 0.85
+    best_baseline = max(b.accuracy for b in report.baselines.values())
+    assert report.accuracy > best_baseline + 0.3
+    assert report.accuracy >= 0.85
 
 
 def _cli(*args, cwd=None):
