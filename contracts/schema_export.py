@@ -2,14 +2,14 @@
 
 FastStream's AsyncAPI generator reads pydantic models, not msgspec Structs, so the
 document is built here from the topic registry. Output is deterministic (sorted, no
-timestamps) so that CI can diff it against the checked-in copy.
+timestamps) so that CI can diff it against the checked-in copy. Nothing here touches a
+file: ``routemesh contracts export`` and ``check`` write and compare them.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -131,28 +131,3 @@ def render() -> dict[str, str]:
         asyncapi_document(), sort_keys=False, width=100, allow_unicode=True
     )
     return files
-
-
-def export(directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, content in render().items():
-        path = directory / name
-        path.write_text(content, encoding="utf-8")
-        written.append(path)
-    return written
-
-
-def drift(directory: Path) -> list[str]:
-    """Names of generated files that differ from (or are missing in) ``directory``."""
-    expected = render()
-    stale = [
-        name
-        for name, content in expected.items()
-        if not (directory / name).is_file()
-        or (directory / name).read_text(encoding="utf-8") != content
-    ]
-    extra = [
-        p.name for p in directory.glob("*") if p.is_file() and p.name not in expected
-    ] if directory.is_dir() else []
-    return sorted(stale + extra)

@@ -6,13 +6,19 @@ from pathlib import Path
 
 import pytest
 
+from routemesh.services.runtime.service import discover_services
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ROOT / "services"
 # Libraries every service may use: the shared runtime and the pure router core
-# (the gateway and the replay worker both call it). Those two import no service:
-# the router stays pure (no Kafka), the runtime stays below everything.
+# (the gateway and the replay worker both call it). The runtime stays below everything;
+# the router stays pure (no Kafka, no HTTP server): of the runtime it may use only the
+# helpers that do no I/O.
 SHARED = {"runtime", "router"}
-ALLOWED = {"runtime": set(), "router": set()}
+ALLOWED = {"runtime": set(), "router": {"runtime"}}
+PURE_RUNTIME = {"retry", "stats", "files"}
+IO_LIBRARIES = {"aiokafka", "faststream", "httpx", "aiohttp", "uvicorn", "fastapi",
+                "starlette", "socket", "qdrant_client", "prometheus_client"}
 # The command line composes services; it is no service itself.
 COMPOSERS = {"cli"}
 
@@ -73,13 +79,62 @@ def test_the_check_catches_a_violation(tmp_path, monkeypatch):
     assert _service_imports("scorer") == {"services/scorer/x.py": {"gateway"}}
 
 
+def _imports_any(path: Path, forbidden: set[str]) -> list[str]:
+    return sorted(m for m in _imported_modules(path)
+                  if any(m == f or m.startswith(f + ".") for f in forbidden))
+
+
 def test_contracts_do_no_io_and_import_no_service():
-    forbidden = {"routemesh.services", "aiokafka", "faststream", "httpx", "socket", "qdrant_client"}
-    for path in (ROOT / "contracts").rglob("*.py"):
-        for module in _imported_modules(path):
-            assert not any(module == f or module.startswith(f + ".") for f in forbidden), (
-                f"{path.name} imports {module}"
-            )
+    forbidden = {"routemesh.services", "os", "io", "pathlib", "shutil", "tempfile",
+                 "subprocess", "urllib", *IO_LIBRARIES}
+    offending = {p.name: _imports_any(p, forbidden) for p in (ROOT / "contracts").rglob("*.py")}
+    assert {name: found for name, found in offending.items() if found} == {}
+
+
+def test_the_router_uses_only_the_runtimes_pure_helpers():
+    for path in (SERVICES / "router").rglob("*.py"):
+        runtime = {m.split(".")[3] for m in _imported_modules(path)
+                   if m.startswith("routemesh.services.runtime.")}
+        assert runtime <= PURE_RUNTIME, f"{path.name} imports runtime modules {runtime}"
+        assert not _imports_any(path, {"aiokafka", "faststream", "uvicorn", "fastapi"})
+    for name in PURE_RUNTIME:
+        path = SERVICES / "runtime" / f"{name}.py"
+        assert _imports_any(path, IO_LIBRARIES | {"routemesh.services"}) == [], path.name
+
+
+def _constructs(path: Path, name: str) -> bool:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if called == name:
+                return True
+    return False
+
+
+def test_only_the_runtime_constructs_kafka_consumers():
+    outside = [str(p.relative_to(ROOT)) for p in SERVICES.rglob("*.py")
+               if p.parent.name != "runtime" and _constructs(p, "AIOKafkaConsumer")]
+    assert outside == []
+    assert _constructs(SERVICES / "runtime" / "consumer.py", "AIOKafkaConsumer"), (
+        "the check can see a construction")
+
+
+def test_every_registered_service_declares_its_ports():
+    specs = discover_services()
+    assert {"gateway", "audit-writer"} <= set(specs)
+    for name, spec in specs.items():
+        assert spec.ports, name
+        assert spec.ports[0].name == "metrics", f"{name}: the metrics port comes first"
+        names = [p.name for p in spec.ports]
+        assert len(set(names)) == len(names), name
+        for port in spec.ports:
+            assert port.env.startswith("ROUTEMESH_")
+            assert port.host_env.startswith("ROUTEMESH_")
+            assert 0 < port.default < 65536, (name, port)
+    defaults = [p.default for spec in specs.values() for p in spec.ports]
+    assert len(set(defaults)) == len(defaults), "no two services share a default port"
 
 
 def test_imports_are_namespaced_under_routemesh():

@@ -14,8 +14,8 @@ import uvloop
 from aiokafka.errors import KafkaConnectionError
 
 from routemesh.contracts import topic_by_suffix
-from routemesh.contracts.schema_export import drift, export
 from routemesh.services.cli import audit_commands, router_commands
+from routemesh.services.cli.contracts_commands import contracts_app
 from routemesh.services.cli.dev import DevMesh, parse_port_overrides
 from routemesh.services.cli.output import fail
 from routemesh.services.cli.tail import tail_topic
@@ -30,7 +30,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-contracts_app = typer.Typer(help="Event schemas: export and drift check.", no_args_is_help=True)
 topics_app = typer.Typer(help="Kafka topics of the registry.", no_args_is_help=True)
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(topics_app, name="topics")
@@ -159,33 +158,6 @@ def tail(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers} "
             "(set ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS)"
         ) from None
-
-
-@contracts_app.command("export")
-def contracts_export(
-    directory: Annotated[Path, typer.Argument(help="Where to write the schemas.")] = Path(
-        "contracts/schemas"
-    ),
-) -> None:
-    """Write one JSON Schema per event and asyncapi.yaml."""
-    for path in export(directory):
-        print(path)
-
-
-@contracts_app.command("check")
-def contracts_check(
-    directory: Annotated[Path, typer.Argument(help="Checked-in schemas.")] = Path(
-        "contracts/schemas"
-    ),
-) -> None:
-    """Fail when the checked-in schemas differ from what the structs generate."""
-    stale = drift(directory)
-    if stale:
-        raise fail(
-            f"schemas in {directory} are out of date: {', '.join(stale)}; "
-            "run `routemesh contracts export` and commit the result"
-        )
-    print(f"schemas in {directory} match the contracts")
 
 
 @topics_app.command("create")
