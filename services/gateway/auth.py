@@ -1,5 +1,6 @@
-"""Inbound API keys, stored as sha256 hashes; a key file is re-read when it changes, so a
-key can be rotated (add the new hash, move clients, drop the old) without a restart."""
+"""Inbound API keys, stored as sha256 hashes; a key file is re-read when its content
+changes, so a key can be rotated (add the new hash, move clients, drop the old) without a
+restart."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import hmac
 import re
 import time
 from pathlib import Path
+
+from routemesh.services.runtime.files import FileWatch
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
@@ -37,7 +40,8 @@ class ApiKeys:
         self.key_file = key_file
         self.check_every_s = check_every_s
         self._file_hashes: frozenset[str] = frozenset()
-        self._stamp: tuple[int, int] | None = None
+        self._watch = FileWatch([key_file]) if key_file is not None else None
+        self._loaded = False
         self._checked = 0.0
         self._reload()
         if not self.active():
@@ -47,18 +51,17 @@ class ApiKeys:
             )
 
     def _reload(self) -> None:
-        if self.key_file is None:
+        if self.key_file is None or self._watch is None:
             return
-        stat = self.key_file.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp != self._stamp:
-            # A broken file keeps the last good keys (raises only on the first load).
-            try:
-                self._file_hashes = parse_hashes(self.key_file.read_text(), str(self.key_file))
-            except KeyFileError:
-                if self._stamp is None:
-                    raise
-            self._stamp = stamp
+        if self._loaded and not self._watch.changed():
+            return
+        # A broken file keeps the last good keys (raises only on the first load).
+        try:
+            self._file_hashes = parse_hashes(self.key_file.read_text(), self.key_file.name)
+        except KeyFileError:
+            if not self._loaded:
+                raise
+        self._loaded = True
 
     def active(self) -> frozenset[str]:
         now = time.monotonic()
