@@ -20,6 +20,19 @@ class Spool:
         self.path.touch()
         self.offset = int(self.offset_path.read_text() or 0) if self.offset_path.exists() else 0
         self._handle = self.path.open("ab")
+        if self._torn():
+            # A crash mid-write left a line without its end: end it, so the fragment is a
+            # line of its own (dead-lettered as it is when read) and the next event starts
+            # on a fresh line instead of being glued to it.
+            self._handle.write(b"\n")
+            self._handle.flush()
+
+    def _torn(self) -> bool:
+        if self.size == 0:
+            return False
+        with self.path.open("rb") as reader:
+            reader.seek(-1, os.SEEK_END)
+            return reader.read(1) != b"\n"
 
     @property
     def size(self) -> int:

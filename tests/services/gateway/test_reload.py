@@ -1,4 +1,6 @@
+import asyncio
 import logging
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -10,6 +12,7 @@ from routemesh.services.gateway.reload import CLOCK_SKEW_S, Reloader
 from routemesh.services.router.bank import build_bank, load_snapshot
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import load_config
+from tests.services.gateway.conftest import Behaviour, Served, fake_upstream
 from tests.services.router.conftest import CONFIG, HashingEncoder
 
 
@@ -98,3 +101,48 @@ async def test_a_bank_announced_before_the_router_loaded_is_history(gateway, tmp
     await reloader.on_bank_published(announced("e" * 64, ago_s=CLOCK_SKEW_S / 2))
     assert gateway.state.router is not current
     assert reloader.built_at > time.time() - 60
+
+
+class BlockingEncoder(HashingEncoder):
+    """Holds every encode until released, so a request can be caught mid-decision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def encode(self, texts):
+        self.entered.set()
+        assert self.release.wait(30), "never released"
+        return super().encode(texts)
+
+
+def _router(config_path, encoder) -> Router:
+    loaded = load_config(config_path)
+    client = QdrantClient(":memory:")
+    build_bank(loaded, HashingEncoder(), client, "bank")
+    return Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), encoder)
+
+
+async def test_a_request_in_flight_keeps_the_config_it_started_with(gateway, tmp_path):
+    """A reload while a request waits for the encoder must not give that request the new
+    config's upstream or fallback route."""
+    with Served(fake_upstream(Behaviour(content="from the new upstream"))) as new_upstream:
+        old = CONFIG.replace("    threshold: 0.40\n", "    threshold: 0.40\n"
+                             "    fallback_route: deep\n", 1)
+        new = CONFIG.replace("    threshold: 0.40\n", "    threshold: 0.40\n"
+                             f"    upstream_base_url: {new_upstream.url}/v1\n", 1)
+        (tmp_path / "old.yaml").write_text(old)
+        (tmp_path / "new.yaml").write_text(new)
+        encoder = BlockingEncoder()
+        gateway.state.router = _router(tmp_path / "old.yaml", encoder)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            pending = asyncio.ensure_future(client.post("/v1/chat/completions", json={
+                "model": "auto",
+                "messages": [{"role": "user", "content": "what is the capital of france"}]}))
+            assert await asyncio.to_thread(encoder.entered.wait, 30)
+            gateway.state.router = _router(tmp_path / "new.yaml", HashingEncoder())
+            encoder.release.set()
+            response = await pending
+    assert response.headers["x-routemesh-route"] == "lite"
+    assert response.json()["choices"][0]["message"]["content"] != "from the new upstream"
+    assert gateway.state.router.route("lite").upstream_base_url is not None
