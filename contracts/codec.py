@@ -6,8 +6,8 @@ can send it to the DLQ and move on, instead of failing on an opaque validation e
 
 msgspec's tagged union already reads the ``type`` tag before it decodes the body, so the
 happy path is one pass over the bytes; the separate envelope decode runs only when that
-pass fails, to say why. Decoding the envelope up front as well cost a second full scan
-of the document (~1 us of ~3 us per RouteDecided, measured in bench/contracts.py).
+pass fails, to say why. Decoding the envelope up front as well costs a second full scan
+of the document on every event (bench/contracts.py).
 """
 
 from __future__ import annotations

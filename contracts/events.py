@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 
 UtcDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
-# Length bounds only: a regex per field tripled decode time (measured in bench/contracts.py);
+# Length bounds only: a regex per field multiplies decode time (bench/contracts.py);
 # producers create these values (hashlib hexdigest, validated router config), so the
 # character set is enforced where they are made, not on every decode.
 Sha256Hex = Annotated[str, msgspec.Meta(min_length=64, max_length=64)]

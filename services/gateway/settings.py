@@ -24,9 +24,9 @@ class GatewaySettings(ServiceSettings):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     publish_queue_size: int = Field(default=10_000, ge=1)
     # Events are keyed by request id over six partitions, so at 5 ms nearly every batch
-    # held one event and cost its own compression and produce request. At 50 ms, /v1/route
-    # paced at 300/s (four runs each): event-loop CPU 1.33-1.46 -> 1.21-1.22 ms/request,
-    # broker 0.15-0.19 -> 0.06. Events reach Kafka up to 50 ms later.
+    # held one event and cost its own compression and produce request; a longer linger
+    # cuts the event loop's and the broker's CPU per request (bench/gateway.py, /v1/route
+    # paced). Events reach Kafka up to this much later; no request waits for them.
     kafka_linger_ms: int = Field(default=50, ge=0, le=1000)
     # Where events wait on disk while the broker is unreachable (one directory per gateway).
     spool_dir: Path = Path("spool")

@@ -2,9 +2,9 @@
 
 aiohttp rather than httpx here: httpx's pool polls the socket of every idle connection
 each time it hands out or takes back one (encode/httpcore#928, still open), so its cost
-grows with the pool. Measured on this machine, 32 concurrent requests to an upstream
-that takes 250 ms: 1.3-1.6 ms of CPU per request with httpx, 0.2 ms with aiohttp, and
-that CPU is the gateway's event loop, which every other request waits for.
+grows with the pool: at a few dozen concurrent requests it cost several times aiohttp's
+CPU per request (bench/gateway.py, concurrency 32), and that CPU is the gateway's event
+loop, which every other request waits for.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ def limit_blas_threads() -> None:
     """Run BLAS single-threaded in this process.
 
     Matching multiplies one vector by the bank matrix: a second BLAS thread gains
-    nothing on that, and its spinning takes a core from the encoder (measured in
-    bench/decision.py: decision p50 8.1 -> 5.2 ms, p99 22 -> 9.4 ms on 2 cores). It is
+    nothing on that, and its spinning takes a core from the encoder (bench/decision.py
+    shows both the median and the tail of decisions fall with one thread). It is
     process-wide, so the process that serves decisions calls it once at assembly.
     """
     threadpool_limits(limits=1, user_api="blas")
@@ -268,8 +268,8 @@ class RouteBank(Matcher):
         self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig
     ) -> list[list[RouteMatch]]:
         # One matrix product for the whole batch: far cheaper than a product per query.
-        # A lone query takes the matrix-vector path: a one-column GEMM has a p95 about
-        # twice a GEMV's on a 10k bank (measured while writing bench/decision.py).
+        # A lone query takes the matrix-vector path, whose tail on a large bank is well
+        # below a one-column matrix product's (bench/decision.py, match only).
         cosine = (self.dense @ dense[0])[:, None] if len(dense) == 1 else self.dense @ dense.T
         bm25 = np.zeros_like(cosine)
         for column, query in enumerate(sparse):

@@ -282,9 +282,9 @@ class Router:
     def _rank_pieces(self, texts: list[str]) -> Iterator[list[RouteMatch]]:
         """``_rank_batch`` in at most ``ANSWER_PIECES`` pieces (none smaller than the
         encoder's preferred batch), so the first callers of a big batch are answered
-        before its last text is encoded. One text per piece cost about 20 % of the
-        gateway's throughput at 64 clients; pieces of an eighth of the batch, nothing
-        measurable, and a small batch still goes one text at a time."""
+        before its last text is encoded. One text per piece costs throughput under load;
+        pieces of an eighth of the batch cost none measurable (bench/gateway.py,
+        /v1/route saturation), and a small batch still goes one text at a time."""
         step = max(self._piece, math.ceil(len(texts) / ANSWER_PIECES))
         for start in range(0, len(texts), step):
             yield from self._rank_batch(texts[start : start + step])

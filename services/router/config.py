@@ -44,9 +44,9 @@ class EncoderConfig(_Strict):
     max_retries: NonNegativeInt = 2
     # Micro-batching of concurrent encodes: at most this many texts per call (answered
     # in pieces as they are encoded), waiting at most this long for company. 0 is
-    # "natural batching": a batch is whatever queued while the encoder was busy.
-    # Measured here, a 2 ms wait added 2 ms to a lone request (adecide p50 7.2 -> 5.2 ms)
-    # and nothing measurable to throughput at 32 callers.
+    # "natural batching": a batch is whatever queued while the encoder was busy. A wait
+    # adds itself to a lone request's latency and, with natural batching, nothing to
+    # throughput under load (bench/decision.py, single caller and concurrent).
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     max_wait_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0
 

@@ -60,14 +60,15 @@ class LocalEncoder:
     The ``onnx`` backend runs the same weights in ONNX Runtime: embeddings equal the
     PyTorch ones to 1e-6. The ONNX file is exported once, locally, from the packaged
     weights into ``cache_dir``. ``onnx-int8`` runs a copy of that file with its matrix
-    multiplications quantised to int8: about 2.5x less CPU per text, with embeddings that
-    differ slightly (cosine to the float ones ~0.99), so it is a different encoder with its
-    own name and bank.
+    multiplications quantised to int8: much less CPU per text (bench/decision.py
+    --encoder-backend onnx-int8), with embeddings that differ slightly from the float ones,
+    so it is a different encoder with its own name and bank.
 
     The ONNX back-ends tokenise, run the session and mean-pool here instead of through
-    sentence-transformers: its per-call machinery (torch tensors, feature dicts) cost
-    about 1.2 ms of CPU per text, held the GIL the gateway's event loop needs, and is the
-    only reason the serving path would import torch.
+    sentence-transformers: its per-call machinery (torch tensors, feature dicts) costs CPU
+    per text on the order of the model itself for short prompts, holds the GIL the
+    gateway's event loop needs, and is the only reason the serving path would import
+    torch.
     """
 
     dim = 384
@@ -117,8 +118,8 @@ class LocalEncoder:
         self.batch_hint = chunk
         options = onnxruntime.SessionOptions()
         # Each run on one thread, and ``threads`` runs at once on different chunks (or
-        # calls): for texts this short, splitting one run across threads cost 60 % more
-        # CPU per text (2.9 vs 1.8 ms, int8), while separate texts are independent work.
+        # calls): for texts this short, splitting one run across threads costs more CPU
+        # per text than it saves in latency, while separate texts are independent work.
         # Runs release the GIL, so concurrent runs really do go in parallel.
         options.intra_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -147,10 +148,10 @@ class LocalEncoder:
 
         def encode(texts: list[str]) -> np.ndarray:
             # Not ``encode_batch``: it hands even one text to the tokenizer's own thread
-            # pool, a third set of threads competing for two cores, to save ~30 us.
+            # pool, a third set of threads competing for the cores, to save next to nothing.
             encodings = [tokenizer.encode(text) for text in texts]
             # Length-sorted chunks pad each text to a near neighbour's length, not to
-            # the longest of a micro-batch: 20-25 % more texts/s on the eval prompts.
+            # the longest of a micro-batch (more texts/s in bench/decision.py).
             order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
             parts = [order[start : start + chunk] for start in range(0, len(order), chunk)]
             jobs = [[encodings[i] for i in rows] for rows in parts]
@@ -194,9 +195,9 @@ class LocalEncoder:
         """Quantise the exported float model once; returns its name inside ``onnx_dir``.
 
         ONNX Runtime's own dynamic quantiser rather than sentence-transformers'
-        ``export_dynamic_quantized_onnx_model``: that one quantises per tensor, which
-        moved embeddings to a cosine of 0.90 from the float ones on the eval prompts;
-        per-channel weights of the MatMuls alone stay at 0.98 or better.
+        ``export_dynamic_quantized_onnx_model``: that one quantises per tensor, which moves
+        embeddings much further from the float ones than per-channel weights of the
+        MatMuls alone (test_with_model checks the cosine to the float embeddings).
         """
         name = "onnx/model_int8_per_channel.onnx"
         target = onnx_dir / name
