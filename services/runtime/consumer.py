@@ -37,7 +37,7 @@ from routemesh.contracts import Event, EventDecodeError, Topic, decode_event
 from routemesh.services.runtime.kafka import DeadLetters, RetryableError, client_kwargs
 from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.settings import ServiceSettings
-from routemesh.services.runtime.telemetry import registered
+from routemesh.services.runtime.telemetry import records_spans, registered
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ class EventConsumer:
         self.poll_ms = poll_ms
         self.offsets = OffsetTracker()
         self.tracer = trace.get_tracer("routemesh.consumer", tracer_provider=tracer_provider)
+        self._tracing = records_spans(tracer_provider)
         self._seen = _SeenEvents(dedup_capacity)
         self._open: dict[Position, Delivery] = {}
         self._metrics = registered(registry, _Metrics)
@@ -245,12 +246,7 @@ class EventConsumer:
             batch = await self._consumer.getmany(
                 timeout_ms=self.poll_ms, max_records=self.batch_max_records
             )
-            deliveries = []
-            for tp, records in batch.items():
-                for record in records:
-                    delivery = await self._deliver(tp, record)
-                    if delivery is not None:
-                        deliveries.append(delivery)
+            deliveries = await self._deliveries(batch)
             try:
                 await self.handler.handle(deliveries, self.offsets)
             except RetryableError as exc:
@@ -266,29 +262,47 @@ class EventConsumer:
             if not batch:
                 self.last_progress = time.monotonic()
 
-    async def _deliver(self, tp: TopicPartition, record: Any) -> Delivery | None:
-        position = (tp.topic, tp.partition, record.offset)
-        self.offsets.consumed(position)
-        try:
-            event = decode_event(record.value or b"", self.accepted)
-        except EventDecodeError as exc:
-            await self._dead_letter(record, position, exc.kind, str(exc))
+    async def _deliveries(self, batch: dict[TopicPartition, list[Any]]) -> list[Delivery]:
+        """A poll's records as deliveries: undecodable ones dead-lettered, ones already
+        handled (or in hand) skipped. Counted per poll, not per event: this loop is the
+        consumer's whole per-event cost."""
+        deliveries: list[Delivery] = []
+        skipped = 0
+        for tp, records in batch.items():
+            before = len(deliveries)
+            for record in records:
+                position = (tp.topic, tp.partition, record.offset)
+                self.offsets.consumed(position)
+                try:
+                    event = decode_event(record.value or b"", self.accepted)
+                except EventDecodeError as exc:
+                    await self._dead_letter(record, position, exc.kind, str(exc))
+                    continue
+                if event.event_id in self._seen or position in self._open:
+                    skipped += 1
+                    continue
+                delivery = Delivery(event, position, record.key, self._span(tp.topic, record))
+                self._open[position] = delivery
+                deliveries.append(delivery)
+            if len(deliveries) > before:
+                self._metrics.events.labels(self.group_id, tp.topic).inc(len(deliveries) - before)
+        if skipped:
+            self._metrics.dedup.labels(self.group_id).inc(skipped)
+        return deliveries
+
+    def _span(self, topic: str, record: Any) -> Span | None:
+        """The event's consumer span, a child of its producer's; none when no span is
+        recorded (no exporter), where making one would cost the most of a delivery."""
+        if not self._tracing:
             return None
-        if event.event_id in self._seen or position in self._open:
-            self._metrics.dedup.labels(self.group_id).inc()
-            return None
-        self._metrics.events.labels(self.group_id, tp.topic).inc()
         carrier = {k: v.decode("latin-1") for k, v in record.headers or ()}
-        span = self.tracer.start_span(
-            f"{tp.topic} process", context=propagate.extract(carrier),
+        return self.tracer.start_span(
+            f"{topic} process", context=propagate.extract(carrier),
             kind=trace.SpanKind.CONSUMER,
-            attributes={"messaging.system": "kafka", "messaging.destination.name": tp.topic,
+            attributes={"messaging.system": "kafka", "messaging.destination.name": topic,
                         "messaging.consumer.group.name": self.group_id,
                         "messaging.kafka.message.offset": record.offset},
         )
-        delivery = Delivery(event, position, record.key, span)
-        self._open[position] = delivery
-        return delivery
 
     def _close_done(self) -> None:
         """End the spans of events whose effect is durable, and remember their ids."""

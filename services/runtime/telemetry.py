@@ -65,6 +65,12 @@ def setup_tracing(service: str, settings: ServiceSettings) -> TracerProvider:
     return provider
 
 
+def records_spans(provider: trace.TracerProvider | None) -> bool:
+    """Whether spans made with ``provider`` are recorded (and so worth making)."""
+    provider = provider or trace.get_tracer_provider()
+    return getattr(provider, "sampler", None) is not ALWAYS_OFF
+
+
 _RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
