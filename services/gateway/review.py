@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from routemesh.contracts import PromptReviewCaptured, ReviewMessage, RouteDecided
+from routemesh.contracts.events import utc_now
 
 # Order matters: a bearer token may look like base64, an sk- key too.
 _SECRETS = [
@@ -61,7 +61,7 @@ def redacted_capture(decision: RouteDecided, excerpt: Excerpt) -> PromptReviewCa
 
 def write_raw_local(directory: Path, decision: RouteDecided, excerpt: Excerpt) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    day = datetime.now(UTC).date().isoformat()
+    day = utc_now().date().isoformat()
     line = json.dumps({
         "request_id": decision.request_id, "route_id": decision.route_id,
         "reason": decision.reason, "messages": [["user", excerpt.text]],
