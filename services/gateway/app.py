@@ -1,8 +1,9 @@
 """The HTTP front door: an OpenAI-compatible proxy and a decision API.
 
-Every request gets a decision from the router core; the decision and the observation of
-the upstream call are offered to the publisher, never awaited. Nothing of the prompt or
-the completion reaches an event, a log line, a metric or a span.
+The edge only: routing, reading bodies (``bodies``), and mapping outcomes to responses.
+The decision is the router core's, the upstream calls are ``dispatch``'s. Every request's
+decision and observation are offered to the publisher, never awaited. Nothing of the
+prompt or the completion reaches an event, a log line, a metric or a span.
 """
 
 from __future__ import annotations
@@ -18,68 +19,50 @@ from typing import Any, Protocol
 
 import msgspec
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from routemesh.contracts import Event, OutcomeReported, RouteDecided
 from routemesh.services.gateway.auth import ApiKeys
+from routemesh.services.gateway.bodies import (
+    ApiError,
+    ChatView,
+    OutcomeView,
+    RouteView,
+    invalid,
+    openapi_body,
+    read_body,
+)
 from routemesh.services.gateway.completion_stats import CompletionStats
 from routemesh.services.gateway.dispatch import Dispatched, Dispatcher
 from routemesh.services.gateway.review import Excerpt, redacted_capture, write_raw_local
+from routemesh.services.gateway.scrub import Scrubber
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import UpstreamStreamError, upstream_failed
 from routemesh.services.router import Router, RouteRequest, UnknownRouteError
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The endpoint label of routemesh_gateway_requests_total: one value per endpoint, bounded.
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/route": "route", "/v1/models": "models",
+             "/v1/outcomes": "outcomes"}
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: Any = None
+def endpoint_of(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "models"
+    return ENDPOINTS.get(path, "other")
 
 
-class ChatCompletionBody(BaseModel):
-    """The fields the gateway reads; every other OpenAI field is forwarded as is."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    messages: list[_Message] = Field(min_length=1)
-    stream: bool = False
-
-
-class RouteBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    messages: list[_Message] | None = None
-    input: str | None = None
-    model: str | None = None
-
-
-class OutcomeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(min_length=1, max_length=128)
-    completed: bool | None = None
-    correct_route: bool | None = None
-    expected_route: str | None = Field(default=None, max_length=64)
-    quality_score: float | None = Field(default=None, ge=0, le=1)
-    labels: list[str] = Field(default=[], max_length=16)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
-
-
-def error_response(status: int, message: str, type_: str, code: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "code": code}}, status_code=status
-    )
+def error_response(status: int, message: str, type_: str, code: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code}},
+                        status_code=status, headers=headers)
 
 
 class _Metrics:
@@ -130,11 +113,52 @@ class GatewayState:
         self.tracer = trace.get_tracer("routemesh.gateway", tracer_provider=self.tracer_provider)
 
 
+class _Edge:
+    """Counts every response (one endpoint label per endpoint, every status class, the
+    route and reason from the response's own headers) and turns an unexpected error into
+    an OpenAI-shaped 500 on a connection that stays usable: Starlette's own handler
+    re-raises after answering, and the server then drops the connection under the client.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware
+    wraps every request in an extra task and memory streams, a visible share of the
+    gateway's CPU at load (bench/gateway.py)."""
+
+    def __init__(self, app: ASGIApp, state: GatewayState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status, route, reason = 0, "", ""
+
+        async def sending(message: Message) -> None:
+            nonlocal status, route, reason
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == b"x-routemesh-route":
+                        route = value.decode("latin-1")
+                    elif name == b"x-routemesh-reason":
+                        reason = value.decode("latin-1")
+            await send(message)
+
+        endpoint = endpoint_of(scope["path"])
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            log.exception("unexpected error", extra={"endpoint": endpoint})
+            if not status:
+                failure = error_response(500, "internal error", "server_error",
+                                         "internal_error")
+                await failure(scope, receive, sending)
+        finally:
+            self.state.metrics.requests.labels(endpoint, route, reason,
+                                               f"{(status or 500) // 100}xx").inc()
+
+
 class _ApiKeyMiddleware:
-    """Refuses /v1/ requests without a valid key. Plain ASGI rather than
-    ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware wraps every request in an
-    extra task and memory streams, a visible share of the gateway's CPU at load
-    (bench/gateway.py)."""
+    """Refuses /v1/ requests without a valid key."""
 
     def __init__(self, app: ASGIApp, state: GatewayState) -> None:
         self.app, self.state = app, state
@@ -155,49 +179,6 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body over {limit} bytes", "invalid_request_error",
-                       "body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body over {limit} bytes", "invalid_request_error",
-                           "body_too_large")
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", "invalid_request_error",
-                       "invalid_json") from None
-
-
-def _validate(model: type[BaseModel], data: Any) -> BaseModel:
-    try:
-        return model.model_validate(data)
-    except Exception as exc:
-        errors = getattr(exc, "errors", lambda: [])()
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}"
-            for e in errors
-        ) or str(exc)
-        raise ApiError(400, f"invalid request body: {detail}", "invalid_request_error",
-                       "invalid_body") from None
-
-
-async def _body(request: Request, model: type[BaseModel], limit: int) -> tuple[Any, Any]:
-    """The JSON body (size-limited) and its validated form; ApiError on either failing."""
-    data = await _read_json(request, limit)
-    return data, _validate(model, data)
-
-
-def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI for a body the handler reads itself (to give OpenAI-shaped errors)."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema()}}}}
-
-
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
     return given if given and _REQUEST_ID.match(given) else str(uuid.uuid4())
@@ -209,6 +190,155 @@ def _route_headers(decision: RouteDecided) -> dict[str, str]:
         "x-routemesh-route": decision.route_id,
         "x-routemesh-reason": decision.reason,
     }
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "routemesh"}
+
+
+class Handlers:
+    """One method per endpoint, and what they share."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    async def decide(self, router: Router, body: dict[str, Any], request: Request) -> RouteDecided:
+        state = self.state
+        override = request.headers.get("x-routemesh-route")
+        started = time.perf_counter()
+        with state.tracer.start_as_current_span("routemesh.decide") as span:
+            try:
+                decision = await router.adecide(
+                    RouteRequest.from_body(body, override), _request_id(request)
+                )
+            except UnknownRouteError as exc:
+                raise invalid(str(exc), "unknown_route") from None
+            span.set_attribute("routemesh.route", decision.route_id)
+            span.set_attribute("routemesh.reason", decision.reason)
+        state.metrics.decision.labels(decision.layer).observe(time.perf_counter() - started)
+        state.publisher.offer(decision)
+        return decision
+
+    def capture(self, decision: RouteDecided, data: dict[str, Any]) -> None:
+        settings = self.state.settings
+        if settings.review_capture == "off":
+            return
+        excerpt = Excerpt.of(RouteRequest.from_body(data).messages, settings.review_max_chars)
+        if excerpt is None:
+            return
+        if settings.review_capture == "redacted":
+            if self.state.review_publisher is not None:
+                self.state.review_publisher.offer(redacted_capture(decision, excerpt))
+        else:
+            write_raw_local(settings.review_dir, decision, excerpt)
+
+    def answer(self, decision: RouteDecided, dispatched: Dispatched, scrub: Scrubber,
+               stream: bool, tools_requested: bool, started: float) -> Response:
+        """The client's response to a request whose upstream answer is complete (or
+        never came), and its observation."""
+        state = self.state
+        stats = CompletionStats.of_body(dispatched.body) if dispatched.body else None
+        state.publisher.offer(dispatched.observation(
+            decision, stream=stream, tools_requested=tools_requested, started=started,
+            stats=stats))
+        state.metrics.upstream.labels(decision.route_id).observe(time.perf_counter() - started)
+        failure = dispatched.failure
+        if failure is not None:
+            return error_response(
+                504 if failure.timed_out else 502, f"upstream unavailable: {failure}",
+                "upstream_error",
+                "upstream_timeout" if failure.timed_out else "upstream_unavailable",
+                headers=_route_headers(decision),
+            )
+        assert dispatched.status is not None
+        assert dispatched.body is not None
+        status, body = dispatched.status, scrub(dispatched.body)
+        if upstream_failed(status):
+            body = json.dumps({"error": {
+                "message": f"upstream failed with {status} after retries",
+                "type": "upstream_error", "code": "upstream_error"}}).encode()
+            status = 502
+        return Response(body, status_code=status, headers=_route_headers(decision),
+                        media_type="application/json")
+
+    async def chat_completions(self, request: Request) -> Response:
+        state = self.state
+        data, parsed = await read_body(request, ChatView, state.settings.max_body_bytes)
+        # One router for the whole request: a reload swapping ``state.router`` while this
+        # request waits for the encoder must not give it another config's routes.
+        router = state.router
+        decision = await self.decide(router, data, request)
+        self.capture(decision, data)
+        tools_requested = bool(data.get("tools") or data.get("functions"))
+        scrub = Scrubber(state.dispatcher.secrets(router))
+        started = time.perf_counter()
+        if not parsed.stream:
+            dispatched = await state.dispatcher.complete(router, decision, data)
+            return self.answer(decision, dispatched, scrub, False, tools_requested, started)
+        dispatched = await state.dispatcher.open_stream(router, decision, data)
+        response = dispatched.stream
+        if response is None:
+            return self.answer(decision, dispatched, scrub, True, tools_requested, started)
+
+        async def relay() -> AsyncIterator[bytes]:
+            stats, first, error = CompletionStats(), None, None
+            scrubbing = scrub.stream()
+            try:
+                async for chunk in response.chunks():
+                    if first is None:
+                        first = time.perf_counter() - started
+                        state.metrics.ttft.labels(decision.route_id).observe(first)
+                    stats.feed(chunk)
+                    yield scrubbing.feed(chunk)
+                yield scrubbing.flush()
+            except UpstreamStreamError as exc:
+                error = str(exc)
+            finally:
+                # Also reached when the client goes away: closing cancels the upstream call.
+                response.close()
+                state.publisher.offer(dispatched.observation(
+                    decision, stream=True, tools_requested=tools_requested, started=started,
+                    stats=stats, ttft_s=first, error_class=error))
+                state.metrics.upstream.labels(decision.route_id).observe(
+                    time.perf_counter() - started)
+
+        return StreamingResponse(relay(), media_type="text/event-stream",
+                                 headers=_route_headers(decision))
+
+    async def route(self, request: Request) -> Response:
+        data, parsed = await read_body(request, RouteView, self.state.settings.max_body_bytes)
+        if not parsed.messages and parsed.input is None:
+            raise invalid("invalid request body: give messages or input")
+        decision = await self.decide(self.state.router, data, request)
+        return Response(msgspec.json.encode(decision), media_type="application/json",
+                        headers=_route_headers(decision))
+
+    def _model_names(self) -> list[str]:
+        router = self.state.router
+        return list(dict.fromkeys([*router.aliases, *(r.id for r in router.config.routes)]))
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [_model(name) for name in self._model_names()]}
+
+    async def model(self, model_id: str) -> JSONResponse:
+        if model_id not in self._model_names():
+            return error_response(404, f"The model '{model_id}' does not exist",
+                                  "invalid_request_error", "model_not_found")
+        return JSONResponse(_model(model_id))
+
+    async def outcomes(self, request: Request) -> JSONResponse:
+        _, parsed = await read_body(request, OutcomeView, self.state.settings.max_body_bytes)
+        event = OutcomeReported(
+            request_id=parsed.request_id,
+            completed=parsed.completed,
+            correct_route=parsed.correct_route,
+            expected_route=parsed.expected_route,
+            quality_score=parsed.quality_score,
+            labels=tuple(label[:64] for label in parsed.labels if label),
+        )
+        self.state.publisher.offer(event)
+        return JSONResponse({"status": "accepted", "event_id": str(event.event_id)},
+                            status_code=202)
 
 
 def create_app(state: GatewayState) -> FastAPI:
@@ -229,165 +359,43 @@ def create_app(state: GatewayState) -> FastAPI:
         },
     )
     app.add_middleware(_ApiKeyMiddleware, state=state)
+    app.add_middleware(_Edge, state=state)
+    handlers = Handlers(state)
+    components: dict[str, Any] = {}
+    for path, handler, view, status in (
+        ("/v1/chat/completions", handlers.chat_completions, ChatView, 200),
+        ("/v1/route", handlers.route, RouteView, 200),
+        ("/v1/outcomes", handlers.outcomes, OutcomeView, 202),
+    ):
+        body, schemas = openapi_body(view)
+        components.update(schemas)
+        app.add_api_route(path, handler, methods=["POST"], status_code=status,
+                          openapi_extra=body)
+    app.add_api_route("/v1/models", handlers.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id}", handlers.model, methods=["GET"])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        state.metrics.requests.labels(request.url.path, "", "", f"{exc.status // 100}xx").inc()
         return error_response(exc.status, exc.message, exc.type, exc.code)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", extra={"path": request.url.path})
-        return error_response(500, "internal error", "server_error", "internal_error")
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Unknown paths and methods, OpenAI-shaped like every other error.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} "
+                              f"{request.url.path}", "invalid_request_error", code,
+                              headers=getattr(exc, "headers", None))
 
-    async def decide(router: Router, body: dict[str, Any], request: Request) -> RouteDecided:
-        override = request.headers.get("x-routemesh-route")
-        started = time.perf_counter()
-        with state.tracer.start_as_current_span("routemesh.decide") as span:
-            try:
-                decision = await router.adecide(
-                    RouteRequest.from_body(body, override), _request_id(request)
-                )
-            except UnknownRouteError as exc:
-                raise ApiError(400, str(exc), "invalid_request_error", "unknown_route") from None
-            span.set_attribute("routemesh.route", decision.route_id)
-            span.set_attribute("routemesh.reason", decision.reason)
-        state.metrics.decision.labels(decision.layer).observe(time.perf_counter() - started)
-        state.publisher.offer(decision)
-        return decision
+    def openapi() -> dict[str, Any]:
+        # The bodies are read by the handlers themselves (for OpenAI-shaped errors), so
+        # their schemas, made from the view structs, are added to the document here.
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version,
+                                   description=app.description, routes=app.routes)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(
+                components)
+            app.openapi_schema = document
+        return app.openapi_schema
 
-    def capture(decision: RouteDecided, data: dict[str, Any]) -> None:
-        settings = state.settings
-        if settings.review_capture == "off":
-            return
-        excerpt = Excerpt.of(RouteRequest.from_body(data).messages, settings.review_max_chars)
-        if excerpt is None:
-            return
-        if settings.review_capture == "redacted":
-            if state.review_publisher is not None:
-                state.review_publisher.offer(redacted_capture(decision, excerpt))
-        else:
-            write_raw_local(settings.review_dir, decision, excerpt)
-
-    def count(decision: RouteDecided, status: int) -> None:
-        state.metrics.requests.labels("chat", decision.route_id, decision.reason,
-                                      f"{status // 100}xx").inc()
-
-    def answer(decision: RouteDecided, dispatched: Dispatched, stream: bool,
-               tools_requested: bool, started: float) -> Response:
-        """The client's response to a request whose upstream answer is complete (or
-        never came), and its observation."""
-        stats = CompletionStats.of_body(dispatched.body) if dispatched.body else None
-        state.publisher.offer(dispatched.observation(
-            decision, stream=stream, tools_requested=tools_requested, started=started,
-            stats=stats))
-        state.metrics.upstream.labels(decision.route_id).observe(time.perf_counter() - started)
-        failure = dispatched.failure
-        if failure is not None:
-            status = 504 if failure.timed_out else 502
-            count(decision, status)
-            return error_response(
-                status, f"upstream unavailable: {failure}", "upstream_error",
-                "upstream_timeout" if failure.timed_out else "upstream_unavailable",
-            )
-        assert dispatched.status is not None
-        assert dispatched.body is not None
-        status, body = dispatched.status, dispatched.body
-        if upstream_failed(status):
-            body = json.dumps({"error": {
-                "message": f"upstream failed with {status} after retries",
-                "type": "upstream_error", "code": "upstream_error"}}).encode()
-            status = 502
-        count(decision, status)
-        return Response(body, status_code=status, headers=_route_headers(decision),
-                        media_type="application/json")
-
-    @app.post(
-        "/v1/chat/completions",
-        openapi_extra=_documented_body(ChatCompletionBody),
-    )
-    async def chat_completions(request: Request) -> Response:
-        data, parsed = await _body(request, ChatCompletionBody, state.settings.max_body_bytes)
-        # One router for the whole request: a reload swapping ``state.router`` while this
-        # request waits for the encoder must not give it another config's routes.
-        router = state.router
-        decision = await decide(router, data, request)
-        capture(decision, data)
-        stream = bool(parsed.stream)
-        tools_requested = bool(data.get("tools") or data.get("functions"))
-        started = time.perf_counter()
-        if not stream:
-            dispatched = await state.dispatcher.complete(router, decision, data)
-            return answer(decision, dispatched, False, tools_requested, started)
-        dispatched = await state.dispatcher.open_stream(router, decision, data)
-        response = dispatched.stream
-        if response is None:
-            return answer(decision, dispatched, True, tools_requested, started)
-
-        async def relay() -> AsyncIterator[bytes]:
-            stats, first, error = CompletionStats(), None, None
-            try:
-                async for chunk in response.chunks():
-                    if first is None:
-                        first = time.perf_counter() - started
-                        state.metrics.ttft.labels(decision.route_id).observe(first)
-                    stats.feed(chunk)
-                    yield chunk
-            except UpstreamStreamError as exc:
-                error = str(exc)
-            finally:
-                # Also reached when the client goes away: closing cancels the upstream call.
-                response.close()
-                state.publisher.offer(dispatched.observation(
-                    decision, stream=True, tools_requested=tools_requested, started=started,
-                    stats=stats, ttft_s=first, error_class=error))
-                state.metrics.upstream.labels(decision.route_id).observe(
-                    time.perf_counter() - started)
-
-        count(decision, 200)
-        return StreamingResponse(relay(), media_type="text/event-stream",
-                                 headers=_route_headers(decision))
-
-    @app.post(
-        "/v1/route",
-        openapi_extra=_documented_body(RouteBody),
-    )
-    async def route(request: Request) -> Response:
-        data, parsed = await _body(request, RouteBody, state.settings.max_body_bytes)
-        if not parsed.messages and parsed.input is None:
-            raise ApiError(400, "invalid request body: give messages or input",
-                           "invalid_request_error", "invalid_body")
-        decision = await decide(state.router, data, request)
-        state.metrics.requests.labels("route", decision.route_id, decision.reason, "2xx").inc()
-        return Response(msgspec.json.encode(decision), media_type="application/json",
-                        headers=_route_headers(decision))
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        router = state.router
-        names = list(router.aliases) + [r.id for r in router.config.routes]
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "routemesh"}
-            for name in dict.fromkeys(names)
-        ]}
-
-    @app.post(
-        "/v1/outcomes",
-        status_code=202,
-        openapi_extra=_documented_body(OutcomeBody),
-    )
-    async def outcomes(request: Request) -> dict[str, str]:
-        _, parsed = await _body(request, OutcomeBody, state.settings.max_body_bytes)
-        event = OutcomeReported(
-            request_id=parsed.request_id,
-            completed=parsed.completed,
-            correct_route=parsed.correct_route,
-            expected_route=parsed.expected_route,
-            quality_score=parsed.quality_score,
-            labels=tuple(label[:64] for label in parsed.labels if label),
-        )
-        state.publisher.offer(event)
-        return {"status": "accepted", "event_id": str(event.event_id)}
-
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
-

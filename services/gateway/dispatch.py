@@ -123,6 +123,12 @@ class Dispatcher:
         key = self.settings.upstream_api_key
         return self.settings.upstream_base_url, key.get_secret_value() if key else None
 
+    def secrets(self, router: Router) -> list[str]:
+        """Every upstream key a request through ``router`` may be sent with: what a
+        relayed answer must never show the client."""
+        keys = [self.address(route)[1] for route in (None, *router.config.routes)]
+        return [key for key in keys if key]
+
     async def _call(
         self, route: Route | None, model: str, data: dict[str, Any]
     ) -> tuple[Attempt, UpstreamResponse | UpstreamUnavailable]:

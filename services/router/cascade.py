@@ -32,16 +32,27 @@ class UnknownRouteError(ValueError):
     """An override named a route the config does not have."""
 
 
+def _valid_unicode(text: str) -> str:
+    """``text`` with lone surrogates (valid JSON escapes, but no Unicode text) replaced by
+    U+FFFD, so that hashing, tokenising and encoding it cannot fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def _text_of(content: Any) -> str:
     """Text of an OpenAI message content: a string or a list of typed parts."""
     if isinstance(content, str):
-        return content
+        return _valid_unicode(content)
     if isinstance(content, list):
-        return "\n".join(
-            part.get("text", "")
+        return _valid_unicode("\n".join(
+            part["text"]
             for part in content
             if isinstance(part, Mapping) and part.get("type") in ("text", "input_text")
-        )
+            and isinstance(part.get("text"), str)
+        ))
     return ""
 
 

@@ -224,7 +224,10 @@ def test_openapi_document_lists_the_endpoints(gateway):
     assert {"/v1/chat/completions", "/v1/route", "/v1/models", "/v1/outcomes"} <= set(
         document["paths"])
     body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]
-    assert "messages" in json.dumps(body)
+    ref = body["content"]["application/json"]["schema"]["$ref"]
+    schema = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert schema["required"] == ["messages"]
+    assert schema["properties"]["stream"]["type"] == "boolean"
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_call(gateway, behaviour):
