@@ -40,7 +40,11 @@ def tansu_binary() -> Path:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``port`` now. With SO_REUSEADDR, as the servers
+    themselves bind (uvicorn, the metrics server, Tansu): connections left in TIME-WAIT
+    by a clean stop under traffic do not keep a restart from binding the port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
