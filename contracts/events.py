@@ -260,8 +260,12 @@ class DeadLetter(Event, frozen=True, kw_only=True):
     """An undecodable or unprocessable message, kept whole so nothing is lost.
 
     ``original`` and header values are ``bytes``: msgspec writes them as base64 in JSON.
+    1.1: an original too large for the topic is stored whole on the dead-lettering
+    service's disk, named by its sha256; ``original`` is then its first bytes
+    (``truncated``), and ``original_size`` and ``original_sha256`` describe the whole.
     """
 
+    schema_version: str = "1.1"
     original: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
     key: bytes | None = None
@@ -272,6 +276,9 @@ class DeadLetter(Event, frozen=True, kw_only=True):
     service: str | None = None
     error_kind: str
     error: str
+    original_size: Count | None = None
+    original_sha256: Sha256Hex | None = None
+    truncated: bool = False
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (

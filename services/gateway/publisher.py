@@ -35,7 +35,7 @@ from routemesh.contracts import (
     encode_event,
 )
 from routemesh.services.gateway.spool import Spool
-from routemesh.services.runtime.kafka import DEAD_LETTER_ERROR_CHARS
+from routemesh.services.runtime.kafka import DeadLetters
 from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.telemetry import registered
 
@@ -85,12 +85,12 @@ class EventPublisher:
         concurrency: int = 64,
         spool: Spool | None = None,
         *,
+        unreadable: Unreadable,
         queue: str = "events",
-        unreadable: Unreadable | None = None,
     ) -> None:
         self.producer = producer
         self.spool = spool
-        self.unreadable = unreadable or spool_dead_letter
+        self.unreadable = unreadable
         # Each event keeps the trace context it was offered in.
         self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
         self.concurrency = concurrency
@@ -198,18 +198,22 @@ class EventPublisher:
 
 
 _CARRIER = msgspec.json.Decoder(dict[str, str])
-# The dead letter of a spool line names the spool where a consumed message names its
-# topic; its offset is the line's byte offset in the spool file.
 SPOOL_SOURCE = "gateway.spool"
 
 
-def spool_dead_letter(line: bytes, offset: int, exc: Exception) -> DeadLetter:
-    kind = exc.kind if isinstance(exc, EventDecodeError) else "undecodable_trace_context"
-    log.error("an unreadable spool line goes to the dead-letter topic",
-              extra={"spool_offset": offset, "error_kind": kind})
-    return DeadLetter(original=line, source_topic=SPOOL_SOURCE, partition=-1, offset=offset,
-                      service="gateway", error_kind=kind,
-                      error=str(exc)[:DEAD_LETTER_ERROR_CHARS])
+def dead_lettering(dead_letters: DeadLetters) -> Unreadable:
+    """Send unreadable spool lines to the dead-letter topic, as they are. The dead letter
+    names the spool where a consumed message names its topic; its offset is the line's
+    byte offset in the spool file."""
+
+    def to_dlq(line: bytes, offset: int, exc: Exception) -> DeadLetter:
+        kind = exc.kind if isinstance(exc, EventDecodeError) else "undecodable_trace_context"
+        log.error("an unreadable spool line goes to the dead-letter topic",
+                  extra={"spool_offset": offset, "error_kind": kind})
+        return dead_letters.letter(line, source_topic=SPOOL_SOURCE, partition=-1,
+                                   offset=offset, kind=kind, error=str(exc))
+
+    return to_dlq
 
 
 def quarantine(path: Path) -> Unreadable:

@@ -16,7 +16,7 @@ from routemesh.contracts.topics import ROUTEBANK_CHANGES
 from routemesh.services.gateway.app import GatewayState, create_app
 from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.dispatch import Dispatcher
-from routemesh.services.gateway.publisher import EventPublisher, quarantine
+from routemesh.services.gateway.publisher import EventPublisher, dead_lettering, quarantine
 from routemesh.services.gateway.reload import Reloader
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.spool import Spool
@@ -63,7 +63,7 @@ class Gateway:
         self.settings = settings
         self.publisher = EventPublisher(
             ctx.producer, ctx.registry, settings.publish_queue_size,
-            spool=Spool(settings.spool_dir),
+            spool=Spool(settings.spool_dir), unreadable=dead_lettering(ctx.dead_letters),
         )
         # Review captures hold (redacted) prompt text: a queue and a spool of their own
         # under the review directory; a line that cannot be read back stays there, never

@@ -37,7 +37,7 @@ from routemesh.contracts import Event, EventDecodeError, Topic, decode_event
 from routemesh.services.runtime.kafka import DeadLetters, RetryableError, client_kwargs
 from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.settings import ServiceSettings
-from routemesh.services.runtime.telemetry import records_spans, registered
+from routemesh.services.runtime.telemetry import Readiness, records_spans, registered
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class EventConsumer:
         batch_max_records: int = 2000,
         poll_ms: int = 100,
         dedup_capacity: int = 100_000,
+        readiness: Readiness | None = None,
     ) -> None:
         self.settings = settings
         self.group_id = group_id
@@ -199,9 +200,14 @@ class EventConsumer:
         self._metrics = registered(registry, _Metrics)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        # When the committed offsets last moved, or the consumer last found nothing to do.
+        # When a poll was last handled through (or found nothing): a consumer stuck on one
+        # message (a dead letter the broker refuses, a handler that hangs or keeps asking
+        # to retry) stops moving it, and is then not ready.
         self.last_progress = time.monotonic()
+        self.readiness = readiness
+        self.stall_after_s = settings.consumer_stall_s
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -217,11 +223,17 @@ class EventConsumer:
         )
         self._consumer.subscribe(self.topics, listener=_Rebalance(self))
         await self._consumer.start()
+        self.last_progress = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"consume-{self.group_id}")
+        self._task.add_done_callback(self._ended)
+        if self.readiness is not None:
+            self._watch = asyncio.create_task(self._watch_progress())
 
     async def stop(self) -> None:
         """Stop polling; let the handler finish its batch; commit what is durable."""
         self._stopping.set()
+        if self._watch is not None:
+            self._watch.cancel()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -237,6 +249,30 @@ class EventConsumer:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def progress(self) -> tuple[bool, str]:
+        """Whether the consumer is moving, and if not, why."""
+        task = self._task
+        if task is None or task.done():
+            failure = task.exception() if task is not None and not task.cancelled() else None
+            return False, f"stopped by {type(failure).__name__}" if failure else "not running"
+        stalled_s = time.monotonic() - self.last_progress
+        if stalled_s > self.stall_after_s:
+            return False, f"no poll handled for {stalled_s:.0f} s"
+        return True, ""
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the consume loop ended on an error", exc_info=task.exception(),
+                      extra={"group": self.group_id})
+
+    async def _watch_progress(self) -> None:
+        assert self.readiness is not None
+        name = f"consumer:{self.group_id}"
+        while True:
+            ok, detail = self.progress()
+            self.readiness.set(name, ok, detail)
+            await asyncio.sleep(min(self.stall_after_s / 4, 5.0))
 
     async def _run(self) -> None:
         assert self._consumer is not None
@@ -259,8 +295,7 @@ class EventConsumer:
             delays = backoff.delays()
             self._close_done()
             await self.commit()
-            if not batch:
-                self.last_progress = time.monotonic()
+            self.last_progress = time.monotonic()
 
     async def _deliveries(self, batch: dict[TopicPartition, list[Any]]) -> list[Delivery]:
         """A poll's records as deliveries: undecodable ones dead-lettered, ones already
@@ -359,7 +394,6 @@ class EventConsumer:
             return
         await self._consumer.commit({TopicPartition(t, p): o for (t, p), o in moved.items()})
         self.offsets.committed(moved)
-        self.last_progress = time.monotonic()
         for (topic, partition), offset in moved.items():
             end = self._consumer.highwater(TopicPartition(topic, partition))
             if end is not None:

@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import MessageSizeTooLargeError, TopicAlreadyExistsError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
@@ -223,33 +226,108 @@ DEAD_LETTER_ERROR_CHARS = 4000
 
 
 class DeadLetters:
-    """Builds and publishes dead letters, counted by source topic and error kind."""
+    """Builds and publishes dead letters, counted by source topic and error kind.
 
-    def __init__(self, publish: Publish, service: str, registry: CollectorRegistry) -> None:
+    A dead letter keeps its original whole, so an original larger than a Kafka message
+    may be (the one that would never be published, and so never committed past) is
+    written whole to ``dead_letter_dir`` as ``<sha256>.bin`` first; the event carries its
+    first bytes, its size and its sha256."""
+
+    def __init__(
+        self,
+        publish: Publish,
+        service: str,
+        registry: CollectorRegistry,
+        *,
+        spill_dir: Path = Path("dead-letters"),
+        max_bytes: int = 256 * 1024,
+    ) -> None:
         self._publish = publish
         self._service = service
+        self.spill_dir = spill_dir
+        self.max_bytes = max_bytes
         self._counter = Counter(
             "routemesh_dlq_messages_total",
             "Messages sent to the dead-letter topic",
             ["service", "source_topic", "kind"],
             registry=registry,
         )
+        self._spilled = Counter(
+            "routemesh_dlq_spilled_total",
+            "Dead letters whose original was too large for the topic, stored on local disk",
+            ["service"], registry=registry,
+        )
 
-    async def send(self, record: Any, group: str | None, kind: str, error: str) -> None:
-        """Publish a dead letter for ``record`` (an aiokafka ConsumerRecord)."""
-        letter = DeadLetter(
-            original=bytes(record.value or b""),
-            headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
-            key=record.key,
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
+    def letter(
+        self,
+        original: bytes,
+        *,
+        source_topic: str,
+        partition: int,
+        offset: int,
+        kind: str,
+        error: str,
+        headers: tuple[tuple[str, bytes], ...] = (),
+        key: bytes | None = None,
+        group: str | None = None,
+        max_bytes: int | None = None,
+    ) -> DeadLetter:
+        """The dead letter of ``original``; one too large is stored on disk first."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        whole = len(original) <= limit
+        digest = None if whole else self._spill(original)
+        return DeadLetter(
+            original=original if whole else original[:limit],
+            headers=headers,
+            key=key,
+            source_topic=source_topic,
+            partition=partition,
+            offset=offset,
             consumer_group=group,
             service=self._service,
             error_kind=kind,
             error=error[:DEAD_LETTER_ERROR_CHARS],
+            original_size=len(original),
+            original_sha256=digest,
+            truncated=not whole,
         )
-        await self._publish(letter)
+
+    def _spill(self, original: bytes) -> str:
+        digest = hashlib.sha256(original).hexdigest()
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        target = self.spill_dir / f"{digest}.bin"
+        if not target.exists():
+            partial = target.with_suffix(".partial")
+            with partial.open("wb") as sink:
+                sink.write(original)
+                sink.flush()
+                os.fsync(sink.fileno())
+            partial.replace(target)
+        self._spilled.labels(self._service).inc()
+        log.warning("a dead letter's original is too large for the topic; stored whole",
+                    extra={"original_sha256": digest, "original_size": len(original)})
+        return digest
+
+    async def send(self, record: Any, group: str | None, kind: str, error: str) -> None:
+        """Publish a dead letter for ``record`` (an aiokafka ConsumerRecord). Should the
+        broker still refuse it as too large (its limit below ours), the original is cut
+        shorter until it fits."""
+        limit = self.max_bytes
+        while True:
+            letter = self.letter(
+                bytes(record.value or b""),
+                headers=tuple((k, bytes(v)) for k, v in (record.headers or ())),
+                key=record.key, source_topic=record.topic, partition=record.partition,
+                offset=record.offset, group=group, kind=kind, error=error, max_bytes=limit,
+            )
+            try:
+                await self._publish(letter)
+            except MessageSizeTooLargeError:
+                if limit <= 64:
+                    raise
+                limit = max(limit // 4, 64)
+                continue
+            break
         self._counter.labels(self._service, record.topic, kind).inc()
         log.warning(
             "dead-lettered a message",

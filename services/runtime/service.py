@@ -69,7 +69,7 @@ class ServiceContext:
         return EventConsumer(
             self.settings, topics, group_id=group_id, handler=handler,
             dead_letters=self.dead_letters, registry=self.registry, service=self.name,
-            tracer_provider=self.tracer_provider, **options,
+            tracer_provider=self.tracer_provider, readiness=self.readiness, **options,
         )
 
 
@@ -131,7 +131,9 @@ def build_context(spec: ServiceSpec, settings: ServiceSettings) -> ServiceContex
         registry=registry,
         readiness=Readiness(),
         tracer_provider=tracer_provider,
-        dead_letters=DeadLetters(producer.publish, spec.name, registry),
+        dead_letters=DeadLetters(producer.publish, spec.name, registry,
+                                 spill_dir=settings.dead_letter_dir,
+                                 max_bytes=settings.dead_letter_max_bytes),
     )
 
 

@@ -43,6 +43,13 @@ class ServiceSettings(BaseSettings):
     qdrant_path: Path | None = None
     qdrant_api_key: SecretStr | None = None
 
+    # A dead letter carries at most this much of its original; a larger original is stored
+    # whole in dead_letter_dir (named by its sha256) and the event says so.
+    dead_letter_max_bytes: int = Field(default=256 * 1024, ge=1024, le=8 * 1024 * 1024)
+    dead_letter_dir: Path = Path("dead-letters")
+    # A consumer that has not finished a poll for this long is not ready.
+    consumer_stall_s: float = Field(default=60.0, gt=0)
+
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,15 +1,16 @@
 """The publisher across an outage and a restart, with a stand-in broker object."""
 
 import asyncio
+from pathlib import Path
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import DeadLetter, OutcomeReported, encode_event
-from routemesh.services.gateway.publisher import EventPublisher, quarantine
+from routemesh.services.gateway.publisher import EventPublisher, dead_lettering, quarantine
 from routemesh.services.gateway.spool import Spool
-from routemesh.services.runtime.kafka import event_address
+from routemesh.services.runtime.kafka import DeadLetters, event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
 
@@ -35,13 +36,22 @@ class StandInBroker:
         self.traces[event.request_id] = f"{trace_id:032x}"
 
 
+def make_publisher(producer, registry, *args, unreadable=None, **options) -> EventPublisher:
+    """A publisher whose unreadable spool lines become dead letters, unless told otherwise."""
+    spool = options.get("spool")
+    spill = (spool.path.parent if spool else Path("/nonexistent")) / "dead-letters"
+    return EventPublisher(producer, registry, *args, **options, unreadable=unreadable or
+                          dead_lettering(DeadLetters(None, "gateway", CollectorRegistry(),
+                                                     spill_dir=spill)))
+
+
 def event(i: int) -> OutcomeReported:
     return OutcomeReported(request_id=f"r{i:03d}", completed=True)
 
 
 async def test_an_outage_and_a_restart_lose_nothing_and_keep_the_order(tmp_path):
     down = StandInBroker(down=True)
-    first = EventPublisher(down, CollectorRegistry(), maxsize=5, concurrency=2,
+    first = make_publisher(down, CollectorRegistry(), maxsize=5, concurrency=2,
                            spool=Spool(tmp_path))
     await first.start()
     for i in range(30):
@@ -52,7 +62,7 @@ async def test_an_outage_and_a_restart_lose_nothing_and_keep_the_order(tmp_path)
     assert down.published == []
 
     up = StandInBroker(down=False)
-    second = EventPublisher(up, CollectorRegistry(), maxsize=5, concurrency=2,
+    second = make_publisher(up, CollectorRegistry(), maxsize=5, concurrency=2,
                             spool=Spool(tmp_path))
     await second.start()
     second.offer(event(30))
@@ -66,7 +76,7 @@ async def test_an_outage_and_a_restart_lose_nothing_and_keep_the_order(tmp_path)
 
 async def test_without_a_spool_a_full_queue_drops_and_counts(tmp_path):
     registry = CollectorRegistry()
-    publisher = EventPublisher(StandInBroker(down=True), registry, maxsize=3)
+    publisher = make_publisher(StandInBroker(down=True), registry, maxsize=3)
     for i in range(5):
         publisher.offer(event(i))
     assert registry.get_sample_value(
@@ -76,7 +86,7 @@ async def test_without_a_spool_a_full_queue_drops_and_counts(tmp_path):
 async def test_spooled_events_keep_their_request_trace(tmp_path):
     tracer = TracerProvider().get_tracer("test")
     down = StandInBroker(down=True)
-    first = EventPublisher(down, CollectorRegistry(), maxsize=2, concurrency=1,
+    first = make_publisher(down, CollectorRegistry(), maxsize=2, concurrency=1,
                            spool=Spool(tmp_path))
     await first.start()
     traces = {}
@@ -88,7 +98,7 @@ async def test_spooled_events_keep_their_request_trace(tmp_path):
     await first.drain(timeout_s=0.1)
 
     up = StandInBroker(down=False)
-    second = EventPublisher(up, CollectorRegistry(), spool=Spool(tmp_path))
+    second = make_publisher(up, CollectorRegistry(), spool=Spool(tmp_path))
     await second.start()
     async with asyncio.timeout(10):
         while len(up.published) < 8:
@@ -102,7 +112,7 @@ async def test_spool_lines_written_before_trace_context_still_publish(tmp_path):
     spool.append([encode_event(event(1))])
     spool.close()
     up = StandInBroker(down=False)
-    publisher = EventPublisher(up, CollectorRegistry(), spool=Spool(tmp_path))
+    publisher = make_publisher(up, CollectorRegistry(), spool=Spool(tmp_path))
     await publisher.start()
     async with asyncio.timeout(10):
         while not up.published:
@@ -118,7 +128,7 @@ async def test_an_unreadable_spool_line_goes_whole_to_the_dead_letter_topic(tmp_
     spool.close()
     up = StandInBroker(down=False)
     settings = ServiceSettings()
-    publisher = EventPublisher(up, CollectorRegistry(), spool=Spool(tmp_path))
+    publisher = make_publisher(up, CollectorRegistry(), spool=Spool(tmp_path))
     await publisher.start()
     async with asyncio.timeout(10):
         while len(up.published) + len(up.dead_letters) < 3:
@@ -142,7 +152,7 @@ async def test_a_quarantined_spool_sets_unreadable_lines_aside_and_never_dead_le
     spool.close()
     up = StandInBroker(down=False)
     aside = tmp_path / "unreadable.jsonl"
-    publisher = EventPublisher(up, CollectorRegistry(), spool=Spool(tmp_path),
+    publisher = make_publisher(up, CollectorRegistry(), spool=Spool(tmp_path),
                                queue="review", unreadable=quarantine(aside))
     await publisher.start()
     async with asyncio.timeout(10):

@@ -3,6 +3,7 @@ the broker refuses. The same consumer runs against the real broker in
 tests/integration/test_consumer.py."""
 
 import asyncio
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -80,3 +81,23 @@ async def test_stopping_mid_retry_keeps_the_offset_held():
     unit._stopping.set()
     await unit._dead_letter(object(), POSITION, "invalid_json", "x")
     assert unit.offsets.to_commit() == {POSITION[:2]: 7}, "never commits past it"
+
+
+async def test_a_consumer_that_stops_moving_is_not_ready():
+    unit = consumer(FlakyDeadLetters(failures=0))
+    assert unit.progress() == (False, "not running")
+    unit._task = asyncio.create_task(asyncio.sleep(3600))
+    unit.last_progress = time.monotonic()
+    assert unit.progress() == (True, "")
+    unit.last_progress -= unit.stall_after_s + 1
+    ok, why = unit.progress()
+    assert not ok
+    assert why.startswith("no poll handled for")
+    unit._task.cancel()
+
+    async def crash():
+        raise ConnectionError("gone")
+
+    unit._task = asyncio.create_task(crash())
+    await asyncio.sleep(0)
+    assert unit.progress() == (False, "stopped by ConnectionError")
