@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from routemesh.contracts import CompletionObserved, Event, RouteDecided
-from routemesh.services.audit_writer.records import AuditRecord, Join, build_record
+from routemesh.contracts.events import utc_now
+from routemesh.services.audit_writer.records import (
+    DEFAULT_MAX_SKEW,
+    AuditRecord,
+    Join,
+    build_record,
+)
 from routemesh.services.audit_writer.store import AuditStore, RequestState
 from routemesh.services.runtime.consumer import OffsetTracker, PartitionKey, Position
 
@@ -21,6 +28,7 @@ class _Held:
     event: Event
     position: Position
     arrived: float
+    received: datetime
 
 
 @dataclass
@@ -39,22 +47,35 @@ class JoinStats:
 
 
 class Joiner:
-    def __init__(self, store: AuditStore, tracker: OffsetTracker, window_s: float) -> None:
+    def __init__(
+        self,
+        store: AuditStore,
+        tracker: OffsetTracker,
+        window_s: float,
+        max_skew: timedelta = DEFAULT_MAX_SKEW,
+    ) -> None:
         self.store = store
         self.tracker = tracker
         self.window_s = window_s
+        self.max_skew = max_skew
         self.decisions: dict[str, _Held] = {}
         self.observations: dict[str, _Held] = {}
         self.stats = JoinStats()
 
-    def add(self, event: Event, position: Position, now: float) -> list[Output]:
+    def add(
+        self, event: Event, position: Position, now: float, received: datetime | None = None
+    ) -> list[Output]:
+        """``now`` is monotonic (the window), ``received`` the wall-clock time of arrival."""
+        received = received or utc_now()
         if isinstance(event, RouteDecided):
-            return self._arrive(event, position, now, "decision")
+            return self._arrive(event, position, now, received, "decision")
         if isinstance(event, CompletionObserved):
-            return self._arrive(event, position, now, "observation")
+            return self._arrive(event, position, now, received, "observation")
         return []
 
-    def _arrive(self, event: Any, position: Position, now: float, side: str) -> list[Output]:
+    def _arrive(
+        self, event: Any, position: Position, now: float, received: datetime, side: str
+    ) -> list[Output]:
         """One half of a pair arrived: skip it if seen, join it with a waiting partner,
         amend a record written without it, or hold it in the window."""
         is_decision = side == "decision"
@@ -74,11 +95,12 @@ class Joiner:
         waiting = partners.pop(request_id, None)
         if waiting is not None:
             pair = (event, waiting.event) if is_decision else (waiting.event, event)
-            return [self._emit("joined", request_id, *pair, [waiting.position])]
+            return [self._emit("joined", request_id, *pair, [waiting.position],
+                               waiting.received)]
         if state is not None and (state.has_observation if is_decision else state.has_decision):
             pair = (event, None) if is_decision else (None, event)
-            return [self._emit("amendment", request_id, *pair, [], amends=state)]
-        mine[request_id] = _Held(event, position, now)
+            return [self._emit("amendment", request_id, *pair, [], received, amends=state)]
+        mine[request_id] = _Held(event, position, now, received)
         self.tracker.hold(position)
         return []
 
@@ -92,9 +114,8 @@ class Joiner:
                 held = table.pop(request_id)
                 decision = held.event if join == "decision_only" else None
                 observation = held.event if join == "observation_only" else None
-                outputs.append(
-                    self._emit(join, request_id, decision, observation, [held.position])
-                )
+                outputs.append(self._emit(join, request_id, decision, observation,
+                                          [held.position], held.received))
         return outputs
 
     def drop_partitions(self, keys: Collection[PartitionKey]) -> None:
@@ -109,10 +130,12 @@ class Joiner:
         decision: RouteDecided | None,
         observation: CompletionObserved | None,
         positions: list[Position],
+        received: datetime,
         amends: RequestState | None = None,
     ) -> Output:
         reference = sorted(amends.event_ids)[0] if amends is not None and amends.event_ids else None
-        record = build_record(join, request_id, decision, observation, amends=reference)
+        record = build_record(join, request_id, decision, observation, amends=reference,
+                              received_at=received, max_skew=self.max_skew)
         self.store.mark(record)
         setattr(self.stats, join, getattr(self.stats, join) + 1)
         return Output(record, positions)

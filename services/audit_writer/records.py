@@ -9,7 +9,7 @@ purpose; and a line read back with a field they do not declare is refused
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 import msgspec
@@ -121,6 +121,27 @@ class AuditRecord(_Allowed, kw_only=True):
     observation: AuditObservation | None = None
     event_ids: tuple[str, ...] = ()
     written_at: UtcDatetime
+    # When the writer received the (first) event. A record whose event claims a time
+    # further than the allowed clock skew from this is filed under this day instead.
+    received_at: UtcDatetime | None = None
+
+    @property
+    def filed_at(self) -> datetime:
+        """The time the record's day and windows go by: its event's time, or the time it
+        was received when that is too far from the event's own."""
+        part = self.decision or self.observation
+        assert part is not None
+        occurred = part.occurred_at
+        if self.received_at is not None and occurred.astimezone(UTC).date().isoformat() \
+                != self.day:
+            return self.received_at
+        return occurred
+
+
+# How far an event's own time may be from when it was received before the record is filed
+# by the time received: a producer's broken clock must not put records in 1970 (deleted by
+# retention at once) or 2999.
+DEFAULT_MAX_SKEW = timedelta(days=1)
 
 
 def build_record(
@@ -131,12 +152,22 @@ def build_record(
     *,
     amends: str | None = None,
     now: datetime | None = None,
+    received_at: datetime | None = None,
+    max_skew: timedelta = DEFAULT_MAX_SKEW,
 ) -> AuditRecord:
+    """A record for ``AUDIT_DIR/<day>.jsonl``: the day of the decision (of the observation
+    when there is none), unless that time is further than ``max_skew`` from when the
+    writer received it."""
     anchor = decision or observation
     assert anchor is not None
+    now = now or utc_now()
+    received = received_at or now
+    filed = anchor.occurred_at
+    if abs(filed - received) > max_skew:
+        filed = received
     return AuditRecord(
         request_id=request_id,
-        day=anchor.occurred_at.astimezone(UTC).date().isoformat(),
+        day=filed.astimezone(UTC).date().isoformat(),
         join=join,
         amends=amends,
         decision=msgspec.convert(decision, AuditDecision, from_attributes=True)
@@ -144,7 +175,8 @@ def build_record(
         observation=msgspec.convert(observation, AuditObservation, from_attributes=True)
         if observation else None,
         event_ids=tuple(str(e.event_id) for e in (decision, observation) if e is not None),
-        written_at=now or utc_now(),
+        written_at=now,
+        received_at=received,
     )
 
 

@@ -28,9 +28,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 def _when(record: AuditRecord) -> datetime:
-    part = record.decision or record.observation
-    assert part is not None
-    return part.occurred_at
+    return record.filed_at
 
 
 class WindowSummary(msgspec.Struct, frozen=True, kw_only=True):

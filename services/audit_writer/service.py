@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Collection, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +40,8 @@ class AuditWriterSettings(ServiceSettings):
     audit_batch_max_records: int = Field(default=2000, ge=1)
     audit_poll_ms: int = Field(default=100, ge=1)
     audit_maintenance_interval_s: float = Field(default=60.0, gt=0)
+    # An event whose own time is further than this from its arrival is filed by arrival.
+    audit_max_clock_skew_s: float = Field(default=86400.0, gt=0)
 
 
 class _Metrics:
@@ -77,7 +80,8 @@ class AuditWriter:
             [ROUTE_DECISIONS, LLM_OBSERVATIONS], GROUP, self,
             batch_max_records=settings.audit_batch_max_records, poll_ms=settings.audit_poll_ms,
         )
-        self.joiner = Joiner(self.store, self.consumer.offsets, settings.audit_join_window_s)
+        self.joiner = Joiner(self.store, self.consumer.offsets, settings.audit_join_window_s,
+                             timedelta(seconds=settings.audit_max_clock_skew_s))
         self._last_maintenance = 0.0
 
     async def start(self) -> None:
@@ -92,11 +96,11 @@ class AuditWriter:
         self.store.close()
 
     async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
-        now = time.monotonic()
+        now, received = time.monotonic(), utc_now()
         outputs: list[Output] = []
         before = self.joiner.stats.dedup_hits
         for delivery in deliveries:
-            outputs += self.joiner.add(delivery.event, delivery.position, now)
+            outputs += self.joiner.add(delivery.event, delivery.position, now, received)
         self.metrics.dedup.inc(self.joiner.stats.dedup_hits - before)
         outputs += self.joiner.expire(now)
         if outputs:

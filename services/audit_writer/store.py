@@ -215,6 +215,9 @@ class AuditStore:
             if file.day < cutoff and file.path not in open_paths:
                 file.path.unlink()
                 deleted.append(file.path)
+                log.info("retention deleted an audit file",
+                         extra={"file": file.path.name, "reason": "age",
+                                "retention_days": retention_days})
         compressed = []
         for file in list_files(self.directory):
             if file.compressed or file.day >= today.isoformat() or file.path in open_paths:
@@ -239,4 +242,7 @@ class AuditStore:
             total -= file.path.stat().st_size
             file.path.unlink()
             deleted.append(file.path)
+            log.info("retention deleted an audit file",
+                     extra={"file": file.path.name, "reason": "size",
+                            "retention_bytes": retention_bytes})
         return compressed, deleted

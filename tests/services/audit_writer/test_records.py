@@ -1,11 +1,12 @@
 import json
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 
 from routemesh.contracts import RouteDecided
 from routemesh.services.audit_writer.records import RecordProblem, build_record, read_record
-from tests.services.audit_writer.helpers import decision, observation
+from tests.services.audit_writer.helpers import DAY, decision, observation
 
 CANARY = "CANARY-audit-91c2"
 
@@ -19,7 +20,7 @@ class FutureDecided(RouteDecided, frozen=True, kw_only=True, tag="RouteDecided")
 
 def test_a_joined_record_carries_both_sides_and_its_provenance():
     d, o = decision("r1"), observation("r1")
-    record = build_record("joined", "r1", d, o)
+    record = build_record("joined", "r1", d, o, now=DAY)
     assert record.request_id == "r1"
     assert record.day == "2026-11-23"
     assert record.join == "joined"
@@ -45,7 +46,7 @@ def test_the_firewall_drops_fields_that_are_not_allow_listed():
 
 
 def test_observation_only_records_take_the_observations_day():
-    record = build_record("observation_only", "r3", None, observation("r3"))
+    record = build_record("observation_only", "r3", None, observation("r3"), now=DAY)
     assert (record.day, record.decision) == ("2026-11-23", None)
 
 
@@ -69,3 +70,17 @@ def test_reading_refuses_what_the_writer_would_never_write(mutate, message):
     mutate(record)
     with pytest.raises(RecordProblem, match=message):
         read_record(json.dumps(record).encode())
+
+
+@pytest.mark.parametrize("claimed", [datetime(1970, 1, 1, tzinfo=UTC),
+                                     datetime(2999, 1, 1, tzinfo=UTC)])
+def test_an_absurd_event_time_is_filed_by_when_it_was_received(claimed):
+    received = DAY + timedelta(hours=3)
+    record = build_record("joined", "r", decision("r", claimed), observation("r", claimed),
+                          now=received, received_at=received)
+    assert record.day == "2026-11-23"
+    assert record.decision.occurred_at == claimed, "both times are kept"
+    assert (record.received_at, record.filed_at) == (received, received)
+    close = build_record("joined", "r", decision("r", DAY), None,
+                         now=received, received_at=received)
+    assert (close.day, close.filed_at) == ("2026-11-23", DAY)

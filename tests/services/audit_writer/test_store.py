@@ -1,4 +1,5 @@
 import gzip
+import logging
 import json
 import os
 from datetime import date, timedelta
@@ -10,8 +11,9 @@ from tests.services.audit_writer.helpers import DAY, decision, observation
 
 
 def records(n, day=DAY, prefix="r"):
+    """Records of events received when they happened."""
     return [build_record("joined", f"{prefix}{i}", decision(f"{prefix}{i}", day),
-                         observation(f"{prefix}{i}", day)) for i in range(n)]
+                         observation(f"{prefix}{i}", day), now=day) for i in range(n)]
 
 
 def test_append_fsyncs_each_touched_file_once_per_batch_unless_off(tmp_path, monkeypatch):
@@ -74,7 +76,8 @@ def test_the_index_is_bounded_and_keeps_the_newest(tmp_path):
     assert store.state("r1499") is not None
 
 
-def test_maintenance_gzips_past_days_and_applies_retention(tmp_path):
+def test_maintenance_gzips_past_days_and_applies_retention(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "routemesh.services.audit_writer.store")
     store = AuditStore(tmp_path)
     today = date(2026, 11, 23)
     for back in (40, 3, 1, 0):
@@ -88,6 +91,8 @@ def test_maintenance_gzips_past_days_and_applies_retention(tmp_path):
     assert "2026-11-20.jsonl.gz" in names
     assert not any(n.startswith("2026-10-14") for n in names), "older than 30 days"
     assert len(deleted) == 1
+    (logged,) = [r for r in caplog.records if r.getMessage().startswith("retention deleted")]
+    assert (logged.file, logged.reason) == ("2026-10-14.jsonl", "age"), "each file named"
     with gzip.open(tmp_path / "2026-11-22.jsonl.gz") as handle:
         assert sum(1 for _ in handle) == 20
     store.append(records(1, prefix="after-"))
@@ -112,7 +117,7 @@ def test_summary_reads_plain_and_gzip_files(tmp_path):
     store.append(records(4, day=DAY - timedelta(minutes=5), prefix="new-"))
     failing = build_record("joined", "err", decision("err", DAY - timedelta(minutes=1)),
                            observation("err", DAY - timedelta(minutes=1), upstream_status=502,
-                                       error_class="UpstreamError"))
+                                       error_class="UpstreamError"), now=DAY)
     store.append([failing])
     store.maintain(date(2026, 11, 23), retention_days=30, retention_bytes=10**9)
     store.close()

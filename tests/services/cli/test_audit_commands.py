@@ -16,7 +16,7 @@ runner = CliRunner()
 def archive(directory):
     store = AuditStore(directory)
     store.append([build_record("joined", f"r{i}", decision(f"r{i}", DAY - timedelta(minutes=i)),
-                               observation(f"r{i}", DAY - timedelta(minutes=i)))
+                               observation(f"r{i}", DAY - timedelta(minutes=i)), now=DAY)
                   for i in range(30)])
     store.close()
 
