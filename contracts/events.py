@@ -70,9 +70,17 @@ class FormatSignals(msgspec.Struct, frozen=True, kw_only=True):
     message_count: Count = 0
     input_chars: Count = 0
     response_format: str | None = None
+    # The text matched semantically was cut to its start and end (RouteDecided 1.1).
+    match_text_cut: bool = False
 
 
 class RouteDecided(Event, frozen=True, kw_only=True):
+    """One request's route, why, and the evidence; never the prompt.
+
+    1.1: ``format.match_text_cut``.
+    """
+
+    schema_version: str = "1.1"
     request_id: RequestId
     route_id: RouteId
     target_model: str

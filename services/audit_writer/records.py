@@ -52,6 +52,7 @@ class AuditFormat(_Allowed, kw_only=True):
     message_count: Count = 0
     input_chars: Count = 0
     response_format: str | None = None
+    match_text_cut: bool = False
 
 
 class AuditDecision(_Allowed, kw_only=True):

@@ -129,13 +129,32 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+# The semantic layer sees at most this many characters of the match text: its start and
+# its end. The dense encoder reads only the first 256 tokens anyway, and tokenising a huge
+# prompt whole costs the gateway far more than a normal one (bench/gateway.py).
+MATCH_TEXT_MAX_CHARS = 4096
+
+
+def bounded(text: str) -> tuple[str, bool]:
+    """``text``, or its first and last ``MATCH_TEXT_MAX_CHARS / 2`` characters; and
+    whether it was cut."""
+    if len(text) <= MATCH_TEXT_MAX_CHARS:
+        return text, False
+    half = MATCH_TEXT_MAX_CHARS // 2
+    return f"{text[:half]}\n{text[-half:]}", True
+
+
 @dataclass
 class _Draft:
     request: RouteRequest
     request_id: str
     started: float
+    # The whole match text (what rules read) and what the semantic layer reads of it.
     text: str
     attempts: list[LayerAttempt] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.semantic_text, self.cut = bounded(self.text)
 
 
 class Router:
@@ -191,7 +210,7 @@ class Router:
             return decided
         started = time.perf_counter()
         try:
-            (ranked,) = self._rank_batch([draft.text])
+            (ranked,) = self._rank_batch([draft.semantic_text])
         except Exception as exc:
             return self._embedding_error(draft, exc, started)
         return self._semantic(draft, ranked, started)
@@ -204,7 +223,7 @@ class Router:
             return decided
         started = time.perf_counter()
         try:
-            ranked = await self.batcher.submit(draft.text)
+            ranked = await self.batcher.submit(draft.semantic_text)
         except Exception as exc:
             return self._embedding_error(draft, exc, started)
         return self._semantic(draft, ranked, started)
@@ -384,6 +403,7 @@ class Router:
                 message_count=len(request.messages),
                 input_chars=request.prompt_chars + request.tools_chars,
                 response_format=request.response_format,
+                match_text_cut=draft.cut,
             ),
             requested_model=request.requested_model,
             gateway_instance=self.instance,

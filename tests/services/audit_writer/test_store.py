@@ -1,6 +1,6 @@
 import gzip
-import logging
 import json
+import logging
 import os
 from datetime import date, timedelta
 

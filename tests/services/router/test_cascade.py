@@ -7,6 +7,7 @@ from qdrant_client import QdrantClient
 from routemesh.contracts import RouteDecided, decode_event, encode_event
 from routemesh.services.router.bank import build_bank, load_snapshot
 from routemesh.services.router.cascade import (
+    MATCH_TEXT_MAX_CHARS,
     PASSTHROUGH_ROUTE,
     Router,
     RouteRequest,
@@ -273,3 +274,27 @@ async def test_an_async_encoder_failure_fails_every_waiter_into_a_fallback(loade
     decisions = await asyncio.gather(*(router.adecide(chat(f"q {i}"), str(i)) for i in range(5)))
     await router.aclose()
     assert {d.reason for d in decisions} == {"embedding_error"}
+
+
+def test_a_huge_prompt_is_cut_for_the_semantic_layer_and_the_decision_says_so(loaded):
+    seen = []
+
+    class Recording(HashingEncoder):
+        def encode(self, texts):
+            seen.extend(texts)
+            return super().encode(texts)
+
+    encoder = Recording()
+    client = QdrantClient(":memory:")
+    build_bank(loaded, encoder, client, "bank")
+    router = Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), encoder)
+    seen.clear()
+    huge = "prove that the square root of two is irrational " + "filler " * 30_000 + "the end"
+    decision = router.decide(chat(huge), "r")
+    (text,) = seen
+    assert len(text) <= MATCH_TEXT_MAX_CHARS + 1
+    assert text.startswith("prove that")
+    assert text.endswith("the end")
+    assert decision.format.match_text_cut is True
+    assert decision.prompt_chars == len(huge), "the prompt's own size is still recorded"
+    assert router.decide(chat("a short one"), "r").format.match_text_cut is False
