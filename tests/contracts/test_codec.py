@@ -147,3 +147,13 @@ def test_outcome_bounds_are_enforced():
         decode_event(
             b'{"type":"OutcomeReported","schema_version":"1.0","request_id":"r","quality_score":1.5}'
         )
+
+
+@pytest.mark.parametrize("request_id", ["", "x" * 129])
+def test_an_empty_or_overlong_request_id_is_refused(request_id):
+    body = json.loads(encode_event(decision()))
+    body["request_id"] = request_id
+    with pytest.raises(EventDecodeError) as info:
+        decode_event(json.dumps(body).encode())
+    assert info.value.kind == "invalid_event"
+    assert "request_id" in info.value.message
