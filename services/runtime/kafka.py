@@ -39,7 +39,6 @@ from aiokafka.errors import MessageSizeTooLargeError, TopicAlreadyExistsError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
-from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from faststream.kafka.security import parse_security
 from faststream.security import (
     BaseSecurity,
@@ -194,7 +193,6 @@ def create_broker(
     settings: ServiceSettings,
     *,
     service: str,
-    registry: CollectorRegistry,
     tracer_provider: TracerProvider | None = None,
 ) -> KafkaBroker:
     return KafkaBroker(
@@ -205,12 +203,9 @@ def create_broker(
         serializer=None,
         **_delivery(settings),
         graceful_timeout=settings.shutdown_timeout_s,
-        middlewares=(
-            KafkaTelemetryMiddleware(tracer_provider=tracer_provider),
-            KafkaPrometheusMiddleware(
-                registry=registry, app_name=service, metrics_prefix="routemesh_kafka"
-            ),
-        ),
+        # Trace context through the headers; its Prometheus middleware is left out: the
+        # consumer runtime and the producer count what the mesh's metrics document.
+        middlewares=(KafkaTelemetryMiddleware(tracer_provider=tracer_provider),),
         logger=logging.getLogger(f"routemesh.{service}.kafka"),
     )
 

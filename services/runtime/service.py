@@ -119,9 +119,7 @@ def discover_services() -> dict[str, ServiceSpec]:
 def build_context(spec: ServiceSpec, settings: ServiceSettings) -> ServiceContext:
     registry = CollectorRegistry()
     tracer_provider = setup_tracing(spec.name, settings)
-    broker = create_broker(
-        settings, service=spec.name, registry=registry, tracer_provider=tracer_provider
-    )
+    broker = create_broker(settings, service=spec.name, tracer_provider=tracer_provider)
     producer = EventProducer(settings, spec.name, tracer_provider)
     return ServiceContext(
         name=spec.name,

@@ -14,6 +14,7 @@ from routemesh.services.runtime.embedded_broker import free_port
 from routemesh.services.runtime.service import discover_services
 from tests.integration.conftest import CLI
 from tests.integration.test_embedded_broker import asyncio_run_list_topics
+from tests.readme import documented_metrics, served_metrics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.model]
 
@@ -26,6 +27,41 @@ def _get(url: str) -> int:
         return error.code
     except OSError:
         return 0
+
+
+def _post(url: str, body: bytes) -> int:
+    request = urllib.request.Request(url, data=body,
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _page(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def _assert_metrics_as_documented(pages: dict[str, str]) -> None:
+    """Each service serves exactly the README's rows for it, with the documented type and
+    labels: a metric added, renamed or relabelled on either side alone fails here."""
+    documented = documented_metrics()
+    for service, page in pages.items():
+        served = served_metrics(page)
+        consumer = any(name.startswith("routemesh_consumer_") for name in served)
+        expected = {m.name for m in documented.values()
+                    if m.services in (service, "every") or (m.services == "consumers"
+                                                             and consumer)}
+        assert set(served) == expected, service
+        for name, (kind, label_sets) in served.items():
+            assert kind == documented[name].type, name
+            for labels in label_sets:
+                assert labels == documented[name].labels, (name, labels)
+    samples = {name: labels for page in pages.values()
+               for name, (_, labels) in served_metrics(page).items() if labels}
+    assert "routemesh_gateway_requests_total" in samples, "the traffic left its samples"
 
 
 def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
@@ -69,6 +105,13 @@ def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
             assert time.monotonic() < deadline, "the gateway never became ready"
             time.sleep(0.5)
         assert _get(f"http://127.0.0.1:{gateway}/v1/models") == 200
+        # Traffic, so that labelled series have samples; then every service's metrics
+        # page against the README's table.
+        _post(f"http://127.0.0.1:{gateway}/v1/route", b'{"input": "what is 2 + 2"}')
+        _post(f"http://127.0.0.1:{gateway}/v1/chat/completions",
+              b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}')
+        pages = {name: _page(f"http://127.0.0.1:{number}/metrics")
+                 for (name, kind), number in ports.items() if kind == "metrics"}
 
         listed = set(asyncio_run_list_topics(f"127.0.0.1:{port}"))
         assert {t.name() for t in TOPICS} <= listed
@@ -82,6 +125,7 @@ def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
             process.kill()
     rest = process.stdout.read()
     assert code == 0, rest
+    _assert_metrics_as_documented(pages)
     assert elapsed < 10
     assert "Traceback" not in "\n".join(lines) + rest
 

@@ -31,7 +31,7 @@ def decision(request_id: str) -> RouteDecided:
 def subscribed_broker(settings, service: str, group_id: str | None, handler, **options):
     """A broker for ``service`` whose one subscriber reads route decisions."""
     registry = CollectorRegistry()
-    broker = create_broker(settings, service=service, registry=registry)
+    broker = create_broker(settings, service=service)
     subscribe_events(broker, settings, [ROUTE_DECISIONS], group_id=group_id, handler=handler,
                      dead_letters=DeadLetters(broker_publish(broker, settings), service, registry),
                      **options)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import RouteDecided
 from routemesh.contracts.topics import ROUTE_DECISIONS
@@ -65,7 +64,7 @@ async def test_sigterm_finishes_the_message_in_flight_commits_and_exits_zero(
         await _wait_for(lambda: _readyz(port)[0] == 200, 60, "readiness")
         assert _readyz(port)[1]["checks"]["kafka"]["ok"] is True
 
-        broker = create_broker(settings, service="producer", registry=CollectorRegistry())
+        broker = create_broker(settings, service="producer")
         async with broker:
             await broker.start()
             await broker_publish(broker, settings)(RouteDecided(

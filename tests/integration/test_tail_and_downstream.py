@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import FormatSignals, LayerAttempt, RouteDecided, decode_event
 from routemesh.contracts.topics import ROUTE_DECISIONS
@@ -30,7 +29,7 @@ async def published(settings) -> RouteDecided:
         prompt_sha256="f" * 64,
         format=FormatSignals(message_count=2, input_chars=40),
     )
-    broker = create_broker(settings, service="tail-test", registry=CollectorRegistry())
+    broker = create_broker(settings, service="tail-test")
     async with broker:
         await broker.start()
         await broker_publish(broker, settings)(event)

@@ -27,7 +27,7 @@ async def test_the_consumer_continues_the_producers_trace(settings):
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     registry = CollectorRegistry()
-    broker = create_broker(settings, service="trace", registry=registry, tracer_provider=provider)
+    broker = create_broker(settings, service="trace", tracer_provider=provider)
     received: list[tuple[dict, int]] = []
     done = asyncio.Event()
 

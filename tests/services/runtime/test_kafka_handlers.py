@@ -37,7 +37,7 @@ def decision(request_id: str) -> RouteDecided:
 @pytest.fixture
 def mesh():
     registry = CollectorRegistry()
-    broker = create_broker(SETTINGS, service="unit", registry=registry)
+    broker = create_broker(SETTINGS, service="unit")
     handled: list[RouteDecided] = []
     dead: list[DeadLetter] = []
 

@@ -1,5 +1,4 @@
 import pytest
-from prometheus_client import CollectorRegistry
 
 from routemesh.contracts.topics import ROUTE_DECISIONS
 from routemesh.services.runtime.kafka import create_broker
@@ -33,7 +32,7 @@ def test_invalid_values_are_refused_with_the_variable_name(monkeypatch):
 def test_sasl_without_credentials_is_a_clear_error():
     settings = ServiceSettings(kafka_security_protocol="SASL_SSL")
     with pytest.raises(ValueError, match="ROUTEMESH_KAFKA_SASL_USERNAME"):
-        create_broker(settings, service="t", registry=CollectorRegistry())
+        create_broker(settings, service="t")
 
 
 def test_sasl_password_is_not_shown_in_repr():
