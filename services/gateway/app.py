@@ -192,6 +192,11 @@ def _route_headers(decision: RouteDecided) -> dict[str, str]:
     }
 
 
+_STREAM_BROKE_OFF = b"data: " + json.dumps({"error": {
+    "message": "the upstream stream broke off; the answer is incomplete",
+    "type": "upstream_error", "code": "upstream_stream_error"}}).encode() + b"\n\n"
+
+
 def _model(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "routemesh"}
 
@@ -293,6 +298,9 @@ class Handlers:
                 yield scrubbing.flush()
             except UpstreamStreamError as exc:
                 error = str(exc)
+                # Headers and part of the answer are gone already: the error can only
+                # travel as a last event, the way OpenAI reports errors mid-stream.
+                yield scrubbing.flush() + _STREAM_BROKE_OFF
             finally:
                 # Also reached when the client goes away: closing cancels the upstream call.
                 response.close()

@@ -35,8 +35,9 @@ from routemesh.contracts import (
     encode_event,
 )
 from routemesh.services.gateway.spool import Spool
-from routemesh.services.runtime.kafka import DeadLetters
+from routemesh.services.runtime.kafka import DeadLetters, event_address
 from routemesh.services.runtime.retry import Backoff
+from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.runtime.telemetry import registered
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class EventPublisher:
     def __init__(
         self,
         producer: Producer,
+        settings: ServiceSettings,
         registry: CollectorRegistry,
         maxsize: int = 10_000,
         concurrency: int = 64,
@@ -89,6 +91,7 @@ class EventPublisher:
         queue: str = "events",
     ) -> None:
         self.producer = producer
+        self.settings = settings
         self.spool = spool
         self.unreadable = unreadable
         # Each event keeps the trace context it was offered in.
@@ -131,18 +134,34 @@ class EventPublisher:
         await self.producer.publish(event, ctx)
 
     async def _confirm_all(self, items: list[Item]) -> None:
-        """Publish until the broker confirmed every item, backing off between rounds."""
+        """Publish until the broker confirmed every item, backing off between rounds.
+
+        Items bound for different partitions go at once; items that share a topic and a
+        key (one request's events on one topic) go one after the other, and the ones
+        after a failure wait for the next round: a failure never lets a later event of a
+        request overtake an earlier one."""
         pending, delays = items, Backoff(0.1, 5.0).delays()
         while pending:
-            results = await asyncio.gather(*(self._publish(i) for i in pending),
-                                           return_exceptions=True)
-            failed = [i for i, r in zip(pending, results, strict=True)
-                      if isinstance(r, BaseException)]
+            lanes: dict[tuple[str, bytes | None], list[Item]] = {}
+            for item in pending:
+                lanes.setdefault(event_address(self.settings, item[0]), []).append(item)
+            left = await asyncio.gather(*(self._in_order(lane) for lane in lanes.values()))
+            unsent = {id(item) for lane in left for item in lane}
+            failed = [item for item in pending if id(item) in unsent]
             self.published.inc(len(pending) - len(failed))
             if failed:
-                self.failures.inc(len(failed))
+                self.failures.inc(len(left) - left.count([]))
                 await asyncio.sleep(next(delays))
             pending = failed
+
+    async def _in_order(self, lane: list[Item]) -> list[Item]:
+        """Publish ``lane`` one by one; return what is left from the first failure on."""
+        for index, item in enumerate(lane):
+            try:
+                await self._publish(item)
+            except Exception:
+                return lane[index:]
+        return []
 
     async def _run_queue(self) -> None:
         while True:

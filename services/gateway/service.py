@@ -62,7 +62,7 @@ class Gateway:
         self.ctx = ctx
         self.settings = settings
         self.publisher = EventPublisher(
-            ctx.producer, ctx.registry, settings.publish_queue_size,
+            ctx.producer, settings, ctx.registry, settings.publish_queue_size,
             spool=Spool(settings.spool_dir), unreadable=dead_lettering(ctx.dead_letters),
         )
         # Review captures hold (redacted) prompt text: a queue and a spool of their own
@@ -70,7 +70,7 @@ class Gateway:
         # reaching the DLQ.
         review_spool = settings.review_dir / "spool"
         self.review = EventPublisher(
-            ctx.producer, ctx.registry, settings.publish_queue_size,
+            ctx.producer, settings, ctx.registry, settings.publish_queue_size,
             spool=Spool(review_spool), queue="review",
             unreadable=quarantine(review_spool / "unreadable.jsonl"),
         ) if settings.review_capture == "redacted" else None

@@ -60,7 +60,8 @@ async def test_poison_pills_go_to_the_dlq_and_valid_events_after_them_are_handle
         # One key, so everything lands on one partition in this order.
         await broker_publish(broker, settings)(decision("before"))
         for payload in poison:
-            await broker.publish(payload, topic, key=b"same-key")
+            await broker.publish(payload, topic, key=b"same-key",
+                                 headers={"x-origin": "poison-test"})
         for request_id in ("after-1", "after-2"):
             await broker.publish(encode_event(decision(request_id)), topic, key=b"same-key")
         await asyncio.wait_for(done.wait(), timeout=60)
@@ -68,11 +69,16 @@ async def test_poison_pills_go_to_the_dlq_and_valid_events_after_them_are_handle
     assert sorted(handled) == ["after-1", "after-2", "before"]
     letters = [decode_event(r.value) for r in await read_topic(settings, settings.topic(DLQ), 3)]
     assert {letter.original: letter.error_kind for letter in letters} == poison
+    where = {r.value: (r.partition, r.offset) for r in await read_topic(settings, topic, 6)}
     for letter in letters:
         assert letter.source_topic == topic
         assert letter.consumer_group == "dlq-test"
         assert letter.key == b"same-key"
         assert letter.error
+        assert (letter.partition, letter.offset) == where[letter.original], "where it was"
+        assert dict(letter.headers)["x-origin"] == b"poison-test", "its headers, as they were"
+        assert letter.truncated is False
+        assert letter.original_size == len(letter.original)
 
     committed = await _committed(settings.kafka_bootstrap_servers, "dlq-test", topic)
     ends = await _end_offsets(settings.kafka_bootstrap_servers, topic)

@@ -45,6 +45,11 @@ class Behaviour:
     streams_cut_short: int = 0
     # The message of the error bodies answered for ``fail_statuses``.
     error_message: str = "busy"
+    # Each request's headers and arrival time (monotonic), in order.
+    headers: list[dict] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    # Streams break off (the connection drops) after their first chunk.
+    break_streams: bool = False
 
 
 def _completion(body: dict, behaviour: Behaviour) -> dict:
@@ -67,6 +72,8 @@ def fake_upstream(behaviour: Behaviour) -> Starlette:
     async def chat(request: Request):
         body = await request.json()
         behaviour.requests.append(body)
+        behaviour.headers.append(dict(request.headers))
+        behaviour.arrivals.append(time.monotonic())
         if body["model"] in behaviour.failing_models:
             return JSONResponse({"error": {"message": "down", "type": "server_error"}},
                                 status_code=503)
@@ -91,6 +98,8 @@ def fake_upstream(behaviour: Behaviour) -> Starlette:
                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
                     }) + "\n\n"
                     await asyncio.sleep(behaviour.chunk_delay_s)
+                    if behaviour.break_streams:
+                        raise ConnectionResetError("the upstream broke off")
                 finished = True
             finally:
                 if not finished:

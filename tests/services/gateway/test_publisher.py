@@ -40,7 +40,8 @@ def make_publisher(producer, registry, *args, unreadable=None, **options) -> Eve
     """A publisher whose unreadable spool lines become dead letters, unless told otherwise."""
     spool = options.get("spool")
     spill = (spool.path.parent if spool else Path("/nonexistent")) / "dead-letters"
-    return EventPublisher(producer, registry, *args, **options, unreadable=unreadable or
+    return EventPublisher(producer, ServiceSettings(), registry, *args, **options,
+                          unreadable=unreadable or
                           dead_lettering(DeadLetters(None, "gateway", CollectorRegistry(),
                                                      spill_dir=spill)))
 
@@ -162,3 +163,38 @@ async def test_a_quarantined_spool_sets_unreadable_lines_aside_and_never_dead_le
     assert up.published == ["r001"]
     assert up.dead_letters == []
     assert aside.read_bytes() == b"{redacted prompt text that no longer decodes\n"
+
+
+class FlakyOnce(StandInBroker):
+    """Refuses the first attempt to publish one chosen event, and only that."""
+
+    def __init__(self, refuse) -> None:
+        super().__init__(down=False)
+        self.refuse = refuse
+        self.outcomes: list[str] = []
+
+    async def publish(self, event, context=None):
+        await asyncio.sleep(0)
+        if event is self.refuse:
+            self.refuse = None
+            raise ConnectionError("that one batch failed")
+        self.outcomes.append(event.labels[0])
+
+
+async def test_a_failed_publish_never_lets_a_later_event_of_the_request_overtake_it():
+    first = OutcomeReported(request_id="r1", labels=("first",))
+    later = [OutcomeReported(request_id="r1", labels=(f"later-{i}",)) for i in range(3)]
+    other = OutcomeReported(request_id="r2", labels=("another-request",))
+    broker = FlakyOnce(refuse=first)
+    publisher = make_publisher(broker, CollectorRegistry())
+    await publisher.start()
+    for event in (first, *later, other):
+        publisher.offer(event)
+    async with asyncio.timeout(10):
+        while len(broker.outcomes) < 5:
+            await asyncio.sleep(0.01)
+    await publisher.drain(timeout_s=1)
+    of_r1 = [label for label in broker.outcomes if label != "another-request"]
+    assert of_r1 == ["first", "later-0", "later-1", "later-2"]
+    assert broker.outcomes.index("another-request") < broker.outcomes.index("first"), (
+        "another request's events do not wait for the retry")
