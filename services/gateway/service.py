@@ -118,8 +118,8 @@ class Gateway:
                                 port=settings.http_port, log_config=None, lifespan="off",
                                 access_log=False,
                                 # Without a bound, uvicorn waits forever for idle
-                                # keep-alive connections; half the shutdown budget is theirs.
-                                timeout_graceful_shutdown=settings.shutdown_timeout_s / 2)
+                                # keep-alive connections.
+                                timeout_graceful_shutdown=settings.shutdown_timeout_s * 0.4)
         self._server = _EmbeddedServer(config)
         self._serving = asyncio.create_task(self._server.serve())
         self.reloader = Reloader(state, lambda: build_router(settings, state.router),
@@ -135,8 +135,9 @@ class Gateway:
         if self._server is not None and self._serving is not None:
             self._server.should_exit = True
             await self._serving
+        # What the broker has not confirmed by then goes to the spool for the next start.
         for publisher in self._publishers:
-            await publisher.drain(timeout_s=5.0)
+            await publisher.drain(timeout_s=self.settings.shutdown_timeout_s * 0.3)
         await self.upstream.aclose()
 
 

@@ -180,11 +180,19 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        stop_by = loop.time() + settings.shutdown_timeout_s
         await service.stop()
-        # FastStream stops the subscribers, waits up to graceful_timeout for handlers in
-        # flight (each commits its own offset); then the producer flushes.
-        await ctx.broker.stop()
-        await ctx.producer.stop()
+        # FastStream stops the subscribers, waits for handlers in flight (each commits its
+        # own offset); then the producer flushes. Both talk to Kafka, which may be down:
+        # they get what is left of the shutdown budget. What they could not confirm was
+        # not committed (consumers) or is in the spool (the gateway), so it is not lost.
+        for what, stopping in (("subscribers", ctx.broker.stop()),
+                               ("producer", ctx.producer.stop())):
+            try:
+                await asyncio.wait_for(stopping, max(stop_by - loop.time(), 1.0))
+            except TimeoutError:
+                log.warning("Kafka did not answer within the shutdown timeout; stopped "
+                            "without it", extra={"stopping": what})
         ctx.tracer_provider.shutdown()
         metrics.stop()
         log.info("service stopped")
