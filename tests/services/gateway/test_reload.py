@@ -56,6 +56,7 @@ async def test_a_changed_config_is_swapped_in_and_a_broken_one_refused(gateway, 
         still = await client.post("/v1/chat/completions", json={
             "model": "speedy", "messages": [{"role": "user", "content": "hi"}]})
     assert still.status_code == 200
+    assert still.headers["x-routemesh-reason"] == "override", "the good config still decides"
 
 
 async def test_editing_an_utterances_file_reloads_without_touching_the_config(gateway, tmp_path):

@@ -70,7 +70,9 @@ def test_below_threshold_falls_back_with_low_confidence(router):
         "lite", "low_confidence", "fallback"
     )
     assert layers(decision)[-2:] == [("semantic", False), ("fallback", True)]
-    assert decision.attempts[-2].threshold is not None
+    semantic = decision.attempts[-2]
+    assert (semantic.threshold, semantic.selected_route) == (0.40, "lite")
+    assert semantic.confidence < semantic.threshold
     assert_no_semantic_match(decision)
 
 

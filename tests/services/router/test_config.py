@@ -93,7 +93,8 @@ def test_invalid_configs_name_the_key_path_the_line_and_the_reason(edit, path, m
 def test_broken_yaml_is_refused_with_its_line():
     with pytest.raises(ConfigError, match="not valid YAML") as info:
         parse_config("version: 1\nroutes: [\n  - a\n", "x.yaml")
-    assert info.value.line is not None
+    assert info.value.line == 3, "where the parser met the stray block entry"
+    assert str(info.value).startswith("x.yaml:3: ")
 
 
 def test_missing_utterance_file_and_empty_route_are_refused(config_path):

@@ -170,6 +170,7 @@ async def test_micro_batcher_spreads_a_burst_over_its_idle_workers():
     deadline = time.monotonic() + 10
     while batcher._idle < 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
+    assert batcher._idle == 2, "both workers wait on the queue before the burst"
     sizes.clear()
     assert await asyncio.gather(*(batcher.submit(i) for i in range(6))) == list(range(6))
     await batcher.aclose()
