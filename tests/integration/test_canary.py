@@ -137,11 +137,12 @@ async def test_the_canary_reaches_no_topic_spool_dead_letter_log_metric_span_or_
             codes = [process.wait(30) for process in (gateway, writer)]
         # The services flushed their spans at shutdown; give the sink a moment to take them.
         deadline = time.monotonic() + 10
-        while "routemesh-gateway" not in {
+        while not {"routemesh-gateway", "routemesh-audit-writer"} <= {
             s for s, _ in sink.spans()
         } and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         spans = sink.dump()
+        exporters = {s for s, _ in sink.spans()}
     assert codes == [0, 0], log.read_text()[-3000:]
     assert spooled, "the paused broker made the gateway spool its events"
 
@@ -167,3 +168,4 @@ async def test_the_canary_reaches_no_topic_spool_dead_letter_log_metric_span_or_
         assert CANARY not in text
         assert SECRET not in text
     assert "routemesh.decide" in spans
+    assert exporters == {"routemesh-gateway", "routemesh-audit-writer"}, "both services' spans"

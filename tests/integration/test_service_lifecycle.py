@@ -1,5 +1,5 @@
 """A service process: ready once Kafka answers; on SIGTERM it finishes the message in
-flight, commits it and exits 0 within 10 s."""
+flight, commits it and exits 0 within its shutdown timeout."""
 
 import asyncio
 import json
