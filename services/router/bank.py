@@ -1,12 +1,16 @@
-"""The route bank: utterances embedded into Qdrant (named dense + sparse vectors), an
-in-memory snapshot for the hot path, and a back-end that queries Qdrant directly.
+"""The route bank: utterances embedded into Qdrant (named dense + sparse vectors), the
+route model fitted on them (``scoring``), an in-memory snapshot for the hot path, and a
+back-end that queries Qdrant directly.
 
 Both back-ends score an utterance the same way:
 
     blended = w * cosine(dense) + (1 - w) * s / (s + scale),  s = BM25 (IDF at query time)
 
-and a route's score is its best utterance's. The snapshot scores every utterance; the
-Qdrant back-end scores the union of the dense and sparse top candidates server-side.
+A route's raw score is an aggregation of its utterances' (or the logistic head's logit),
+turned into a calibrated probability by the route model. The nearest utterance of a
+route (its best blended score) is the evidence a decision carries. The snapshot scores
+every utterance; the Qdrant back-end the union of the dense and sparse top candidates,
+server-side.
 """
 
 from __future__ import annotations
@@ -17,12 +21,28 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 from qdrant_client import QdrantClient, models
 from threadpoolctl import threadpool_limits
 
 from routemesh.services.router.config import LoadedConfig, SemanticConfig, Utterance
 from routemesh.services.router.encoders import DenseEncoder, SparseEncoder, SparseVector, idf
+from routemesh.services.router.scoring import (
+    C_GRID,
+    EVIDENCE_FLOOR_PERCENTILE,
+    MIN_CALIBRATION_ROWS,
+    PRIOR_TEMPERATURE,
+    RouteModel,
+    Validation,
+    fit_logistic,
+    fit_temperature,
+    folds,
+    head_logits,
+    paraphrase_groups,
+    reliability,
+    softmax,
+)
 
 DENSE = "dense"
 SPARSE = "sparse"
@@ -54,7 +74,8 @@ class BankEntry:
 
 
 def bank_sha256(entries: Sequence[BankEntry], encoder_name: str, k1: float, b: float) -> str:
-    """Identifies the bank's content and how it was encoded, independent of order."""
+    """Identifies the bank's utterances and how they were encoded, independent of order
+    (the route model fitted on them adds its own digest: ``route_bank_sha256``)."""
     digest = hashlib.sha256(f"{encoder_name}\nbm25 k1={k1} b={b}\n".encode())
     for line in sorted(f"{e.route_id}\t{e.source}\t{e.index}\t{e.text_sha256}" for e in entries):
         digest.update(line.encode() + b"\n")
@@ -84,13 +105,45 @@ class BuildReport:
     kept: int
     sha256: str
     encoder: str
+    model: RouteModel
+
+
+def route_bank_sha256(utterances_sha256: str, model: RouteModel) -> str:
+    """The identity a decision carries: the utterances and the route model fitted on them."""
+    return hashlib.sha256(f"{utterances_sha256}\n{model.sha256}".encode()).hexdigest()
 
 
 def config_bank_sha256(loaded: LoadedConfig, encoder_name: str) -> str:
-    """The bank sha256 that building ``loaded`` with this encoder gives."""
+    """The utterances sha256 that building ``loaded`` with this encoder gives."""
     semantic = loaded.config.semantic
     entries = [_entry(u) for u in loaded.utterances]
     return bank_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
+
+
+def model_inputs_sha256(
+    utterances_sha256: str, semantic: SemanticConfig, train_sha256: str | None
+) -> str:
+    """What a route model is fitted from: the utterances (with their encoder), every
+    semantic setting that changes a score, and the extra training set."""
+    settings = {name: getattr(semantic, name) for name in (
+        "dense_weight", "bm25_k1", "bm25_b", "sparse_scale", "aggregation", "k", "head")}
+    return hashlib.sha256(msgspec.json.encode(
+        [utterances_sha256, settings, train_sha256])).hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Labelled prompts beyond the utterances (``bank build --train``): they train the
+    head (and its calibration), never the bank's nearest-utterance evidence."""
+
+    vectors: np.ndarray
+    routes: tuple[str, ...]
+    text_sha256: tuple[str, ...]
+    sha256: str
+
+
+def model_collection(collection: str) -> str:
+    return f"{collection}-model"
 
 
 def default_collection(loaded: LoadedConfig) -> str:
@@ -103,8 +156,10 @@ def build_bank(
     client: QdrantClient,
     collection: str | None = None,
     batch_size: int = 64,
+    train: TrainingSet | None = None,
 ) -> BuildReport:
-    """Upsert every utterance; embed only those not already stored for this encoder."""
+    """Upsert every utterance (embedding only those not already stored for this encoder),
+    then fit the route model on the whole bank and store it beside it."""
     collection = collection or default_collection(loaded)
     semantic = loaded.config.semantic
     entries = [_entry(u) for u in loaded.utterances]
@@ -160,14 +215,40 @@ def build_bank(
                     for pid in kept[start : start + 256]
                 ],
             )
+    snapshot = load_snapshot(client, collection, semantic, require_model=False)
+    model = fit_model(snapshot, semantic, train)
+    _store_model(client, collection, model)
     return BuildReport(
         collection,
         embedded=len(missing),
         removed=len(stale),
         kept=len(kept),
-        sha256=config_bank_sha256(loaded, encoder.name),
+        sha256=route_bank_sha256(snapshot.utterances_sha256, model),
         encoder=encoder.name,
+        model=model,
     )
+
+
+def _store_model(client: QdrantClient, collection: str, model: RouteModel) -> None:
+    """The model as the one point of a collection beside the bank (Qdrant holds payloads,
+    not files: it lives wherever the bank does, server or local mode)."""
+    name = model_collection(collection)
+    if not client.collection_exists(name):
+        client.create_collection(
+            name, vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT))
+    client.upsert(name, points=[models.PointStruct(
+        id=str(uuid.uuid5(_POINT_NAMESPACE, "route-model")), vector=[1.0],
+        payload={"model": msgspec.json.encode(model).decode()})])
+
+
+def _load_model(client: QdrantClient, collection: str) -> RouteModel | None:
+    name = model_collection(collection)
+    if not client.collection_exists(name):
+        return None
+    points, _ = client.scroll(name, limit=1, with_payload=True, with_vectors=False)
+    if not points:
+        return None
+    return msgspec.json.decode((points[0].payload or {})["model"], type=RouteModel)
 
 
 def _create_collection(client: QdrantClient, collection: str, dim: int) -> None:
@@ -198,18 +279,26 @@ def _qdrant_sparse(vector: SparseVector) -> models.SparseVector:
 
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
+    """A route's calibrated probability for a query, and its nearest utterance."""
+
     route_id: str
     score: float
-    entry: BankEntry
+    # The route's best-matching utterance (None when the Qdrant back-end's candidates
+    # held none of the route's utterances).
+    entry: BankEntry | None
+    # The nearest utterance's blended, dense and sparse similarities.
+    match_score: float
     dense: float
     sparse: float
 
 
 class Matcher:
-    """What the cascade needs from a bank: ranked route scores for a query."""
+    """What the cascade needs from a bank: ranked route matches for a query."""
 
     sha256: str
+    utterances_sha256: str
     encoder_name: str
+    model: RouteModel
 
     def match(
         self, dense: np.ndarray, sparse: SparseVector, semantic: SemanticConfig
@@ -223,8 +312,39 @@ class Matcher:
         return [self.match(row, query, semantic) for row, query in zip(dense, sparse, strict=True)]
 
 
+def _raw_scores(
+    model: RouteModel, routes: Sequence[str], blended_by_route: list[np.ndarray],
+    dense: np.ndarray, centroids: np.ndarray | None,
+) -> np.ndarray:
+    """Raw route scores (queries x routes): an aggregation of each route's blended
+    utterance scores (``blended_by_route[r]`` is utterances x queries), the cosine to the
+    route's centroid, or the logistic head's logits."""
+    if model.scoring == "logistic":
+        assert model.head is not None
+        return head_logits(model.head, dense)
+    if model.scoring == "centroid":
+        assert centroids is not None
+        return dense @ centroids.T
+    columns = []
+    for scores in blended_by_route:
+        if model.scoring == "max":
+            columns.append(scores.max(axis=0))
+        else:
+            k = min(model.k, len(scores))
+            columns.append(np.sort(scores, axis=0)[-k:].mean(axis=0))
+    return np.stack(columns, axis=1)
+
+
+def _ranked(routes: Sequence[str], probabilities: np.ndarray,
+            evidence: list[tuple[BankEntry | None, float, float, float]]) -> list[RouteMatch]:
+    matches = [RouteMatch(route, float(p), *evidence[i])
+               for i, (route, p) in enumerate(zip(routes, probabilities, strict=True))]
+    # Ties (a tiny bank, an all-zero query) break by route id: the same every time.
+    return sorted(matches, key=lambda m: (-m.score, m.route_id))
+
+
 class RouteBank(Matcher):
-    """The in-memory snapshot: a dense matrix and a sparse inverted index."""
+    """The in-memory snapshot: a dense matrix, a sparse inverted index, the route model."""
 
     def __init__(
         self,
@@ -232,15 +352,17 @@ class RouteBank(Matcher):
         dense: np.ndarray,
         sparse_docs: Sequence[SparseVector],
         encoder_name: str,
-        sha256: str,
+        utterances_sha256: str,
+        model: RouteModel | None = None,
     ) -> None:
         order = sorted(range(len(entries)), key=lambda i: (entries[i].route_id, i))
         self.entries = [entries[i] for i in order]
         self.dense = np.ascontiguousarray(dense[order], dtype=np.float32)
         self.encoder_name = encoder_name
-        self.sha256 = sha256
+        self.utterances_sha256 = utterances_sha256
         self.route_ids = sorted({e.route_id for e in self.entries})
         route_of = np.array([self.route_ids.index(e.route_id) for e in self.entries])
+        self.route_of = route_of
         self._route_starts = np.flatnonzero(np.r_[True, route_of[1:] != route_of[:-1]])
         self._route_stops = np.r_[self._route_starts[1:], len(self.entries)]
         postings: dict[int, list[tuple[int, float]]] = defaultdict(list)
@@ -255,6 +377,21 @@ class RouteBank(Matcher):
             )
             for term, items in postings.items()
         }
+        self._sparse_docs = [sparse_docs[i] for i in order]
+        self.centroids = _centroids(self.dense, self._route_starts, self._route_stops)
+        self.use(model)
+
+    def use(self, model: RouteModel | None) -> None:
+        """Score with ``model`` (None: only while the model itself is being fitted)."""
+        self.model = model  # type: ignore[assignment]
+        self.sha256 = (route_bank_sha256(self.utterances_sha256, model) if model is not None
+                       else self.utterances_sha256)
+
+    def subset(self, rows: np.ndarray) -> RouteBank:
+        """A bank of some of this one's rows (a cross-validation fold's training part)."""
+        return RouteBank([self.entries[i] for i in rows], self.dense[rows],
+                         [self._sparse_docs[i] for i in rows], self.encoder_name,
+                         self.utterances_sha256)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -264,9 +401,10 @@ class RouteBank(Matcher):
     ) -> list[RouteMatch]:
         return self.match_many(dense[None, :], [sparse], semantic)[0]
 
-    def match_many(
+    def blended(
         self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig
-    ) -> list[list[RouteMatch]]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Blended, cosine and squashed-BM25 scores, utterances x queries."""
         # One matrix product for the whole batch: far cheaper than a product per query.
         # A lone query takes the matrix-vector path, whose tail on a large bank is well
         # below a one-column matrix product's (bench/decision.py, match only).
@@ -279,25 +417,149 @@ class RouteBank(Matcher):
                     bm25[posting[0], column] += posting[1]
         squashed = bm25 / (bm25 + semantic.sparse_scale)
         w = semantic.dense_weight
-        blended = w * cosine + (1 - w) * squashed
+        return w * cosine + (1 - w) * squashed, cosine, squashed
+
+    def raw_scores(
+        self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig,
+        scoring: RouteModel,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        blended, cosine, squashed = self.blended(dense, sparse, semantic)
+        by_route = [blended[start:stop] for start, stop in
+                    zip(self._route_starts, self._route_stops, strict=True)]
+        raw = _raw_scores(scoring, self.route_ids, by_route, dense, self.centroids)
+        return raw, blended, cosine, squashed
+
+    def match_many(
+        self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig
+    ) -> list[list[RouteMatch]]:
+        raw, blended, cosine, squashed = self.raw_scores(dense, sparse, semantic, self.model)
+        probabilities = softmax(raw, self.model.temperature)
         best_rows = [
             start + np.argmax(blended[start:stop], axis=0)
             for start, stop in zip(self._route_starts, self._route_stops, strict=True)
         ]
         rankings = []
         for column in range(blended.shape[1]):
-            scores = [
-                RouteMatch(
-                    self.entries[row].route_id,
-                    float(blended[row, column]),
-                    self.entries[row],
-                    float(cosine[row, column]),
-                    float(squashed[row, column]),
-                )
-                for row in (int(r[column]) for r in best_rows)
-            ]
-            rankings.append(sorted(scores, key=lambda s: -s.score))
+            evidence = []
+            for rows in best_rows:
+                row = int(rows[column])
+                evidence.append((self.entries[row], float(blended[row, column]),
+                                 float(cosine[row, column]), float(squashed[row, column])))
+            rankings.append(_ranked(self.route_ids, probabilities[column], evidence))
         return rankings
+
+
+def _centroids(dense: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    rows = [dense[start:stop].mean(axis=0) for start, stop in zip(starts, stops, strict=True)]
+    centroids = np.asarray(rows, dtype=np.float32)
+    return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+
+
+def fit_model(
+    bank: RouteBank, semantic: SemanticConfig, train: TrainingSet | None = None
+) -> RouteModel:
+    """Fit the route model the config asks for on the bank (and any extra training set):
+    the head's regularisation by cross-validation over paraphrase groups, then the
+    temperature on out-of-fold scores, then the final fit on everything."""
+    routes = bank.route_ids
+    index = {route: i for i, route in enumerate(routes)}
+    scoring = "logistic" if semantic.head == "logistic" else semantic.aggregation
+    vectors = bank.dense.astype(np.float64)
+    labels = bank.route_of
+    if train is not None:
+        unknown = sorted(set(train.routes) - set(routes))
+        if unknown:
+            raise ValueError(f"training set names routes the bank has not: {unknown}")
+        vectors = np.vstack([vectors, train.vectors.astype(np.float64)])
+        labels = np.concatenate([labels, [index[r] for r in train.routes]])
+    groups = paraphrase_groups(vectors, [routes[i] for i in labels])
+    held_out = folds(groups)
+    n_bank = len(bank)
+    base = RouteModel(routes=tuple(routes), scoring=scoring, k=semantic.k,
+                      inputs_sha256=model_inputs_sha256(
+                          bank.utterances_sha256, semantic, train.sha256 if train else None),
+                      train_sha256=train.sha256 if train else None,
+                      train_text_sha256=train.text_sha256 if train else ())
+
+    def out_of_fold(c: float) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores of every held-out row, scored by a model of the other rows."""
+        raw, rows = [], []
+        for test in held_out:
+            train_rows = np.setdiff1d(np.arange(len(labels)), test)
+            bank_rows = train_rows[train_rows < n_bank]
+            if scoring == "logistic":
+                head = fit_logistic(vectors[train_rows], labels[train_rows], len(routes), c)
+                raw.append(head_logits(head, vectors[test]))
+            else:
+                if len(np.unique(labels[bank_rows])) < len(routes):
+                    continue  # a fold that takes a whole route away scores nothing fair
+                fold_bank = bank.subset(bank_rows)
+                queries = [bank._sparse_docs[i] if i < n_bank else SparseVector((), ())
+                           for i in test]
+                fold_raw, *_ = fold_bank.raw_scores(vectors[test].astype(np.float32),
+                                                    _as_queries(queries), semantic, base)
+                raw.append(fold_raw)
+            rows.append(test)
+        if not rows:
+            return np.zeros((0, len(routes))), np.zeros(0, dtype=int)
+        return np.vstack(raw), labels[np.concatenate(rows)]
+
+    c = 1.0
+    if scoring == "logistic" and len(labels) >= MIN_CALIBRATION_ROWS and held_out:
+        def loss(c_: float) -> float:
+            raw, truth = out_of_fold(c_)
+            p = softmax(raw, fit_temperature(raw, truth))
+            return float(-np.log(np.maximum(p[np.arange(len(truth)), truth], 1e-12)).mean())
+
+        c = min(C_GRID, key=loss)
+    raw, truth = out_of_fold(c)
+    temperature = (fit_temperature(raw, truth) if len(truth) >= MIN_CALIBRATION_ROWS
+                   else PRIOR_TEMPERATURE[scoring])
+    validation = None
+    if len(truth):
+        p = softmax(raw, temperature)
+        predicted = p.argmax(axis=1)
+        _, ece = reliability(p.max(axis=1), predicted == truth)
+        validation = Validation(folds=len(held_out), groups=len(np.unique(groups)),
+                                accuracy=float((predicted == truth).mean()),
+                                expected_calibration_error=ece)
+    head = fit_logistic(vectors, labels, len(routes), c) if scoring == "logistic" else None
+    return msgspec.structs.replace(base, temperature=temperature, head=head,
+                                   validation=validation,
+                                   evidence_floor=_evidence_floor(bank, held_out, semantic))
+
+
+def _evidence_floor(bank: RouteBank, held_out: list[np.ndarray], semantic: SemanticConfig
+                    ) -> float:
+    """How close an utterance of the bank is to its route's nearest other utterance, out
+    of fold, at the ``EVIDENCE_FLOOR_PERCENTILE``: a prompt less like its top route than
+    nearly every real utterance is to theirs is like nothing the bank knows. Route
+    probabilities are relative (a prompt like nothing is still a little more like one
+    route than another), so without this floor nonsense is routed with confidence."""
+    nearest = []
+    for test in held_out:
+        rows = test[test < len(bank)]
+        keep = np.setdiff1d(np.arange(len(bank)), rows)
+        if not len(rows) or not len(keep):
+            continue
+        fold_bank = bank.subset(keep)
+        blended, _, _ = fold_bank.blended(bank.dense[rows],
+                                          _as_queries([bank._sparse_docs[i] for i in rows]),
+                                          semantic)
+        fold_routes = {route: i for i, route in enumerate(fold_bank.route_ids)}
+        for column, row in enumerate(rows):
+            route = bank.route_ids[bank.route_of[row]]
+            if route in fold_routes:
+                same = fold_bank.route_of == fold_routes[route]
+                nearest.append(float(blended[same, column].max()))
+    if len(nearest) < MIN_CALIBRATION_ROWS:
+        return 0.0
+    return float(np.percentile(nearest, EVIDENCE_FLOOR_PERCENTILE))
+
+
+def _as_queries(documents: Sequence[SparseVector]) -> list[SparseVector]:
+    """Held-out utterances as sparse queries: their terms, each counted once."""
+    return [SparseVector(d.indices, tuple(1.0 for _ in d.indices)) for d in documents]
 
 
 def _payload_entry(payload: dict) -> BankEntry:
@@ -336,8 +598,18 @@ def _bank_identity(
     return encoder_name, bank_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
 
 
-def load_snapshot(client: QdrantClient, collection: str, semantic: SemanticConfig) -> RouteBank:
-    """Read every point of the collection into an in-memory RouteBank."""
+def _required_model(client: QdrantClient, collection: str) -> RouteModel:
+    model = _load_model(client, collection)
+    if model is None:
+        raise LookupError(f"route bank collection {collection!r} has no route model; "
+                          "run `routemesh bank build`")
+    return model
+
+
+def load_snapshot(
+    client: QdrantClient, collection: str, semantic: SemanticConfig, require_model: bool = True
+) -> RouteBank:
+    """Read every point of the collection, and the route model, into a RouteBank."""
     entries: list[BankEntry] = []
     dense_rows: list[list[float]] = []
     sparse_docs: list[SparseVector] = []
@@ -353,26 +625,42 @@ def load_snapshot(client: QdrantClient, collection: str, semantic: SemanticConfi
             SparseVector(tuple(sv.indices), tuple(sv.values)) if sv else SparseVector((), ())
         )
     encoder_name, sha = _bank_identity(entries, encoders, collection, semantic)
+    model = _required_model(client, collection) if require_model else None
     return RouteBank(entries, np.asarray(dense_rows, dtype=np.float32), sparse_docs,
-                     encoder_name, sha)
+                     encoder_name, sha, model)
 
 
 class QdrantMatcher(Matcher):
     """Scores in Qdrant: dense and sparse prefetches, blended by a server-side formula.
 
-    For banks too large for memory. A candidate found by only one prefetch gets 0 for
-    the other side, so rare disagreements with the snapshot are possible; the eval
-    reports the agreement rate.
+    For banks too large for memory. Aggregations see the candidates only (the union of
+    the dense and sparse top ``semantic.candidates``), so rare disagreements with the
+    snapshot are possible; the eval reports the agreement rate. The logistic head and the
+    centroid scoring read the query's vector alone and decide exactly as the snapshot.
     """
 
     def __init__(self, client: QdrantClient, collection: str, semantic: SemanticConfig):
         self.client = client
         self.collection = collection
         entries, encoders = [], set()
-        for point in _scroll_all(client, collection, with_vectors=False):
-            entries.append(_payload_entry(point.payload or {}))
+        sums: dict[str, np.ndarray] = {}
+        for point in _scroll_all(client, collection, with_vectors=True):
+            entry = _payload_entry(point.payload or {})
+            entries.append(entry)
             encoders.add((point.payload or {})["encoder"])
-        self.encoder_name, self.sha256 = _bank_identity(entries, encoders, collection, semantic)
+            vectors = point.vector
+            assert isinstance(vectors, dict)
+            vector = np.asarray(vectors[DENSE], dtype=np.float32)
+            sums[entry.route_id] = sums.get(entry.route_id, 0) + vector
+        self.encoder_name, self.utterances_sha256 = _bank_identity(entries, encoders,
+                                                                   collection, semantic)
+        self.model = _required_model(client, collection)
+        self.sha256 = route_bank_sha256(self.utterances_sha256, self.model)
+        self.route_ids = list(self.model.routes)
+        # Streamed, a route at a time: the bank itself need not fit in memory.
+        centroids = np.asarray([sums[r] for r in self.route_ids], dtype=np.float32)
+        self.centroids = centroids / np.maximum(
+            np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
 
     def match(
         self, dense: np.ndarray, sparse: SparseVector, semantic: SemanticConfig
@@ -404,13 +692,19 @@ class QdrantMatcher(Matcher):
             limit=2 * k,
             with_payload=True,
         )
-        ranked: dict[str, RouteMatch] = {}
+        by_route: dict[str, list[float]] = {route: [] for route in self.route_ids}
+        nearest: dict[str, BankEntry] = {}
         for point in result.points:
             payload = point.payload or {}
             route_id = payload["route_id"]
-            if route_id in ranked:
+            if route_id not in by_route:
                 continue
-            ranked[route_id] = RouteMatch(
-                route_id, float(point.score), _payload_entry(payload), float("nan"), float("nan")
-            )
-        return sorted(ranked.values(), key=lambda r: -r.score)
+            by_route[route_id].append(float(point.score))
+            nearest.setdefault(route_id, _payload_entry(payload))
+        # A route without a candidate scores as the floor of the blended scale.
+        blended = [np.asarray(by_route[r] or [0.0])[:, None] for r in self.route_ids]
+        raw = _raw_scores(self.model, self.route_ids, blended, dense[None, :], self.centroids)
+        probabilities = softmax(raw, self.model.temperature)[0]
+        evidence = [(nearest.get(r), by_route[r][0] if by_route[r] else 0.0,
+                     float("nan"), float("nan")) for r in self.route_ids]
+        return _ranked(self.route_ids, probabilities, evidence)

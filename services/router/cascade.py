@@ -324,7 +324,11 @@ class Router:
         second = ranked[1] if len(ranked) > 1 else None
         threshold = self._routes[top.route_id].threshold
         margin = top.score - second.score if second else top.score
-        confident = top.score >= threshold and margin >= self.config.margin
+        assert self.matcher is not None
+        # A probability is relative to the other routes: the nearest utterance must also
+        # be as close as the bank's own utterances are to theirs (the evidence floor).
+        known = top.entry is None or top.match_score >= self.matcher.model.evidence_floor
+        confident = top.score >= threshold and margin >= self.config.margin and known
         draft.attempts.append(
             LayerAttempt(layer="semantic", selected_route=top.route_id, confidence=top.score,
                          threshold=threshold, latency_ms=_ms(t0), decided=confident)
@@ -372,6 +376,7 @@ class Router:
     ) -> RouteDecided:
         request = draft.request
         semantic_evidence = second is not None or threshold is not None
+        evidence = match.entry if match is not None else None
         return RouteDecided(
             request_id=draft.request_id,
             route_id=route_id,
@@ -389,11 +394,11 @@ class Router:
             config_source=self.loaded.source,
             config_sha256=self.loaded.sha256,
             route_bank_sha256=self.matcher.sha256 if self.matcher else None,
-            match_source=match.entry.source if match else None,
-            match_index=match.entry.index if match else None,
-            match_text_sha256=match.entry.text_sha256 if match else None,
-            match_score=match.score if match else None,
-            match_provenance=match.entry.provenance if match else None,
+            match_source=evidence.source if evidence else None,
+            match_index=evidence.index if evidence else None,
+            match_text_sha256=evidence.text_sha256 if evidence else None,
+            match_score=match.match_score if match and evidence else None,
+            match_provenance=evidence.provenance if evidence else None,
             prompt_sha256=request.prompt_sha256,
             prompt_chars=request.prompt_chars,
             format=FormatSignals(

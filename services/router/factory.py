@@ -17,6 +17,7 @@ from routemesh.services.router.bank import (
     default_collection,
     limit_blas_threads,
     load_snapshot,
+    model_inputs_sha256,
 )
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import LoadedConfig, load_config
@@ -89,11 +90,17 @@ def _assemble(
     else:
         matcher = load_snapshot(qdrant, collection, loaded.config.semantic)
     expected = config_bank_sha256(loaded, encoder.name)
-    if matcher.sha256 != expected:
+    if matcher.utterances_sha256 != expected:
         raise StaleBankError(
             f"the route bank in collection {collection!r} does not match {loaded.source} "
-            f"(bank {matcher.sha256[:12]}, config wants {expected[:12]}); "
+            f"(bank {matcher.utterances_sha256[:12]}, config wants {expected[:12]}); "
             "run `routemesh bank build`"
+        )
+    wanted = model_inputs_sha256(expected, loaded.config.semantic, matcher.model.train_sha256)
+    if matcher.model.inputs_sha256 != wanted:
+        raise StaleBankError(
+            f"the route model in collection {collection!r} was fitted for other scoring "
+            f"settings than {loaded.source}'s; run `routemesh bank build`"
         )
     return Router(loaded, matcher, encoder, instance=instance)
 

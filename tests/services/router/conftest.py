@@ -43,7 +43,7 @@ version: 1
 default_route: lite
 margin: 0.05
 encoder: {kind: local}
-semantic: {dense_weight: 0.8, match_text: last_user}
+semantic: {dense_weight: 0.8, match_text: last_user, head: none, aggregation: max}
 routes:
   - id: lite
     target_model: small-model

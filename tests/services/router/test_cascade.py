@@ -64,20 +64,29 @@ def test_semantic_match_carries_the_evidence(router, loaded):
     assert layers(decision) == [("override", False), ("rules", False), ("semantic", True)]
 
 
-def test_below_threshold_falls_back_with_low_confidence(router):
-    decision = router.decide(chat("zebra quantum marmalade"), "r2")
+def test_below_threshold_falls_back_with_low_confidence(loaded, encoder):
+    # Thresholds above what a prompt like neither route (equally unlike both: p = 0.5
+    # each) can reach.
+    routes = tuple(msgspec.structs.replace(r, threshold=0.6) for r in loaded.config.routes)
+    strict = msgspec.structs.replace(loaded.config, routes=routes)
+    client = QdrantClient(":memory:")
+    build_bank(loaded, encoder, client, "bank")
+    router = Router(type(loaded)(strict, loaded.source, loaded.sha256, loaded.utterances),
+                    load_snapshot(client, "bank", strict.semantic), encoder)
+    decision = router.decide(chat("???"), "r2")
     assert (decision.route_id, decision.reason, decision.layer) == (
         "lite", "low_confidence", "fallback"
     )
     assert layers(decision)[-2:] == [("semantic", False), ("fallback", True)]
     semantic = decision.attempts[-2]
-    assert (semantic.threshold, semantic.selected_route) == (0.40, "lite")
+    assert semantic.threshold == 0.6
+    assert semantic.confidence == pytest.approx(0.5), "like neither route: a coin toss"
     assert semantic.confidence < semantic.threshold
     assert_no_semantic_match(decision)
 
 
 def test_a_margin_too_small_falls_back(loaded, encoder):
-    strict = msgspec.structs.replace(loaded.config, margin=0.99)
+    strict = msgspec.structs.replace(loaded.config, margin=1.0)
     client = QdrantClient(":memory:")
     build_bank(loaded, encoder, client, "bank")
     bank = load_snapshot(client, "bank", strict.semantic)
