@@ -23,7 +23,9 @@ from routemesh.services.router import (
     RouteRequest,
     StaleBankError,
     UnknownRouteError,
+    build_dense_encoder,
     build_route_bank,
+    compare,
     evaluate,
     file_sha256,
     load_config,
@@ -81,18 +83,31 @@ def bank_build(
     announce: Annotated[bool, typer.Option(
         help="Then publish a RouteBankPublished on routebank.changes (ROUTEMESH_KAFKA_* "
              "settings), so that running gateways load the bank.")] = False,
+    train: Annotated[Path | None, typer.Option(
+        help="Labelled JSONL (the eval format) that trains the route model too (never the "
+             "bank's nearest-utterance evidence); eval then leaves these items out.",
+        exists=True, dir_okay=False)] = None,
 ) -> None:
-    """Embed every utterance into Qdrant; an unchanged bank re-embeds nothing."""
+    """Embed every utterance into Qdrant and fit the route model; an unchanged bank
+    re-embeds nothing."""
     try:
         loaded = load_config(config)
-    except ConfigError as exc:
+        client = _qdrant(qdrant_url, qdrant_path, required=True)
+        report = build_route_bank(loaded, client, collection, train)
+    except (ConfigError, DatasetError) as exc:
         raise fail(str(exc)) from None
-    client = _qdrant(qdrant_url, qdrant_path, required=True)
-    report = build_route_bank(loaded, client, collection)
+    model = report.model
     print(
         f"collection {report.collection}: embedded {report.embedded}, kept {report.kept}, "
         f"removed {report.removed}; route_bank_sha256 {report.sha256}"
     )
+    validation = model.validation
+    held_out = (f"; held-out accuracy {validation.accuracy:.3f}, calibration error "
+                f"{validation.expected_calibration_error:.3f} ({validation.folds} folds of "
+                f"{validation.groups} paraphrase groups)" if validation else "")
+    print(f"route model: {model.scoring}, temperature {model.temperature:.3f}, evidence "
+          f"floor {model.evidence_floor:.3f}{held_out}"
+          + (f"; trained on {len(model.train_text_sha256)} extra prompts" if train else ""))
     if not announce:
         return
     event = RouteBankPublished(
@@ -133,19 +148,29 @@ def eval_command(
     strict: Annotated[bool, typer.Option(
         help="Exit non-zero when more than 5 % of the items were decided by an override "
              "or passthrough instead of routing.")] = False,
+    compare_scorings: Annotated[bool, typer.Option(
+        "--compare", help="Instead: run the dataset with each scoring (the logistic head "
+        "and each aggregation) and print one table.")] = False,
 ) -> None:
     """Run a labelled set through the config and the baselines; write reports."""
+    if compare_scorings:
+        _compare(config, dataset)
+        return
     try:
         router = load_router(
             config, qdrant=_qdrant(qdrant_url, qdrant_path, required=False), backend=backend
         )
         items = load_dataset(dataset)
+        report = evaluate(
+            router, items, file_sha256(dataset),
+            progress=lambda it: track(it, description="routing", console=err),
+        )
     except (ConfigError, StaleBankError, LookupError, DatasetError) as exc:
         raise fail(str(exc)) from None
-    report = evaluate(
-        router, items, file_sha256(dataset),
-        progress=lambda it: track(it, description="routing", console=err),
-    )
+    if report.excluded_trained:
+        err.print(f"[bold yellow]note:[/bold yellow] {report.excluded_trained} items left "
+                  "out: the route model was trained on them (bank build --train)",
+                  highlight=False)
     json_path, md_path = write_reports(report, out)
     table = Table(title=f"{dataset.name}: {report.items} items")
     table.add_column("system")
@@ -157,9 +182,29 @@ def eval_command(
     latency = report.latency_ms
     print(f"decision latency ms p50 {latency.p50:.2f} p95 {latency.p95:.2f} "
           f"p99 {latency.p99:.2f}")
+    if report.calibration_error is not None:
+        print(f"calibration error (semantic layer) {report.calibration_error:.3f}")
     print(f"wrote {json_path} and {md_path}")
     warning = unrouted_warning(report)
     if warning is not None:
         if strict:
             raise fail(warning)
         err.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+
+
+def _compare(config: Path, dataset: Path) -> None:
+    try:
+        loaded = load_config(config)
+        items = load_dataset(dataset)
+        encoder = build_dense_encoder(loaded.config.encoder)
+        reports = compare(loaded, encoder, items, file_sha256(dataset))
+    except (ConfigError, DatasetError) as exc:
+        raise fail(str(exc)) from None
+    table = Table(title=f"{dataset.name}: {len(items)} items, each scoring")
+    for column in ("scoring", "accuracy", "macro-F1", "calibration error", "p50 ms"):
+        table.add_column(column, justify="left" if column == "scoring" else "right")
+    for name, report in reports:
+        table.add_row(name, f"{report.accuracy:.3f}", f"{report.macro_f1:.3f}",
+                      f"{report.calibration_error:.3f}" if report.calibration_error is not None
+                      else "-", f"{report.latency_ms.p50:.2f}")
+    Console().print(table)

@@ -20,12 +20,12 @@ from routemesh.services.router.config import (
     RoutingConfig,
     load_config,
 )
+from routemesh.services.router.datasets import DatasetError, file_sha256, load_dataset
+from routemesh.services.router.encoders import build_dense_encoder
 from routemesh.services.router.evaluate import (
-    DatasetError,
     EvalReport,
+    compare,
     evaluate,
-    file_sha256,
-    load_dataset,
     unrouted_warning,
     write_reports,
 )
@@ -52,7 +52,9 @@ __all__ = [
     "RoutingConfig",
     "StaleBankError",
     "UnknownRouteError",
+    "build_dense_encoder",
     "build_route_bank",
+    "compare",
     "evaluate",
     "file_sha256",
     "load_config",

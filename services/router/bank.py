@@ -355,7 +355,10 @@ class RouteBank(Matcher):
         utterances_sha256: str,
         model: RouteModel | None = None,
     ) -> None:
-        order = sorted(range(len(entries)), key=lambda i: (entries[i].route_id, i))
+        # A canonical order (not the order points came back from Qdrant in), so the same
+        # bank gives the same folds, the same fitted model and the same evidence anywhere.
+        order = sorted(range(len(entries)), key=lambda i: (
+            entries[i].route_id, entries[i].source, entries[i].index, entries[i].text_sha256))
         self.entries = [entries[i] for i in order]
         self.dense = np.ascontiguousarray(dense[order], dtype=np.float32)
         self.encoder_name = encoder_name
@@ -455,15 +458,50 @@ def _centroids(dense: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.n
     return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
 
 
-def fit_model(
+@dataclass
+class CrossValidation:
+    """A bank (and extra training set) split into folds of whole paraphrase groups."""
+
+    bank: RouteBank
+    semantic: SemanticConfig
+    base: RouteModel
+    vectors: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    held_out: list[np.ndarray]
+
+    def scores(self, c: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores of every held-out row by a model of the other rows (a head of
+        regularisation ``c``), and the rows' true route indices."""
+        bank, labels, n_bank = self.bank, self.labels, len(self.bank)
+        routes = len(bank.route_ids)
+        raw, rows = [], []
+        for test in self.held_out:
+            train_rows = np.setdiff1d(np.arange(len(labels)), test)
+            bank_rows = train_rows[train_rows < n_bank]
+            if self.base.scoring == "logistic":
+                head = fit_logistic(self.vectors[train_rows], labels[train_rows], routes, c)
+                raw.append(head_logits(head, self.vectors[test]))
+            else:
+                if len(np.unique(labels[bank_rows])) < routes:
+                    continue  # a fold that takes a whole route away scores nothing fair
+                queries = [bank._sparse_docs[i] if i < n_bank else SparseVector((), ())
+                           for i in test]
+                fold_raw, *_ = bank.subset(bank_rows).raw_scores(
+                    self.vectors[test].astype(np.float32), _as_queries(queries),
+                    self.semantic, self.base)
+                raw.append(fold_raw)
+            rows.append(test)
+        if not rows:
+            return np.zeros((0, routes)), np.zeros(0, dtype=int)
+        return np.vstack(raw), labels[np.concatenate(rows)]
+
+
+def cross_validation(
     bank: RouteBank, semantic: SemanticConfig, train: TrainingSet | None = None
-) -> RouteModel:
-    """Fit the route model the config asks for on the bank (and any extra training set):
-    the head's regularisation by cross-validation over paraphrase groups, then the
-    temperature on out-of-fold scores, then the final fit on everything."""
+) -> CrossValidation:
     routes = bank.route_ids
     index = {route: i for i, route in enumerate(routes)}
-    scoring = "logistic" if semantic.head == "logistic" else semantic.aggregation
     vectors = bank.dense.astype(np.float64)
     labels = bank.route_of
     if train is not None:
@@ -473,46 +511,35 @@ def fit_model(
         vectors = np.vstack([vectors, train.vectors.astype(np.float64)])
         labels = np.concatenate([labels, [index[r] for r in train.routes]])
     groups = paraphrase_groups(vectors, [routes[i] for i in labels])
-    held_out = folds(groups)
-    n_bank = len(bank)
-    base = RouteModel(routes=tuple(routes), scoring=scoring, k=semantic.k,
-                      inputs_sha256=model_inputs_sha256(
-                          bank.utterances_sha256, semantic, train.sha256 if train else None),
-                      train_sha256=train.sha256 if train else None,
-                      train_text_sha256=train.text_sha256 if train else ())
+    base = RouteModel(
+        routes=tuple(routes),
+        scoring="logistic" if semantic.head == "logistic" else semantic.aggregation,
+        k=semantic.k,
+        inputs_sha256=model_inputs_sha256(bank.utterances_sha256, semantic,
+                                          train.sha256 if train else None),
+        train_sha256=train.sha256 if train else None,
+        train_text_sha256=train.text_sha256 if train else (),
+    )
+    return CrossValidation(bank, semantic, base, vectors, labels, groups, folds(groups))
 
-    def out_of_fold(c: float) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores of every held-out row, scored by a model of the other rows."""
-        raw, rows = [], []
-        for test in held_out:
-            train_rows = np.setdiff1d(np.arange(len(labels)), test)
-            bank_rows = train_rows[train_rows < n_bank]
-            if scoring == "logistic":
-                head = fit_logistic(vectors[train_rows], labels[train_rows], len(routes), c)
-                raw.append(head_logits(head, vectors[test]))
-            else:
-                if len(np.unique(labels[bank_rows])) < len(routes):
-                    continue  # a fold that takes a whole route away scores nothing fair
-                fold_bank = bank.subset(bank_rows)
-                queries = [bank._sparse_docs[i] if i < n_bank else SparseVector((), ())
-                           for i in test]
-                fold_raw, *_ = fold_bank.raw_scores(vectors[test].astype(np.float32),
-                                                    _as_queries(queries), semantic, base)
-                raw.append(fold_raw)
-            rows.append(test)
-        if not rows:
-            return np.zeros((0, len(routes))), np.zeros(0, dtype=int)
-        return np.vstack(raw), labels[np.concatenate(rows)]
 
+def fit_model(
+    bank: RouteBank, semantic: SemanticConfig, train: TrainingSet | None = None
+) -> RouteModel:
+    """Fit the route model the config asks for on the bank (and any extra training set):
+    the head's regularisation by cross-validation over paraphrase groups, then the
+    temperature on out-of-fold scores, then the final fit on everything."""
+    cv = cross_validation(bank, semantic, train)
+    scoring = cv.base.scoring
     c = 1.0
-    if scoring == "logistic" and len(labels) >= MIN_CALIBRATION_ROWS and held_out:
+    if scoring == "logistic" and len(cv.labels) >= MIN_CALIBRATION_ROWS and cv.held_out:
         def loss(c_: float) -> float:
-            raw, truth = out_of_fold(c_)
+            raw, truth = cv.scores(c_)
             p = softmax(raw, fit_temperature(raw, truth))
             return float(-np.log(np.maximum(p[np.arange(len(truth)), truth], 1e-12)).mean())
 
         c = min(C_GRID, key=loss)
-    raw, truth = out_of_fold(c)
+    raw, truth = cv.scores(c)
     temperature = (fit_temperature(raw, truth) if len(truth) >= MIN_CALIBRATION_ROWS
                    else PRIOR_TEMPERATURE[scoring])
     validation = None
@@ -520,13 +547,14 @@ def fit_model(
         p = softmax(raw, temperature)
         predicted = p.argmax(axis=1)
         _, ece = reliability(p.max(axis=1), predicted == truth)
-        validation = Validation(folds=len(held_out), groups=len(np.unique(groups)),
+        validation = Validation(folds=len(cv.held_out), groups=len(np.unique(cv.groups)),
                                 accuracy=float((predicted == truth).mean()),
                                 expected_calibration_error=ece)
-    head = fit_logistic(vectors, labels, len(routes), c) if scoring == "logistic" else None
-    return msgspec.structs.replace(base, temperature=temperature, head=head,
+    head = (fit_logistic(cv.vectors, cv.labels, len(bank.route_ids), c)
+            if scoring == "logistic" else None)
+    return msgspec.structs.replace(cv.base, temperature=temperature, head=head,
                                    validation=validation,
-                                   evidence_floor=_evidence_floor(bank, held_out, semantic))
+                                   evidence_floor=_evidence_floor(bank, cv.held_out, semantic))
 
 
 def _evidence_floor(bank: RouteBank, held_out: list[np.ndarray], semantic: SemanticConfig

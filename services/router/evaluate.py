@@ -2,60 +2,25 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
 from routemesh.contracts import RouteDecided
-from routemesh.services.router.cascade import AUTO_MODEL, Router, RouteRequest
+from routemesh.services.router.bank import text_sha256
+from routemesh.services.router.cascade import Router
+from routemesh.services.router.config import LoadedConfig, canonical_sha256
+from routemesh.services.router.datasets import DatasetError, EvalItem
+from routemesh.services.router.encoders import DenseEncoder
+from routemesh.services.router.factory import load_router
+from routemesh.services.router.scoring import Reliability, reliability
 from routemesh.services.runtime.stats import Percentiles
 
 # An eval where more than this share of items never reached routing (an override or a
 # passthrough decided them) measures the requests' model names, not the router.
 UNROUTED_WARN_SHARE = 0.05
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    id: str
-    request: RouteRequest
-    route: str
-
-
-class DatasetError(ValueError):
-    pass
-
-
-def load_dataset(path: Path) -> list[EvalItem]:
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            # A row may name the model its request asked for; most leave it to routing.
-            model = row.get("model", AUTO_MODEL)
-            if "messages" in row:
-                request = RouteRequest.from_body({"messages": row["messages"], "model": model})
-            else:
-                request = RouteRequest.from_text(row["prompt"], model)
-            items.append(EvalItem(str(row["id"]), request, row["route"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DatasetError(
-                f"{path}:{number}: needs id, prompt or messages, and route ({exc})"
-            ) from None
-    if not items:
-        raise DatasetError(f"{path}: no items")
-    return items
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class RouteFigures(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +51,11 @@ class Scores(msgspec.Struct, frozen=True, kw_only=True):
     unrouted_share: float
     route_share: dict[str, float]
     latency_ms: Percentiles
+    # Of the items the semantic layer scored: its top route's probability against how
+    # often that route was right, per probability bucket, and the expected calibration
+    # error (the count-weighted mean gap).
+    reliability: list[Reliability] = []
+    calibration_error: float | None = None
 
 
 class Baseline(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +84,8 @@ class EvalReport(Scores, frozen=True, kw_only=True):
     config_source: str
     # Item id -> the route decided.
     decisions: dict[str, str]
+    # Items left out because the route model was trained on them (bank build --train).
+    excluded_trained: int = 0
 
 
 def score(items: list[EvalItem], decisions: list[RouteDecided], routes: list[str]) -> Scores:
@@ -146,6 +118,11 @@ def score(items: list[EvalItem], decisions: list[RouteDecided], routes: list[str
     }
     share = Counter(predicted)
     supported = [f.f1 for label, f in per_route.items() if f.support]
+    semantic = [(attempt.confidence, attempt.selected_route == item.route)
+                for item, decision in zip(items, decisions, strict=True)
+                for attempt in decision.attempts
+                if attempt.layer == "semantic" and attempt.confidence is not None]
+    table, ece = reliability([c for c, _ in semantic], [ok for _, ok in semantic])
     return Scores(
         accuracy=sum(correct) / len(items),
         items=len(items),
@@ -157,6 +134,8 @@ def score(items: list[EvalItem], decisions: list[RouteDecided], routes: list[str
         unrouted_share=(reasons["override"] + reasons["passthrough"]) / len(items),
         route_share={label: share.get(label, 0) / len(items) for label in labels},
         latency_ms=Percentiles.of([d.decision_latency_ms for d in decisions]),
+        reliability=table if semantic else [],
+        calibration_error=ece,
     )
 
 
@@ -167,6 +146,13 @@ def evaluate(
     progress: Callable[[Iterable[EvalItem]], Iterable[EvalItem]] = lambda it: it,
 ) -> EvalReport:
     routes = [route.id for route in router.config.routes]
+    trained = set(router.matcher.model.train_text_sha256) if router.matcher else set()
+    mode = router.config.semantic.match_text
+    kept = [i for i in items if text_sha256(i.request.match_text(mode)) not in trained]
+    excluded, items = len(items) - len(kept), kept
+    if not items:
+        raise DatasetError("every item of the dataset trained the route model: nothing left "
+                           "to evaluate")
     decisions = [router.decide(item.request, item.id) for item in progress(items)]
     scores = score(items, decisions, routes)
     baselines: dict[str, Baseline] = {}
@@ -194,6 +180,7 @@ def evaluate(
         sha256=Hashes(config=router.config_sha256, route_bank=router.bank_sha256,
                       dataset=dataset_sha256),
         config_source=router.loaded.source,
+        excluded_trained=excluded,
         decisions={item.id: d.route_id for item, d in zip(items, decisions, strict=True)},
     )
 
@@ -247,9 +234,19 @@ def render_markdown(report: EvalReport) -> str:
     for expected in labels:
         row = report.confusion[expected]
         lines.append(f"| {expected} | " + " | ".join(str(row[p]) for p in labels) + " |")
+    if report.reliability:
+        lines += ["", "## Calibration (semantic layer)", "",
+                  f"Expected calibration error: {report.calibration_error:.3f}", "",
+                  "| probability | items | mean probability | accuracy |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {b.low:.1f}-{b.high:.1f} | {b.count} | {b.mean_confidence:.3f} | "
+                  f"{b.accuracy:.3f} |" for b in report.reliability if b.count]
     latency = report.latency_ms
     lines += ["", f"Decision latency ms: p50 {latency.p50:.2f}, p95 {latency.p95:.2f}, "
               f"p99 {latency.p99:.2f}", ""]
+    if report.excluded_trained:
+        lines += [f"{report.excluded_trained} items were left out: the route model was "
+                  "trained on them.", ""]
     return "\n".join(lines)
 
 
@@ -259,3 +256,27 @@ def write_reports(report: EvalReport, out: Path) -> tuple[Path, Path]:
     json_path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
     md_path.write_text(render_markdown(report), encoding="utf-8")
     return json_path, md_path
+
+
+SCORINGS: tuple[tuple[str, str, str], ...] = (
+    ("logistic head", "logistic", "centroid"),
+    ("centroid", "none", "centroid"),
+    ("top-k mean", "none", "topk_mean"),
+    ("max", "none", "max"),
+)
+
+
+def compare(loaded: LoadedConfig, encoder: DenseEncoder, items: list[EvalItem],
+            dataset_sha256: str) -> list[tuple[str, EvalReport]]:
+    """The same config and dataset with each scoring: the head, and each aggregation
+    (banks built in memory with one encoder)."""
+    reports = []
+    for name, head, aggregation in SCORINGS:
+        semantic = msgspec.structs.replace(loaded.config.semantic, head=head,
+                                           aggregation=aggregation)
+        config = msgspec.structs.replace(loaded.config, semantic=semantic)
+        variant = LoadedConfig(config, loaded.source, canonical_sha256(config),
+                               loaded.utterances, loaded.files)
+        router = load_router(variant, encoder=encoder)
+        reports.append((name, evaluate(router, items, dataset_sha256)))
+    return reports

@@ -12,15 +12,18 @@ from routemesh.services.router.bank import (
     BuildReport,
     Matcher,
     QdrantMatcher,
+    TrainingSet,
     build_bank,
     config_bank_sha256,
     default_collection,
     limit_blas_threads,
     load_snapshot,
     model_inputs_sha256,
+    text_sha256,
 )
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import LoadedConfig, load_config
+from routemesh.services.router.datasets import DatasetError, file_sha256, load_dataset
 from routemesh.services.router.encoders import DenseEncoder, build_dense_encoder
 
 log = logging.getLogger(__name__)
@@ -106,9 +109,27 @@ def _assemble(
 
 
 def build_route_bank(
-    loaded: LoadedConfig, qdrant: QdrantClient, collection: str | None = None
+    loaded: LoadedConfig,
+    qdrant: QdrantClient,
+    collection: str | None = None,
+    train: Path | None = None,
 ) -> BuildReport:
-    """Embed the config's utterances into Qdrant with the encoder it names (``routemesh
-    bank build``); an unchanged bank re-embeds nothing."""
+    """Embed the config's utterances into Qdrant with the encoder it names and fit its
+    route model (``routemesh bank build``); an unchanged bank re-embeds nothing. ``train``
+    is a labelled set (the eval format) that trains the head too."""
     encoder = build_dense_encoder(loaded.config.encoder)
-    return build_bank(loaded, encoder, qdrant, collection or default_collection(loaded))
+    training = training_set(train, loaded, encoder) if train is not None else None
+    return build_bank(loaded, encoder, qdrant, collection or default_collection(loaded),
+                      train=training)
+
+
+def training_set(path: Path, loaded: LoadedConfig, encoder: DenseEncoder) -> TrainingSet:
+    items = load_dataset(path)
+    routes = {route.id for route in loaded.config.routes}
+    unknown = sorted({item.route for item in items} - routes)
+    if unknown:
+        raise DatasetError(f"{path.name}: labels that are no route of the config: {unknown}")
+    texts = [item.request.match_text(loaded.config.semantic.match_text) for item in items]
+    return TrainingSet(vectors=encoder.encode(texts), routes=tuple(i.route for i in items),
+                       text_sha256=tuple(sorted({text_sha256(t) for t in texts})),
+                       sha256=file_sha256(path))

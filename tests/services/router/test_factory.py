@@ -50,7 +50,7 @@ def test_a_route_model_fitted_for_other_scoring_is_refused_like_a_stale_bank(con
     load_router(config_path, qdrant=qdrant, encoder=encoder, autobuild=True)
     config_path.write_text(CONFIG.replace("head: none, aggregation: max",
                                           "head: none, aggregation: topk_mean"))
-    with pytest.raises(StaleBankError, match="route model .* other scoring settings"):
+    with pytest.raises(StaleBankError, match=r"route model .* other scoring settings"):
         load_router(config_path, qdrant=qdrant, encoder=encoder)
     rebuilt = load_router(config_path, qdrant=qdrant, encoder=encoder, autobuild=True)
     assert rebuilt.matcher.model.scoring == "topk_mean"

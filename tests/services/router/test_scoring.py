@@ -1,11 +1,20 @@
 """Route scoring: calibration, paraphrase-group folds, the logistic head, and the route
 model's place in the bank's identity and its determinism."""
 
+import json
+
 import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from routemesh.services.router import RouteRequest, load_config
+from routemesh.services.router import (
+    DatasetError,
+    RouteRequest,
+    evaluate,
+    file_sha256,
+    load_config,
+    load_dataset,
+)
 from routemesh.services.router.bank import (
     QdrantMatcher,
     build_bank,
@@ -13,6 +22,7 @@ from routemesh.services.router.bank import (
     route_bank_sha256,
 )
 from routemesh.services.router.cascade import Router
+from routemesh.services.router.factory import training_set
 from routemesh.services.router.scoring import (
     fit_temperature,
     folds,
@@ -146,3 +156,42 @@ def test_a_homogeneous_route_is_not_chained_into_one_group():
     vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
     groups = paraphrase_groups(vectors, ["a"] * 30)
     assert len(set(groups)) == 2, "neighbours are close (3°), the ends are not (90°)"
+
+
+def test_extra_training_prompts_train_the_head_and_never_reach_an_eval(tmp_path):
+    loaded = synthetic_config(tmp_path)
+    encoder = HashingEncoder()
+    dataset = tmp_path / "reviewed.jsonl"
+    rows = [{"id": f"t{i}", "prompt": f"roast the dough {i}", "route": "cooking"}
+            for i in range(5)]
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = training_set(dataset, loaded, encoder)
+    client = QdrantClient(":memory:")
+    report = build_bank(loaded, encoder, client, "bank", train=train)
+    assert report.model.train_sha256 == file_sha256(dataset)
+    assert len(report.model.train_text_sha256) == 5
+    untrained = build_bank(loaded, encoder, QdrantClient(":memory:"), "bank").model
+    assert report.model.inputs_sha256 != untrained.inputs_sha256
+    assert report.sha256 != route_bank_sha256(
+        load_snapshot(client, "bank", loaded.config.semantic).utterances_sha256, untrained)
+
+    router = Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), encoder)
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text("".join(json.dumps(r) + "\n" for r in [
+        *rows[:3], {"id": "e1", "prompt": "book a hotel near the airport", "route": "travel"}]))
+    result = evaluate(router, load_dataset(evalset), "x")
+    assert result.excluded_trained == 3, "the trained items are left out, and counted"
+    assert result.items == 1
+    assert set(result.decisions) == {"e1"}
+    only_trained = tmp_path / "only-trained.jsonl"
+    only_trained.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DatasetError, match="nothing left to evaluate"):
+        evaluate(router, load_dataset(only_trained), "x")
+
+
+def test_a_training_label_that_is_no_route_is_refused(tmp_path):
+    loaded = synthetic_config(tmp_path)
+    dataset = tmp_path / "reviewed.jsonl"
+    dataset.write_text(json.dumps({"id": "1", "prompt": "x", "route": "large-model"}) + "\n")
+    with pytest.raises(DatasetError, match=r"no route of the config: \['large-model'\]"):
+        training_set(dataset, loaded, HashingEncoder())

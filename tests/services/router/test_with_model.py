@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
+from routemesh.services.router import evaluate, file_sha256, load_dataset
 from routemesh.services.router.bank import QdrantMatcher, build_bank, load_snapshot
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import load_config
 from routemesh.services.router.encoders import LocalEncoder, tokenize
-from routemesh.services.router.evaluate import evaluate, file_sha256, load_dataset
 from tests.services.router.conftest import EXAMPLES
 
 pytestmark = pytest.mark.model

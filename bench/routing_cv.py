@@ -1,0 +1,142 @@
+"""How well each route scoring generalises, measured where it is not flattered.
+
+    python bench/routing_cv.py [--encoder-backend onnx]
+
+For both shipped configs and every scoring (the logistic head, and the centroid, top-k
+mean and max aggregations), one run with the real MiniLM encoder:
+
+- cross-validation on the configs' own utterances, five folds that hold out whole
+  paraphrase groups (utterances of a route that say nearly the same thing go to the same
+  fold): accuracy, macro-F1 and expected calibration error of the out-of-fold route
+  probabilities. This is what chooses the shipped defaults;
+- the accuracy on the shipped eval sets, which were written next to the utterances and
+  flatter every choice: printed beside, never used to choose;
+- for the default scoring, the full decision (threshold, margin, fallback to the default
+  route) over a grid of thresholds and margins, out of fold: what the shipped thresholds
+  and margins were chosen from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import get_args
+
+import msgspec
+import numpy as np
+
+from routemesh.services.router import (
+    EncoderBackend,
+    EncoderConfig,
+    LoadedConfig,
+    Router,
+    load_config,
+    load_dataset,
+)
+from routemesh.services.router.bank import (
+    RouteBank,
+    bank_sha256,
+    cross_validation,
+    fit_model,
+    limit_blas_threads,
+    text_sha256,
+)
+from routemesh.services.router.config import canonical_sha256
+from routemesh.services.router.encoders import LocalEncoder, SparseEncoder
+from routemesh.services.router.evaluate import SCORINGS, evaluate
+from routemesh.services.router.scoring import reliability, softmax
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
+SETS = [("lite-deep.yaml", "lite-deep.eval.jsonl"), ("multi-route.yaml", "multi-route.eval.jsonl")]
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MARGINS = (0.0, 0.02, 0.05, 0.1, 0.2)
+
+
+def snapshot(loaded: LoadedConfig, encoder: LocalEncoder) -> RouteBank:
+    texts = [u.text for u in loaded.utterances]
+    semantic = loaded.config.semantic
+    sparse = SparseEncoder(semantic.bm25_k1, semantic.bm25_b).fit(texts)
+    from routemesh.services.router.bank import BankEntry
+
+    entries = [BankEntry(u.route_id, u.source, u.index, text_sha256(u.text), u.provenance)
+               for u in loaded.utterances]
+    return RouteBank(entries, encoder.encode(texts), [sparse.document(t) for t in texts],
+                     encoder.name, bank_sha256(entries, encoder.name, semantic.bm25_k1,
+                                               semantic.bm25_b))
+
+
+def variant(loaded: LoadedConfig, head: str, aggregation: str) -> LoadedConfig:
+    semantic = msgspec.structs.replace(loaded.config.semantic, head=head,
+                                       aggregation=aggregation)
+    config = msgspec.structs.replace(loaded.config, semantic=semantic)
+    return LoadedConfig(config, loaded.source, canonical_sha256(config), loaded.utterances,
+                        loaded.files)
+
+
+def macro_f1(predicted: np.ndarray, truth: np.ndarray, routes: int) -> float:
+    scores = []
+    for r in range(routes):
+        tp = np.sum((predicted == r) & (truth == r))
+        fp, fn = np.sum((predicted == r) & (truth != r)), np.sum((predicted != r) & (truth == r))
+        if tp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder-backend", default=EncoderConfig().backend,
+                        choices=get_args(EncoderBackend))
+    args = parser.parse_args()
+    limit_blas_threads()
+    encoder = LocalEncoder(args.encoder_backend)
+    for config_name, dataset_name in SETS:
+        loaded = load_config(EXAMPLES / config_name)
+        items = load_dataset(EXAMPLES / dataset_name)
+        bank = snapshot(loaded, encoder)
+        print(f"\n{config_name}: {len(bank)} utterances, {len(bank.route_ids)} routes; "
+              f"eval set {dataset_name}: {len(items)} prompts")
+        print(f"{'scoring':<15}{'cv acc':>8}{'cv F1':>8}{'cv ECE':>8}{'groups':>8}"
+              f"{'T':>8}{'fit s':>8}{'eval acc':>10}{'eval ECE':>10}")
+        for name, head, aggregation in SCORINGS:
+            scored = variant(loaded, head, aggregation)
+            semantic = scored.config.semantic
+            started = time.perf_counter()
+            model = fit_model(bank, semantic)
+            fit_s = time.perf_counter() - started
+            cv = cross_validation(bank, semantic)
+            raw, truth = cv.scores(model.head.c if model.head else 1.0)
+            p = softmax(raw, model.temperature)
+            predicted = p.argmax(axis=1)
+            _, ece = reliability(p.max(axis=1), predicted == truth)
+            bank.use(model)
+            report = evaluate(Router(scored, bank, encoder), items, "bench")
+            print(f"{name:<15}{(predicted == truth).mean():>8.3f}"
+                  f"{macro_f1(predicted, truth, len(bank.route_ids)):>8.3f}{ece:>8.3f}"
+                  f"{len(np.unique(cv.groups)):>8}{model.temperature:>8.3f}{fit_s:>8.2f}"
+                  f"{report.accuracy:>10.3f}{report.calibration_error:>10.3f}")
+            if head == loaded.config.semantic.head and (
+                head == "logistic" or aggregation == loaded.config.semantic.aggregation
+            ):
+                default_probabilities = (p, truth)
+        p, truth = default_probabilities
+        default = bank.route_ids.index(loaded.config.default_route)
+        top = np.sort(p, axis=1)
+        order = p.argmax(axis=1)
+        print(f"the default scoring's full decision out of fold (fallback to "
+              f"{loaded.config.default_route!r}); shipped: threshold "
+              f"{sorted({r.threshold for r in loaded.config.routes})}, margin "
+              f"{loaded.config.margin}")
+        print("  threshold " + "".join(f"{f'margin {m}':>13}" for m in MARGINS))
+        for threshold in THRESHOLDS:
+            row = []
+            for margin in MARGINS:
+                confident = (top[:, -1] >= threshold) & (top[:, -1] - top[:, -2] >= margin)
+                decided = np.where(confident, order, default)
+                row.append(f"{(decided == truth).mean():>13.3f}")
+            print(f"  {threshold:>9}" + "".join(row))
+
+
+if __name__ == "__main__":
+    main()
