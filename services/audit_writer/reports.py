@@ -135,6 +135,43 @@ def newest_record_time(files: list[AuditFile]) -> datetime | None:
     return max(times, default=None)
 
 
+@dataclass
+class RecentRecords:
+    # The instant ages are measured from: the newest record's time unless one was given.
+    anchored_at: datetime | None
+    files: list[AuditFile]
+    # (record, its time), in file order (each day's file in the order it was written),
+    # of age 0 to ``within``.
+    records: Iterator[tuple[AuditRecord, datetime]]
+
+
+def recent_records(
+    directory: Path,
+    within: timedelta | None,
+    now: datetime | None = None,
+    max_files: int | None = None,
+) -> RecentRecords:
+    """The records of the last ``within`` (all of them if None) before ``now``, by default
+    the newest record's time; ``max_files`` reads only the newest files (bounded work on a
+    large directory)."""
+    files = list_files(directory)
+    if max_files is not None:
+        files = files[-max_files:] if max_files > 0 else []
+    anchor = now or newest_record_time(files)
+    if anchor is None:
+        return RecentRecords(None, [], iter(()))
+    if within is not None:
+        files = [f for f in files if f.day >= (anchor - within).date().isoformat()]
+
+    def records() -> Iterator[tuple[AuditRecord, datetime]]:
+        for record, when in _records(files):
+            age = anchor - when
+            if age >= timedelta(0) and (within is None or age <= within):
+                yield record, when
+
+    return RecentRecords(anchor, files, records())
+
+
 def summarize(
     directory: Path,
     windows: dict[str, timedelta],
@@ -146,26 +183,20 @@ def summarize(
 
     Windows end at ``now``, by default the newest record's time; ``max_files`` reads only
     the newest files (bounded work on a large directory)."""
-    files = list_files(directory)
-    if max_files is not None:
-        files = files[-max_files:] if max_files > 0 else []
-    anchor = now or newest_record_time(files)
+    # Nothing older than the longest window counts, nor anything older than ``since``.
+    horizon = max(windows.values(), default=timedelta(0))
+    recent = recent_records(directory, min(horizon, since) if since else horizon, now,
+                            max_files)
     stats = {label: (span, _Window()) for label, span in windows.items()}
-    read = []
-    if anchor is not None:
-        spans = list(windows.values())
-        horizon = max([*spans, since] if since else spans)
-        read = [f for f in files if f.day >= (anchor - horizon).date().isoformat()]
-        for record, when in _records(read):
-            age = anchor - when
-            if age < timedelta(0) or (since is not None and age > since):
-                continue
-            for span, window_stats in stats.values():
-                if age <= span:
-                    window_stats.add(record)
+    for record, when in recent.records:
+        assert recent.anchored_at is not None
+        age = recent.anchored_at - when
+        for span, window_stats in stats.values():
+            if age <= span:
+                window_stats.add(record)
     return SummaryReport(
-        anchored_at=anchor,
-        files_read=len(read),
+        anchored_at=recent.anchored_at,
+        files_read=len(recent.files),
         windows={label: window_stats.result() for label, (_, window_stats) in stats.items()},
     )
 

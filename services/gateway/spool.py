@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from routemesh.services.runtime.files import write_atomically
+
 
 class Spool:
     def __init__(self, directory: Path) -> None:
@@ -66,9 +68,7 @@ class Spool:
             self._handle.truncate(0)
             self._handle.seek(0)
             self.offset = 0
-        temporary = self.offset_path.with_suffix(".tmp")
-        temporary.write_text(str(self.offset))
-        os.replace(temporary, self.offset_path)
+        write_atomically(self.offset_path, str(self.offset).encode(), durable=False)
 
     def prepend(self, lines: list[bytes]) -> None:
         """Put ``lines`` before every unconfirmed event (used at shutdown for events that
@@ -76,11 +76,10 @@ class Spool:
         if not lines:
             return
         unread, _ = self.read(max_events=2**62)
-        temporary = self.path.with_suffix(".tmp")
         older_first = [*lines, *(line for _, line in unread)]
-        temporary.write_bytes(b"".join(line + b"\n" for line in older_first))
         self._handle.close()
-        os.replace(temporary, self.path)
+        write_atomically(self.path, b"".join(line + b"\n" for line in older_first),
+                         durable=False)
         self._handle = self.path.open("ab")
         self.confirm(0)
 

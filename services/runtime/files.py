@@ -4,6 +4,7 @@ configs and their utterance files, key files)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,3 +35,22 @@ class FileWatch:
             return False
         self._seen = now
         return True
+
+
+def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so a reader (or a restart after a crash) sees the old
+    content or the new, never a part. ``durable``: on disk before returning, the rename
+    included."""
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as sink:
+        sink.write(data)
+        if durable:
+            sink.flush()
+            os.fsync(sink.fileno())
+    os.replace(partial, path)
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

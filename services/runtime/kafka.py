@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
@@ -63,6 +62,7 @@ from routemesh.contracts import (
     topic_for_event,
 )
 from routemesh.contracts.topics import DLQ
+from routemesh.services.runtime.files import write_atomically
 from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -292,12 +292,7 @@ class DeadLetters:
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         target = self.spill_dir / f"{digest}.bin"
         if not target.exists():
-            partial = target.with_suffix(".partial")
-            with partial.open("wb") as sink:
-                sink.write(original)
-                sink.flush()
-                os.fsync(sink.fileno())
-            partial.replace(target)
+            write_atomically(target, original)
         self._spilled.labels(self._service).inc()
         log.warning("a dead letter's original is too large for the topic; stored whole",
                     extra={"original_sha256": digest, "original_size": len(original)})

@@ -6,13 +6,14 @@ DAY = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
 def decision(request_id: str, when: datetime = DAY, **extra) -> RouteDecided:
-    return RouteDecided(
+    fields = dict(
         request_id=request_id, route_id="lite", target_model="small-model", reason="semantic",
         layer="semantic", score=0.7, decision_latency_ms=4.0, occurred_at=when,
         attempts=(LayerAttempt(layer="semantic", selected_route="lite", decided=True),),
         format=FormatSignals(message_count=1, input_chars=20), prompt_sha256="a" * 64,
-        **extra,
     )
+    fields.update(extra)
+    return RouteDecided(**fields)
 
 
 def observation(request_id: str, when: datetime = DAY, **extra) -> CompletionObserved:

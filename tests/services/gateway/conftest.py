@@ -61,10 +61,13 @@ def _completion(body: dict, behaviour: Behaviour) -> dict:
             "id": "call_1", "type": "function",
             "function": {"name": "lookup", "arguments": json.dumps({"q": behaviour.content})}}]}
         finish = "tool_calls"
+    # An empty answer reports no completion tokens, as real upstreams do.
+    completion_tokens = 7 if content or behaviour.tool_call else 0
     return {
         "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+        "usage": {"prompt_tokens": 11, "completion_tokens": completion_tokens,
+                  "total_tokens": 11 + completion_tokens},
     }
 
 
