@@ -152,8 +152,33 @@ class OutcomeReported(Event, frozen=True, kw_only=True):
     source: Label | None = None
 
 
+DriftVerdict = Literal["insufficient_data", "none", "mild", "severe"]
+
+
+class DriftSignal(msgspec.Struct, frozen=True, kw_only=True):
+    """One drift signal as judged: its value (None when the window lacks what it needs),
+    the preset's threshold, and whether it is flagged."""
+
+    name: str
+    value: float | None = None
+    threshold: float
+    flagged: bool = False
+    severity: Severity = "none"
+
+
 class DriftAlert(Event, frozen=True, kw_only=True):
+    """A subject's drift verdict changed. Published once per change, never per event; the
+    ``event_id`` is the change's identity, so the same change computed twice (after a
+    restart) is the same event.
+
+    1.1 adds the whole verdict: ``verdict`` and ``previous_verdict`` (``insufficient_data``
+    included, which 1.0's ``severity`` reports as ``none``), every signal, the reason in
+    words, the window and its baseline, and the hashes of what was routing. The 1.0
+    fields describe the verdict's leading signal."""
+
+    schema_version: str = "1.1"
     scope: Literal["model", "route"]
+    # A target model, a route id, or "*" for all routing.
     subject: str
     signal: str
     severity: Severity
@@ -163,6 +188,21 @@ class DriftAlert(Event, frozen=True, kw_only=True):
     window_seconds: NonNegative = 0.0
     sample_size: Count = 0
     sensitivity: Literal["low", "normal", "high"] = "normal"
+    verdict: DriftVerdict | None = None
+    previous_verdict: DriftVerdict | None = None
+    signals: tuple[DriftSignal, ...] = ()
+    reason: str = ""
+    window_start: UtcDatetime | None = None
+    window_end: UtcDatetime | None = None
+    baseline_samples: Count = 0
+    # "preceding": the window before this one; "pinned": a snapshot `routemesh drift pin`
+    # wrote, identified by its sha256.
+    baseline_kind: Literal["preceding", "pinned"] | None = None
+    baseline_sha256: Sha256Hex | None = None
+    config_sha256: Sha256Hex | None = None
+    route_bank_sha256: Sha256Hex | None = None
+    # Set when the config or the route bank changed shortly before the transition.
+    likely_cause: str | None = None
 
 
 class RouteScore(msgspec.Struct, frozen=True, kw_only=True):
