@@ -14,7 +14,7 @@ import uvloop
 from aiokafka.errors import KafkaConnectionError
 
 from routemesh.contracts import topic_by_suffix
-from routemesh.services.cli import audit_commands, router_commands
+from routemesh.services.cli import audit_commands, drift_commands, router_commands
 from routemesh.services.cli.contracts_commands import contracts_app
 from routemesh.services.cli.dev import DevMesh, parse_port_overrides
 from routemesh.services.cli.output import fail
@@ -35,6 +35,7 @@ app.add_typer(contracts_app, name="contracts")
 app.add_typer(topics_app, name="topics")
 app.add_typer(router_commands.bank_app, name="bank")
 app.add_typer(audit_commands.audit_app, name="audit")
+app.add_typer(drift_commands.drift_app, name="drift")
 app.command("route")(router_commands.route)
 app.command("eval")(router_commands.eval_command)
 

@@ -22,6 +22,7 @@ import contextlib
 import heapq
 import logging
 import time
+import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
@@ -447,3 +448,36 @@ async def read_records(
                     yield record
     finally:
         await consumer.stop()
+
+
+async def recent_event_ids(
+    settings: ServiceSettings, topic: str, per_partition: int
+) -> set[uuid.UUID]:
+    """The ``event_id``s of the newest ``per_partition`` events of each partition of
+    ``topic``: what a service checks before publishing again what it may have published
+    just before a crash. Read up to the end offsets seen at the start, so it ends."""
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+    found: set[uuid.UUID] = set()
+    try:
+        await consumer.start()
+        await consumer.topics()
+        assignment = [TopicPartition(topic, p)
+                      for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not assignment:
+            return found
+        consumer.assign(assignment)
+        starts = await consumer.beginning_offsets(assignment)
+        ends = await consumer.end_offsets(assignment)
+        left = {tp for tp in assignment if ends[tp] > starts[tp]}
+        for tp in left:
+            consumer.seek(tp, max(starts[tp], ends[tp] - per_partition))
+        while left:
+            batch = await consumer.getmany(*left, timeout_ms=1000)
+            for records in batch.values():
+                for record in records:
+                    with contextlib.suppress(EventDecodeError):
+                        found.add(decode_event(record.value).event_id)
+            left = {tp for tp in left if await consumer.position(tp) < ends[tp]}
+    finally:
+        await consumer.stop()
+    return found

@@ -1,0 +1,335 @@
+"""The drift-detector service: consume decisions and observations, judge every target
+model and route as they come, publish a DriftAlert when a verdict changes, and keep the
+state on local disk so a restart neither loses nor repeats a transition.
+
+Durability, in order, each time the state is saved (at most every
+``drift_snapshot_interval_s``, and whenever a transition is waiting):
+1. the detector's state, the offsets it reflects and the alerts not yet confirmed are
+   written atomically to ``drift_state_dir``;
+2. the waiting alerts are published (their ``event_id`` is the transition's identity);
+3. the offsets are released to the consumer, which commits them.
+A crash before 1 redelivers the events (nothing was published); after 1, the restart
+reads the state back, skips the events it already holds, and publishes the waiting
+alerts that are not on the alerts topic yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import Field
+
+from routemesh.contracts import CompletionObserved, DriftAlert, RouteDecided
+from routemesh.contracts.topics import DRIFT_ALERTS, LLM_OBSERVATIONS, ROUTE_DECISIONS
+from routemesh.services.drift_detector.detector import Detector, Pinned
+from routemesh.services.drift_detector.presets import Preset
+from routemesh.services.drift_detector.signals import (
+    EXPECTED_FINISH,
+    DecisionView,
+    ObservationView,
+    Verdict,
+)
+from routemesh.services.drift_detector.store import (
+    PIN_FILE,
+    State,
+    read_state,
+    write_state,
+)
+from routemesh.services.router import PASSTHROUGH_ROUTE, ConfigError, load_config
+from routemesh.services.runtime.consumer import (
+    Delivery,
+    OffsetTracker,
+    PartitionKey,
+    Position,
+    recent_event_ids,
+)
+from routemesh.services.runtime.files import FileWatch
+from routemesh.services.runtime.retry import Backoff
+from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
+from routemesh.services.runtime.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+GROUP = "routemesh-drift-detector"
+# How often the routing config and the pinned baseline are checked for changes.
+INPUTS_CHECK_S = 1.0
+SEVERITY = {"insufficient_data": -1, "none": 0, "mild": 1, "severe": 2}
+
+
+class DriftDetectorSettings(ServiceSettings):
+    drift_preset: Preset = "normal"
+    # Observations per target model judged together.
+    drift_window: int = Field(default=20, ge=4, le=10_000)
+    # Routing events per route (and over all routes) in the current window; the baseline
+    # is the window before it, or a pinned one.
+    drift_routing_window: int = Field(default=500, ge=20, le=100_000)
+    # Observations older than this (behind the model's newest) leave its window.
+    drift_max_age_s: float | None = Field(default=None, gt=0)
+    # Finish reasons of a healthy answer (JSON list in the environment variable).
+    drift_expected_finish: frozenset[str] = EXPECTED_FINISH
+    drift_state_dir: Path = Path("drift")
+    # How often the state is saved (and offsets move) when no alert waits; 0: every batch.
+    drift_snapshot_interval_s: float = Field(default=1.0, ge=0)
+    # On a restart, how many of the newest alerts to read back to see which waiting ones
+    # were already published.
+    drift_alert_tail: int = Field(default=1000, ge=1)
+    drift_batch_max_records: int = Field(default=2000, ge=1)
+    drift_poll_ms: int = Field(default=100, ge=1)
+    # The routing config names the known target models and routes; without it, the first
+    # drift_max_subjects names seen each get a label and the rest are "other".
+    router_config: Path | None = Path("deploy/examples/lite-deep.yaml")
+    router_config_name: str | None = None
+    drift_max_subjects: int = Field(default=100, ge=1)
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.severity = Gauge(
+            "routemesh_drift_severity",
+            "Drift verdict per subject: -1 insufficient data, 0 none, 1 mild, 2 severe",
+            ["scope", "subject"], registry=registry)
+        self.signal = Gauge(
+            "routemesh_drift_signal", "Each drift signal's latest value (NaN: unknown)",
+            ["scope", "subject", "signal"], registry=registry)
+        self.threshold = Gauge(
+            "routemesh_drift_signal_threshold", "The preset's threshold of each signal",
+            ["scope", "signal"], registry=registry)
+        self.samples = Gauge(
+            "routemesh_drift_window_samples", "Events in the subject's current window",
+            ["scope", "subject"], registry=registry)
+        self.transitions = Counter(
+            "routemesh_drift_transitions_total", "Verdict changes, by the verdict reached",
+            ["scope", "verdict"], registry=registry)
+        self.save = Histogram(
+            "routemesh_drift_state_save_seconds", "Time to write the detector's state",
+            registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                        0.5, 1.0))
+
+
+def _occurred_at(delivery: Delivery) -> datetime:
+    return delivery.event.occurred_at
+
+
+class DriftDetector:
+    def __init__(self, ctx: ServiceContext) -> None:
+        settings = ctx.settings
+        assert isinstance(settings, DriftDetectorSettings)
+        self.ctx = ctx
+        self.settings = settings
+        self.pin_path = settings.drift_state_dir / PIN_FILE
+        self.detector = Detector(
+            settings.drift_preset,
+            window=settings.drift_window,
+            routing_window=settings.drift_routing_window,
+            max_age=timedelta(seconds=settings.drift_max_age_s)
+            if settings.drift_max_age_s else None,
+            expected_finish=settings.drift_expected_finish,
+            max_subjects=settings.drift_max_subjects,
+        )
+        self.metrics = _Metrics(ctx.registry)
+        self.consumer = ctx.consumer(
+            [ROUTE_DECISIONS, LLM_OBSERVATIONS], GROUP, self,
+            batch_max_records=settings.drift_batch_max_records, poll_ms=settings.drift_poll_ms,
+        )
+        self.offsets: dict[str, int] = {}
+        # The offsets in the state on disk: events from there on are not durable yet.
+        self._durable: dict[str, int] = {}
+        self.outbox: list[DriftAlert] = []
+        # Per partition, the first position handled since the state was last saved.
+        self._unsaved: dict[PartitionKey, Position] = {}
+        self._backoff = Backoff(0.5, 30.0)
+        self._delays = self._backoff.delays()
+        self._retry_at = 0.0
+        self._last_save = self._last_check = 0.0
+        self._config_watch: FileWatch | None = None
+        self._pin_watch = FileWatch([self.pin_path])
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.settings.drift_state_dir.mkdir(parents=True, exist_ok=True)
+        self._load_known()
+        self._load_pin()
+        state = await asyncio.to_thread(read_state, self.settings.drift_state_dir)
+        if state is not None:
+            self.detector.restore(state.detector)
+            self.offsets = dict(state.offsets)
+            self._durable = dict(state.offsets)
+            self.outbox = list(state.outbox)
+            log.info("drift state restored", extra={
+                "subjects": len(state.detector.subjects), "waiting_alerts": len(self.outbox)})
+        if self.outbox:
+            await self._publish_unconfirmed()
+        self.ctx.readiness.set("drift_state_dir", True, "writable")
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        await self._save_and_publish()
+
+    # -- handling ---------------------------------------------------------------------
+
+    async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
+        fresh = []
+        for delivery in deliveries:
+            topic, partition, offset = delivery.position
+            key = f"{topic}:{partition}"
+            if offset >= self._durable.get(key, 0) and (topic, partition) not in self._unsaved:
+                # The partition's first event the saved state lacks: while it is held the
+                # consumer commits none of it or what follows.
+                self._unsaved[(topic, partition)] = delivery.position
+                offsets.hold(delivery.position)
+            if offset < self.offsets.get(key, 0):
+                continue  # already in the state (restored from disk)
+            self.offsets[key] = offset + 1
+            fresh.append(delivery)
+        # A poll brings each partition's events in turn; in their own time order a model's
+        # answers are judged as they came, not one partition's after another's.
+        fresh.sort(key=_occurred_at)
+        for delivery in fresh:
+            event = delivery.event
+            if isinstance(event, CompletionObserved):
+                transitions = self.detector.observe(
+                    msgspec.convert(event, ObservationView, from_attributes=True))
+            elif isinstance(event, RouteDecided):
+                transitions = self.detector.decide(
+                    msgspec.convert(event, DecisionView, from_attributes=True))
+            else:
+                continue
+            for transition in transitions:
+                self.outbox.append(transition.alert(self.detector.preset,
+                                                    self.detector.pinned_sha256))
+                self.metrics.transitions.labels(transition.scope,
+                                                transition.verdict.state).inc()
+        now = time.monotonic()
+        if now - self._last_check >= INPUTS_CHECK_S:
+            self._last_check = now
+            self._refresh_inputs()
+        due = now - self._last_save >= self.settings.drift_snapshot_interval_s
+        wanted = (self._unsaved and due) or self.outbox
+        if wanted and now >= self._retry_at and await self._save_and_publish():
+            for position in self._unsaved.values():
+                offsets.release(position)
+            self._unsaved.clear()
+
+    def revoked(self, partitions: Collection[PartitionKey]) -> None:
+        for key in partitions:
+            self._unsaved.pop(key, None)
+
+    # -- saving and publishing --------------------------------------------------------
+
+    async def _save_and_publish(self) -> bool:
+        """Save the state, then publish what waits. False when the disk or the broker
+        failed: what is held stays held (nothing is rewound; the state in memory is
+        whole) and the next poll after a backoff tries again."""
+        try:
+            if self._unsaved or self.outbox:
+                await self._save()
+            await self._publish()
+        except Exception as exc:
+            self._retry_at = time.monotonic() + next(self._delays)
+            self.ctx.readiness.set("drift_state", False, str(exc))
+            log.error("drift state not saved or alerts not published; retrying",
+                      extra={"error": str(exc), "waiting_alerts": len(self.outbox)})
+            return False
+        self._delays = self._backoff.delays()
+        self.ctx.readiness.set("drift_state", True, "saved")
+        return True
+
+    async def _save(self) -> None:
+        state = State(detector=self.detector.snapshot(), offsets=self.offsets, outbox=self.outbox)
+        data = msgspec.msgpack.encode(state)
+        started = time.perf_counter()
+        await asyncio.to_thread(write_state, self.settings.drift_state_dir, data)
+        self.metrics.save.observe(time.perf_counter() - started)
+        self._durable = dict(self.offsets)
+        self._last_save = time.monotonic()
+        self._export(self.detector.judged())
+
+    async def _publish(self) -> None:
+        while self.outbox:
+            alert = self.outbox[0]
+            await self.ctx.producer.publish(alert)
+            log.info("drift alert", extra={
+                "scope": alert.scope, "subject": alert.subject, "verdict": alert.verdict,
+                "previous_verdict": alert.previous_verdict, "reason": alert.reason})
+            self.outbox.pop(0)
+
+    async def _publish_unconfirmed(self) -> None:
+        """After a restart: publish the waiting alerts the topic does not hold yet."""
+        published = await recent_event_ids(
+            self.settings, self.settings.topic(DRIFT_ALERTS), self.settings.drift_alert_tail)
+        waiting = [a for a in self.outbox if a.event_id not in published]
+        log.info("waiting drift alerts", extra={
+            "waiting": len(self.outbox), "already_published": len(self.outbox) - len(waiting)})
+        self.outbox = waiting
+        await self._save_and_publish()
+
+    # -- inputs that may change while running -----------------------------------------
+
+    def _refresh_inputs(self) -> None:
+        if self._config_watch is not None and self._config_watch.changed():
+            self._load_known()
+        if self._pin_watch.changed():
+            self._load_pin()
+
+    def _load_known(self) -> None:
+        path = self.settings.router_config
+        if path is None:
+            return
+        try:
+            loaded = load_config(path, self.settings.router_config_name)
+        except ConfigError as exc:
+            log.warning("routing config not read; keeping the known models and routes",
+                        extra={"error": str(exc)})
+            self._config_watch = self._config_watch or FileWatch([path])
+            return
+        routes = loaded.config.routes
+        self.detector.known({r.target_model for r in routes},
+                            {r.id for r in routes} | {PASSTHROUGH_ROUTE})
+        self._config_watch = FileWatch(loaded.files)
+
+    def _load_pin(self) -> None:
+        try:
+            data = self.pin_path.read_bytes()
+        except FileNotFoundError:
+            if self.detector.pinned is not None:
+                log.info("pinned baseline removed; comparing with the preceding window")
+            self.detector.pin(None)
+            return
+        try:
+            pinned = msgspec.json.decode(data, type=Pinned)
+        except msgspec.DecodeError as exc:
+            log.error("pinned baseline not read; keeping the previous baseline",
+                      extra={"error": str(exc)})
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        self.detector.pin(pinned, digest)
+        log.info("pinned baseline in use", extra={"sha256": digest,
+                                                  "decisions": len(pinned.decisions)})
+
+    def _export(self, judged: dict[tuple[str, str], Verdict]) -> None:
+        for (scope, subject), verdict in judged.items():
+            self.metrics.severity.labels(scope, subject).set(SEVERITY[verdict.state])
+            self.metrics.samples.labels(scope, subject).set(verdict.samples)
+            for signal in verdict.signals:
+                value = float("nan") if signal.value is None else signal.value
+                self.metrics.signal.labels(scope, subject, signal.name).set(value)
+                self.metrics.threshold.labels(scope, signal.name).set(signal.threshold)
+
+
+SPEC = ServiceSpec(
+    name="drift-detector",
+    settings_class=DriftDetectorSettings,
+    factory=DriftDetector,
+    ports=(metrics_port(9103),),
+    description="drift verdicts per target model and route; alerts on every change",
+    dev_env=lambda data_dir: {"ROUTEMESH_DRIFT_STATE_DIR": str(data_dir / "drift")},
+)

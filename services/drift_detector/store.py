@@ -1,0 +1,65 @@
+"""The drift detector's files in its state directory: the state it saves before offsets
+are committed, and the pinned baseline `routemesh drift pin` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from routemesh.contracts import DriftAlert
+from routemesh.contracts.events import utc_now
+from routemesh.services.drift_detector.detector import ALL_ROUTES, Pinned, Snapshot
+from routemesh.services.runtime.files import write_atomically
+
+STATE_FILE = "state.msgpack"
+PIN_FILE = "pinned-baseline.json"
+
+
+class State(msgspec.Struct, kw_only=True):
+    """What the service writes before committing offsets."""
+
+    detector: Snapshot
+    # "topic:partition" -> the next offset: every event before it is in ``detector``.
+    offsets: dict[str, int] = {}
+    # Alerts computed and not yet confirmed by the broker.
+    outbox: list[DriftAlert] = []
+
+
+def read_state(state_dir: Path) -> State | None:
+    try:
+        data = (state_dir / STATE_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    return msgspec.msgpack.decode(data, type=State)
+
+
+def write_state(state_dir: Path, data: bytes) -> None:
+    write_atomically(state_dir / STATE_FILE, data)
+
+
+def pin(state_dir: Path) -> Pinned:
+    """Pin the routing windows the running detector last saved as the baseline it
+    compares with from now on (it notices the file within a second)."""
+    state = read_state(state_dir)
+    if state is None:
+        raise FileNotFoundError(f"no drift state in {state_dir}: is the detector running there?")
+    windows = state.detector
+    everything = windows.decisions.get(ALL_ROUTES)
+    pinned = Pinned(
+        pinned_at=utc_now(),
+        decisions=tuple(everything.current) if everything else (),
+        observations=tuple(o for route, sliding in sorted(windows.observations.items())
+                           for o in sliding.current),
+    )
+    write_atomically(state_dir / PIN_FILE, msgspec.json.encode(pinned))
+    return pinned
+
+
+def unpin(state_dir: Path) -> bool:
+    """Back to comparing with the preceding window; False if nothing was pinned."""
+    try:
+        (state_dir / PIN_FILE).unlink()
+    except FileNotFoundError:
+        return False
+    return True
