@@ -48,7 +48,7 @@ from routemesh.services.runtime.stats import Percentiles
 
 # The synthetic streams the detector's tests use.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.services.drift_detector.streams import healthy  # noqa: E402
+from tests.services.drift_detector.streams import healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["small-model", "large-model"]
