@@ -143,6 +143,13 @@ class CompletionObserved(Event, frozen=True, kw_only=True):
 
 
 class OutcomeReported(Event, frozen=True, kw_only=True):
+    """What the caller learned about a request, possibly hours after it was answered.
+
+    1.1: ``completion_time_s``, how long the caller's task took to complete, by its own
+    clock (the scorer's slow-request review reason uses it where the answer's duration
+    says little, as for agent loops)."""
+
+    schema_version: str = "1.1"
     request_id: RequestId
     completed: bool | None = None
     correct_route: bool | None = None
@@ -150,6 +157,7 @@ class OutcomeReported(Event, frozen=True, kw_only=True):
     quality_score: Probability | None = None
     labels: Annotated[tuple[Label, ...], msgspec.Meta(max_length=16)] = ()
     source: Label | None = None
+    completion_time_s: NonNegative | None = None
 
 
 DriftVerdict = Literal["insufficient_data", "none", "mild", "severe"]
@@ -205,41 +213,109 @@ class DriftAlert(Event, frozen=True, kw_only=True):
     likely_cause: str | None = None
 
 
+FeedbackClass = Literal["correct_routing", "threshold_too_high", "threshold_too_low"]
+
+
 class RouteScore(msgspec.Struct, frozen=True, kw_only=True):
+    """One route's figures over a window (1.1 adds everything after ``mean_quality``).
+
+    ``accuracy`` is correct ÷ outcomes that say whether the route was right; ``capture``
+    is this route's share of all decisions. The feedback counts classify each outcome of
+    a semantic decision: ``threshold_too_high`` fell back below the threshold although
+    the top route was right, ``threshold_too_low`` was accepted above it and wrong."""
+
     route_id: RouteId
     decisions: Count = 0
     outcomes: Count = 0
     correct: Count = 0
     accuracy: Probability | None = None
     mean_quality: Probability | None = None
+    capture_rate: Probability | None = None
+    mean_confidence: float | None = None
+    p95_decision_latency_ms: NonNegative | None = None
+    correct_routing: Count = 0
+    threshold_too_high: Count = 0
+    threshold_too_low: Count = 0
 
 
 class LayerScore(msgspec.Struct, frozen=True, kw_only=True):
+    """One cascade layer's figures over a window; ``capture_rate`` is the share of all
+    decisions this layer made (1.1 adds it and what follows)."""
+
     layer: DecisionLayer
     decisions: Count = 0
     outcomes: Count = 0
     correct: Count = 0
     accuracy: Probability | None = None
+    capture_rate: Probability | None = None
+    mean_confidence: float | None = None
+    p95_decision_latency_ms: NonNegative | None = None
 
 
 class ThresholdRecommendation(msgspec.Struct, frozen=True, kw_only=True):
+    """Advice on one route's threshold with its evidence (1.1 adds ``samples`` and what
+    follows). The changes are what the outcomes seen would have had under the
+    recommended threshold; the interval is 95 % (Wilson, on the share of changed
+    decisions that the move makes right); ``patch`` is a unified diff of the route YAML."""
+
     route_id: RouteId
     current_threshold: float
     recommended_threshold: float
     below_threshold_but_right: Count = 0
     above_threshold_but_wrong: Count = 0
     rationale: str = ""
+    samples: Count = 0
+    accuracy_change: float | None = None
+    accuracy_change_low: float | None = None
+    accuracy_change_high: float | None = None
+    fallback_rate_change: float | None = None
+    route_share_change: float | None = None
+    patch: str = ""
 
 
 class ReviewCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    """A request a human should look at, by metadata only (1.1 adds everything after
+    ``score``); ``reasons`` lists every reason it qualifies for."""
+
     request_id: RequestId
     reasons: tuple[str, ...]
     cluster: str
     route_id: RouteId | None = None
     score: float | None = None
+    occurred_at: UtcDatetime | None = None
+    second_route_id: RouteId | None = None
+    top_route_id: RouteId | None = None
+    match_source: str | None = None
+    match_index: int | None = None
+    match_text_sha256: Sha256Hex | None = None
+    threshold: float | None = None
+    margin: float | None = None
+    upstream_status: int | None = None
+    duration_ms: NonNegative | None = None
+    expected_route: RouteId | None = None
+
+
+class ReviewCluster(msgspec.Struct, frozen=True, kw_only=True):
+    """Candidates that share a reason and their safe metadata (route, top and second
+    route, match source, index and text hash); ``key`` is a hash of those."""
+
+    key: str
+    reason: str
+    size: Count
+    route_id: RouteId | None = None
+    top_route_id: RouteId | None = None
+    second_route_id: RouteId | None = None
+    match_source: str | None = None
+    match_index: int | None = None
+    match_text_sha256: Sha256Hex | None = None
+    example_request_ids: tuple[RequestId, ...] = ()
 
 
 class RouteScores(Event, frozen=True, kw_only=True):
+    """The scorer's figures over one rolling window (1.1 adds ``window_seconds`` and
+    what follows: the window's overall figures and the review clusters)."""
+
+    schema_version: str = "1.1"
     window_start: UtcDatetime
     window_end: UtcDatetime
     config_sha256: Sha256Hex | None = None
@@ -247,6 +323,14 @@ class RouteScores(Event, frozen=True, kw_only=True):
     layers: tuple[LayerScore, ...] = ()
     recommendations: tuple[ThresholdRecommendation, ...] = ()
     review_candidates: tuple[ReviewCandidate, ...] = ()
+    window_seconds: NonNegative = 0.0
+    decisions: Count = 0
+    outcomes: Count = 0
+    correct: Count = 0
+    accuracy: Probability | None = None
+    low_confidence_rate: Probability | None = None
+    p95_decision_latency_ms: NonNegative | None = None
+    review_clusters: tuple[ReviewCluster, ...] = ()
 
 
 class ReplayRequested(Event, frozen=True, kw_only=True):

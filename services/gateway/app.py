@@ -343,6 +343,7 @@ class Handlers:
             expected_route=parsed.expected_route,
             quality_score=parsed.quality_score,
             labels=tuple(label[:64] for label in parsed.labels if label),
+            completion_time_s=parsed.completion_time_s,
         )
         self.state.publisher.offer(event)
         return JSONResponse({"status": "accepted", "event_id": str(event.event_id)},

@@ -53,6 +53,7 @@ class OutcomeView(msgspec.Struct, forbid_unknown_fields=True):
     expected_route: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     quality_score: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     labels: Annotated[list[str], msgspec.Meta(max_length=16)] = []
+    completion_time_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 _DECODER = msgspec.json.Decoder()

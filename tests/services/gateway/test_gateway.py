@@ -176,10 +176,11 @@ def test_route_models_and_outcomes(gateway):
     models = httpx.get(f"{gateway.url}/v1/models").json()
     assert {"auto", "lite", "deep", "fast"} <= {m["id"] for m in models["data"]}
     accepted = httpx.post(f"{gateway.url}/v1/outcomes", json={
-        "request_id": decided.json()["request_id"], "correct_route": True, "quality_score": 0.9})
+        "request_id": decided.json()["request_id"], "correct_route": True, "quality_score": 0.9,
+        "completion_time_s": 12.5})
     assert accepted.status_code == 202
     outcome = only(gateway.publisher.events, OutcomeReported)
-    assert outcome.quality_score == 0.9
+    assert (outcome.quality_score, outcome.completion_time_s) == (0.9, 12.5)
     bad = httpx.post(f"{gateway.url}/v1/outcomes", json={"request_id": "r", "quality_score": 2})
     assert bad.status_code == 400
     assert "quality_score" in bad.json()["error"]["message"]
