@@ -45,10 +45,10 @@ from routemesh.services.drift_detector.store import (
 )
 from routemesh.services.router import PASSTHROUGH_ROUTE, ConfigError, load_config
 from routemesh.services.runtime.consumer import (
+    Checkpoints,
     Delivery,
     OffsetTracker,
     PartitionKey,
-    Position,
     recent_event_ids,
 )
 from routemesh.services.runtime.files import FileWatch
@@ -138,12 +138,8 @@ class DriftDetector:
             [ROUTE_DECISIONS, LLM_OBSERVATIONS], GROUP, self,
             batch_max_records=settings.drift_batch_max_records, poll_ms=settings.drift_poll_ms,
         )
-        self.offsets: dict[str, int] = {}
-        # The offsets in the state on disk: events from there on are not durable yet.
-        self._durable: dict[str, int] = {}
+        self.checkpoints = Checkpoints()
         self.outbox: list[DriftAlert] = []
-        # Per partition, the first position handled since the state was last saved.
-        self._unsaved: dict[PartitionKey, Position] = {}
         self._backoff = Backoff(0.5, 30.0)
         self._delays = self._backoff.delays()
         self._retry_at = 0.0
@@ -160,8 +156,7 @@ class DriftDetector:
         state = await asyncio.to_thread(read_state, self.settings.drift_state_dir)
         if state is not None:
             self.detector.restore(state.detector)
-            self.offsets = dict(state.offsets)
-            self._durable = dict(state.offsets)
+            self.checkpoints.restore(state.offsets)
             self.outbox = list(state.outbox)
             log.info("drift state restored", extra={
                 "subjects": len(state.detector.subjects), "waiting_alerts": len(self.outbox)})
@@ -177,19 +172,7 @@ class DriftDetector:
     # -- handling ---------------------------------------------------------------------
 
     async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
-        fresh = []
-        for delivery in deliveries:
-            topic, partition, offset = delivery.position
-            key = f"{topic}:{partition}"
-            if offset >= self._durable.get(key, 0) and (topic, partition) not in self._unsaved:
-                # The partition's first event the saved state lacks: while it is held the
-                # consumer commits none of it or what follows.
-                self._unsaved[(topic, partition)] = delivery.position
-                offsets.hold(delivery.position)
-            if offset < self.offsets.get(key, 0):
-                continue  # already in the state (restored from disk)
-            self.offsets[key] = offset + 1
-            fresh.append(delivery)
+        fresh = self.checkpoints.fresh(deliveries, offsets)
         # A poll brings each partition's events in turn; in their own time order a model's
         # answers are judged as they came, not one partition's after another's.
         fresh.sort(key=_occurred_at)
@@ -213,15 +196,12 @@ class DriftDetector:
             self._last_check = now
             self._refresh_inputs()
         due = now - self._last_save >= self.settings.drift_snapshot_interval_s
-        wanted = (self._unsaved and due) or self.outbox
+        wanted = (self.checkpoints.unsaved and due) or self.outbox
         if wanted and now >= self._retry_at and await self._save_and_publish():
-            for position in self._unsaved.values():
-                offsets.release(position)
-            self._unsaved.clear()
+            self.checkpoints.release(offsets)
 
     def revoked(self, partitions: Collection[PartitionKey]) -> None:
-        for key in partitions:
-            self._unsaved.pop(key, None)
+        self.checkpoints.revoked(partitions)
 
     # -- saving and publishing --------------------------------------------------------
 
@@ -230,7 +210,7 @@ class DriftDetector:
         failed: what is held stays held (nothing is rewound; the state in memory is
         whole) and the next poll after a backoff tries again."""
         try:
-            if self._unsaved or self.outbox:
+            if self.checkpoints.unsaved or self.outbox:
                 await self._save()
             await self._publish()
         except Exception as exc:
@@ -244,12 +224,13 @@ class DriftDetector:
         return True
 
     async def _save(self) -> None:
-        state = State(detector=self.detector.snapshot(), offsets=self.offsets, outbox=self.outbox)
+        offsets = dict(self.checkpoints.offsets)
+        state = State(detector=self.detector.snapshot(), offsets=offsets, outbox=self.outbox)
         data = msgspec.msgpack.encode(state)
         started = time.perf_counter()
         await asyncio.to_thread(write_state, self.settings.drift_state_dir, data)
         self.metrics.save.observe(time.perf_counter() - started)
-        self._durable = dict(self.offsets)
+        self.checkpoints.saved(offsets)
         self._last_save = time.monotonic()
         self._export(self.detector.judged())
 

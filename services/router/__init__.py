@@ -19,6 +19,7 @@ from routemesh.services.router.config import (
     Route,
     RoutingConfig,
     load_config,
+    parse_config,
 )
 from routemesh.services.router.datasets import DatasetError, file_sha256, load_dataset
 from routemesh.services.router.encoders import build_dense_encoder
@@ -61,6 +62,7 @@ __all__ = [
     "load_dataset",
     "load_router",
     "open_qdrant",
+    "parse_config",
     "unrouted_warning",
     "write_reports",
 ]

@@ -132,6 +132,56 @@ class BatchHandler(Protocol):
         ...
 
 
+class Checkpoints:
+    """For a handler whose effect is a state it saves whole (a detector's windows, a
+    join's counts), with the offsets the state covers: which deliveries the saved state
+    already holds (after a restart), and the holds that keep the consumer from committing
+    what is not saved yet. Per partition, only the first unsaved position is held: the
+    commit cannot pass it, so what follows needs no hold of its own."""
+
+    def __init__(self) -> None:
+        # "topic:partition" -> the next offset: every event before it is in the state.
+        self.offsets: dict[str, int] = {}
+        self._durable: dict[str, int] = {}
+        self._unsaved: dict[PartitionKey, Position] = {}
+
+    def restore(self, offsets: dict[str, int]) -> None:
+        self.offsets = dict(offsets)
+        self._durable = dict(offsets)
+
+    def fresh(self, deliveries: Sequence[Delivery], tracker: OffsetTracker) -> list[Delivery]:
+        """The deliveries the state lacks; holds the first of each partition."""
+        found = []
+        for delivery in deliveries:
+            topic, partition, offset = delivery.position
+            key = f"{topic}:{partition}"
+            if offset >= self._durable.get(key, 0) and (topic, partition) not in self._unsaved:
+                self._unsaved[(topic, partition)] = delivery.position
+                tracker.hold(delivery.position)
+            if offset < self.offsets.get(key, 0):
+                continue
+            self.offsets[key] = offset + 1
+            found.append(delivery)
+        return found
+
+    @property
+    def unsaved(self) -> bool:
+        return bool(self._unsaved)
+
+    def saved(self, offsets: dict[str, int]) -> None:
+        """The state with these offsets is on disk."""
+        self._durable = dict(offsets)
+
+    def release(self, tracker: OffsetTracker) -> None:
+        for position in self._unsaved.values():
+            tracker.release(position)
+        self._unsaved.clear()
+
+    def revoked(self, partitions: Collection[PartitionKey]) -> None:
+        for key in partitions:
+            self._unsaved.pop(key, None)
+
+
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.events = Counter("routemesh_consumer_events_total",

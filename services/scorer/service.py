@@ -1,0 +1,378 @@
+"""The scorer service: join decisions, observations and outcomes; keep the figures per
+route and layer over rolling windows; publish them as RouteScores every
+``scorer_publish_interval_s`` and on SIGUSR1; export them as gauges.
+
+Durability: the ledger and the offsets it covers are saved atomically (at most every
+``scorer_snapshot_interval_s``) before those offsets are committed, so a crash
+redelivers exactly what the saved state lacks and a restart skips what it holds. A
+RouteScores is a snapshot of figures: one published twice around a crash says the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Collection, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import Field
+
+from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided, RouteScores
+from routemesh.contracts.events import utc_now
+from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
+from routemesh.services.router import ConfigError, load_config
+from routemesh.services.runtime.consumer import (
+    Checkpoints,
+    Delivery,
+    OffsetTracker,
+    PartitionKey,
+)
+from routemesh.services.runtime.files import FileWatch
+from routemesh.services.runtime.retry import Backoff
+from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
+from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.scorer import patch
+from routemesh.services.scorer.advice import AdvicePolicy
+from routemesh.services.scorer.candidates import CandidatePolicy
+from routemesh.services.scorer.ledger import Ledger, Limits
+from routemesh.services.scorer.store import State, read_state, write_state
+from routemesh.services.scorer.views import view
+
+log = logging.getLogger(__name__)
+GROUP = "routemesh-scorer"
+INPUTS_CHECK_S = 1.0
+
+
+class ScorerSettings(ServiceSettings):
+    # Rolling windows, in hours.
+    scorer_windows_h: tuple[int, ...] = (24, 168, 720)
+    scorer_publish_interval_s: float = Field(default=300.0, gt=0)
+    # How often the state is saved (and offsets move); 0: every poll.
+    scorer_snapshot_interval_s: float = Field(default=5.0, ge=0)
+    scorer_state_dir: Path = Path("scorer")
+    # How long (by event time) a request waits for its outcome, and how many may wait.
+    scorer_join_horizon_s: float = Field(default=72 * 3600.0, gt=0)
+    scorer_max_pending: int = Field(default=200_000, ge=1)
+    scorer_max_candidates: int = Field(default=5_000, ge=1)
+    scorer_published_candidates: int = Field(default=100, ge=0)
+    scorer_published_clusters: int = Field(default=50, ge=0)
+    # Threshold advice: outcomes a route needs first, and larger steps when aggressive.
+    scorer_min_samples: int = Field(default=50, ge=1)
+    scorer_aggressive: bool = False
+    # Review candidates.
+    scorer_near_threshold: float = Field(default=0.05, ge=0)
+    scorer_near_margin: float = Field(default=0.02, ge=0)
+    scorer_slow_ms: float = Field(default=30_000.0, gt=0)
+    scorer_max_routes: int = Field(default=100, ge=1)
+    scorer_batch_max_records: int = Field(default=2000, ge=1)
+    scorer_poll_ms: int = Field(default=100, ge=1)
+    # Health targets, exported as gauges for alert rules to compare with: the target a
+    # healthy mesh meets, and the bound past which an alert fires.
+    scorer_accuracy_target: float = 0.95
+    scorer_accuracy_alert_below: float = 0.90
+    scorer_rules_capture_target: float = 0.30
+    scorer_rules_capture_alert_below: float = 0.20
+    scorer_semantic_capture_target: float = 0.40
+    scorer_semantic_capture_alert_below: float = 0.30
+    scorer_decision_latency_target_s: float = 0.100
+    scorer_decision_latency_alert_above_s: float = 0.200
+    scorer_low_confidence_target: float = 0.05
+    scorer_low_confidence_alert_above: float = 0.10
+    # The routing config gives the current thresholds, the fallback route and the patch
+    # target; without it, thresholds are read from the decisions.
+    router_config: Path | None = Path("deploy/examples/lite-deep.yaml")
+    router_config_name: str | None = None
+
+    def targets(self) -> dict[tuple[str, str], float]:
+        return {
+            ("accuracy", "target"): self.scorer_accuracy_target,
+            ("accuracy", "alert_below"): self.scorer_accuracy_alert_below,
+            ("rules_capture", "target"): self.scorer_rules_capture_target,
+            ("rules_capture", "alert_below"): self.scorer_rules_capture_alert_below,
+            ("semantic_capture", "target"): self.scorer_semantic_capture_target,
+            ("semantic_capture", "alert_below"): self.scorer_semantic_capture_alert_below,
+            ("decision_latency_p95_seconds", "target"): self.scorer_decision_latency_target_s,
+            ("decision_latency_p95_seconds", "alert_above"):
+                self.scorer_decision_latency_alert_above_s,
+            ("low_confidence", "target"): self.scorer_low_confidence_target,
+            ("low_confidence", "alert_above"): self.scorer_low_confidence_alert_above,
+        }
+
+    def limits(self) -> Limits:
+        return Limits(
+            horizon=timedelta(seconds=self.scorer_join_horizon_s),
+            max_pending=self.scorer_max_pending, max_candidates=self.scorer_max_candidates,
+            keep=timedelta(hours=max(self.scorer_windows_h)),
+            max_routes=self.scorer_max_routes,
+            candidate_policy=CandidatePolicy(threshold_band=self.scorer_near_threshold,
+                                             margin_band=self.scorer_near_margin,
+                                             slow_ms=self.scorer_slow_ms),
+        )
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        scoped = ["window", "scope", "subject"]
+
+        def gauge(name: str, doc: str, labels: list[str] = scoped) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry)
+
+        self.decisions = gauge("routemesh_scorer_decisions",
+                               "Decisions in the window (scope: route, layer or all)")
+        self.outcomes = gauge("routemesh_scorer_outcomes", "Outcomes joined in the window")
+        self.accuracy = gauge("routemesh_scorer_accuracy_ratio",
+                              "Correct routes / outcomes that say (NaN: none say)")
+        self.capture = gauge("routemesh_scorer_capture_ratio",
+                             "Share of all decisions made by this route or layer")
+        self.confidence = gauge("routemesh_scorer_mean_confidence",
+                                "Mean decision score in the window")
+        self.latency = gauge("routemesh_scorer_decision_latency_p95_seconds",
+                             "p95 decision latency in the window (to 2 %)")
+        self.low_confidence = gauge("routemesh_scorer_low_confidence_ratio",
+                                    "Low-confidence fallbacks / decisions", ["window"])
+        self.feedback = gauge("routemesh_scorer_feedback",
+                              "Outcomes per learning feedback class",
+                              ["window", "route", "feedback"])
+        self.threshold = gauge("routemesh_scorer_threshold",
+                               "A route's threshold: current and recommended",
+                               ["window", "route", "kind"])
+        self.candidates = gauge("routemesh_scorer_review_candidates",
+                                "Review candidates in the window by reason",
+                                ["window", "reason"])
+        self.target = gauge("routemesh_scorer_health_target",
+                            "Health targets and alert bounds for the scorer's figures",
+                            ["figure", "bound"])
+        self.pending = Gauge("routemesh_scorer_pending_requests",
+                             "Requests waiting for the rest of their events",
+                             registry=registry)
+        self.unmatched = Gauge("routemesh_scorer_unmatched_outcomes",
+                               "Outcomes whose decision never came within the horizon",
+                               registry=registry)
+        self.duplicates = Gauge("routemesh_scorer_duplicate_outcomes",
+                                "Further outcomes for a request already scored",
+                                registry=registry)
+        self.published = Counter("routemesh_scorer_published_total",
+                                 "RouteScores published", ["window"], registry=registry)
+        self.save = Histogram(
+            "routemesh_scorer_state_save_seconds", "Time to write the scorer's state",
+            registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                        0.5, 1.0, 2.5, 5.0))
+
+
+def _window_label(hours: int) -> str:
+    return f"{hours}h"
+
+
+class Scorer:
+    def __init__(self, ctx: ServiceContext) -> None:
+        settings = ctx.settings
+        assert isinstance(settings, ScorerSettings)
+        self.ctx = ctx
+        self.settings = settings
+        self.ledger = Ledger(settings.limits())
+        self.policy = AdvicePolicy.of(settings.scorer_aggressive, settings.scorer_min_samples)
+        self.metrics = _Metrics(ctx.registry)
+        self.consumer = ctx.consumer(
+            [ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES], GROUP, self,
+            batch_max_records=settings.scorer_batch_max_records,
+            poll_ms=settings.scorer_poll_ms,
+        )
+        self.checkpoints = Checkpoints()
+        self._config_path: Path | None = None
+        self._config_watch: FileWatch | None = None
+        self._backoff = Backoff(0.5, 30.0)
+        self._delays = self._backoff.delays()
+        self._retry_at = 0.0
+        self._last_save = self._last_check = self._last_publish = time.monotonic()
+        self._publish_now = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.settings.scorer_state_dir.mkdir(parents=True, exist_ok=True)
+        state = await asyncio.to_thread(read_state, self.settings.scorer_state_dir)
+        if state is not None:
+            self.ledger.restore(state.ledger)
+            self.checkpoints.restore(state.offsets)
+            log.info("scorer state restored", extra={"pending": len(self.ledger.pending)})
+        self._load_config()
+        for (figure, bound), value in self.settings.targets().items():
+            self.metrics.target.labels(figure, bound).set(value)
+        for label, scores in self.scores():
+            self._export(label, scores)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.request_publish)
+        self.ctx.readiness.set("scorer_state", True, "writable")
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+        await self.consumer.stop()
+        await self._save()
+
+    def request_publish(self) -> None:
+        """Publish the figures on the next poll (SIGUSR1)."""
+        self._publish_now = True
+
+    # -- handling ---------------------------------------------------------------------
+
+    async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
+        for delivery in self.checkpoints.fresh(deliveries, offsets):
+            event = delivery.event
+            if isinstance(event, RouteDecided):
+                self.ledger.decide(view(event))
+            elif isinstance(event, CompletionObserved):
+                self.ledger.observe(view(event), event.occurred_at)
+            elif isinstance(event, OutcomeReported):
+                self.ledger.report(view(event))
+        now = time.monotonic()
+        if now - self._last_check >= INPUTS_CHECK_S:
+            self._last_check = now
+            if self._config_watch is not None and self._config_watch.changed():
+                self._load_config()
+        due = now - self._last_save >= self.settings.scorer_snapshot_interval_s
+        if self.checkpoints.unsaved and due and now >= self._retry_at and await self._save():
+            self.checkpoints.release(offsets)
+        # Figures may include events not saved yet: after a crash they are counted again
+        # into the saved state, so what is published next says the same.
+        if self._publish_now or now - self._last_publish >= \
+                self.settings.scorer_publish_interval_s:
+            await self.publish()
+
+    def revoked(self, partitions: Collection[PartitionKey]) -> None:
+        self.checkpoints.revoked(partitions)
+
+    # -- saving and publishing --------------------------------------------------------
+
+    async def _save(self) -> bool:
+        """Save the ledger with the offsets it covers. False when the disk failed: what
+        is held stays held and the next poll after a backoff tries again."""
+        self.ledger.expire(utc_now())
+        offsets = dict(self.checkpoints.offsets)
+        data = msgspec.msgpack.encode(State(ledger=self.ledger.snapshot(), offsets=offsets))
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(write_state, self.settings.scorer_state_dir, data)
+        except OSError as exc:
+            self._retry_at = time.monotonic() + next(self._delays)
+            self.ctx.readiness.set("scorer_state", False, str(exc))
+            log.error("scorer state not saved; retrying", extra={"error": str(exc)})
+            return False
+        self.metrics.save.observe(time.perf_counter() - started)
+        self._delays = self._backoff.delays()
+        self.ctx.readiness.set("scorer_state", True, "saved")
+        self.checkpoints.saved(offsets)
+        self._last_save = time.monotonic()
+        self.metrics.pending.set(len(self.ledger.pending))
+        self.metrics.unmatched.set(self.ledger.unmatched_outcomes)
+        self.metrics.duplicates.set(self.ledger.duplicate_outcomes)
+        return True
+
+    def scores(self) -> list[tuple[str, RouteScores]]:
+        now = utc_now()
+        return [
+            (_window_label(hours),
+             self.ledger.scores(now, timedelta(hours=hours), self.policy,
+                                self.settings.scorer_published_candidates,
+                                self.settings.scorer_published_clusters, self._patch))
+            for hours in self.settings.scorer_windows_h
+        ]
+
+    async def publish(self) -> None:
+        self._publish_now = False
+        self._last_publish = time.monotonic()
+        for label, scores in self.scores():
+            self._export(label, scores)
+            try:
+                await self.ctx.producer.publish(scores)
+            except Exception as exc:
+                log.error("route scores not published", extra={"error": str(exc)})
+                return
+            self.metrics.published.labels(label).inc()
+        log.info("route scores published", extra={"windows": list(self.settings.scorer_windows_h)})
+
+    def _export(self, window: str, scores: RouteScores) -> None:
+        m = self.metrics
+        nan = float("nan")
+
+        def put(scope: str, subject: str, figures) -> None:
+            m.decisions.labels(window, scope, subject).set(figures.decisions)
+            m.outcomes.labels(window, scope, subject).set(figures.outcomes)
+            m.accuracy.labels(window, scope, subject).set(
+                nan if figures.accuracy is None else figures.accuracy)
+            latency = figures.p95_decision_latency_ms
+            m.latency.labels(window, scope, subject).set(
+                nan if latency is None else latency / 1000)
+
+        put("all", "all", scores)
+        for route in scores.routes:
+            put("route", route.route_id, route)
+            m.capture.labels(window, "route", route.route_id).set(route.capture_rate or 0.0)
+            m.confidence.labels(window, "route", route.route_id).set(
+                nan if route.mean_confidence is None else route.mean_confidence)
+            for name in ("correct_routing", "threshold_too_high", "threshold_too_low"):
+                m.feedback.labels(window, route.route_id, name).set(getattr(route, name))
+        for layer in scores.layers:
+            put("layer", layer.layer, layer)
+            m.capture.labels(window, "layer", layer.layer).set(layer.capture_rate or 0.0)
+            m.confidence.labels(window, "layer", layer.layer).set(
+                nan if layer.mean_confidence is None else layer.mean_confidence)
+        m.low_confidence.labels(window).set(
+            nan if scores.low_confidence_rate is None else scores.low_confidence_rate)
+        for advice in scores.recommendations:
+            m.threshold.labels(window, advice.route_id, "current").set(advice.current_threshold)
+            m.threshold.labels(window, advice.route_id, "recommended").set(
+                advice.recommended_threshold)
+        counts: dict[str, int] = dict.fromkeys(
+            ("low_confidence", "embedding_error", "route_error", "upstream_non_2xx",
+             "near_threshold", "near_margin", "slow", "wrong_route"), 0)
+        for cluster in scores.review_clusters:
+            counts[cluster.reason] = counts.get(cluster.reason, 0) + cluster.size
+        for reason, count in counts.items():
+            m.candidates.labels(window, reason).set(count)
+
+    # -- the routing config -----------------------------------------------------------
+
+    def _load_config(self) -> None:
+        path = self.settings.router_config
+        if path is None:
+            return
+        try:
+            loaded = load_config(path, self.settings.router_config_name)
+        except ConfigError as exc:
+            log.warning("routing config not read; keeping the thresholds known",
+                        extra={"error": str(exc)})
+            self._config_watch = self._config_watch or FileWatch([path])
+            return
+        config = loaded.config
+        self.ledger.configure({r.id: r.threshold for r in config.routes},
+                              config.default_route, loaded.sha256)
+        self._config_path = path
+        self._config_watch = FileWatch(loaded.files)
+
+    def _patch(self, route_id: str, threshold: float) -> str:
+        if self._config_path is None:
+            return ""
+        try:
+            return patch.diff(self._config_path, patch.ConfigChange({route_id: threshold}))
+        except (OSError, KeyError) as exc:
+            log.warning("no patch for the advice", extra={"error": str(exc)})
+            return ""
+
+
+SPEC = ServiceSpec(
+    name="scorer",
+    settings_class=ScorerSettings,
+    factory=Scorer,
+    ports=(metrics_port(9104),),
+    description="accuracy per route and layer from outcomes; threshold advice; review "
+                "candidates",
+    dev_env=lambda data_dir: {"ROUTEMESH_SCORER_STATE_DIR": str(data_dir / "scorer")},
+)

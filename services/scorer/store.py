@@ -1,0 +1,31 @@
+"""The scorer's state on disk: the ledger and the offsets it covers, written whole and
+atomically before those offsets are committed. `routemesh tune --from-scores` and
+`routemesh review candidates --state-dir` read it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from routemesh.services.runtime.files import write_atomically
+from routemesh.services.scorer.ledger import Snapshot
+
+STATE_FILE = "state.msgpack"
+
+
+class State(msgspec.Struct, kw_only=True):
+    ledger: Snapshot
+    offsets: dict[str, int] = {}
+
+
+def read_state(state_dir: Path) -> State | None:
+    try:
+        data = (state_dir / STATE_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    return msgspec.msgpack.decode(data, type=State)
+
+
+def write_state(state_dir: Path, data: bytes) -> None:
+    write_atomically(state_dir / STATE_FILE, data)
