@@ -14,7 +14,12 @@ import uvloop
 from aiokafka.errors import KafkaConnectionError
 
 from routemesh.contracts import topic_by_suffix
-from routemesh.services.cli import audit_commands, drift_commands, router_commands
+from routemesh.services.cli import (
+    audit_commands,
+    drift_commands,
+    router_commands,
+    scorer_commands,
+)
 from routemesh.services.cli.contracts_commands import contracts_app
 from routemesh.services.cli.dev import DevMesh, parse_port_overrides
 from routemesh.services.cli.output import fail
@@ -38,6 +43,8 @@ app.add_typer(audit_commands.audit_app, name="audit")
 app.add_typer(drift_commands.drift_app, name="drift")
 app.command("route")(router_commands.route)
 app.command("eval")(router_commands.eval_command)
+app.add_typer(scorer_commands.review_app, name="review")
+app.command("tune")(scorer_commands.tune_command)
 
 
 

@@ -22,6 +22,7 @@ RouteIdStr = Annotated[
 Unit = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Positive = Annotated[float, msgspec.Meta(gt=0.0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0.0)]
 EncoderBackend = Literal["onnx", "onnx-int8", "torch"]
 
 
@@ -129,6 +130,9 @@ class Route(_Strict):
     # Non-streaming only: retry on this route when a gate fails on the answer.
     escalate_to: RouteIdStr | None = None
     gates: EscalationGates = EscalationGates()
+    # What the route's model costs, for `routemesh tune --objective cost` and replays.
+    price_per_1k_input_tokens: NonNegativeFloat = 0.0
+    price_per_1k_output_tokens: NonNegativeFloat = 0.0
 
 
 class RoutingConfig(_Strict):

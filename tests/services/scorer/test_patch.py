@@ -1,19 +1,12 @@
-import shutil
-from pathlib import Path
-
 import pytest
 
 from routemesh.services.router import load_config
 from routemesh.services.scorer.patch import ConfigChange, apply, diff
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "deploy" / "examples"
-
 
 @pytest.fixture
-def config(tmp_path):
-    shutil.copytree(EXAMPLES / "lite-deep", tmp_path / "lite-deep")
-    shutil.copy(EXAMPLES / "lite-deep.yaml", tmp_path)
-    return tmp_path / "lite-deep.yaml"
+def config(lite_deep_copy):
+    return lite_deep_copy
 
 
 def test_the_diff_changes_only_what_changed(config):

@@ -1,0 +1,318 @@
+"""`routemesh review candidates`, `routemesh review packet` and `routemesh tune`: the
+scorer's judgements offline, from audit files, outcome files and labelled sets."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from routemesh.contracts.events import utc_now
+from routemesh.services.audit_writer.reports import parse_duration, recent_records
+from routemesh.services.cli.output import err, fail
+from routemesh.services.router import (
+    ConfigError,
+    DatasetError,
+    build_dense_encoder,
+    load_config,
+    load_dataset,
+)
+from routemesh.services.runtime.files import write_atomically
+from routemesh.services.scorer import patch
+from routemesh.services.scorer.advice import AdvicePolicy
+from routemesh.services.scorer.candidates import CandidatePolicy
+from routemesh.services.scorer.ledger import Ledger
+from routemesh.services.scorer.review import Request, ReviewReport, read_captures, review
+from routemesh.services.scorer.review import render_markdown as review_markdown
+from routemesh.services.scorer.store import read_state
+from routemesh.services.scorer.tune import TuneResult, tune
+from routemesh.services.scorer.views import DecisionView, ObservationView, OutcomeView
+
+review_app = typer.Typer(help="Requests a human should look at, by metadata only.",
+                         no_args_is_help=True)
+
+AuditDir = Annotated[Path, typer.Option("--dir", help="The audit directory.")]
+OutcomeFiles = Annotated[list[Path] | None, typer.Option(
+    "--outcomes", help="JSON lines of outcomes (OutcomeReported events, or /v1/outcomes "
+    "bodies); may be given more than once.")]
+PromptDir = Annotated[Path | None, typer.Option(
+    "--prompt-dir", help="Review captures (raw_local, or redacted events as JSON lines): "
+    "reports whether each candidate has local evidence, never its text.")]
+Limit = Annotated[int, typer.Option(min=1, help="Candidates listed, largest clusters first.")]
+MaxFiles = Annotated[int, typer.Option(min=1, help="Read at most the newest N audit files.")]
+Since = Annotated[str | None, typer.Option(
+    help="Only records this recent (24h, 7d), counted back from the newest.")]
+
+
+class _OutcomeLine(msgspec.Struct, kw_only=True):
+    request_id: str
+    occurred_at: datetime | None = None
+    correct_route: bool | None = None
+    expected_route: str | None = None
+    quality_score: float | None = None
+    completion_time_s: float | None = None
+
+
+def read_outcomes(paths: list[Path]) -> dict[str, OutcomeView]:
+    """The first outcome of each request in the files (as the scorer keeps the first)."""
+    decoder = msgspec.json.Decoder(_OutcomeLine)
+    found: dict[str, OutcomeView] = {}
+    now = utc_now()
+    for path in paths:
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = decoder.decode(line)
+            except msgspec.DecodeError as exc:
+                raise ValueError(f"{path.name}:{number}: not an outcome ({exc})") from None
+            found.setdefault(row.request_id, OutcomeView(
+                request_id=row.request_id, occurred_at=row.occurred_at or now,
+                correct_route=row.correct_route, expected_route=row.expected_route,
+                quality_score=row.quality_score, completion_time_s=row.completion_time_s))
+    return found
+
+
+def audit_requests(directory: Path, since: str | None, max_files: int,
+                   outcomes: dict[str, OutcomeView]) -> Iterator[Request]:
+    """Each request of the audit period with its outcome, decision and observation
+    joined across records (an amendment completes an earlier one)."""
+    recent = recent_records(directory, parse_duration(since) if since else None,
+                            max_files=max_files)
+    requests: OrderedDict[str, Request] = OrderedDict()
+    for record, _ in recent.records:
+        request = requests.setdefault(record.request_id, Request())
+        if record.decision is not None and request.decision is None:
+            request.decision = msgspec.convert(
+                {**msgspec.structs.asdict(record.decision), "request_id": record.request_id},
+                DecisionView, from_attributes=True)
+        if record.observation is not None and request.observation is None:
+            request.observation = msgspec.convert(
+                {**msgspec.structs.asdict(record.observation),
+                 "request_id": record.request_id}, ObservationView, from_attributes=True)
+    for request_id, request in requests.items():
+        request.outcome = outcomes.get(request_id)
+        yield request
+
+
+def _report(directory: Path, outcomes: list[Path] | None, prompt_dir: Path | None,
+            limit: int, max_files: int, since: str | None, policy: CandidatePolicy,
+            include_text: bool = False) -> ReviewReport:
+    if not directory.is_dir():
+        raise fail(f"{directory} is not a directory")
+    if prompt_dir is not None and not prompt_dir.is_dir():
+        raise fail(f"{prompt_dir} is not a directory")
+    try:
+        joined = read_outcomes(outcomes or [])
+        captures = read_captures(prompt_dir, with_text=include_text) if prompt_dir else None
+        if include_text and captures and any(c.mode != "raw_local" for c in captures.values()):
+            raise fail(f"{prompt_dir} holds redacted captures: prompt text goes into a packet "
+                       "only from a raw_local directory")
+        return review(audit_requests(directory, since, max_files, joined), policy, limit,
+                      captures, utc_now(), include_text)
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, data, durable=False)
+
+
+def _policy(near_threshold: float, near_margin: float, slow_ms: float) -> CandidatePolicy:
+    return CandidatePolicy(threshold_band=near_threshold, margin_band=near_margin,
+                           slow_ms=slow_ms)
+
+
+NearThreshold = Annotated[float, typer.Option(help="|score - threshold| below this is near.")]
+NearMargin = Annotated[float, typer.Option(help="|margin - required margin| below this is near.")]
+SlowMs = Annotated[float, typer.Option(help="An answer slower than this (ms) is slow.")]
+
+
+@review_app.command("candidates")
+def candidates_command(
+    directory: AuditDir,
+    outcomes: OutcomeFiles = None,
+    prompt_dir: PromptDir = None,
+    limit: Limit = 100,
+    max_files: MaxFiles = 31,
+    since: Since = None,
+    json_output: Annotated[Path | None, typer.Option(help="Write the full report (JSON).")]
+    = None,
+    markdown_output: Annotated[Path | None, typer.Option(help="Write it as Markdown.")] = None,
+    near_threshold: NearThreshold = 0.05,
+    near_margin: NearMargin = 0.02,
+    slow_ms: SlowMs = 30_000.0,
+) -> None:
+    """Review candidates of an audit period with every reason, in clusters of safe
+    metadata, as the scorer picks them."""
+    report = _report(directory, outcomes, prompt_dir, limit, max_files, since,
+                     _policy(near_threshold, near_margin, slow_ms))
+    if json_output is not None:
+        _write(json_output, msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+    if markdown_output is not None:
+        _write(markdown_output, review_markdown(report).encode())
+    console = Console()
+    console.print(f"{report.candidates} review candidates among {report.requests} requests "
+                  f"({report.outcomes} with an outcome)", style="bold")
+    table = Table(title="largest clusters")
+    for column in ("size", "reason", "route", "top", "second", "match"):
+        table.add_column(column)
+    for c in report.clusters[:10]:
+        match = f"{c.match_source}#{c.match_index}" if c.match_source else ""
+        table.add_row(str(c.size), c.reason, c.route_id or "", c.top_route_id or "",
+                      c.second_route_id or "", match)
+    console.print(table)
+
+
+@review_app.command("packet")
+def packet_command(
+    directory: AuditDir,
+    output: Annotated[Path, typer.Option(help="The packet file (JSON), a local path.")],
+    outcomes: OutcomeFiles = None,
+    prompt_dir: PromptDir = None,
+    include_prompt_text: Annotated[bool, typer.Option(
+        help="Put each candidate's captured text in the packet: only from a raw_local "
+             "--prompt-dir, only into the local --output file.")] = False,
+    limit: Limit = 100,
+    max_files: MaxFiles = 31,
+    since: Since = None,
+    near_threshold: NearThreshold = 0.05,
+    near_margin: NearMargin = 0.02,
+    slow_ms: SlowMs = 30_000.0,
+) -> None:
+    """A metadata-only packet of review candidates for an outside reviewer."""
+    if include_prompt_text and prompt_dir is None:
+        raise fail("--include-prompt-text needs a raw_local --prompt-dir")
+    if str(output) == "-" or "://" in str(output):
+        raise fail("the packet goes to a local file: give a path, not stdout or a URL")
+    report = _report(directory, outcomes, prompt_dir, limit, max_files, since,
+                     _policy(near_threshold, near_margin, slow_ms), include_prompt_text)
+    _write(output, msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+    text = " with the captured prompt text (keep it local)" if include_prompt_text else \
+        ", metadata only"
+    err.print(f"wrote {len(report.rows)} candidates and {len(report.clusters)} clusters to "
+              f"{output}{text}", highlight=False)
+
+
+def _print_tune(result: TuneResult, diff: str) -> None:
+    table = Table(title=f"routemesh tune (objective: {result.objective})")
+    for column in ("split", "items", "accuracy before", "accuracy after", "cost before",
+                   "cost after"):
+        table.add_column(column, justify="right")
+    for name, before, after in (("training", result.train_before, result.train_after),
+                                ("held back", result.held_before, result.held_after)):
+        table.add_row(name, str(before.items), f"{before.accuracy:.3f}",
+                      f"{after.accuracy:.3f}", f"{before.cost:.6f}", f"{after.cost:.6f}")
+    Console().print(table)
+    if len(result.tried) > 1:
+        scorings = Table(title="scorings tried (held back, current thresholds)")
+        scorings.add_column("scoring")
+        scorings.add_column("accuracy", justify="right")
+        for name, figures in result.tried:
+            scorings.add_row(name, f"{figures.accuracy:.3f}")
+        Console().print(scorings)
+    print(diff if diff else "no change proposed")
+
+
+def tune_command(
+    config: Annotated[Path, typer.Option("--config", help="Route config (YAML).")],
+    dataset: Annotated[Path | None, typer.Option(
+        help="Labelled JSONL: id, prompt|messages, route.")] = None,
+    objective: Annotated[Literal["accuracy", "cost"], typer.Option(
+        help="accuracy: the most accurate; cost: the cheapest route mix that keeps "
+             "accuracy at or above --min-accuracy.")] = "accuracy",
+    min_accuracy: Annotated[float | None, typer.Option(min=0, max=1)] = None,
+    aggressive: Annotated[bool, typer.Option(
+        help="Search every threshold on the grid (default: within 0.25 of the current "
+             "one); with --from-scores, advice in steps of 0.10 up to three steps.")] = False,
+    min_samples: Annotated[int, typer.Option(
+        min=1, help="--from-scores: outcomes a route needs before advice.")] = 50,
+    search_scoring: Annotated[bool, typer.Option(
+        help="Also try the scorings (head, aggregation, dense weight).")] = False,
+    output_tokens: Annotated[float, typer.Option(
+        min=0, help="Answer length assumed per item for --objective cost.")] = 200.0,
+    from_scores: Annotated[bool, typer.Option(
+        help="Advise from the running scorer's saved evidence instead of a dataset.")] = False,
+    state_dir: Annotated[Path, typer.Option(
+        help="The scorer's state directory (ROUTEMESH_SCORER_STATE_DIR).")] = Path("scorer"),
+    window_h: Annotated[int, typer.Option(help="--from-scores: the window, hours.")] = 168,
+    apply: Annotated[bool, typer.Option(
+        help="Rewrite --config in place (the old file kept as .bak) when the held-back "
+             "split does not get worse.")] = False,
+) -> None:
+    """Fit thresholds and margin on a training split and report the held-back split, or
+    (--from-scores) turn the scorer's live evidence into the same advice. Dry run unless
+    --apply; prints the YAML diff."""
+    try:
+        loaded = load_config(config)
+    except ConfigError as exc:
+        raise fail(str(exc), 2) from None
+    if from_scores:
+        _tune_from_scores(config, loaded.config, state_dir, window_h, aggressive, min_samples,
+                          apply)
+        return
+    if dataset is None:
+        raise fail("give --dataset (a labelled set) or --from-scores", 2)
+    if objective == "cost" and min_accuracy is None:
+        raise fail("--objective cost needs --min-accuracy", 2)
+    try:
+        items = load_dataset(dataset)
+        encoder = build_dense_encoder(loaded.config.encoder)
+    except (DatasetError, OSError) as exc:
+        raise fail(str(exc), 2) from None
+    result = tune(loaded, encoder, items, objective=objective, min_accuracy=min_accuracy,
+                  aggressive=aggressive, search_scoring=search_scoring,
+                  output_tokens=output_tokens,
+                  progress=lambda message: err.print(message, highlight=False))
+    change = result.change
+    _print_tune(result, patch.diff(config, change) if change else "")
+    if not apply or not change:
+        return
+    if not result.safe:
+        raise fail("not applied: the held-back split would get worse "
+                   f"(accuracy {result.held_before.accuracy:.3f} -> "
+                   f"{result.held_after.accuracy:.3f}, cost {result.held_before.cost:.6f} -> "
+                   f"{result.held_after.cost:.6f})")
+    backup = patch.apply(config, change)
+    err.print(f"applied to {config}; the previous file is {backup}", highlight=False)
+
+
+def _tune_from_scores(path: Path, config, state_dir: Path, window_h: int, aggressive: bool,
+                      min_samples: int, apply: bool) -> None:
+    state = read_state(state_dir)
+    if state is None:
+        raise fail(f"no scorer state in {state_dir}: is the scorer running there?")
+    ledger = Ledger()
+    ledger.restore(state.ledger)
+    ledger.configure({r.id: r.threshold for r in config.routes}, config.default_route, None)
+    scores = ledger.scores(utc_now(), timedelta(hours=window_h),
+                           AdvicePolicy.of(aggressive, min_samples))
+    table = Table(title=f"threshold advice over {window_h} h ({scores.outcomes} outcomes)")
+    for column in ("route", "outcomes", "current", "advice", "accuracy change (95 % CI)"):
+        table.add_column(column)
+    for a in scores.recommendations:
+        change = "" if a.accuracy_change_low is None else (
+            f"{a.accuracy_change:+.3f} ({a.accuracy_change_low:+.3f} to "
+            f"{a.accuracy_change_high:+.3f})")
+        table.add_row(a.route_id, str(a.samples), f"{a.current_threshold:.2f}",
+                      f"{a.recommended_threshold:.2f}", change)
+    Console().print(table)
+    moves = {a.route_id: a.recommended_threshold for a in scores.recommendations
+             if a.recommended_threshold != a.current_threshold}
+    if not moves:
+        print(f"no change proposed (a route needs {min_samples} outcomes, and a move must "
+              "make clearly more of them right)")
+        return
+    change = patch.ConfigChange(thresholds=moves)
+    print(patch.diff(path, change))
+    if apply:
+        backup = patch.apply(path, change)
+        err.print(f"applied to {path}; the previous file is {backup}", highlight=False)

@@ -1,0 +1,144 @@
+"""`routemesh review candidates`, `review packet` and `tune --from-scores` on files."""
+
+import json
+from datetime import timedelta
+
+import msgspec
+import pytest
+from typer.testing import CliRunner
+
+from routemesh.contracts import encode_event
+from routemesh.contracts.events import utc_now
+from routemesh.services.audit_writer.records import build_record
+from routemesh.services.cli.main import app
+from routemesh.services.scorer.ledger import Ledger
+from routemesh.services.scorer.store import State, write_state
+from routemesh.services.scorer.views import view
+from tests.services.scorer.events import decided, observed, outcome
+
+CANARY = "CANARY-7f3c-prompt-text"
+runner = CliRunner()
+
+
+@pytest.fixture
+def audit_dir(tmp_path):
+    """Ten near-threshold decisions, two that failed upstream, and one fine."""
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    at = utc_now() - timedelta(hours=1)
+    lines = []
+    for i in range(10):
+        lines.append(build_record("joined", f"near{i}", decided(f"near{i}", "deep", 0.62, at=at),
+                                  observed(f"near{i}", "deep", at=at)))
+    for i in range(2):
+        lines.append(build_record("joined", f"fail{i}", decided(f"fail{i}", "deep", 0.9, at=at),
+                                  observed(f"fail{i}", "deep", status=502, at=at)))
+    lines.append(build_record("decision_only", "fine", decided("fine", "deep", 0.9, at=at),
+                              None))
+    day = lines[0].day
+    (directory / f"{day}.jsonl").write_bytes(
+        b"".join(msgspec.json.encode(r) + b"\n" for r in lines))
+    return directory
+
+
+@pytest.fixture
+def outcomes_file(tmp_path):
+    path = tmp_path / "outcomes.jsonl"
+    path.write_bytes(encode_event(outcome("near0", "lite")) + b"\n"
+                     + json.dumps({"request_id": "fine", "correct_route": True}).encode() + b"\n")
+    return path
+
+
+def raw_local(tmp_path, request_ids):
+    directory = tmp_path / "review"
+    directory.mkdir()
+    (directory / "2026-11-30.jsonl").write_text("".join(json.dumps({
+        "request_id": r, "route_id": "deep", "reason": "semantic",
+        "messages": [["user", f"{CANARY} {r}"]], "original_chars": 5000, "truncated": True,
+    }) + "\n" for r in request_ids))
+    return directory
+
+
+def test_candidates_with_outcomes_and_capture_evidence_never_the_text(
+        tmp_path, audit_dir, outcomes_file):
+    review = raw_local(tmp_path, ["near1"])
+    out = tmp_path / "report.json"
+    md = tmp_path / "report.md"
+    result = runner.invoke(app, ["review", "candidates", "--dir", str(audit_dir),
+                                 "--outcomes", str(outcomes_file), "--prompt-dir", str(review),
+                                 "--json-output", str(out), "--markdown-output", str(md)])
+    assert result.exit_code == 0, result.output
+    assert "12 review candidates among 13 requests (2 with an outcome)" in result.output
+    report = json.loads(out.read_text())
+    rows = {row["candidate"]["request_id"]: row for row in report["rows"]}
+    assert rows["near0"]["candidate"]["reasons"] == ["near_threshold", "wrong_route"]
+    assert rows["fail0"]["candidate"]["reasons"] == ["upstream_non_2xx"]
+    assert rows["near1"]["evidence"] == {"present": True, "mode": "raw_local",
+                                         "truncated": True, "chars": 5000}
+    assert rows["near2"]["evidence"]["present"] is False
+    assert [(c["reason"], c["size"]) for c in report["clusters"]] == [
+        ("near_threshold", 10), ("upstream_non_2xx", 2), ("wrong_route", 1)]
+    for text in (out.read_text(), md.read_text(), result.output):
+        assert CANARY not in text
+
+
+def test_a_packet_is_metadata_only_unless_asked_from_a_raw_local_directory(
+        tmp_path, audit_dir):
+    review = raw_local(tmp_path, ["near1"])
+    packet = tmp_path / "packet.json"
+    result = runner.invoke(app, ["review", "packet", "--dir", str(audit_dir),
+                                 "--prompt-dir", str(review), "--output", str(packet)])
+    assert result.exit_code == 0, result.output
+    assert CANARY not in packet.read_text()
+    result = runner.invoke(app, ["review", "packet", "--dir", str(audit_dir),
+                                 "--prompt-dir", str(review), "--output", str(packet),
+                                 "--include-prompt-text"])
+    assert result.exit_code == 0, result.output
+    rows = {r["candidate"]["request_id"]: r for r in json.loads(packet.read_text())["rows"]}
+    assert rows["near1"]["prompt_text"] == f"{CANARY} near1"
+    assert rows["near2"]["prompt_text"] is None
+
+
+def test_prompt_text_is_refused_from_redacted_captures_and_to_stdout(tmp_path, audit_dir):
+    redacted = tmp_path / "redacted"
+    redacted.mkdir()
+    (redacted / "captures.jsonl").write_text(json.dumps({
+        "type": "PromptReviewCaptured", "request_id": "near1", "route_id": "deep",
+        "reason": "semantic", "messages": [{"role": "user", "content": "[REDACTED:sk]"}],
+        "original_chars": 40}) + "\n")
+    result = runner.invoke(app, ["review", "packet", "--dir", str(audit_dir), "--prompt-dir",
+                                 str(redacted), "--output", str(tmp_path / "p.json"),
+                                 "--include-prompt-text"])
+    assert result.exit_code == 1
+    assert "only from a raw_local directory" in result.output
+    result = runner.invoke(app, ["review", "packet", "--dir", str(audit_dir), "--output", "-"])
+    assert result.exit_code == 1
+    assert "local file" in result.output
+
+
+def test_tune_from_scores_turns_the_saved_evidence_into_a_diff(tmp_path, lite_deep_copy):
+    ledger = Ledger()
+    ledger.configure({"lite": 0.6, "deep": 0.6}, "lite", None)
+    at = utc_now() - timedelta(hours=2)
+    for i in range(80):
+        ledger.decide(view(decided(f"r{i}", "deep", 0.57, at=at)))
+        ledger.report(view(outcome(f"r{i}", "deep", at=at)))
+    state_dir = tmp_path / "scorer"
+    state_dir.mkdir()
+    write_state(state_dir, msgspec.msgpack.encode(State(ledger=ledger.snapshot())))
+    result = runner.invoke(app, ["tune", "--config", str(lite_deep_copy), "--from-scores",
+                                 "--state-dir", str(state_dir), "--apply"])
+    assert result.exit_code == 0, result.output
+    assert "-    threshold: 0.60\n+    threshold: 0.55" in result.output
+    assert "threshold: 0.55" in lite_deep_copy.read_text()
+    assert lite_deep_copy.with_name("lite-deep.yaml.bak").is_file()
+
+
+def test_tune_from_scores_below_the_minimum_proposes_nothing(tmp_path, lite_deep_copy):
+    state_dir = tmp_path / "scorer"
+    state_dir.mkdir()
+    write_state(state_dir, msgspec.msgpack.encode(State(ledger=Ledger().snapshot())))
+    result = runner.invoke(app, ["tune", "--config", str(lite_deep_copy), "--from-scores",
+                                 "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    assert "no change proposed" in result.output
