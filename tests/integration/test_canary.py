@@ -1,9 +1,10 @@
 """Never the prompt, on any channel: a canary string in every part of the requests (system
 and user messages, tool definitions, tool-call arguments, a tool result, a streamed
 request, an upstream error, a malformed body) reaches no topic, spool, dead letter, log
-line, metric, span or audit record. Review capture is on (redacted) and the broker is
-paused, so events spill to the spool: the one place the prompt may go is the review
-capture's own topic and directory, with its secrets masked."""
+line, metric, span, audit record, drift or scorer state, review candidate or packet.
+Review capture is on (redacted) and the broker is paused, so events spill to the spool:
+the one place the prompt may go is the review capture's own topic and directory, with its
+secrets masked."""
 
 import asyncio
 import json
@@ -14,9 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from typer.testing import CliRunner
 
 from routemesh.contracts import TOPICS, decode_event
-from routemesh.contracts.topics import PROMPTS_REVIEW, ROUTE_DECISIONS
+from routemesh.contracts.topics import PROMPTS_REVIEW, ROUTE_DECISIONS, ROUTE_SCORES
+from routemesh.services.cli.main import app
 from routemesh.services.runtime.settings import ServiceSettings
 from tests.integration.conftest import start_gateway, start_service, wait_until_ready
 from tests.integration.otlp_sink import OtlpSink
@@ -25,6 +28,8 @@ from tests.services.gateway.conftest import Behaviour, Served, fake_upstream
 pytestmark = [pytest.mark.broker, pytest.mark.model, pytest.mark.slow]
 CANARY = "CANARY-everywhere-9d41"
 SECRET = "sk-canarysecret0123456789"
+SERVICES = {"routemesh-gateway", "routemesh-audit-writer", "routemesh-scorer",
+            "routemesh-drift-detector"}
 
 
 def _requests() -> list[dict]:
@@ -83,6 +88,14 @@ async def test_the_canary_reaches_no_topic_spool_dead_letter_log_metric_span_or_
         writer, writer_metrics, writer_log = start_service(
             "audit-writer", settings, tmp_path, ROUTEMESH_AUDIT_DIR=str(audit_dir),
             ROUTEMESH_AUDIT_JOIN_WINDOW_S="2", **common)
+        scorer, scorer_metrics, scorer_log = start_service(
+            "scorer", settings, tmp_path, ROUTEMESH_SCORER_STATE_DIR=str(tmp_path / "scorer"),
+            ROUTEMESH_SCORER_PUBLISH_INTERVAL_S="0.5", **common)
+        drift, drift_metrics, drift_log = start_service(
+            "drift-detector", settings, tmp_path,
+            ROUTEMESH_DRIFT_STATE_DIR=str(tmp_path / "drift"), **common)
+        consumers = [(writer, writer_metrics, writer_log), (scorer, scorer_metrics, scorer_log),
+                     (drift, drift_metrics, drift_log)]
         gateway, port, metrics, log = start_gateway(
             settings, tmp_path, f"{upstream.url}/v1", ROUTEMESH_AUTH_ENABLED="false",
             ROUTEMESH_PUBLISH_QUEUE_SIZE="1", ROUTEMESH_REVIEW_CAPTURE="redacted",
@@ -90,7 +103,8 @@ async def test_the_canary_reaches_no_topic_spool_dead_letter_log_metric_span_or_
         chats = 0
         try:
             await wait_until_ready(metrics, gateway, log)
-            await wait_until_ready(writer_metrics, writer, writer_log)
+            for process, port_, log_ in consumers:
+                await wait_until_ready(port_, process, log_)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
                                          timeout=60) as client:
 
@@ -119,31 +133,37 @@ async def test_the_canary_reaches_no_topic_spool_dead_letter_log_metric_span_or_
                 finally:
                     own_broker.resume()
                 await traffic()
-                scraped = [(await client.get(f"http://127.0.0.1:{m}/metrics")).text
-                           for m in (metrics, writer_metrics)]
+                outcome = await client.post("/v1/outcomes", json={
+                    "request_id": "unknown-request", "correct_route": False})
+                assert outcome.status_code == 202
 
-            # Every decision is on Kafka and in the audit trail before anything is read.
+            # Every decision is on Kafka and in the audit trail, and the scorer published
+            # figures covering them, before anything is read.
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                decisions = (await _all_records(own_broker.bootstrap,
-                                                [settings.topic(ROUTE_DECISIONS)]))
+                found = await _all_records(own_broker.bootstrap, [
+                    settings.topic(ROUTE_DECISIONS), settings.topic(ROUTE_SCORES)])
+                decisions, scores = found.values()
                 audit_lines = b"".join(_files_under(audit_dir).values()).count(b"\n")
-                if len(next(iter(decisions.values()))) >= chats and audit_lines >= chats:
+                scored = max((decode_event(r.value).decisions for r in scores), default=0)
+                if len(decisions) >= chats and audit_lines >= chats and scored >= chats:
                     break
                 await asyncio.sleep(1)
+            async with httpx.AsyncClient(timeout=10) as client:
+                scraped = [(await client.get(f"http://127.0.0.1:{m}/metrics")).text
+                           for m in (metrics, writer_metrics, scorer_metrics, drift_metrics)]
         finally:
-            for process in (gateway, writer):
+            processes = [gateway] + [process for process, _, _ in consumers]
+            for process in processes:
                 process.send_signal(signal.SIGTERM)
-            codes = [process.wait(30) for process in (gateway, writer)]
+            codes = [process.wait(30) for process in processes]
         # The services flushed their spans at shutdown; give the sink a moment to take them.
         deadline = time.monotonic() + 10
-        while not {"routemesh-gateway", "routemesh-audit-writer"} <= {
-            s for s, _ in sink.spans()
-        } and time.monotonic() < deadline:
+        while not {s for s, _ in sink.spans()} >= SERVICES and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         spans = sink.dump()
         exporters = {s for s, _ in sink.spans()}
-    assert codes == [0, 0], log.read_text()[-3000:]
+    assert codes == [0, 0, 0, 0], log.read_text()[-3000:]
     assert spooled, "the paused broker made the gateway spool its events"
 
     records = await _all_records(own_broker.bootstrap, [settings.topic(t) for t in TOPICS])
@@ -164,8 +184,24 @@ async def test_the_canary_reaches_no_topic_spool_dead_letter_log_metric_span_or_
         assert SECRET.encode() not in content, path
     for path, content in _files_under(audit_dir).items():
         assert CANARY.encode() not in content, path
-    for text in (log.read_text(), (tmp_path / "audit-writer.log").read_text(), *scraped, spans):
+    for directory in (tmp_path / "scorer", tmp_path / "drift"):
+        assert _files_under(directory), directory
+        for path, content in _files_under(directory).items():
+            assert CANARY.encode() not in content, path
+    review = [["review", "candidates", "--dir", str(audit_dir), "--prompt-dir", str(review_dir),
+               "--json-output", str(tmp_path / "candidates.json")],
+              ["review", "packet", "--dir", str(audit_dir), "--prompt-dir", str(review_dir),
+               "--output", str(tmp_path / "packet.json")]]
+    outputs = []
+    for args in review:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+    outputs += [(tmp_path / name).read_text() for name in ("candidates.json", "packet.json")]
+    logs = [(tmp_path / f"{name}.log").read_text() for name in ("audit-writer", "scorer",
+                                                                 "drift-detector")]
+    for text in (log.read_text(), *logs, *scraped, spans, *outputs):
         assert CANARY not in text
         assert SECRET not in text
     assert "routemesh.decide" in spans
-    assert exporters == {"routemesh-gateway", "routemesh-audit-writer"}, "both services' spans"
+    assert exporters == SERVICES, "every service's spans"
