@@ -30,29 +30,29 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import CompletionObserved, encode_event
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
 from routemesh.services.drift_detector import Detector
 from routemesh.services.drift_detector.service import SPEC, DriftDetectorSettings
-from routemesh.services.runtime.consumer import EventConsumer
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
 from routemesh.services.runtime.kafka import create_topics
 from routemesh.services.runtime.service import ServiceContext, build_context
 from routemesh.services.runtime.stats import Percentiles
 
-# The synthetic streams the detector's tests use.
+# The synthetic streams the detector's tests use, and the readers it is measured against.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.readers import raw_reader, runtime_reader, service_reader
 from tests.services.drift_detector.streams import healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["small-model", "large-model"]
 PRESETS = ("low", "normal", "high")
+TOPICS = (LLM_OBSERVATIONS, ROUTE_DECISIONS)
 
 
 async def publish(settings: DriftDetectorSettings, n: int) -> None:
@@ -84,91 +84,12 @@ async def publish(settings: DriftDetectorSettings, n: int) -> None:
         await producer.stop()
 
 
-class Clock:
-    """Times a reader from its first events to its last, so joining the group (seconds on
-    the embedded broker) is not counted as reading."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.seen, self.first = n, 0, 0.0
-
-    def saw(self, count: int) -> None:
-        if count and not self.first:
-            self.first = time.perf_counter()
-        self.seen += count
-
-    def rate(self) -> float:
-        return self.n / (time.perf_counter() - self.first)
-
-    async def done(self) -> float:
-        while self.seen < self.n:
-            await asyncio.sleep(0.002)
-        return self.rate()
-
-
-async def raw_reader(settings: DriftDetectorSettings, n: int) -> float:
-    consumer = AIOKafkaConsumer(settings.topic(LLM_OBSERVATIONS),
-                                bootstrap_servers=settings.kafka_bootstrap_servers,
-                                group_id=f"raw-{time.monotonic_ns()}",
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    clock = Clock(n)
-    try:
-        while clock.seen < n:
-            batch = await consumer.getmany(timeout_ms=100, max_records=2000)
-            clock.saw(sum(len(records) for records in batch.values()))
-        return clock.rate()
-    finally:
-        await consumer.stop()
-
-
-class Counting:
-    """The consume-only handler: counts, makes nothing durable that needs waiting for."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-
-    async def handle(self, deliveries, offsets) -> None:
-        self.clock.saw(len(deliveries))
-
-    def revoked(self, partitions) -> None:
-        pass
-
-
-async def runtime_reader(ctx: ServiceContext, n: int) -> float:
-    clock = Clock(n)
-    consumer = EventConsumer(ctx.settings, [LLM_OBSERVATIONS, ROUTE_DECISIONS],
-                             group_id=f"noop-{time.monotonic_ns()}", handler=Counting(clock),
-                             dead_letters=ctx.dead_letters, registry=ctx.registry,
-                             service="bench", batch_max_records=2000)
-    await consumer.start()
-    try:
-        return await clock.done()
-    finally:
-        await consumer.stop()
-
-
 async def detector_reader(ctx: ServiceContext, n: int, per_event_us: list[float]) -> float:
     settings = ctx.settings.model_copy(update={
         "drift_state_dir": Path(tempfile.mkdtemp(prefix="routemesh-bench-drift-"))})
     service = SPEC.factory(dataclasses.replace(ctx, settings=settings,
                                                registry=CollectorRegistry()))
-    service.consumer.group_id = f"drift-{time.monotonic_ns()}"
-    handle = service.handle
-    clock = Clock(n)
-
-    async def timed(deliveries, offsets) -> None:
-        started = time.perf_counter()
-        await handle(deliveries, offsets)
-        if deliveries:
-            per_event_us.append((time.perf_counter() - started) / len(deliveries) * 1e6)
-        clock.saw(len(deliveries))
-
-    service.handle = timed  # type: ignore[method-assign]
-    await service.start()
-    try:
-        return await clock.done()
-    finally:
-        await service.stop()
+    return await service_reader(service, n, per_event_us)
 
 
 async def throughput(broker: EmbeddedBroker, n: int) -> None:
@@ -183,8 +104,8 @@ async def throughput(broker: EmbeddedBroker, n: int) -> None:
     await ctx.producer.start()
     try:
         for _ in range(2):
-            rates["raw"].append(await raw_reader(settings, n))
-            rates["runtime"].append(await runtime_reader(ctx, n))
+            rates["raw"].append(await raw_reader(settings, [LLM_OBSERVATIONS], n))
+            rates["runtime"].append(await runtime_reader(ctx, TOPICS, n))
             rates["detector"].append(await detector_reader(ctx, n, per_event_us))
     finally:
         await ctx.producer.stop()

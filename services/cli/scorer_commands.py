@@ -80,6 +80,17 @@ def read_outcomes(paths: list[Path]) -> dict[str, OutcomeView]:
     return found
 
 
+class _WithId:
+    """An audit record's part as the event it came from: its fields and the record's
+    request id."""
+
+    def __init__(self, part: object, request_id: str) -> None:
+        self._part, self.request_id = part, request_id
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._part, name)
+
+
 def audit_requests(directory: Path, since: str | None, max_files: int,
                    outcomes: dict[str, OutcomeView]) -> Iterator[Request]:
     """Each request of the audit period with its outcome, decision and observation
@@ -90,13 +101,12 @@ def audit_requests(directory: Path, since: str | None, max_files: int,
     for record, _ in recent.records:
         request = requests.setdefault(record.request_id, Request())
         if record.decision is not None and request.decision is None:
-            request.decision = msgspec.convert(
-                {**msgspec.structs.asdict(record.decision), "request_id": record.request_id},
-                DecisionView, from_attributes=True)
+            request.decision = msgspec.convert(_WithId(record.decision, record.request_id),
+                                               DecisionView, from_attributes=True)
         if record.observation is not None and request.observation is None:
             request.observation = msgspec.convert(
-                {**msgspec.structs.asdict(record.observation),
-                 "request_id": record.request_id}, ObservationView, from_attributes=True)
+                _WithId(record.observation, record.request_id), ObservationView,
+                from_attributes=True)
     for request_id, request in requests.items():
         request.outcome = outcomes.get(request_id)
         yield request

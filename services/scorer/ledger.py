@@ -97,8 +97,9 @@ class Bucket(msgspec.Struct, kw_only=True):
     advice: dict[str, dict[int, int]] = {}
 
 
-class Entry(msgspec.Struct, kw_only=True):
-    """One request waiting for the rest of its events."""
+class Entry(msgspec.Struct, kw_only=True, array_like=True):
+    """One request waiting for the rest of its events. Once it has them all only the
+    fact stays (``done``), so a duplicate outcome is still known as one."""
 
     decision: DecisionView | None = None
     observation: ObservationView | None = None
@@ -106,6 +107,7 @@ class Entry(msgspec.Struct, kw_only=True):
     # The first event's time (epoch seconds): the horizon counts from it.
     seen: float = 0.0
     scored: bool = False
+    done: bool = False
 
 
 class Snapshot(msgspec.Struct, kw_only=True):
@@ -179,7 +181,7 @@ class Ledger:
 
     def decide(self, d: DecisionView) -> None:
         entry = self._entry(d.request_id, d.occurred_at)
-        if entry.decision is not None:
+        if entry.decision is not None or entry.done:
             return
         entry.decision = d
         semantic = semantic_of(d)
@@ -202,13 +204,13 @@ class Ledger:
 
     def observe(self, o: ObservationView, at: datetime) -> None:
         entry = self._entry(o.request_id, at)
-        if entry.observation is None:
+        if entry.observation is None and not entry.done:
             entry.observation = o
             self._joined(o.request_id, entry)
 
     def report(self, o: OutcomeView) -> None:
         entry = self._entry(o.request_id, o.occurred_at)
-        if entry.outcome is not None:
+        if entry.outcome is not None or entry.done:
             self.duplicate_outcomes += 1
             return
         entry.outcome = o
@@ -227,6 +229,9 @@ class Ledger:
             self.candidates[request_id] = found
             while len(self.candidates) > self.limits.max_candidates:
                 self.candidates.popitem(last=False)
+        if entry.scored and entry.observation is not None:
+            entry.decision = entry.observation = entry.outcome = None
+            entry.done = True
 
     def _score(self, d: DecisionView, o: OutcomeView) -> None:
         bucket = self._bucket(d.occurred_at)

@@ -1,6 +1,7 @@
 """The fields of each event the scorer reads, and what a decision and its outcome say
 about the threshold that made it. Pure: the service, `routemesh review` and
-`routemesh tune` all judge with these."""
+`routemesh tune` all judge with these. The views are saved with the scorer's state as
+arrays (no field names), which keeps a waiting request small."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import msgspec
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
 
 
-class AttemptView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class AttemptView(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
     layer: str
     selected_route: str | None = None
     confidence: float | None = None
@@ -21,7 +22,7 @@ class AttemptView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     error: str | None = None
 
 
-class DecisionView(msgspec.Struct, frozen=True, kw_only=True):
+class DecisionView(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     request_id: str
     occurred_at: datetime
     route_id: str
@@ -34,20 +35,19 @@ class DecisionView(msgspec.Struct, frozen=True, kw_only=True):
     required_margin: float | None = None
     attempts: tuple[AttemptView, ...] = ()
     decision_latency_ms: float = 0.0
-    config_sha256: str | None = None
     match_source: str | None = None
     match_index: int | None = None
     match_text_sha256: str | None = None
 
 
-class ObservationView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class ObservationView(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
     request_id: str
     upstream_status: int | None = None
     duration_ms: float = 0.0
     error_class: str | None = None
 
 
-class OutcomeView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class OutcomeView(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
     request_id: str
     occurred_at: datetime
     correct_route: bool | None = None
