@@ -101,6 +101,7 @@ async def throughput(broker: EmbeddedBroker, requests: int, outcome_share: float
         kafka_bootstrap_servers=broker.bootstrap, kafka_idempotent_producer=False,
         topic_prefix="bench.", router_config=ROOT / "deploy/examples/lite-deep.yaml")
     await create_topics(settings)
+    print(f"publishing {requests} requests' events ...", flush=True)
     n = await publish(settings, requests, outcome_share)
     rates: dict[str, list[float]] = {"raw": [], "runtime": [], "scorer": []}
     per_event_us: list[float] = []
@@ -108,7 +109,8 @@ async def throughput(broker: EmbeddedBroker, requests: int, outcome_share: float
     ctx = build_context(SPEC, settings)
     await ctx.producer.start()
     try:
-        for _ in range(2):
+        for round_ in (1, 2):
+            print(f"reading, round {round_} of 2 ...", flush=True)
             rates["raw"].append(await raw_reader(settings, TOPICS, n))
             rates["runtime"].append(await runtime_reader(ctx, TOPICS, n))
             rates["scorer"].append(await scorer_reader(ctx, n, per_event_us, saves))
