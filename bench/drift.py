@@ -30,12 +30,12 @@ import random
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from routemesh.contracts import CompletionObserved, encode_event
+from routemesh.contracts import CompletionObserved
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
 from routemesh.services.drift_detector import Detector
 from routemesh.services.drift_detector.service import SPEC, DriftDetectorSettings
@@ -46,7 +46,7 @@ from routemesh.services.runtime.stats import Percentiles
 
 # The synthetic streams the detector's tests use, and the readers it is measured against.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.readers import raw_reader, runtime_reader, service_reader
+from bench.stream_bench import publish_events, raw_reader, runtime_reader, service_reader
 from tests.services.drift_detector.streams import healthy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,33 +55,18 @@ PRESETS = ("low", "normal", "high")
 TOPICS = (LLM_OBSERVATIONS, ROUTE_DECISIONS)
 
 
-async def publish(settings: DriftDetectorSettings, n: int) -> None:
+def observations(n: int) -> Iterator[CompletionObserved]:
     rng = random.Random(1)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
-    topic = settings.topic(LLM_OBSERVATIONS)
-    try:
-        pending = []
-        for i in range(n):
-            view = healthy(rng, i, model=MODELS[i % 2], route="lite" if i % 2 else "deep")
-            event = CompletionObserved(request_id=f"r{i}", route_id=view.route_id,
-                                       target_model=view.target_model,
-                                       occurred_at=view.occurred_at,
-                                       upstream_status=view.upstream_status,
-                                       completion_tokens=view.completion_tokens,
-                                       finish_reason=view.finish_reason,
-                                       tools_requested=view.tools_requested,
-                                       tools_used=view.tools_used, ttft_ms=view.ttft_ms,
-                                       duration_ms=300.0)
-            pending.append(await producer.send(topic, encode_event(event),
-                                               key=event.request_id.encode()))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending = []
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
+    for i in range(n):
+        view = healthy(rng, i, model=MODELS[i % 2], route="lite" if i % 2 else "deep")
+        yield CompletionObserved(request_id=f"r{i}", route_id=view.route_id,
+                                 target_model=view.target_model, occurred_at=view.occurred_at,
+                                 upstream_status=view.upstream_status,
+                                 completion_tokens=view.completion_tokens,
+                                 finish_reason=view.finish_reason,
+                                 tools_requested=view.tools_requested,
+                                 tools_used=view.tools_used, ttft_ms=view.ttft_ms,
+                                 duration_ms=300.0)
 
 
 async def detector_reader(ctx: ServiceContext, n: int, per_event_us: list[float]) -> float:
@@ -97,7 +82,7 @@ async def throughput(broker: EmbeddedBroker, n: int) -> None:
         kafka_bootstrap_servers=broker.bootstrap, kafka_idempotent_producer=False,
         topic_prefix="bench.", router_config=ROOT / "deploy/examples/lite-deep.yaml")
     await create_topics(settings)
-    await publish(settings, n)
+    await publish_events(settings, observations(n))
     rates: dict[str, list[float]] = {"raw": [], "runtime": [], "detector": []}
     per_event_us: list[float] = []
     ctx = build_context(SPEC, settings)

@@ -23,13 +23,13 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from routemesh.contracts import encode_event
+from routemesh.contracts import Event
 from routemesh.contracts.events import utc_now
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
@@ -39,47 +39,31 @@ from routemesh.services.runtime.stats import Percentiles
 from routemesh.services.scorer.service import SPEC, ScorerSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.readers import raw_reader, runtime_reader, service_reader
+from bench.stream_bench import publish_events, raw_reader, runtime_reader, service_reader
 from tests.services.scorer.events import decided, observed, outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = (ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES)
 
 
-async def publish(settings: ScorerSettings, requests: int, outcome_share: float) -> int:
+def traffic(requests: int, outcome_share: float) -> Iterator[Event]:
+    """Decisions and observations, and outcomes for ``outcome_share`` of the requests:
+    some before their decision, some hours late, a few twice."""
     rng = random.Random(1)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
     start = utc_now() - timedelta(hours=12)
-    sent = 0
-    try:
-        pending = []
-        for i in range(requests):
-            at = start + timedelta(seconds=i * 0.3)
-            top = rng.choice(["lite", "deep"])
-            events = [decided(f"r{i}", top, rng.uniform(0.3, 1.0), at=at,
-                              latency_ms=rng.uniform(3, 30)),
-                      observed(f"r{i}", at=at, status=200 if rng.random() > 0.01 else 502)]
-            if rng.random() < outcome_share:
-                truth = top if rng.random() < 0.9 else rng.choice(["lite", "deep"])
-                late = outcome(f"r{i}", truth, at=at + timedelta(hours=rng.choice([0, 1, 6])))
-                events.insert(0 if rng.random() < 0.05 else 2, late)
-                if rng.random() < 0.02:
-                    events.append(late)
-            for event in events:
-                topic = {"RouteDecided": ROUTE_DECISIONS, "CompletionObserved": LLM_OBSERVATIONS,
-                         "OutcomeReported": ROUTE_OUTCOMES}[type(event).__name__]
-                pending.append(await producer.send(settings.topic(topic), encode_event(event),
-                                                   key=event.request_id.encode()))
-                sent += 1
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending = []
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return sent
+    for i in range(requests):
+        at = start + timedelta(seconds=i * 0.3)
+        top = rng.choice(["lite", "deep"])
+        events = [decided(f"r{i}", top, rng.uniform(0.3, 1.0), at=at,
+                          latency_ms=rng.uniform(3, 30)),
+                  observed(f"r{i}", at=at, status=200 if rng.random() > 0.01 else 502)]
+        if rng.random() < outcome_share:
+            truth = top if rng.random() < 0.9 else rng.choice(["lite", "deep"])
+            late = outcome(f"r{i}", truth, at=at + timedelta(hours=rng.choice([0, 1, 6])))
+            events.insert(0 if rng.random() < 0.05 else 2, late)
+            if rng.random() < 0.02:
+                events.append(late)
+        yield from events
 
 
 async def scorer_reader(ctx: ServiceContext, n: int, per_event_us: list[float],
@@ -102,7 +86,7 @@ async def throughput(broker: EmbeddedBroker, requests: int, outcome_share: float
         topic_prefix="bench.", router_config=ROOT / "deploy/examples/lite-deep.yaml")
     await create_topics(settings)
     print(f"publishing {requests} requests' events ...", flush=True)
-    n = await publish(settings, requests, outcome_share)
+    n = await publish_events(settings, traffic(requests, outcome_share))
     rates: dict[str, list[float]] = {"raw": [], "runtime": [], "scorer": []}
     per_event_us: list[float] = []
     saves: list[tuple[float, int]] = []

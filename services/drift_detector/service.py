@@ -43,7 +43,7 @@ from routemesh.services.drift_detector.store import (
     read_state,
     write_state,
 )
-from routemesh.services.router import PASSTHROUGH_ROUTE, ConfigError, load_config
+from routemesh.services.router import PASSTHROUGH_ROUTE, WatchedConfig
 from routemesh.services.runtime.consumer import (
     Checkpoints,
     Delivery,
@@ -144,7 +144,7 @@ class DriftDetector:
         self._delays = self._backoff.delays()
         self._retry_at = 0.0
         self._last_save = self._last_check = 0.0
-        self._config_watch: FileWatch | None = None
+        self.config = WatchedConfig(settings.router_config, settings.router_config_name)
         self._pin_watch = FileWatch([self.pin_path])
 
     # -- lifecycle --------------------------------------------------------------------
@@ -256,26 +256,18 @@ class DriftDetector:
     # -- inputs that may change while running -----------------------------------------
 
     def _refresh_inputs(self) -> None:
-        if self._config_watch is not None and self._config_watch.changed():
+        if self.config.changed():
             self._load_known()
         if self._pin_watch.changed():
             self._load_pin()
 
     def _load_known(self) -> None:
-        path = self.settings.router_config
-        if path is None:
-            return
-        try:
-            loaded = load_config(path, self.settings.router_config_name)
-        except ConfigError as exc:
-            log.warning("routing config not read; keeping the known models and routes",
-                        extra={"error": str(exc)})
-            self._config_watch = self._config_watch or FileWatch([path])
+        loaded = self.config.load()
+        if loaded is None:
             return
         routes = loaded.config.routes
         self.detector.known({r.target_model for r in routes},
                             {r.id for r in routes} | {PASSTHROUGH_ROUTE})
-        self._config_watch = FileWatch(loaded.files)
 
     def _load_pin(self) -> None:
         try:

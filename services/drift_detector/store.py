@@ -10,7 +10,7 @@ import msgspec
 from routemesh.contracts import DriftAlert
 from routemesh.contracts.events import utc_now
 from routemesh.services.drift_detector.detector import ALL_ROUTES, Pinned, Snapshot
-from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.files import read_if_present, write_atomically
 
 STATE_FILE = "state.msgpack"
 PIN_FILE = "pinned-baseline.json"
@@ -27,11 +27,8 @@ class State(msgspec.Struct, kw_only=True):
 
 
 def read_state(state_dir: Path) -> State | None:
-    try:
-        data = (state_dir / STATE_FILE).read_bytes()
-    except FileNotFoundError:
-        return None
-    return msgspec.msgpack.decode(data, type=State)
+    data = read_if_present(state_dir / STATE_FILE)
+    return None if data is None else msgspec.msgpack.decode(data, type=State)
 
 
 def write_state(state_dir: Path, data: bytes) -> None:

@@ -36,6 +36,7 @@ from routemesh.services.router.factory import (
     load_router,
     open_qdrant,
 )
+from routemesh.services.router.watch import WatchedConfig
 
 __all__ = [
     "AUTO_MODEL",
@@ -53,6 +54,7 @@ __all__ = [
     "RoutingConfig",
     "StaleBankError",
     "UnknownRouteError",
+    "WatchedConfig",
     "build_dense_encoder",
     "build_route_bank",
     "compare",

@@ -37,6 +37,14 @@ class FileWatch:
         return True
 
 
+def read_if_present(path: Path) -> bytes | None:
+    """The file's content, or None when there is no such file (a first start)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
 def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so a reader (or a restart after a crash) sees the old
     content or the new, never a part. ``durable``: on disk before returning, the rename

@@ -26,14 +26,13 @@ from pydantic import Field
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided, RouteScores
 from routemesh.contracts.events import utc_now
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
-from routemesh.services.router import ConfigError, load_config
+from routemesh.services.router import WatchedConfig
 from routemesh.services.runtime.consumer import (
     Checkpoints,
     Delivery,
     OffsetTracker,
     PartitionKey,
 )
-from routemesh.services.runtime.files import FileWatch
 from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
@@ -184,8 +183,8 @@ class Scorer:
             poll_ms=settings.scorer_poll_ms,
         )
         self.checkpoints = Checkpoints()
+        self.config = WatchedConfig(settings.router_config, settings.router_config_name)
         self._config_path: Path | None = None
-        self._config_watch: FileWatch | None = None
         self._backoff = Backoff(0.5, 30.0)
         self._delays = self._backoff.delays()
         self._retry_at = 0.0
@@ -235,7 +234,7 @@ class Scorer:
         now = time.monotonic()
         if now - self._last_check >= INPUTS_CHECK_S:
             self._last_check = now
-            if self._config_watch is not None and self._config_watch.changed():
+            if self.config.changed():
                 self._load_config()
         due = now - self._last_save >= self.settings.scorer_snapshot_interval_s
         if self.checkpoints.unsaved and due and now >= self._retry_at and await self._save():
@@ -341,21 +340,13 @@ class Scorer:
     # -- the routing config -----------------------------------------------------------
 
     def _load_config(self) -> None:
-        path = self.settings.router_config
-        if path is None:
-            return
-        try:
-            loaded = load_config(path, self.settings.router_config_name)
-        except ConfigError as exc:
-            log.warning("routing config not read; keeping the thresholds known",
-                        extra={"error": str(exc)})
-            self._config_watch = self._config_watch or FileWatch([path])
+        loaded = self.config.load()
+        if loaded is None:
             return
         config = loaded.config
         self.ledger.configure({r.id: r.threshold for r in config.routes},
                               config.default_route, loaded.sha256)
-        self._config_path = path
-        self._config_watch = FileWatch(loaded.files)
+        self._config_path = self.config.path
 
     def _patch(self, route_id: str, threshold: float) -> str:
         if self._config_path is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.files import read_if_present, write_atomically
 from routemesh.services.scorer.ledger import Snapshot
 
 STATE_FILE = "state.msgpack"
@@ -20,11 +20,8 @@ class State(msgspec.Struct, kw_only=True):
 
 
 def read_state(state_dir: Path) -> State | None:
-    try:
-        data = (state_dir / STATE_FILE).read_bytes()
-    except FileNotFoundError:
-        return None
-    return msgspec.msgpack.decode(data, type=State)
+    data = read_if_present(state_dir / STATE_FILE)
+    return None if data is None else msgspec.msgpack.decode(data, type=State)
 
 
 def write_state(state_dir: Path, data: bytes) -> None:

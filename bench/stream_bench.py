@@ -1,20 +1,42 @@
-"""What the stream benches (bench/drift.py, bench/scorer.py) measure a service against:
-a plain aiokafka reader that decodes nothing and the consumer runtime with a handler that
-does nothing, both timed from their first event to their last, and a service's own
-handler timed the same way."""
+"""What the stream benches (bench/drift.py, bench/scorer.py) share: publishing their
+events, and what they measure a service against: a plain aiokafka reader that decodes
+nothing and the consumer runtime with a handler that does nothing, both timed from their
+first event to their last, and a service's own handler timed the same way."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from routemesh.contracts import Topic
+from routemesh.contracts import Event, Topic, encode_event, topic_for_event
 from routemesh.services.runtime.consumer import EventConsumer
 from routemesh.services.runtime.service import ServiceContext
 from routemesh.services.runtime.settings import ServiceSettings
+
+
+async def publish_events(settings: ServiceSettings, events: Iterable[Event]) -> int:
+    """Publish each event to its topic, keyed by request id; the number published."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    sent = 0
+    try:
+        pending = []
+        for event in events:
+            pending.append(await producer.send(
+                settings.topic(topic_for_event(type(event))), encode_event(event),
+                key=event.request_id.encode()))
+            sent += 1
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return sent
 
 
 class Clock:
