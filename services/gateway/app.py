@@ -88,6 +88,25 @@ class _Metrics:
             "routemesh_gateway_upstream_ttft_seconds", "Time to the first streamed byte",
             ["route"], registry=registry,
         )
+        self.upstream_responses = Counter(
+            "routemesh_gateway_upstream_responses_total",
+            "Upstream answers (after retries) by status class; 'none': no answer came",
+            ["route", "status_class"], registry=registry,
+        )
+        self.tokens = Counter(
+            "routemesh_gateway_tokens_total", "Tokens the upstream reported using",
+            ["route", "kind"], registry=registry,
+        )
+
+    def upstream_done(self, route: str, started: float, status: int | None,
+                      stats: CompletionStats | None) -> None:
+        self.upstream.labels(route).observe(time.perf_counter() - started)
+        self.upstream_responses.labels(
+            route, "none" if status is None else f"{status // 100}xx").inc()
+        for kind in ("prompt", "completion"):
+            count = stats.tokens(f"{kind}_tokens") if stats is not None else None
+            if count:
+                self.tokens.labels(route, kind).inc(count)
 
 
 class Publisher(Protocol):
@@ -246,7 +265,7 @@ class Handlers:
         state.publisher.offer(dispatched.observation(
             decision, stream=stream, tools_requested=tools_requested, started=started,
             stats=stats))
-        state.metrics.upstream.labels(decision.route_id).observe(time.perf_counter() - started)
+        state.metrics.upstream_done(decision.route_id, started, dispatched.status, stats)
         failure = dispatched.failure
         if failure is not None:
             return error_response(
@@ -307,8 +326,8 @@ class Handlers:
                 state.publisher.offer(dispatched.observation(
                     decision, stream=True, tools_requested=tools_requested, started=started,
                     stats=stats, ttft_s=first, error_class=error))
-                state.metrics.upstream.labels(decision.route_id).observe(
-                    time.perf_counter() - started)
+                state.metrics.upstream_done(decision.route_id, started, dispatched.status,
+                                            stats)
 
         return StreamingResponse(relay(), media_type="text/event-stream",
                                  headers=_route_headers(decision))

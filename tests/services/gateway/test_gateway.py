@@ -46,6 +46,13 @@ def test_a_chat_completion_is_routed_forwarded_and_observed(client, gateway, beh
     assert (observation.upstream_status, observation.total_tokens) == (200, 18)
     assert observation.finish_reason == "stop"
     assert observation.stream is False
+    metric = gateway.state.registry.get_sample_value
+    assert metric("routemesh_gateway_tokens_total",
+                  {"route": "lite", "kind": "prompt"}) == observation.prompt_tokens
+    assert metric("routemesh_gateway_tokens_total",
+                  {"route": "lite", "kind": "completion"}) == observation.completion_tokens
+    assert metric("routemesh_gateway_upstream_responses_total",
+                  {"route": "lite", "status_class": "2xx"}) == 1
 
 
 def test_streaming_is_relayed_chunk_by_chunk_with_usage(client, gateway, behaviour):
@@ -118,6 +125,8 @@ def test_upstream_failure_after_retries_is_a_502(client, gateway, behaviour):
     assert info.value.body["type"] == "upstream_error"
     observation = only(gateway.publisher.events, CompletionObserved)
     assert (observation.upstream_status, observation.error_class) == (503, "upstream_503")
+    assert gateway.state.registry.get_sample_value(
+        "routemesh_gateway_upstream_responses_total", {"route": "lite", "status_class": "5xx"}) == 1
 
 
 def test_a_stalled_upstream_is_a_504(client, gateway, behaviour):
@@ -127,6 +136,9 @@ def test_a_stalled_upstream_is_a_504(client, gateway, behaviour):
     assert info.value.status_code == 504
     observation = only(gateway.publisher.events, CompletionObserved)
     assert (observation.upstream_status, observation.error_class) == (None, "read_timeout")
+    assert gateway.state.registry.get_sample_value(
+        "routemesh_gateway_upstream_responses_total",
+        {"route": "lite", "status_class": "none"}) == 1
 
 
 def test_an_unreachable_upstream_is_a_502(gateway):
