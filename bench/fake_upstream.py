@@ -1,6 +1,7 @@
 """A minimal OpenAI-compatible upstream for benchmarks: streams three chunks, after a
 latency the benchmark sets with ``POST /control {"latency_ms": N}`` (0 at start: answer at
-once). Run: python bench/fake_upstream.py PORT"""
+once). Run: python bench/fake_upstream.py PORT [HOST] (HOST 127.0.0.1 unless given; compose
+gives 0.0.0.0 to reach it from the other containers)."""
 
 import asyncio
 import json
@@ -47,5 +48,5 @@ async def chat(request: Request):
 if __name__ == "__main__":
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                             Route("/control", control, methods=["POST"])])
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
-                access_log=False)
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    uvicorn.run(app, host=host, port=int(sys.argv[1]), log_level="warning", access_log=False)
