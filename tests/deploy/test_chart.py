@@ -1,0 +1,222 @@
+"""The Helm chart: every template rendered with a few value sets and asserted on, renders
+that must fail with their reason, lint, the values schema, and every manifest validated
+against Kubernetes' own schemas."""
+
+import json
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from .chart import (
+    ALL_ON,
+    CHART,
+    MINIMAL,
+    container,
+    env,
+    find,
+    manifests,
+    merged,
+    render,
+)
+
+KUBERNETES = "1.33.0"
+# Custom resources (Prometheus Operator, KEDA): no schema in kubernetes-validate.
+CUSTOM = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+ROOT = CHART.parents[1]
+
+
+@pytest.mark.parametrize("values", [MINIMAL, ALL_ON], ids=["minimal", "all-on"])
+def test_lint_is_clean_and_every_manifest_validates_strictly(values):
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBERNETES}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+    kinds = set()
+    for doc in manifests(base=values):
+        kinds.add(doc["kind"])
+        if doc["kind"] in CUSTOM:
+            continue
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    assert "Secret" not in kinds
+
+
+def test_the_all_on_render_has_every_kind():
+    kinds = {d["kind"] for d in manifests(base=ALL_ON)}
+    assert kinds == {"ConfigMap", "Deployment", "StatefulSet", "Service", "ServiceAccount",
+                     "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Job",
+                     "Pod", "ServiceMonitor", "PrometheusRule", "ScaledObject"}
+
+
+def test_workloads_run_each_service_hardened_with_probes():
+    docs = manifests()
+    gateway = find(docs, "Deployment", "rm-routemesh-gateway")
+    assert container(gateway)["args"] == ["gateway"]
+    assert container(gateway)["readinessProbe"]["httpGet"] == {"path": "/readyz",
+                                                               "port": "metrics"}
+    assert container(gateway)["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container(gateway)["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]}}
+    pod = gateway["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["initContainers"][0]["command"][:3] == ["routemesh", "bank", "build"]
+    assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replica count"
+    for name in ("audit-writer", "drift-detector", "scorer"):
+        workload = find(docs, "StatefulSet", f"rm-routemesh-{name}")
+        assert workload["spec"]["replicas"] == 1
+        assert container(workload)["args"] == [name]
+        claim = workload["spec"]["volumeClaimTemplates"][0]
+        assert claim["metadata"]["name"] == "data"
+        assert {"name": "data", "mountPath": "/var/lib/routemesh"} in container(
+            workload)["volumeMounts"]
+
+
+def test_secrets_are_referenced_never_given():
+    docs = manifests(base=ALL_ON)
+    gateway = find(docs, "StatefulSet", "rm-routemesh-gateway")
+    variables = env(gateway)
+    assert variables["ROUTEMESH_UPSTREAM_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "openai", "key": "api-key"}
+    assert variables["ROUTEMESH_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kafka-routemesh", "key": "password"}
+    assert variables["CODE_MODEL_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "code-model"
+    assert variables["ROUTEMESH_QDRANT_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "qdrant"
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["auth-keys"]["secret"]["secretName"] == "routemesh-inbound-keys"
+    for doc in docs:
+        for container_ in doc.get("spec", {}).get("template", {}).get("spec", {}).get(
+                "containers", []):
+            for variable in container_.get("env", []):
+                if any(word in variable["name"] for word in ("KEY", "PASSWORD", "TOKEN")) \
+                        and not variable["name"].endswith(("_FILE", "KEYFILE")):
+                    assert "valueFrom" in variable, variable
+
+
+@pytest.mark.parametrize("bad", [
+    {"upstream": {"apiKey": "sk-live-123"}},
+    {"kafka": {"sasl": {"password": "hunter2"}}},
+    {"auth": {"keys": ["my-key"]}},
+])
+def test_the_schema_has_no_place_for_a_secret_value(bad):
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError,
+                                                         match="additional properties"):
+        chart.validate_schema(merged(MINIMAL, bad))
+
+
+def test_the_schema_refuses_a_misspelt_key_and_a_wrong_type():
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError, match="'bootstrapServer' not allowed"):
+            chart.validate_schema(merged(MINIMAL, {"kafka": {"bootstrapServer": "k:9092"}}))
+        with pytest.raises(helm.HelmValuesError, match=r"replicas.*want integer"):
+            chart.validate_schema(merged(MINIMAL, {"services": {"gateway": {"replicas": "2"}}}))
+        chart.validate_schema(MINIMAL)
+
+
+def test_a_config_change_rolls_the_pods():
+    def checksum(values):
+        docs = manifests(values)
+        workload = find(docs, "StatefulSet", "rm-routemesh-scorer")
+        return workload["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    config = {"routeConfig": {"files": {"routes.yaml": ALL_ON["routeConfig"]["files"][
+        "routes.yaml"]}}}
+    edited = {"routeConfig": {"files": {"routes.yaml": ALL_ON["routeConfig"]["files"][
+        "routes.yaml"].replace("0.6", "0.65")}}}
+    assert checksum(config) == checksum(config)
+    assert checksum(config) != checksum(edited)
+    assert checksum({"services": {"scorer": {"env": {"ROUTEMESH_SCORER_MIN_SAMPLES": "80"}}}}) \
+        != checksum({})
+
+
+def test_the_route_config_is_mounted_from_the_chart_or_an_existing_configmap():
+    inline = manifests(base=ALL_ON)
+    config = find(inline, "ConfigMap", "rm-routemesh-routes")
+    assert "default_route: lite" in config["data"]["routes.yaml"]
+    scorer = find(inline, "StatefulSet", "rm-routemesh-scorer")
+    assert env(scorer)["ROUTEMESH_ROUTER_CONFIG"]["value"] == "/etc/routemesh-config/routes.yaml"
+    existing = manifests({"routeConfig": {"existingConfigMap": "my-routes"}})
+    scorer = find(existing, "StatefulSet", "rm-routemesh-scorer")
+    volumes = {v["name"]: v for v in scorer["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["route-config"]["configMap"]["name"] == "my-routes"
+    assert not [d for d in existing if d["kind"] == "ConfigMap"]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"services": {"audit-writer": {"replicas": 2}}},
+     "services.audit-writer.replicas is 2, but it must be 1: the audit writer keeps one "
+     "audit trail in one directory"),
+    ({"services": {"scorer": {"replicas": 3}}},
+     "services.scorer.replicas is 3, but it must be 1"),
+    ({"services": {"gateway": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}},
+     "services.gateway.autoscaling.minReplicas (5) is greater than maxReplicas (2)"),
+    ({"kafka": {"bootstrapServers": ""}},
+     "kafka.bootstrapServers is required: the brokers every service connects to"),
+    ({"services": {"example": {"enabled": True, "replicas": 1, "consumerGroup": "g",
+                               "topics": ["t"], "keda": {"enabled": True, "maxReplicas": 9}}}},
+     "services.example.keda.maxReplicas (9) is more than kafka.partitions (6)"),
+    ({"auth": {"existingSecret": ""}}, "auth.existingSecret is required when auth.enabled"),
+])
+def test_renders_that_must_fail_say_why(values, message):
+    with pytest.raises(helm.HelmRenderError) as info:
+        render(values)
+    assert message in str(info.value)
+
+
+def test_a_new_service_needs_only_a_values_block():
+    docs = manifests(base=ALL_ON)
+    workload = find(docs, "Deployment", "rm-routemesh-example-consumer")
+    assert container(workload)["args"] == ["example-consumer"]
+    find(docs, "Service", "rm-routemesh-example-consumer")
+    scaled = find(docs, "ScaledObject", "rm-routemesh-example-consumer")
+    assert scaled["spec"]["maxReplicaCount"] == 6
+    assert scaled["spec"]["triggers"][0]["metadata"]["consumerGroup"] == \
+        "routemesh-example-consumer"
+    assert scaled["spec"]["triggers"][0]["metadata"]["topic"] == "routemesh.route.decisions.v1"
+
+
+def test_autoscaling_pdb_and_network_policy():
+    docs = manifests(base=ALL_ON)
+    hpa = find(docs, "HorizontalPodAutoscaler", "rm-routemesh-gateway")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource", "Pods"]
+    assert find(docs, "PodDisruptionBudget", "rm-routemesh-gateway")["spec"]["minAvailable"] == 2
+    gateway = find(docs, "NetworkPolicy", "rm-routemesh-gateway")
+    ports = [rule["ports"][0]["port"] for rule in gateway["spec"]["ingress"]]
+    assert ports == [9100, 8080]
+    scorer = find(docs, "NetworkPolicy", "rm-routemesh-scorer")
+    assert [rule["ports"][0]["port"] for rule in scorer["spec"]["ingress"]] == [9100]
+    egress_ports = {p["port"] for rule in scorer["spec"]["egress"] for p in rule["ports"]}
+    assert egress_ports == {53, 9093, 6333, 443, 4318}
+
+
+def test_monitoring_objects_come_from_the_deploy_files():
+    docs = manifests(base=ALL_ON)
+    rule = find(docs, "PrometheusRule", "rm-routemesh")
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy/prometheus/rules.yaml").read_text())
+    dashboard = find(docs, "ConfigMap", "rm-routemesh-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["routemesh.json"]) == json.loads(
+        (ROOT / "deploy/grafana/routemesh.json").read_text())
+    monitor = find(docs, "ServiceMonitor", "rm-routemesh")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+
+
+def test_topics_job_is_a_hook_and_helm_test_calls_the_gateway():
+    docs = manifests()
+    job = find(docs, "Job", "rm-routemesh-topics")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert container(job)["command"][:3] == ["routemesh", "topics", "create"]
+    test = find(docs, "Pod", "rm-routemesh-test")
+    assert test["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = test["spec"]["containers"][0]["command"][2]
+    assert "/v1/models" in script
+    assert "/readyz" in script
+
+
+def test_app_version_is_the_package_version():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'version = "{chart["appVersion"]}"' in pyproject
