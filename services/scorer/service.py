@@ -38,7 +38,7 @@ from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metr
 from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.scorer import patch
 from routemesh.services.scorer.advice import AdvicePolicy
-from routemesh.services.scorer.candidates import CandidatePolicy
+from routemesh.services.scorer.candidates import REASONS, CandidatePolicy
 from routemesh.services.scorer.ledger import Ledger, Limits
 from routemesh.services.scorer.store import State, read_state, write_state
 from routemesh.services.scorer.views import view
@@ -329,9 +329,7 @@ class Scorer:
             m.threshold.labels(window, advice.route_id, "current").set(advice.current_threshold)
             m.threshold.labels(window, advice.route_id, "recommended").set(
                 advice.recommended_threshold)
-        counts: dict[str, int] = dict.fromkeys(
-            ("low_confidence", "embedding_error", "route_error", "upstream_non_2xx",
-             "near_threshold", "near_margin", "slow", "wrong_route"), 0)
+        counts: dict[str, int] = dict.fromkeys(REASONS, 0)
         for cluster in scores.review_clusters:
             counts[cluster.reason] = counts.get(cluster.reason, 0) + cluster.size
         for reason, count in counts.items():
