@@ -245,6 +245,8 @@ async def run(args, broker: EmbeddedBroker) -> None:
                ROUTEMESH_METRICS_HOST="127.0.0.1",
                ROUTEMESH_METRICS_PORT=str(metrics_port),
                ROUTEMESH_LOG_LEVEL="WARNING",
+               # The figures are the encoder's: repeated bench prompts must not hit a cache.
+               ROUTEMESH_EMBEDDING_CACHE_SIZE="0",
                ROUTEMESH_UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1")
     gateway = subprocess.Popen([sys.executable, "-m", "routemesh.services.cli.main", "serve",
                                 "gateway"], env=env, stdout=subprocess.DEVNULL,

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +23,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,7 +46,7 @@ from routemesh.services.gateway.review import Excerpt, redacted_capture, write_r
 from routemesh.services.gateway.scrub import Scrubber
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import UpstreamStreamError, upstream_failed
-from routemesh.services.router import Router, RouteRequest, UnknownRouteError
+from routemesh.services.router import CachingEncoder, Router, RouteRequest, UnknownRouteError
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -109,6 +111,28 @@ class _Metrics:
                 self.tokens.labels(route, kind).inc(count)
 
 
+class _EmbeddingCacheCollector(Collector):
+    """The embedding cache's counts, read from the router in use when scraped (the
+    router core keeps plain counters; a reload that keeps the encoder keeps its cache)."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        encoder = self.state.router.encoder
+        cached = encoder if isinstance(encoder, CachingEncoder) else None
+        hits = CounterMetricFamily("routemesh_gateway_embedding_cache_hits",
+                                   "Texts whose vector came from the embedding cache")
+        misses = CounterMetricFamily("routemesh_gateway_embedding_cache_misses",
+                                     "Texts the encoder had to encode")
+        entries = GaugeMetricFamily("routemesh_gateway_embedding_cache_entries",
+                                    "Vectors held by the embedding cache")
+        hits.add_metric([], cached.hits if cached else 0)
+        misses.add_metric([], cached.misses if cached else 0)
+        entries.add_metric([], len(cached) if cached else 0)
+        yield from (hits, misses, entries)
+
+
 class Publisher(Protocol):
     def offer(self, event: Event) -> None: ...
 
@@ -129,6 +153,7 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.metrics = _Metrics(self.registry)
+        self.registry.register(_EmbeddingCacheCollector(self))
         self.tracer = trace.get_tracer("routemesh.gateway", tracer_provider=self.tracer_provider)
 
 

@@ -39,6 +39,9 @@ class GatewaySettings(ServiceSettings):
     # Embedded default only: build or refresh the route bank in Qdrant local mode at
     # start. Against a Qdrant server the bank is built by `routemesh bank build`.
     bank_autobuild: bool = False
+    # Vectors of the last N distinct texts the encoder saw (0: no cache). Repeated prompts
+    # (retries, templated requests, agent loops) then skip the encoder.
+    embedding_cache_size: int = Field(default=4096, ge=0, le=10_000_000)
     # Inbound auth: on unless turned off (routemesh dev turns it off). Keys are given as
     # sha256 hex digests, comma-separated and/or one per line in a file re-read on change.
     auth_enabled: bool = True

@@ -22,7 +22,7 @@ from routemesh.services.router.config import (
     parse_config,
 )
 from routemesh.services.router.datasets import DatasetError, file_sha256, load_dataset
-from routemesh.services.router.encoders import build_dense_encoder
+from routemesh.services.router.encoders import CachingEncoder, build_dense_encoder
 from routemesh.services.router.evaluate import (
     EvalReport,
     compare,
@@ -41,6 +41,7 @@ from routemesh.services.router.watch import WatchedConfig
 __all__ = [
     "AUTO_MODEL",
     "PASSTHROUGH_ROUTE",
+    "CachingEncoder",
     "ConfigError",
     "DatasetError",
     "EncoderBackend",

@@ -6,6 +6,8 @@ that carries hashes and lengths of the prompt, never its text.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -188,6 +190,9 @@ class Router:
         # as a model named "auto".
         self.aliases: dict[str, str | None] = {AUTO_MODEL: None, **self.config.aliases}
         self._claimed_models = {route.target_model: route.id for route in self.config.routes}
+        # Texts being encoded and matched now: a second request for one waits for the
+        # first instead of encoding it again.
+        self._inflight: dict[str, asyncio.Future[list[RouteMatch]]] = {}
         self._rules = [(rule, _compile(rule)) for rule in self.config.rules]
 
     # -- public API -------------------------------------------------------------------
@@ -223,10 +228,24 @@ class Router:
             return decided
         started = time.perf_counter()
         try:
-            ranked = await self.batcher.submit(draft.semantic_text)
+            ranked = await self._ranked(draft.semantic_text)
         except Exception as exc:
             return self._embedding_error(draft, exc, started)
         return self._semantic(draft, ranked, started)
+
+    async def _ranked(self, text: str) -> list[RouteMatch]:
+        pending = self._inflight.get(text)
+        if pending is None:
+            pending = self._inflight[text] = asyncio.ensure_future(self.batcher.submit(text))
+            pending.add_done_callback(functools.partial(self._landed, text))
+        # Shielded: a caller that goes away does not cancel the others' answer.
+        return await asyncio.shield(pending)
+
+    def _landed(self, text: str, done: asyncio.Future[list[RouteMatch]]) -> None:
+        if self._inflight.get(text) is done:
+            del self._inflight[text]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have gone away
 
     async def aclose(self) -> None:
         await self.batcher.aclose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -300,6 +301,56 @@ class OpenAIEncoder:
             raise EncoderError("embeddings response does not match the request")
         self.dim = vectors.shape[1]
         return _normalised(vectors)
+
+
+class CachingEncoder:
+    """An encoder that keeps the vectors of the last ``size`` distinct texts it encoded
+    (least recently used first out; ``size`` None: all). Repeated prompts (retries,
+    templated requests, agent loops) skip the model. The cache belongs to one encoder, so
+    a text's sha256 is key enough. Thread-safe: encoder calls run in worker threads.
+
+    Written here rather than with functools.lru_cache: a call encodes a batch, and only
+    its misses, in one model call."""
+
+    def __init__(self, inner: DenseEncoder, size: int | None) -> None:
+        self.inner = inner
+        self.name, self.dim = inner.name, inner.dim
+        self.batch_hint, self.parallel_calls = inner.batch_hint, inner.parallel_calls
+        self.size = size
+        self.hits = self.misses = 0
+        self._vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+                for text in texts]
+        found: dict[bytes, np.ndarray] = {}
+        with self._lock:
+            for key in keys:
+                vector = self._vectors.get(key)
+                if vector is not None:
+                    self._vectors.move_to_end(key)
+                    found[key] = vector
+        missing = {key: text for key, text in zip(keys, texts, strict=True)
+                   if key not in found}
+        if missing:
+            for key, vector in zip(missing, self.inner.encode(list(missing.values())),
+                                   strict=True):
+                found[key] = vector
+            with self._lock:
+                for key in missing:
+                    self._vectors[key] = found[key]
+                while self.size is not None and len(self._vectors) > self.size:
+                    self._vectors.popitem(last=False)
+        with self._lock:
+            self.misses += len(missing)
+            self.hits += len(keys) - len(missing)
+        if not keys:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([found[key] for key in keys])
 
 
 def build_dense_encoder(config: EncoderConfig, cache_dir: Path | None = None) -> DenseEncoder:

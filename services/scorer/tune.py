@@ -16,12 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-import numpy as np
 
 from routemesh.services.router import LoadedConfig, RoutingConfig, load_router
 from routemesh.services.router.config import canonical_sha256
 from routemesh.services.router.datasets import EvalItem
-from routemesh.services.router.encoders import DenseEncoder
+from routemesh.services.router.encoders import CachingEncoder, DenseEncoder
 from routemesh.services.scorer.patch import ConfigChange
 from routemesh.services.scorer.views import semantic_of, view
 
@@ -233,24 +232,6 @@ def _variant(loaded: LoadedConfig, scoring: Scoring) -> LoadedConfig:
                         loaded.files)
 
 
-class CachedEncoder:
-    """An encoder that encodes each text once: every scoring tried sees the same texts."""
-
-    def __init__(self, inner: DenseEncoder) -> None:
-        self.inner = inner
-        self.name, self.dim = inner.name, inner.dim
-        self.batch_hint, self.parallel_calls = inner.batch_hint, inner.parallel_calls
-        self._cache: dict[str, np.ndarray] = {}
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            for text, vector in zip(missing, self.inner.encode(missing), strict=True):
-                self._cache[text] = vector
-        return np.stack([self._cache[t] for t in texts]) if texts else \
-            np.zeros((0, self.dim), dtype=np.float32)
-
-
 def tune(loaded: LoadedConfig, encoder: DenseEncoder, items: Sequence[EvalItem], *,
          objective: str = "accuracy", min_accuracy: float | None = None,
          aggressive: bool = False, search_scoring: bool = False, output_tokens: float = 200.0,
@@ -270,7 +251,8 @@ def tune(loaded: LoadedConfig, encoder: DenseEncoder, items: Sequence[EvalItem],
                 if candidate not in scorings:
                     scorings.append(candidate)
     train_items, held_items = split(items)
-    cached = CachedEncoder(encoder)
+    # Every scoring tried sees the same texts: each is encoded once.
+    cached = CachingEncoder(encoder, None)
     best: tuple[tuple, Scoring, Setting, list[Case], list[Case]] | None = None
     baseline: tuple[list[Case], list[Case]] | None = None
     tried = []

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided, encode_event
+from routemesh.services.router import CachingEncoder, Router
 from routemesh.services.runtime.telemetry import JsonFormatter
 from tests.services.gateway.conftest import reconfigure
 
@@ -261,3 +262,20 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_call(gateway,
     observation = only(gateway.publisher.events, CompletionObserved)
     assert observation.stream is True
     assert observation.finish_reason is None
+
+
+def test_a_repeated_prompt_comes_from_the_embedding_cache(gateway):
+    router = gateway.state.router
+    encoder = CachingEncoder(router.encoder, size=16)
+    router.encoder.calls.clear()
+    gateway.state.router = Router(router.loaded, router.matcher, encoder, instance="cached")
+    metric = gateway.state.registry.get_sample_value
+    assert metric("routemesh_gateway_embedding_cache_misses_total") == 0
+    routes = [httpx.post(f"{gateway.url}/v1/route", json={"input": text}).json()["route_id"]
+              for text in ("tell me a joke about cats", "tell me a joke about cats",
+                           "prove that sqrt two is irrational")]
+    assert routes == ["lite", "lite", "deep"]
+    assert router.encoder.calls == [1, 1], "the repeated text was not encoded again"
+    assert metric("routemesh_gateway_embedding_cache_hits_total") == 1
+    assert metric("routemesh_gateway_embedding_cache_misses_total") == 2
+    assert metric("routemesh_gateway_embedding_cache_entries") == 2

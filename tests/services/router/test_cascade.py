@@ -265,7 +265,8 @@ async def test_concurrent_async_decisions_share_batched_encoder_calls(loaded):
     bank = load_snapshot(client, "bank", loaded.config.semantic)
     encoder.calls.clear()
     router = Router(loaded, bank, encoder)
-    texts = ["what is the capital of spain", "prove that sqrt two is irrational"] * 24
+    texts = [f"{text} {n}" for n in range(24)
+             for text in ("what is the capital of spain", "prove that sqrt two is irrational")]
     decisions = await asyncio.gather(
         *(router.adecide(chat(t), f"r{i}") for i, t in enumerate(texts))
     )
@@ -275,6 +276,25 @@ async def test_concurrent_async_decisions_share_batched_encoder_calls(loaded):
     assert max(encoder.calls) <= loaded.config.encoder.batch_size
     sync = [router.decide(chat(t), "s").route_id for t in texts]
     assert [d.route_id for d in decisions] == sync
+
+
+async def test_concurrent_requests_for_one_text_encode_it_once(loaded):
+    encoder = HashingEncoder()
+    client = QdrantClient(":memory:")
+    build_bank(loaded, encoder, client, "bank")
+    bank = load_snapshot(client, "bank", loaded.config.semantic)
+    encoder.calls.clear()
+    router = Router(loaded, bank, encoder)
+    texts = ["what is the capital of spain"] * 10 + ["prove that sqrt two is irrational"] * 10
+    decisions = await asyncio.gather(
+        *(router.adecide(chat(t), f"r{i}") for i, t in enumerate(texts)))
+    assert sum(encoder.calls) == 2
+    assert [d.route_id for d in decisions] == [router.decide(chat(t), "s").route_id
+                                               for t in texts]
+    # Once answered, the next request for the text is encoded again (no cache here).
+    await router.adecide(chat(texts[0]), "later")
+    await router.aclose()
+    assert sum(encoder.calls) == 2 + 20 + 1
 
 
 async def test_an_async_encoder_failure_fails_every_waiter_into_a_fallback(loaded, encoder):

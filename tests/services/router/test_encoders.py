@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from routemesh.services.router.encoders import (
+    CachingEncoder,
     EncoderError,
     MicroBatcher,
     OpenAIEncoder,
@@ -15,6 +16,7 @@ from routemesh.services.router.encoders import (
     term_id,
     tokenize,
 )
+from tests.services.router.conftest import HashingEncoder
 
 
 def test_tokenize_is_lowercase_and_unicode_aware():
@@ -216,3 +218,29 @@ async def test_micro_batcher_fails_the_unanswered_rest_when_a_generator_breaks_o
     await batcher.aclose()
     assert outcomes[0] == 0
     assert all(isinstance(o, RuntimeError) for o in outcomes[1:]), outcomes
+
+
+def test_the_cache_encodes_only_what_it_has_not_seen_and_evicts_the_oldest():
+    inner = HashingEncoder()
+    cache = CachingEncoder(inner, size=2)
+    first = cache.encode(["alpha", "beta", "alpha"])
+    assert inner.calls == [2], "a batch encodes each distinct miss once"
+    assert (cache.hits, cache.misses) == (1, 2)
+    again = cache.encode(["beta", "alpha"])
+    assert inner.calls == [2]
+    np.testing.assert_array_equal(again, first[[1, 0]])
+    assert (cache.hits, cache.misses) == (3, 2)
+    cache.encode(["gamma"])  # beta was used less recently than alpha: it goes
+    assert len(cache) == 2
+    cache.encode(["alpha"])
+    assert inner.calls == [2, 1]
+    cache.encode(["beta"])
+    assert inner.calls == [2, 1, 1]
+    np.testing.assert_array_equal(cache.encode([]), np.zeros((0, inner.dim), np.float32))
+
+
+def test_the_cache_passes_the_encoders_failure_on_and_keeps_nothing():
+    cache = CachingEncoder(HashingEncoder(fail=True), size=8)
+    with pytest.raises(ConnectionError):
+        cache.encode(["alpha"])
+    assert len(cache) == 0
