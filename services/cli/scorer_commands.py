@@ -243,8 +243,9 @@ def tune_command(
     aggressive: Annotated[bool, typer.Option(
         help="Search every threshold on the grid (default: within 0.25 of the current "
              "one); with --from-scores, advice in steps of 0.10 up to three steps.")] = False,
-    min_samples: Annotated[int, typer.Option(
-        min=1, help="--from-scores: outcomes a route needs before advice.")] = 50,
+    min_samples: Annotated[int | None, typer.Option(
+        min=1, help="Evidence a route needs before its threshold moves: training items it "
+                    "tops (default 10), or with --from-scores outcomes (default 50).")] = None,
     search_scoring: Annotated[bool, typer.Option(
         help="Also try the scorings (head, aggregation, dense weight).")] = False,
     output_tokens: Annotated[float, typer.Option(
@@ -266,8 +267,8 @@ def tune_command(
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     if from_scores:
-        _tune_from_scores(config, loaded.config, state_dir, window_h, aggressive, min_samples,
-                          apply)
+        _tune_from_scores(config, loaded.config, state_dir, window_h, aggressive,
+                          min_samples or 50, apply)
         return
     if dataset is None:
         raise fail("give --dataset (a labelled set) or --from-scores", 2)
@@ -280,7 +281,7 @@ def tune_command(
         raise fail(str(exc), 2) from None
     result = tune(loaded, encoder, items, objective=objective, min_accuracy=min_accuracy,
                   aggressive=aggressive, search_scoring=search_scoring,
-                  output_tokens=output_tokens,
+                  output_tokens=output_tokens, min_samples=min_samples or 10,
                   progress=lambda message: err.print(message, highlight=False))
     change = result.change
     _print_tune(result, patch.diff(config, change) if change else "")

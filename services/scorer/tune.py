@@ -132,12 +132,15 @@ def _grid(current: float, aggressive: bool) -> list[float]:
 
 
 def fit_thresholds(cases: Sequence[Case], current: dict[str, float], margin: float,
-                   default: str, aggressive: bool) -> dict[str, float]:
+                   default: str, aggressive: bool, min_samples: int = 1) -> dict[str, float]:
     """Each route's threshold that makes the most training items right (the nearest to
-    the current one on a tie)."""
+    the current one on a tie); a route topping fewer than ``min_samples`` training items
+    keeps its threshold."""
     fitted = dict(current)
     for route, threshold in current.items():
         mine = [c for c in cases if c.fixed is None and c.top == route]
+        if len(mine) < min_samples:
+            continue
         best, best_right = threshold, -1
         for candidate in _grid(threshold, aggressive):
             setting = Setting({**fitted, route: candidate}, margin)
@@ -150,23 +153,20 @@ def fit_thresholds(cases: Sequence[Case], current: dict[str, float], margin: flo
 
 def cheapen(cases: Sequence[Case], setting: Setting, origin: dict[str, float], default: str,
             prices: Prices, min_accuracy: float, aggressive: bool) -> Setting:
-    """From ``setting``, move thresholds one grid step at a time, each time the move that
-    saves the most cost, while training accuracy stays at or above ``min_accuracy`` (and,
-    unless aggressive, each threshold within reach of its ``origin``)."""
+    """From ``setting``, move one threshold at a time to the grid value (within reach of
+    its ``origin`` unless aggressive) that saves the most cost while training accuracy
+    stays at or above ``min_accuracy``, until no move saves any. The whole grid, not the
+    next step: a step that moves no item would stop a search that looks one step ahead."""
     current = setting
     figures = measure(cases, current, default, prices)
     while True:
         best: tuple[Setting, Figures] | None = None
-        for route, threshold in current.thresholds.items():
-            for step in (-GRID_STEP, GRID_STEP):
-                value = round(threshold + step, 2)
-                if not GRID_STEP <= value <= 1 - GRID_STEP or (
-                        not aggressive and abs(value - origin[route]) > NORMAL_REACH + 1e-9):
-                    continue
+        for route in current.thresholds:
+            for value in _grid(origin[route], aggressive):
                 trial = Setting({**current.thresholds, route: value}, current.margin)
                 measured = measure(cases, trial, default, prices)
                 if measured.accuracy >= min_accuracy and measured.cost < figures.cost - 1e-12 \
-                        and (best is None or measured.cost < best[1].cost):
+                        and (best is None or measured.cost < best[1].cost - 1e-12):
                     best = (trial, measured)
         if best is None:
             return current
@@ -235,6 +235,7 @@ def _variant(loaded: LoadedConfig, scoring: Scoring) -> LoadedConfig:
 def tune(loaded: LoadedConfig, encoder: DenseEncoder, items: Sequence[EvalItem], *,
          objective: str = "accuracy", min_accuracy: float | None = None,
          aggressive: bool = False, search_scoring: bool = False, output_tokens: float = 200.0,
+         min_samples: int = 10,
          progress: Callable[[str], None] = lambda message: None) -> TuneResult:
     config = loaded.config
     default = config.default_route
@@ -264,7 +265,7 @@ def tune(loaded: LoadedConfig, encoder: DenseEncoder, items: Sequence[EvalItem],
             baseline = (train, held)
         for margin in sorted(set(MARGINS) | {current.margin}):
             fitted = Setting(fit_thresholds(train, current.thresholds, margin, default,
-                                            aggressive), margin)
+                                            aggressive, min_samples), margin)
             if objective == "cost":
                 assert min_accuracy is not None
                 fitted = cheapen(train, fitted, current.thresholds, default, prices,
