@@ -87,6 +87,16 @@ async def concurrent(router: Router, prompts: list[RouteRequest], concurrency: i
     return len(prompts) / (time.perf_counter() - start)
 
 
+def timed_decisions(router: Router, prompts: list[RouteRequest]) -> list[float]:
+    """Each prompt decided alone, one after another: milliseconds per decision."""
+    timings = []
+    for i, request in enumerate(prompts):
+        t0 = time.perf_counter()
+        router.decide(request, str(i))
+        timings.append((time.perf_counter() - t0) * 1000)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bank-size", type=int, default=10_000)
@@ -110,11 +120,7 @@ def main() -> None:
     for request in prompts[:20]:
         router.decide(request, "warm-up")
 
-    decision_ms = []
-    for i, request in enumerate(prompts):
-        t0 = time.perf_counter()
-        router.decide(request, str(i))
-        decision_ms.append((time.perf_counter() - t0) * 1000)
+    decision_ms = timed_decisions(router, prompts)
 
     texts = [r.match_text("last_user") for r in prompts]
     vectors = encoder.encode(texts)
@@ -141,11 +147,7 @@ def main() -> None:
     cached = Router(router.loaded, bank, CachingEncoder(encoder, None))
     for request in prompts:
         cached.decide(request, "fill")
-    hit_ms = []
-    for i, request in enumerate(prompts):
-        t0 = time.perf_counter()
-        cached.decide(request, str(i))
-        hit_ms.append((time.perf_counter() - t0) * 1000)
+    hit_ms = timed_decisions(cached, prompts)
 
     # The same prompts, in batches of the same size, straight into the encoder.
     size = args.concurrency

@@ -21,14 +21,7 @@ from routemesh.services.gateway.reload import Reloader
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.spool import Spool
 from routemesh.services.gateway.upstream import Upstream
-from routemesh.services.router import (
-    CachingEncoder,
-    Router,
-    build_dense_encoder,
-    load_config,
-    load_router,
-    open_qdrant,
-)
+from routemesh.services.router import Router, load_config, load_router, open_qdrant
 from routemesh.services.runtime.kafka import subscribe_events
 from routemesh.services.runtime.service import (
     ServiceContext,
@@ -53,19 +46,13 @@ def build_router(settings: GatewaySettings, current: Router | None = None) -> Ro
     """The router the settings name: its config, its bank in Qdrant (built first in the
     embedded default), and the current router's encoder when the new config keeps it."""
     key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-    loaded = load_config(settings.router_config, settings.router_config_name)
-    encoder = None
-    kept = current is not None and current.config.encoder == loaded.config.encoder
-    if settings.embedding_cache_size and not kept:
-        encoder = CachingEncoder(build_dense_encoder(loaded.config.encoder),
-                                 settings.embedding_cache_size)
     return load_router(
-        loaded,
+        load_config(settings.router_config, settings.router_config_name),
         qdrant=open_qdrant(settings.qdrant_url, settings.qdrant_path, key),
-        encoder=encoder,
         instance=settings.instance_id or "gateway",
         autobuild=settings.bank_autobuild,
         current=current,
+        embedding_cache=settings.embedding_cache_size,
     )
 
 

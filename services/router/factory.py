@@ -24,7 +24,11 @@ from routemesh.services.router.bank import (
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import LoadedConfig, load_config
 from routemesh.services.router.datasets import DatasetError, file_sha256, load_dataset
-from routemesh.services.router.encoders import DenseEncoder, build_dense_encoder
+from routemesh.services.router.encoders import (
+    CachingEncoder,
+    DenseEncoder,
+    build_dense_encoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +56,24 @@ def load_router(
     instance: str = "",
     autobuild: bool = False,
     current: Router | None = None,
+    embedding_cache: int = 0,
 ) -> Router:
     """Without ``qdrant`` the bank is built in memory from the config; with it, the bank
     must already be built (``routemesh bank build``) and match the config, unless
     ``autobuild`` builds (or refreshes) it first. A ``current`` router's encoder is kept
     when the encoder config did not change: a reload that only edits routes need not
-    load a model again."""
+    load a model again (nor lose its cache). An encoder built here keeps the vectors of
+    the last ``embedding_cache`` distinct texts (0: none)."""
     limit_blas_threads()
     loaded = config if isinstance(config, LoadedConfig) else load_config(config)
     if encoder is None and current is not None and current.encoder is not None and (
         current.config.encoder == loaded.config.encoder
     ):
         encoder = current.encoder
-    encoder = encoder or build_dense_encoder(loaded.config.encoder)
+    if encoder is None:
+        encoder = build_dense_encoder(loaded.config.encoder)
+        if embedding_cache:
+            encoder = CachingEncoder(encoder, embedding_cache)
     collection = default_collection(loaded)
     if qdrant is None:
         qdrant = QdrantClient(":memory:")

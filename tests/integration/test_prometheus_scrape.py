@@ -77,12 +77,16 @@ def test_prometheus_scrapes_every_service_and_reads_a_metric(tmp_path):
                                            json.dumps({"input": text}).encode()),
                    240, "a routed request")
 
-        def counted():
-            query = urllib.parse.quote("sum(routemesh_gateway_requests_total)")
+        def counted(metric: str):
+            query = urllib.parse.quote(f"sum({metric})")
             result = _json(f"{api}/query?query={query}")["data"]["result"]
             return result and float(result[0]["value"][1]) >= 2
 
-        _until(counted, 60, "the requests counted in Prometheus")
+        _until(lambda: counted("routemesh_gateway_requests_total"), 60,
+               "the requests counted in Prometheus")
+        # The gateway's encoder is the caching one by default: two texts, two misses.
+        _until(lambda: counted("routemesh_gateway_embedding_cache_misses_total"), 60,
+               "the embedding cache's misses counted")
         query = urllib.parse.quote('up{job="routemesh"}')
         services = {r["metric"]["service"] for r in _json(f"{api}/query?query={query}")[
             "data"]["result"] if r["value"][1] == "1"}

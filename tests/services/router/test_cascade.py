@@ -258,13 +258,18 @@ def test_rules_only_baseline_skips_the_semantic_layer(router):
     assert "semantic" not in [a.layer for a in decision.attempts]
 
 
-async def test_concurrent_async_decisions_share_batched_encoder_calls(loaded):
+def counting_router(loaded) -> tuple[Router, HashingEncoder]:
+    """A router on a bank built in memory, its encoder's calls counted from here on."""
     encoder = HashingEncoder()
     client = QdrantClient(":memory:")
     build_bank(loaded, encoder, client, "bank")
     bank = load_snapshot(client, "bank", loaded.config.semantic)
     encoder.calls.clear()
-    router = Router(loaded, bank, encoder)
+    return Router(loaded, bank, encoder), encoder
+
+
+async def test_concurrent_async_decisions_share_batched_encoder_calls(loaded):
+    router, encoder = counting_router(loaded)
     texts = [f"{text} {n}" for n in range(24)
              for text in ("what is the capital of spain", "prove that sqrt two is irrational")]
     decisions = await asyncio.gather(
@@ -279,12 +284,7 @@ async def test_concurrent_async_decisions_share_batched_encoder_calls(loaded):
 
 
 async def test_concurrent_requests_for_one_text_encode_it_once(loaded):
-    encoder = HashingEncoder()
-    client = QdrantClient(":memory:")
-    build_bank(loaded, encoder, client, "bank")
-    bank = load_snapshot(client, "bank", loaded.config.semantic)
-    encoder.calls.clear()
-    router = Router(loaded, bank, encoder)
+    router, encoder = counting_router(loaded)
     texts = ["what is the capital of spain"] * 10 + ["prove that sqrt two is irrational"] * 10
     decisions = await asyncio.gather(
         *(router.adecide(chat(t), f"r{i}") for i, t in enumerate(texts)))
