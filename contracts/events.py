@@ -77,10 +77,10 @@ class FormatSignals(msgspec.Struct, frozen=True, kw_only=True):
 class RouteDecided(Event, frozen=True, kw_only=True):
     """One request's route, why, and the evidence; never the prompt.
 
-    1.1: ``format.match_text_cut``.
+    1.1: ``format.match_text_cut``. 1.2: ``shadow``.
     """
 
-    schema_version: str = "1.1"
+    schema_version: str = "1.2"
     request_id: RequestId
     route_id: RouteId
     target_model: str
@@ -107,6 +107,9 @@ class RouteDecided(Event, frozen=True, kw_only=True):
     format: FormatSignals = FormatSignals()
     requested_model: str | None = None
     gateway_instance: str = ""
+    # 1.2: decided again after the answer with the gateway's shadow config, never served.
+    # Consumers that figure what the mesh did (audit, scorer, drift) leave these out.
+    shadow: bool = False
 
 
 class CompletionObserved(Event, frozen=True, kw_only=True):
@@ -334,16 +337,37 @@ class RouteScores(Event, frozen=True, kw_only=True):
 
 
 class ReplayRequested(Event, frozen=True, kw_only=True):
-    replay_id: str
-    dataset: str
+    """Ask the replay worker for a report. Configs and inputs are named, never located:
+    a name is a file in the worker's config or input directory. 1.1 adds the names; the
+    1.0 path fields are read for their base name only."""
+
+    schema_version: str = "1.1"
+    replay_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128,
+                                           pattern=r"^[A-Za-z0-9._:-]+$")]
+    # A dataset (labelled, the eval format) or a captures directory, by name.
+    dataset: str = ""
     dataset_sha256: Sha256Hex | None = None
     config_path: str | None = None
     previous_config_path: str | None = None
     baselines: tuple[str, ...] = ()
     requested_by: Label | None = None
+    kind: Literal["replay", "shadow"] = "replay"
+    source: Literal["dataset", "captures"] = "dataset"
+    # Config names; None: the worker's current config (config), none (candidate, previous).
+    config: str | None = None
+    candidate: str | None = None
+    previous: str | None = None
+    # At most this many cases, sampled by id (0: all).
+    limit: Count = 100
+    # Shadow reports: the window of decisions compared, ending now.
+    window_s: NonNegative = 3600.0
 
 
 class ReplayCompleted(Event, frozen=True, kw_only=True):
+    """One per ReplayRequested. 1.1 names the report file in the worker's report
+    directory with its sha256 and the receipt's run hash (``report_path`` stays empty)."""
+
+    schema_version: str = "1.1"
     replay_id: str
     status: Literal["ok", "failed"]
     items: Count = 0
@@ -354,6 +378,14 @@ class ReplayCompleted(Event, frozen=True, kw_only=True):
     dataset_sha256: Sha256Hex | None = None
     report_path: str | None = None
     error: str | None = None
+    kind: Literal["replay", "shadow"] = "replay"
+    report_name: str | None = None
+    report_sha256: Sha256Hex | None = None
+    run_hash: Sha256Hex | None = None
+    candidate_accuracy: Probability | None = None
+    drift_status: Literal["ok", "warn", "alert"] | None = None
+    # Shadow reports: the share of live decisions the shadow config agreed with.
+    agreement: Probability | None = None
 
 
 class RouteBankPublished(Event, frozen=True, kw_only=True):

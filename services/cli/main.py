@@ -17,6 +17,7 @@ from routemesh.contracts import topic_by_suffix
 from routemesh.services.cli import (
     audit_commands,
     drift_commands,
+    replay_commands,
     router_commands,
     scorer_commands,
 )
@@ -45,6 +46,9 @@ app.command("route")(router_commands.route)
 app.command("eval")(router_commands.eval_command)
 app.add_typer(scorer_commands.review_app, name="review")
 app.command("tune")(scorer_commands.tune_command)
+app.add_typer(replay_commands.replay_app, name="replay")
+app.add_typer(replay_commands.samples_app, name="samples")
+app.command("gate")(replay_commands.gate)
 
 
 

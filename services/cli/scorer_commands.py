@@ -24,12 +24,13 @@ from routemesh.services.router import (
     load_config,
     load_dataset,
 )
+from routemesh.services.runtime.captures import read_captures
 from routemesh.services.runtime.files import write_atomically
 from routemesh.services.scorer import patch
 from routemesh.services.scorer.advice import AdvicePolicy
 from routemesh.services.scorer.candidates import CandidatePolicy
 from routemesh.services.scorer.ledger import Ledger
-from routemesh.services.scorer.review import Request, ReviewReport, read_captures, review
+from routemesh.services.scorer.review import Request, ReviewReport, review
 from routemesh.services.scorer.review import render_markdown as review_markdown
 from routemesh.services.scorer.store import read_state
 from routemesh.services.scorer.tune import TuneResult, tune

@@ -137,6 +137,10 @@ class Publisher(Protocol):
     def offer(self, event: Event) -> None: ...
 
 
+class ShadowDecider(Protocol):
+    def offer(self, request: RouteRequest, request_id: str) -> None: ...
+
+
 @dataclass
 class GatewayState:
     settings: GatewaySettings
@@ -150,6 +154,8 @@ class GatewayState:
     tracer_provider: trace.TracerProvider | None = None
     # Redacted review captures: a queue and spool of their own, never the events' ones.
     review_publisher: Publisher | None = None
+    # Decides each request again with the shadow config, after the live decision.
+    shadow: ShadowDecider | None = None
 
     def __post_init__(self) -> None:
         self.metrics = _Metrics(self.registry)
@@ -256,16 +262,17 @@ class Handlers:
         override = request.headers.get("x-routemesh-route")
         started = time.perf_counter()
         with state.tracer.start_as_current_span("routemesh.decide") as span:
+            route_request = RouteRequest.from_body(body, override)
             try:
-                decision = await router.adecide(
-                    RouteRequest.from_body(body, override), _request_id(request)
-                )
+                decision = await router.adecide(route_request, _request_id(request))
             except UnknownRouteError as exc:
                 raise invalid(str(exc), "unknown_route") from None
             span.set_attribute("routemesh.route", decision.route_id)
             span.set_attribute("routemesh.reason", decision.reason)
         state.metrics.decision.labels(decision.layer).observe(time.perf_counter() - started)
         state.publisher.offer(decision)
+        if state.shadow is not None:
+            state.shadow.offer(route_request, decision.request_id)
         return decision
 
     def capture(self, decision: RouteDecided, data: dict[str, Any]) -> None:

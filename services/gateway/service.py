@@ -19,6 +19,7 @@ from routemesh.services.gateway.dispatch import Dispatcher
 from routemesh.services.gateway.publisher import EventPublisher, dead_lettering, quarantine
 from routemesh.services.gateway.reload import Reloader
 from routemesh.services.gateway.settings import GatewaySettings
+from routemesh.services.gateway.shadow import Shadow
 from routemesh.services.gateway.spool import Spool
 from routemesh.services.gateway.upstream import Upstream
 from routemesh.services.router import Router, load_config, load_router, open_qdrant
@@ -42,17 +43,27 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def build_router(settings: GatewaySettings, current: Router | None = None) -> Router:
-    """The router the settings name: its config, its bank in Qdrant (built first in the
-    embedded default), and the current router's encoder when the new config keeps it."""
+def build_router(settings: GatewaySettings, current: Router | None = None, *,
+                 shadow: bool = False) -> Router:
+    """The router the settings name (the shadow config's when ``shadow``): its config,
+    its bank in Qdrant (built first in the embedded default), and the current router's
+    encoder when the new config keeps it."""
     key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    path, name = settings.router_config, settings.router_config_name
+    if shadow:
+        assert settings.shadow_config is not None
+        path, name = settings.shadow_config, settings.shadow_config_name
+    cache = settings.embedding_cache_size
+    if settings.shadow_config is not None:
+        # The shadow finds the live decision's vector here instead of encoding again.
+        cache = max(cache, settings.shadow_queue_size)
     return load_router(
-        load_config(settings.router_config, settings.router_config_name),
+        load_config(path, name),
         qdrant=open_qdrant(settings.qdrant_url, settings.qdrant_path, key),
         instance=settings.instance_id or "gateway",
         autobuild=settings.bank_autobuild,
         current=current,
-        embedding_cache=settings.embedding_cache_size,
+        embedding_cache=cache,
     )
 
 
@@ -78,6 +89,7 @@ class Gateway:
         self.upstream = Upstream(settings.upstream_connect_timeout_s,
                                  settings.upstream_read_timeout_s, settings.upstream_max_retries)
         self.state: GatewayState | None = None
+        self.shadow: Shadow | None = None
         self.reloader: Reloader | None = None
         self._server: _EmbeddedServer | None = None
         self._serving: asyncio.Task[None] | None = None
@@ -109,9 +121,16 @@ class Gateway:
         )
         built_at = time.time()
         router = await asyncio.to_thread(build_router, settings)
+        if settings.shadow_config is not None:
+            shadow_router = await asyncio.to_thread(build_router, settings, router,
+                                                    shadow=True)
+            self.shadow = Shadow(shadow_router, self.publisher, ctx.registry,
+                                 settings.shadow_queue_size)
+            await self.shadow.start()
         self.state = state = GatewayState(
             settings, router, Dispatcher(settings, self.upstream, ctx.tracer_provider),
             self.publisher, ctx.registry, keys, ctx.tracer_provider, self.review,
+            self.shadow,
         )
         for publisher in self._publishers:
             await publisher.start()
@@ -136,6 +155,8 @@ class Gateway:
         if self._server is not None and self._serving is not None:
             self._server.should_exit = True
             await self._serving
+        if self.shadow is not None:
+            await self.shadow.stop()
         # What the broker has not confirmed by then goes to the spool for the next start.
         for publisher in self._publishers:
             await publisher.drain(timeout_s=self.settings.shutdown_timeout_s * 0.3)

@@ -42,6 +42,12 @@ class GatewaySettings(ServiceSettings):
     # Vectors of the last N distinct texts the encoder saw (0: no cache). Repeated prompts
     # (retries, templated requests, agent loops) then skip the encoder.
     embedding_cache_size: int = Field(default=4096, ge=0, le=10_000_000)
+    # A candidate config each request is decided with again after the live decision,
+    # published as a shadow decision and never served; off when unset. Requests beyond
+    # the queue are dropped from the shadow (counted), never delayed.
+    shadow_config: Path | None = None
+    shadow_config_name: str | None = Field(default=None, min_length=1, max_length=128)
+    shadow_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
     # Inbound auth: on unless turned off (routemesh dev turns it off). Keys are given as
     # sha256 hex digests, comma-separated and/or one per line in a file re-read on change.
     auth_enabled: bool = True

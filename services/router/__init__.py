@@ -26,7 +26,9 @@ from routemesh.services.router.encoders import CachingEncoder, build_dense_encod
 from routemesh.services.router.evaluate import (
     EvalReport,
     compare,
+    decision_sha256,
     evaluate,
+    score,
     unrouted_warning,
     write_reports,
 )
@@ -59,6 +61,7 @@ __all__ = [
     "build_dense_encoder",
     "build_route_bank",
     "compare",
+    "decision_sha256",
     "evaluate",
     "file_sha256",
     "load_config",
@@ -66,6 +69,7 @@ __all__ = [
     "load_router",
     "open_qdrant",
     "parse_config",
+    "score",
     "unrouted_warning",
     "write_reports",
 ]

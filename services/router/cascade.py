@@ -220,6 +220,31 @@ class Router:
             return self._embedding_error(draft, exc, started)
         return self._semantic(draft, ranked, started)
 
+    def decide_many(self, requests: Sequence[tuple[RouteRequest, str]],
+                    batch: int = 64) -> list[RouteDecided]:
+        """``decide`` for each (request, id), encoding the texts that reach the semantic
+        layer ``batch`` at a time (replays; the encoder's vectors do not depend on the
+        batch a text is in, so each decision is what ``decide`` makes)."""
+        decided: list[RouteDecided | None] = []
+        waiting: list[tuple[int, _Draft]] = []
+        for request, request_id in requests:
+            draft, decision = self._before_semantic(request, request_id)
+            decided.append(decision)
+            if decision is None:
+                waiting.append((len(decided) - 1, draft))
+        for start in range(0, len(waiting), batch):
+            chunk = waiting[start : start + batch]
+            started = time.perf_counter()
+            try:
+                ranked = self._rank_batch([draft.semantic_text for _, draft in chunk])
+            except Exception as exc:
+                for index, draft in chunk:
+                    decided[index] = self._embedding_error(draft, exc, started)
+                continue
+            for (index, draft), matches in zip(chunk, ranked, strict=True):
+                decided[index] = self._semantic(draft, matches, started)
+        return [d for d in decided if d is not None]
+
     async def adecide(self, request: RouteRequest, request_id: str) -> RouteDecided:
         """As ``decide``; concurrent callers share one encode-and-match call per batch,
         run in a worker thread."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -86,6 +87,27 @@ class EvalReport(Scores, frozen=True, kw_only=True):
     decisions: dict[str, str]
     # Items left out because the route model was trained on them (bank build --train).
     excluded_trained: int = 0
+    # Item id -> decision_sha256 of its decision: what a replay of the set must reproduce.
+    decision_sha256: dict[str, str] = {}
+
+
+class _DecisionKey(msgspec.Struct, frozen=True, array_like=True):
+    route_id: str
+    target_model: str
+    reason: str
+    layer: str
+    second_route_id: str | None
+    match_source: str | None
+    match_index: int | None
+    match_text_sha256: str | None
+
+
+def decision_sha256(decision: RouteDecided) -> str:
+    """What a decision decided and on which evidence, hashed: equal for the same request
+    decided twice by the same config and bank (timings, ids and scores' last bits left
+    out)."""
+    key = msgspec.convert(decision, _DecisionKey, from_attributes=True)
+    return hashlib.sha256(msgspec.json.encode(key)).hexdigest()
 
 
 def score(items: list[EvalItem], decisions: list[RouteDecided], routes: list[str]) -> Scores:
@@ -182,6 +204,8 @@ def evaluate(
         config_source=router.loaded.source,
         excluded_trained=excluded,
         decisions={item.id: d.route_id for item, d in zip(items, decisions, strict=True)},
+        decision_sha256={item.id: decision_sha256(d)
+                         for item, d in zip(items, decisions, strict=True)},
     )
 
 

@@ -26,6 +26,7 @@ import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -527,6 +528,43 @@ async def recent_event_ids(
                 for record in records:
                     with contextlib.suppress(EventDecodeError):
                         found.add(decode_event(record.value).event_id)
+            left = {tp for tp in left if await consumer.position(tp) < ends[tp]}
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def events_since(settings: ServiceSettings, topics: Sequence[Topic], since: datetime
+                       ) -> list[Event]:
+    """The decodable events of ``topics`` from ``since`` (by broker timestamp) up to the
+    topics' ends when called, in partition order. No consumer group: nobody's offsets
+    move."""
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
+    found: list[Event] = []
+    try:
+        await consumer.start()
+        await consumer.topics()
+        assignment = [TopicPartition(settings.topic(topic), p) for topic in topics
+                      for p in sorted(consumer.partitions_for_topic(settings.topic(topic))
+                                      or ())]
+        if not assignment:
+            return found
+        consumer.assign(assignment)
+        ends = await consumer.end_offsets(assignment)
+        starts = await consumer.offsets_for_times(
+            dict.fromkeys(assignment, int(since.timestamp() * 1000)))
+        left = set()
+        for tp in assignment:
+            start = starts.get(tp)
+            if start is not None and start.offset < ends[tp]:
+                consumer.seek(tp, start.offset)
+                left.add(tp)
+        while left:
+            batch = await consumer.getmany(*left, timeout_ms=1000)
+            for records in batch.values():
+                for record in records:
+                    with contextlib.suppress(EventDecodeError):
+                        found.append(decode_event(record.value))
             left = {tp for tp in left if await consumer.position(tp) < ends[tp]}
     finally:
         await consumer.stop()

@@ -1,0 +1,248 @@
+"""`routemesh serve replay-worker`: a ReplayCompleted for each ReplayRequested, exactly
+once per ``replay_id``.
+
+A replay can take minutes, so the handler does not run it: it holds the request's offset
+and queues it; one replay runs at a time in a worker thread; when its report files are
+written (atomically) and its ReplayCompleted is published, the offset is released. A
+crash mid-replay leaves the offset uncommitted and no partial report published: the
+request is delivered again and replayed from the start. The ReplayCompleted's event id
+is derived from the replay id, and the worker reads the results topic at start, so a
+request it published an answer for before a crash is not answered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import Collection, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from routemesh.contracts import ReplayCompleted, ReplayRequested
+from routemesh.contracts.events import utc_now
+from routemesh.contracts.topics import REPLAY_REQUESTS, REPLAY_RESULTS
+from routemesh.services.replay_worker import shadow
+from routemesh.services.replay_worker.replay import ReplayError
+from routemesh.services.replay_worker.runner import ReplaySpec, run
+from routemesh.services.runtime.consumer import (
+    Delivery,
+    OffsetTracker,
+    PartitionKey,
+    Position,
+    recent_event_ids,
+)
+from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
+from routemesh.services.runtime.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+GROUP = "routemesh-replay-worker"
+_COMPLETED = uuid.UUID("6f1d8a52-58a4-4b8e-9d0e-0c1b7f3e2a91")
+# Results read back at start to learn which requests were answered.
+RESULTS_REMEMBERED = 100_000
+
+
+def completed_event_id(replay_id: str) -> uuid.UUID:
+    """The one ReplayCompleted a replay id gets has this id, whoever publishes it."""
+    return uuid.uuid5(_COMPLETED, replay_id)
+
+
+class ReplayWorkerSettings(ServiceSettings):
+    # The current config (a request may name another in replay_config_dir).
+    router_config: Path = Path("deploy/examples/lite-deep.yaml")
+    # Configs and inputs (datasets, captures directories) a request names by file name.
+    replay_config_dir: Path = Path("deploy/examples")
+    replay_input_dir: Path = Path("deploy/examples")
+    # Reports (and their receipts), one set per replay id; also the drift history.
+    replay_report_dir: Path = Path("replays")
+    replay_allow_remote_embeddings: bool = False
+
+
+def _named(directory: Path, name: str | None, what: str) -> Path:
+    """A file of ``directory`` by its bare name: a request never locates files."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ReplayError(f"{what} {name!r} is no file name")
+    path = directory / name
+    if not path.exists():
+        raise ReplayError(f"no {what} named {name!r}")
+    return path
+
+
+def _base(path: str | None) -> str | None:
+    return Path(path).name if path else None
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.replays = Counter("routemesh_replay_worker_replays_total",
+                               "Replay requests answered, by kind and status",
+                               ["kind", "status"], registry=registry)
+        self.skipped = Counter("routemesh_replay_worker_duplicate_requests_total",
+                               "Requests for a replay id already answered",
+                               registry=registry)
+        self.duration = Histogram("routemesh_replay_worker_replay_seconds",
+                                  "Time to run one replay", ["kind"], registry=registry,
+                                  buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+
+
+class ReplayWorker:
+    def __init__(self, ctx: ServiceContext) -> None:
+        settings = ctx.settings
+        assert isinstance(settings, ReplayWorkerSettings)
+        self.ctx = ctx
+        self.settings = settings
+        self.metrics = _Metrics(ctx.registry)
+        self.consumer = ctx.consumer([REPLAY_REQUESTS], GROUP, self, batch_max_records=100)
+        self.answered: set[uuid.UUID] = set()
+        self.queue: deque[tuple[Position, ReplayRequested]] = deque()
+        self.queued: set[str] = set()
+        self.job: asyncio.Task[ReplayCompleted] | None = None
+        self.job_position: Position | None = None
+
+    async def start(self) -> None:
+        self.settings.replay_report_dir.mkdir(parents=True, exist_ok=True)
+        self.answered = await recent_event_ids(self.settings, self.settings.topic(
+            REPLAY_RESULTS), RESULTS_REMEMBERED)
+        self.ctx.readiness.set("replay_reports", True, "writable")
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        if self.job is not None:
+            # The thread finishes its replay; nothing is published for it and its offset
+            # stays uncommitted, so the next start replays it.
+            self.job.cancel()
+
+    # -- handling ---------------------------------------------------------------------
+
+    async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
+        for delivery in deliveries:
+            event = delivery.event
+            if not isinstance(event, ReplayRequested):
+                continue
+            if completed_event_id(event.replay_id) in self.answered \
+                    or event.replay_id in self.queued:
+                self.metrics.skipped.inc()
+                continue
+            offsets.hold(delivery.position)
+            self.queue.append((delivery.position, event))
+            self.queued.add(event.replay_id)
+        if self.job is not None and self.job.done():
+            await self._finish(offsets)
+        if self.job is None and self.queue:
+            self.job_position, request = self.queue.popleft()
+            self.job = asyncio.create_task(self._run(request))
+
+    async def _finish(self, offsets: OffsetTracker) -> None:
+        job, position = self.job, self.job_position
+        assert job is not None
+        assert position is not None
+        completed = job.result()
+        # Published before the offset moves: a crash in between answers again on restart
+        # only if the answer is not in the results topic, and it carries the same id.
+        try:
+            await self.ctx.producer.publish(completed)
+        except Exception as exc:
+            log.error("replay result not published; retrying",
+                      extra={"replay_id": completed.replay_id, "error": str(exc)})
+            return
+        self.job = self.job_position = None
+        self.answered.add(completed.event_id)
+        self.queued.discard(completed.replay_id)
+        self.metrics.replays.labels(completed.kind, completed.status).inc()
+        offsets.release(position)
+
+    def revoked(self, partitions: Collection[PartitionKey]) -> None:
+        self.queue = deque((p, e) for p, e in self.queue if (p[0], p[1]) not in partitions)
+        self.queued = {e.replay_id for _, e in self.queue}
+
+    # -- one replay -------------------------------------------------------------------
+
+    async def _run(self, request: ReplayRequested) -> ReplayCompleted:
+        started = asyncio.get_running_loop().time()
+        try:
+            if request.kind == "shadow":
+                completed = await self._shadow(request)
+            else:
+                completed = await asyncio.to_thread(self._replay, request)
+        except ReplayError as exc:
+            completed = self._completed(request, status="failed", error=str(exc))
+        except Exception as exc:
+            log.exception("replay failed", extra={"replay_id": request.replay_id})
+            completed = self._completed(request, status="failed",
+                                        error=f"{type(exc).__name__}: {exc}")
+        self.metrics.duration.labels(request.kind).observe(
+            asyncio.get_running_loop().time() - started)
+        return completed
+
+    def _completed(self, request: ReplayRequested, **fields) -> ReplayCompleted:
+        return ReplayCompleted(event_id=completed_event_id(request.replay_id),
+                               replay_id=request.replay_id, kind=request.kind, **fields)
+
+    def _replay(self, request: ReplayRequested) -> ReplayCompleted:
+        s = self.settings
+        config = _named(s.replay_config_dir, request.config or _base(request.config_path),
+                        "config") if (request.config or request.config_path) \
+            else s.router_config
+        spec = ReplaySpec(
+            config=config, source=request.source,
+            input=_named(s.replay_input_dir, _base(request.dataset), request.source),
+            candidate=_named(s.replay_config_dir, request.candidate, "config")
+            if request.candidate else None,
+            previous=_named(s.replay_config_dir, request.previous
+                            or _base(request.previous_config_path), "config")
+            if request.previous or request.previous_config_path else None,
+            limit=request.limit, allow_remote_embeddings=s.replay_allow_remote_embeddings,
+        )
+        json_path = s.replay_report_dir / f"{request.replay_id}.json"
+        outcome = run(spec, history=s.replay_report_dir, json_output=json_path,
+                      markdown_output=json_path.with_suffix(".md"))
+        report = outcome.report
+        if request.dataset_sha256 and request.dataset_sha256 != report.inputs.files_sha256:
+            raise ReplayError(f"{request.dataset} has sha256 {report.inputs.files_sha256}, "
+                              f"not the {request.dataset_sha256} the request names")
+        systems = {x.name: x for x in report.systems}
+        changed = next((d.route_changed for d in report.deltas), 0)
+        return self._completed(
+            request, status="ok", items=len(report.cases),
+            accuracy=systems["current"].accuracy,
+            candidate_accuracy=systems["candidate"].accuracy if "candidate" in systems
+            else None,
+            baseline_accuracy={x.name: x.accuracy for x in report.systems
+                               if x.kind in ("always", "rules") and x.accuracy is not None},
+            changed_routes=changed,
+            config_sha256=report.inputs.configs["current"].config_sha256,
+            dataset_sha256=report.inputs.files_sha256,
+            report_name=json_path.name,
+            report_sha256=hashlib.sha256(json_path.read_bytes()).hexdigest(),
+            run_hash=report.receipt.run_hash, drift_status=report.drift.status,
+        )
+
+    async def _shadow(self, request: ReplayRequested) -> ReplayCompleted:
+        since = utc_now() - timedelta(seconds=request.window_s)
+        decisions, outcomes = await shadow.read_window(self.settings, since)
+        report = shadow.compare(decisions, outcomes)
+        path = self.settings.replay_report_dir / f"{request.replay_id}.json"
+        data = shadow.encode(report)
+        await asyncio.to_thread(write_atomically, path, data)
+        await asyncio.to_thread(write_atomically, path.with_suffix(".md"),
+                                shadow.render_markdown(report).encode())
+        return self._completed(request, status="ok", items=report.pairs,
+                               agreement=report.agreement, report_name=path.name,
+                               report_sha256=hashlib.sha256(data).hexdigest())
+
+
+SPEC = ServiceSpec(
+    name="replay-worker",
+    settings_class=ReplayWorkerSettings,
+    factory=ReplayWorker,
+    ports=(metrics_port(9105),),
+    description="replays labelled sets and captures through configs and baselines; "
+                "shadow reports",
+    dev_env=lambda data_dir: {"ROUTEMESH_REPLAY_REPORT_DIR": str(data_dir / "replays")},
+)
