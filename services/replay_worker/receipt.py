@@ -81,9 +81,9 @@ def run_hash(result: ReplayResult) -> str:
     """sha256 of what was run and what it decided: the inputs' hashes, every case's row
     and every system's figures. Cases are in id order and figures are computed in that
     order, so the same inputs listed in any order give the same hash; when, where, by
-    which version, and the input files' bytes (their order) are left out (the receipt
-    says those)."""
-    inputs = msgspec.structs.replace(result.inputs, files_sha256="")
+    which version, and the input file's name and bytes (their order) are left out (the
+    receipt says those)."""
+    inputs = msgspec.structs.replace(result.inputs, name="", files_sha256="")
     material = msgspec.json.encode({
         "inputs": inputs, "labelled": result.labelled, "systems": result.systems,
         "deltas": result.deltas, "cases": sorted(result.cases, key=lambda c: c.id),

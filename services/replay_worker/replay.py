@@ -149,6 +149,17 @@ def files_sha256(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
+# Addresses on this machine's own networks. Python's ``is_private`` also counts the
+# documentation and reserved ranges, which are not.
+_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12",
+                                              "192.168.0.0/16", "fc00::/7")]
+
+
+def _local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_loopback or ip.is_link_local or any(
+        ip.version == net.version and ip in net for net in _PRIVATE)
+
+
 def check_embedding_endpoint(loaded: LoadedConfig, allow_remote: bool) -> None:
     """A replay sends every case's text to the config's encoder: an ``openai`` encoder
     must be on this machine or a private network unless the caller allows otherwise."""
@@ -160,9 +171,8 @@ def check_embedding_endpoint(loaded: LoadedConfig, allow_remote: bool) -> None:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except OSError:
         addresses = set()
-    local = bool(addresses) and all(
-        (ip := ipaddress.ip_address(a.split("%")[0])).is_loopback or ip.is_private
-        or ip.is_link_local for a in addresses)
+    local = bool(addresses) and all(_local(ipaddress.ip_address(a.split("%")[0]))
+                                    for a in addresses)
     if not local:
         where = host or "an unknown host"
         raise ReplayError(

@@ -165,6 +165,8 @@ class ReplayWorker:
 
     async def _run(self, request: ReplayRequested) -> ReplayCompleted:
         started = asyncio.get_running_loop().time()
+        log.info("replay started", extra={"replay_id": request.replay_id,
+                                          "kind": request.kind})
         try:
             if request.kind == "shadow":
                 completed = await self._shadow(request)

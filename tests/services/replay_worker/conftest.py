@@ -1,0 +1,1 @@
+from tests.services.router.conftest import config_path  # noqa: F401  (a shared fixture)
