@@ -227,15 +227,15 @@ async def overhead(direct: str, proxied: str, stream: bool, concurrency: int,
               f"  {over[0]:8.1f}/{over[1]:7.1f}/{over[2]:7.1f}", flush=True)
 
 
-async def run(args, broker: EmbeddedBroker) -> None:
-    upstream_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
-    work = Path(tempfile.mkdtemp(prefix="routemesh-bench-gateway-"))
-    upstream = subprocess.Popen([sys.executable, str(HERE / "fake_upstream.py"),
-                                 str(upstream_port)])
+def start_gateway(work: Path, broker: EmbeddedBroker, upstream_port: int, backend: str,
+                  **env: str) -> tuple[subprocess.Popen, int, int]:
+    """`routemesh serve gateway` on free ports with the lite-deep config on ``backend``;
+    returns the process, its HTTP port and its metrics port."""
+    gateway_port, metrics_port = free_port(), free_port()
     env = dict(os.environ,
                ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
                ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
-               ROUTEMESH_ROUTER_CONFIG=str(bench_config(work, args.encoder_backend)),
+               ROUTEMESH_ROUTER_CONFIG=str(bench_config(work, backend)),
                ROUTEMESH_QDRANT_PATH=str(work / "qdrant"),
                ROUTEMESH_BANK_AUTOBUILD="true",
                ROUTEMESH_AUTH_ENABLED="false",
@@ -247,10 +247,20 @@ async def run(args, broker: EmbeddedBroker) -> None:
                ROUTEMESH_LOG_LEVEL="WARNING",
                # The figures are the encoder's: repeated bench prompts must not hit a cache.
                ROUTEMESH_EMBEDDING_CACHE_SIZE="0",
-               ROUTEMESH_UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1")
+               ROUTEMESH_UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1", **env)
     gateway = subprocess.Popen([sys.executable, "-m", "routemesh.services.cli.main", "serve",
                                 "gateway"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
+    return gateway, gateway_port, metrics_port
+
+
+async def run(args, broker: EmbeddedBroker) -> None:
+    upstream_port = free_port()
+    work = Path(tempfile.mkdtemp(prefix="routemesh-bench-gateway-"))
+    upstream = subprocess.Popen([sys.executable, str(HERE / "fake_upstream.py"),
+                                 str(upstream_port)])
+    gateway, gateway_port, metrics_port = start_gateway(work, broker, upstream_port,
+                                                        args.encoder_backend)
     try:
         await wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", gateway)
         direct = f"http://127.0.0.1:{upstream_port}/v1"
@@ -304,7 +314,11 @@ def main() -> None:
     parser.add_argument("--route-rate", type=float, default=300)
     parser.add_argument("--route-only", action="store_true",
                         help="only the /v1/route part (quicker, to compare changes)")
-    args = parser.parse_args()
+    with_broker(run, parser.parse_args())
+
+
+def with_broker(run, args) -> None:
+    """``run(args, broker)`` on an embedded broker of its own."""
     broker = EmbeddedBroker(free_port())
     broker.start()
     try:

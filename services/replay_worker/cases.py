@@ -16,6 +16,7 @@ import msgspec
 
 from routemesh.services.router import RouteRequest, load_dataset
 from routemesh.services.runtime.captures import read_captures
+from routemesh.services.runtime.files import decoded_lines
 
 
 class Recorded(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,20 +103,13 @@ class _AuditLine(msgspec.Struct, kw_only=True):
 def from_audit(directory: Path, since: datetime | None = None) -> list[Case]:
     """Every request of the audit files with a decision at or after ``since``: what was
     decided, and the tokens the upstream reported. No text: the audit never has it."""
-    decoder = msgspec.json.Decoder(_AuditLine)
     decisions: dict[str, _Decision] = {}
     observations: dict[str, _Observation] = {}
-    for path in sorted(directory.glob("*.jsonl")):
-        with path.open("rb") as handle:
-            for line in handle:
-                try:
-                    row = decoder.decode(line)
-                except msgspec.DecodeError:
-                    continue
-                if row.decision is not None:
-                    decisions[row.request_id] = row.decision
-                if row.observation is not None:
-                    observations[row.request_id] = row.observation
+    for row in decoded_lines(directory, msgspec.json.Decoder(_AuditLine)):
+        if row.decision is not None:
+            decisions[row.request_id] = row.decision
+        if row.observation is not None:
+            observations[row.request_id] = row.observation
     cases = []
     for request_id, d in sorted(decisions.items()):
         if since is not None and d.occurred_at < since:

@@ -55,9 +55,10 @@ def completed_event_id(replay_id: str) -> uuid.UUID:
 class ReplayWorkerSettings(ServiceSettings):
     # The current config (a request may name another in replay_config_dir).
     router_config: Path = Path("deploy/examples/lite-deep.yaml")
-    # Configs and inputs (datasets, captures directories) a request names by file name.
-    replay_config_dir: Path = Path("deploy/examples")
-    replay_input_dir: Path = Path("deploy/examples")
+    # Configs and inputs (datasets, captures directories) a request names by file name;
+    # unset: the current config's directory.
+    replay_config_dir: Path | None = None
+    replay_input_dir: Path | None = None
     # Reports (and their receipts), one set per replay id; also the drift history.
     replay_report_dir: Path = Path("replays")
     replay_allow_remote_embeddings: bool = False
@@ -188,15 +189,17 @@ class ReplayWorker:
 
     def _replay(self, request: ReplayRequested) -> ReplayCompleted:
         s = self.settings
-        config = _named(s.replay_config_dir, request.config or _base(request.config_path),
+        configs = s.replay_config_dir or s.router_config.parent
+        inputs = s.replay_input_dir or s.router_config.parent
+        config = _named(configs, request.config or _base(request.config_path),
                         "config") if (request.config or request.config_path) \
             else s.router_config
         spec = ReplaySpec(
             config=config, source=request.source,
-            input=_named(s.replay_input_dir, _base(request.dataset), request.source),
-            candidate=_named(s.replay_config_dir, request.candidate, "config")
+            input=_named(inputs, _base(request.dataset), request.source),
+            candidate=_named(configs, request.candidate, "config")
             if request.candidate else None,
-            previous=_named(s.replay_config_dir, request.previous
+            previous=_named(configs, request.previous
                             or _base(request.previous_config_path), "config")
             if request.previous or request.previous_config_path else None,
             limit=request.limit, allow_remote_embeddings=s.replay_allow_remote_embeddings,

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from routemesh.services.runtime.files import decoded_lines
+
 CaptureMode = Literal["raw_local", "redacted"]
 
 
@@ -45,21 +47,12 @@ def _text(messages: list[Any]) -> str:
 def read_captures(directory: Path, *, with_text: bool = False) -> dict[str, Capture]:
     """Every capture in ``directory``'s ``*.jsonl`` files by request id; a line that is
     no capture is skipped."""
-    decoder = msgspec.json.Decoder(_CaptureLine)
     found: dict[str, Capture] = {}
-    for path in sorted(directory.glob("*.jsonl")):
-        with path.open("rb") as handle:
-            for line in handle:
-                try:
-                    row = decoder.decode(line)
-                except msgspec.DecodeError:
-                    continue
-                mode: CaptureMode = "redacted" if row.type == "PromptReviewCaptured" \
-                    else "raw_local"
-                text = _text(row.messages)
-                found[row.request_id] = Capture(
-                    mode=mode, chars=row.original_chars if row.original_chars is not None
-                    else len(text), truncated=row.truncated,
-                    text=text if with_text else None, route_id=row.route_id,
-                    reason=row.reason)
+    for row in decoded_lines(directory, msgspec.json.Decoder(_CaptureLine)):
+        mode: CaptureMode = "redacted" if row.type == "PromptReviewCaptured" else "raw_local"
+        text = _text(row.messages)
+        found[row.request_id] = Capture(
+            mode=mode, chars=row.original_chars if row.original_chars is not None
+            else len(text), truncated=row.truncated, text=text if with_text else None,
+            route_id=row.route_id, reason=row.reason)
     return found

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+T = TypeVar("T")
 
 
 def _digest(path: Path) -> str | None:
@@ -62,3 +67,15 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def decoded_lines(directory: Path, decoder: msgspec.json.Decoder[T]) -> Iterator[T]:
+    """Every line of ``directory``'s ``*.jsonl`` files (by name) that ``decoder`` reads;
+    the others are skipped (a torn last line, a line of another kind)."""
+    for path in sorted(directory.glob("*.jsonl")):
+        with path.open("rb") as handle:
+            for line in handle:
+                try:
+                    yield decoder.decode(line)
+                except msgspec.DecodeError:
+                    continue

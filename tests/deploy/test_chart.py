@@ -62,7 +62,7 @@ def test_workloads_run_each_service_hardened_with_probes():
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["initContainers"][0]["command"][:3] == ["routemesh", "bank", "build"]
     assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replica count"
-    for name in ("audit-writer", "drift-detector", "scorer"):
+    for name in ("audit-writer", "drift-detector", "scorer", "replay-worker"):
         workload = find(docs, "StatefulSet", f"rm-routemesh-{name}")
         assert workload["spec"]["replicas"] == 1
         assert container(workload)["args"] == [name]
