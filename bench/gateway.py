@@ -232,24 +232,24 @@ def start_gateway(work: Path, broker: EmbeddedBroker, upstream_port: int, backen
     """`routemesh serve gateway` on free ports with the lite-deep config on ``backend``;
     returns the process, its HTTP port and its metrics port."""
     gateway_port, metrics_port = free_port(), free_port()
-    env = dict(os.environ,
-               ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
-               ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
-               ROUTEMESH_ROUTER_CONFIG=str(bench_config(work, backend)),
-               ROUTEMESH_QDRANT_PATH=str(work / "qdrant"),
-               ROUTEMESH_BANK_AUTOBUILD="true",
-               ROUTEMESH_AUTH_ENABLED="false",
-               ROUTEMESH_SPOOL_DIR=str(work / "spool"),
-               ROUTEMESH_HTTP_HOST="127.0.0.1",
-               ROUTEMESH_HTTP_PORT=str(gateway_port),
-               ROUTEMESH_METRICS_HOST="127.0.0.1",
-               ROUTEMESH_METRICS_PORT=str(metrics_port),
-               ROUTEMESH_LOG_LEVEL="WARNING",
-               # The figures are the encoder's: repeated bench prompts must not hit a cache.
-               ROUTEMESH_EMBEDDING_CACHE_SIZE="0",
-               ROUTEMESH_UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1", **env)
+    settings = dict(os.environ,
+                    ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
+                    ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
+                    ROUTEMESH_ROUTER_CONFIG=str(bench_config(work, backend)),
+                    ROUTEMESH_QDRANT_PATH=str(work / "qdrant"),
+                    ROUTEMESH_BANK_AUTOBUILD="true",
+                    ROUTEMESH_AUTH_ENABLED="false",
+                    ROUTEMESH_SPOOL_DIR=str(work / "spool"),
+                    ROUTEMESH_HTTP_HOST="127.0.0.1",
+                    ROUTEMESH_HTTP_PORT=str(gateway_port),
+                    ROUTEMESH_METRICS_HOST="127.0.0.1",
+                    ROUTEMESH_METRICS_PORT=str(metrics_port),
+                    ROUTEMESH_LOG_LEVEL="WARNING",
+                    # The figures are the encoder's: repeated bench prompts must not hit a cache.
+                    ROUTEMESH_EMBEDDING_CACHE_SIZE="0",
+                    ROUTEMESH_UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1") | env
     gateway = subprocess.Popen([sys.executable, "-m", "routemesh.services.cli.main", "serve",
-                                "gateway"], env=env, stdout=subprocess.DEVNULL,
+                                "gateway"], env=settings, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     return gateway, gateway_port, metrics_port
 

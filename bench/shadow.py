@@ -5,13 +5,15 @@ off and on, in one run.
 
 The embedded broker, the fake upstream (its own process) and `routemesh serve gateway`
 with the lite-deep config, started once without and once with ROUTEMESH_SHADOW_CONFIG
-(lite-deep with deep's threshold at 0.95), alternating for --rounds rounds. Overhead =
+(lite-deep with deep's threshold at 0.95), alternating for --rounds rounds. Every call's
+prompt is made unique (its number appended) and both gateways keep an embedding cache of
+the shadow queue's size: no call finds another call's vector, while the shadow finds the
+live decision's, as it would in production. Overhead =
 gateway latency minus a direct call to the same upstream, p50/p95/p99 ms, of the calls
 after 3 s of load; with an upstream that answers at once (the gateway's CPU is the
 limit) and with one that takes --upstream-latency-ms (requests in flight, as with a
 model). Also the gateway's CPU per request and the shadow decisions it published or
-dropped. The embedding cache is off, as in bench/gateway.py, except that a shadow keeps
-a cache of its queue's size: that is how it reuses the live decision's vector.
+dropped.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ from routemesh.services.runtime.stats import Percentiles
 CONCURRENCY = 8
 
 
+def unique_chat(i: int, stream: bool) -> dict:
+    body = chat(i, stream)
+    body["messages"][0]["content"] += f" ({i})"
+    return body
+
+
 def shadow_config(work: Path) -> Path:
     text = (EXAMPLES / "lite-deep.yaml").read_text()
     deep = text.index("id: deep")
@@ -60,13 +68,16 @@ async def measure(args, broker: EmbeddedBroker, upstream_port: int, shadow: bool
                   ) -> list[tuple[float, list[float], list[float], float]]:
     work = Path(tempfile.mkdtemp(prefix="routemesh-bench-shadow-"))
     extra = {"ROUTEMESH_SHADOW_CONFIG": str(shadow_config(work))} if shadow else {}
+    # What a shadow keeps anyway, for both: the comparison is of the shadow alone.
+    extra["ROUTEMESH_EMBEDDING_CACHE_SIZE"] = "1024"
     gateway, port, metrics = start_gateway(work, broker, upstream_port, "onnx", **extra)
     direct = f"http://127.0.0.1:{upstream_port}/v1"
     proxied = f"http://127.0.0.1:{port}/v1"
     rows = []
     try:
         await wait_ready(f"http://127.0.0.1:{metrics}/readyz", gateway)
-        await timed_calls(proxied, "/chat/completions", CONCURRENCY, 100, False, chat)
+        await timed_calls(proxied, "/chat/completions", CONCURRENCY, 100, False,
+                          unique_chat)
         async with httpx.AsyncClient() as control:
             for latency in (0, args.upstream_latency_ms):
                 (await control.post(f"http://127.0.0.1:{upstream_port}/control",
@@ -75,7 +86,7 @@ async def measure(args, broker: EmbeddedBroker, upstream_port: int, shadow: bool
                                          args.requests, False, chat, 3)
                 cpu = cpu_seconds(gateway.pid)
                 warm, g = await timed_calls(proxied, "/chat/completions", CONCURRENCY,
-                                            args.requests, False, chat, 3)
+                                            args.requests, False, unique_chat, 3)
                 cpu_ms = (cpu_seconds(gateway.pid) - cpu) * 1000 / (len(warm) + len(g))
                 rows.append((latency, d, g, cpu_ms))
         if shadow:

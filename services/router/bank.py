@@ -405,19 +405,25 @@ class RouteBank(Matcher):
         return self.match_many(dense[None, :], [sparse], semantic)[0]
 
     def blended(
-        self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig
+        self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig,
+        start: int = 0, stop: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Blended, cosine and squashed-BM25 scores, utterances x queries."""
+        """Blended, cosine and squashed-BM25 scores, utterances (rows ``start`` to
+        ``stop``) x queries."""
+        stop = len(self.entries) if stop is None else stop
+        matrix = self.dense[start:stop]
         # One matrix product for the whole batch: far cheaper than a product per query.
         # A lone query takes the matrix-vector path, whose tail on a large bank is well
         # below a one-column matrix product's (bench/decision.py, match only).
-        cosine = (self.dense @ dense[0])[:, None] if len(dense) == 1 else self.dense @ dense.T
+        cosine = (matrix @ dense[0])[:, None] if len(dense) == 1 else matrix @ dense.T
         bm25 = np.zeros_like(cosine)
         for column, query in enumerate(sparse):
             for term in query.indices:
                 posting = self._postings.get(term)
                 if posting is not None:
-                    bm25[posting[0], column] += posting[1]
+                    rows, weights = posting
+                    lo, hi = np.searchsorted(rows, (start, stop))
+                    bm25[rows[lo:hi] - start, column] += weights[lo:hi]
         squashed = bm25 / (bm25 + semantic.sparse_scale)
         w = semantic.dense_weight
         return w * cosine + (1 - w) * squashed, cosine, squashed
@@ -435,6 +441,8 @@ class RouteBank(Matcher):
     def match_many(
         self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig
     ) -> list[list[RouteMatch]]:
+        if self.model.scoring in ("logistic", "centroid"):
+            return self._match_top_evidence(dense, sparse, semantic)
         raw, blended, cosine, squashed = self.raw_scores(dense, sparse, semantic, self.model)
         probabilities = softmax(raw, self.model.temperature)
         best_rows = [
@@ -449,6 +457,35 @@ class RouteBank(Matcher):
                 evidence.append((self.entries[row], float(blended[row, column]),
                                  float(cosine[row, column]), float(squashed[row, column])))
             rankings.append(_ranked(self.route_ids, probabilities[column], evidence))
+        return rankings
+
+
+    def _match_top_evidence(
+        self, dense: np.ndarray, sparse: Sequence[SparseVector], semantic: SemanticConfig
+    ) -> list[list[RouteMatch]]:
+        """The head and the centroids score routes without the utterances, and a decision
+        reads only its top route's nearest utterance: so only that route's rows are
+        scored, once per batch for all the queries it tops. The other routes carry no
+        evidence. The top route's evidence is what the whole bank gives it (the same rows,
+        the same products), at a fraction of the bank's cost (bench/decision.py)."""
+        raw = _raw_scores(self.model, self.route_ids, [], dense, self.centroids)
+        probabilities = softmax(raw, self.model.temperature)
+        none = (None, 0.0, 0.0, 0.0)
+        rankings = [_ranked(self.route_ids, p, [none] * len(self.route_ids))
+                    for p in probabilities]
+        topped: dict[int, list[int]] = defaultdict(list)
+        for column, ranking in enumerate(rankings):
+            topped[self.route_ids.index(ranking[0].route_id)].append(column)
+        for route, columns in topped.items():
+            start, stop = int(self._route_starts[route]), int(self._route_stops[route])
+            blended, cosine, squashed = self.blended(
+                dense[columns], [sparse[c] for c in columns], semantic, start, stop)
+            best = np.argmax(blended, axis=0)
+            for i, column in enumerate(columns):
+                row, top = int(best[i]), rankings[column][0]
+                rankings[column][0] = RouteMatch(
+                    top.route_id, top.score, self.entries[start + row],
+                    float(blended[row, i]), float(cosine[row, i]), float(squashed[row, i]))
         return rankings
 
 
