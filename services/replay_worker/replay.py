@@ -22,6 +22,7 @@ from routemesh.contracts import RouteDecided
 from routemesh.contracts.events import utc_now
 from routemesh.services.replay_worker.cases import Case, input_set_sha256
 from routemesh.services.router import (
+    CachingEncoder,
     LoadedConfig,
     Router,
     build_dense_encoder,
@@ -34,6 +35,8 @@ from routemesh.services.router.datasets import EvalItem
 from routemesh.services.router.evaluate import RouteFigures
 
 CONFIG_SYSTEMS = ("current", "candidate", "previous")
+# Texts encoded (and decided) at a time.
+BATCH = 64
 Source = Literal["dataset", "captures", "audit"]
 
 
@@ -181,16 +184,18 @@ def check_embedding_endpoint(loaded: LoadedConfig, allow_remote: bool) -> None:
             "send them there anyway")
 
 
-def open_routers(configs: Configs, allow_remote: bool = False) -> dict[str, Router]:
+def open_routers(configs: Configs, allow_remote: bool = False,
+                 batch: int = BATCH) -> dict[str, Router]:
     """A router per config, banks built in memory (a replay depends on the configs, not
-    on a Qdrant's state); configs with the same encoder share one."""
+    on a Qdrant's state); configs with the same encoder share one, and a cache of one
+    batch, so that a batch is encoded once for all of them."""
     routers: dict[str, Router] = {}
     encoders: list[tuple[object, object]] = []
     for name, loaded in configs.named():
         check_embedding_endpoint(loaded, allow_remote)
         encoder = next((e for spec, e in encoders if spec == loaded.config.encoder), None)
         if encoder is None:
-            encoder = build_dense_encoder(loaded.config.encoder)
+            encoder = CachingEncoder(build_dense_encoder(loaded.config.encoder), batch)
             encoders.append((loaded.config.encoder, encoder))
         routers[name] = load_router(loaded, encoder=encoder)  # type: ignore[arg-type]
     return routers
@@ -274,21 +279,20 @@ def replay(
     limit: int,
     routers: dict[str, Router] | None = None,
     progress: Callable[[int], None] = lambda done: None,
-    batch: int = 64,
+    batch: int = BATCH,
 ) -> ReplayResult:
     """``cases`` (sampled already, in id order) through every system."""
     routers = routers or open_routers(configs)
     current = routers["current"]
     known = [c for c in cases if c.request is not None]
-    decided: dict[str, list[RouteDecided]] = {}
-    for name, router in routers.items():
-        out: list[RouteDecided] = []
-        for start in range(0, len(known), batch):
-            chunk = known[start : start + batch]
-            out += router.decide_many([(c.request, c.id) for c in chunk],  # type: ignore[misc]
-                                      batch=batch)
+    decided: dict[str, list[RouteDecided]] = {name: [] for name in routers}
+    # Batch by batch through every config: configs that share an encoder find the batch's
+    # vectors in its cache.
+    for start in range(0, len(known), batch):
+        chunk = [(c.request, c.id) for c in known[start : start + batch]]
+        for name, router in routers.items():
+            decided[name] += router.decide_many(chunk, batch=batch)  # type: ignore[arg-type]
             progress(len(chunk))
-        decided[name] = out
     by_name = dict(configs.named())
     systems = [
         _figures(name, "config", known, decided[name], routers[name], by_name[name].sha256)
