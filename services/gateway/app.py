@@ -99,6 +99,12 @@ class _Metrics:
             "routemesh_gateway_tokens_total", "Tokens the upstream reported using",
             ["route", "kind"], registry=registry,
         )
+        # Registered with or without a shadow config, so dashboards and alerts find it.
+        self.shadow = Counter(
+            "routemesh_gateway_shadow_decisions_total",
+            "Requests offered to the shadow config, by what became of them",
+            ["outcome"], registry=registry,
+        )
 
     def upstream_done(self, route: str, started: float, status: int | None,
                       stats: CompletionStats | None) -> None:

@@ -121,17 +121,17 @@ class Gateway:
         )
         built_at = time.time()
         router = await asyncio.to_thread(build_router, settings)
-        if settings.shadow_config is not None:
-            shadow_router = await asyncio.to_thread(build_router, settings, router,
-                                                    shadow=True)
-            self.shadow = Shadow(shadow_router, self.publisher, ctx.registry,
-                                 settings.shadow_queue_size)
-            await self.shadow.start()
         self.state = state = GatewayState(
             settings, router, Dispatcher(settings, self.upstream, ctx.tracer_provider),
             self.publisher, ctx.registry, keys, ctx.tracer_provider, self.review,
-            self.shadow,
         )
+        if settings.shadow_config is not None:
+            shadow_router = await asyncio.to_thread(build_router, settings, router,
+                                                    shadow=True)
+            self.shadow = Shadow(shadow_router, self.publisher, state.metrics.shadow,
+                                 settings.shadow_queue_size)
+            await self.shadow.start()
+            state.shadow = self.shadow
         for publisher in self._publishers:
             await publisher.start()
         config = uvicorn.Config(create_app(state), host=settings.http_host,

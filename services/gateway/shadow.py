@@ -14,7 +14,7 @@ import contextlib
 import logging
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import Counter
 
 from routemesh.services.gateway.app import Publisher
 from routemesh.services.router import Router, RouteRequest
@@ -23,16 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class Shadow:
-    def __init__(self, router: Router, publisher: Publisher, registry: CollectorRegistry,
+    def __init__(self, router: Router, publisher: Publisher, decisions: Counter,
                  queue_size: int) -> None:
+        """``decisions``: routemesh_gateway_shadow_decisions_total, by outcome."""
         self.router = router
         self.publisher = publisher
         self._queue: asyncio.Queue[tuple[RouteRequest, str]] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
-        self._decisions = Counter(
-            "routemesh_gateway_shadow_decisions_total",
-            "Requests offered to the shadow config, by what became of them",
-            ["outcome"], registry=registry)
+        self._decisions = decisions
         for outcome in ("published", "dropped", "failed"):
             self._decisions.labels(outcome)
 

@@ -23,6 +23,7 @@ from routemesh.contracts.events import utc_now
 from routemesh.services.replay_worker.cases import Case, input_set_sha256
 from routemesh.services.router import (
     CachingEncoder,
+    EncoderConfig,
     LoadedConfig,
     Router,
     build_dense_encoder,
@@ -62,9 +63,13 @@ class CaseRow(msgspec.Struct, frozen=True, kw_only=True):
     decisions: dict[str, Decision] = {}
 
 
+Kind = Literal["config", "always", "rules", "recorded"]
+Verdict = Literal["fixed", "broken", "changed"]
+
+
 class SystemFigures(msgspec.Struct, frozen=True, kw_only=True):
     name: str
-    kind: Literal["config", "always", "rules", "recorded"]
+    kind: Kind
     cases: int
     config_sha256: str | None = None
     route_mix: dict[str, float] = {}
@@ -85,7 +90,7 @@ class Flip(msgspec.Struct, frozen=True, kw_only=True):
     label: str | None = None
     # Against the label: fixed (now right), broken (now wrong), changed (wrong both, or
     # no label).
-    verdict: Literal["fixed", "broken", "changed"] = "changed"
+    verdict: Verdict = "changed"
 
 
 class Delta(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,14 +195,14 @@ def open_routers(configs: Configs, allow_remote: bool = False,
     on a Qdrant's state); configs with the same encoder share one, and a cache of one
     batch, so that a batch is encoded once for all of them."""
     routers: dict[str, Router] = {}
-    encoders: list[tuple[object, object]] = []
+    encoders: list[tuple[EncoderConfig, CachingEncoder]] = []
     for name, loaded in configs.named():
         check_embedding_endpoint(loaded, allow_remote)
         encoder = next((e for spec, e in encoders if spec == loaded.config.encoder), None)
         if encoder is None:
             encoder = CachingEncoder(build_dense_encoder(loaded.config.encoder), batch)
             encoders.append((loaded.config.encoder, encoder))
-        routers[name] = load_router(loaded, encoder=encoder)  # type: ignore[arg-type]
+        routers[name] = load_router(loaded, encoder=encoder)
     return routers
 
 
@@ -227,7 +232,7 @@ def _cost(router: Router, cases: list[Case], routes: list[str]) -> float:
     return round(total, 9)
 
 
-def _figures(name: str, kind: str, cases: list[Case], decisions: list[RouteDecided],
+def _figures(name: str, kind: Kind, cases: list[Case], decisions: list[RouteDecided],
              priced_by: Router, config_sha256: str | None = None) -> SystemFigures:
     routes = [d.route_id for d in decisions]
     mix = Counter(routes)
@@ -237,7 +242,7 @@ def _figures(name: str, kind: str, cases: list[Case], decisions: list[RouteDecid
     recorded = [(c.recorded.route_id, r) for c, r in zip(cases, routes, strict=True)
                 if c.recorded is not None]
     return SystemFigures(
-        name=name, kind=kind, cases=len(cases), config_sha256=config_sha256,  # type: ignore[arg-type]
+        name=name, kind=kind, cases=len(cases), config_sha256=config_sha256,
         route_mix={r: n / len(cases) for r, n in sorted(mix.items())} if cases else {},
         estimated_cost=_cost(priced_by, cases, routes),
         accuracy=scored.accuracy if scored else None,
@@ -254,11 +259,11 @@ def _delta(before: str, after: str, rows: list[CaseRow]) -> Delta:
     for row, b, a in pairs:
         if b.route_id == a.route_id:
             continue
-        verdict = "changed"
+        verdict: Verdict = "changed"
         if row.label is not None and row.label in (a.route_id, b.route_id):
             verdict = "fixed" if a.route_id == row.label else "broken"
         flips.append(Flip(id=row.id, text_sha256=row.text_sha256, before=b.route_id,
-                          after=a.route_id, label=row.label, verdict=verdict))  # type: ignore[arg-type]
+                          after=a.route_id, label=row.label, verdict=verdict))
     return Delta(
         before=before, after=after, cases=len(pairs), route_changed=len(flips),
         reason_changed=sum(b.reason != a.reason for _, b, a in pairs),

@@ -1,12 +1,17 @@
 """The shadow decider: each request decided again with a candidate config, off the
 request path, published as a shadow decision; bounded, and reusing the embedding."""
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
+from routemesh.services.gateway.app import _Metrics
 from routemesh.services.gateway.shadow import Shadow
 from routemesh.services.router import CachingEncoder, RouteRequest, load_config, load_router
 from tests.services.gateway.conftest import CollectingPublisher
 from tests.services.router.conftest import CONFIG, DEEP, HashingEncoder
+
+
+def _counter(registry: CollectorRegistry) -> Counter:
+    return _Metrics(registry).shadow
 
 
 def _routers(tmp_path):
@@ -27,7 +32,7 @@ async def test_a_shadow_decision_is_published_apart_and_reuses_the_vector(tmp_pa
     assert shadow_router.encoder is live.encoder
     publisher = CollectingPublisher()
     registry = CollectorRegistry()
-    shadow = Shadow(shadow_router, publisher, registry, queue_size=8)
+    shadow = Shadow(shadow_router, publisher, _counter(registry), queue_size=8)
     await shadow.start()
     try:
         request = RouteRequest.from_text("translate the python function")
@@ -54,7 +59,7 @@ async def test_a_full_shadow_queue_drops_and_counts_instead_of_waiting(tmp_path)
     _, _, shadow_router = _routers(tmp_path)
     publisher = CollectingPublisher()
     registry = CollectorRegistry()
-    shadow = Shadow(shadow_router, publisher, registry, queue_size=2)
+    shadow = Shadow(shadow_router, publisher, _counter(registry), queue_size=2)
     for i in range(5):
         shadow.offer(RouteRequest.from_text(f"tell me a joke {i}"), f"r{i}")
     assert registry.get_sample_value("routemesh_gateway_shadow_decisions_total",
