@@ -2,7 +2,7 @@
 
     python bench/gateway.py [--encoder-backend onnx|onnx-int8|torch] [--requests 1000]
                             [--upstream-latency-ms 250] [--warmup-seconds 3]
-                            [--route-rate 300] [--route-only]
+                            [--route-rate N] [--route-only]
 
 One run: the embedded broker, a fake OpenAI-compatible upstream (bench/fake_upstream.py,
 its own process) and `routemesh serve gateway` (its own process, the local encoder with
@@ -20,11 +20,15 @@ single prompts of the lite-deep eval set. Prints:
   ("start") gives the calls of those first seconds, when all clients start at once on
   new connections;
 - /v1/route with 64 concurrent clients (wrk): at saturation (each client re-sends at
-  once: the most requests/s), and paced at --route-rate requests/s in all.
+  once: the most requests/s), paced at 70 % of that (or --route-rate requests/s in all),
+  and at saturation with requests the router decides without the encoder (no text),
+  whose gateway CPU per request is everything but the encoder and the match; then the
+  encoder alone on the same prompts in this process, and saturation / encoder.
 
-Targets: overhead p50 <= 10 ms and p99 <= 40 ms at concurrency 32; /v1/route >= 300
-requests/s with p99 <= 50 ms. All processes share the machine's two cores. The /v1/route
-load needs wrk (apt-get install wrk); without it that part is skipped.
+Targets: chat overhead p99 <= 40 ms at concurrency 32; /v1/route saturation / encoder
+>= 0.8; paced p99 <= 50 ms; gateway CPU per request without the encoder <= 1 ms. All
+processes share the machine's two cores. The /v1/route load needs wrk (apt-get install
+wrk); without it that part is skipped.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import httpx
 import yaml
 
 from routemesh.services.router import EncoderBackend, EncoderConfig
+from routemesh.services.router.encoders import LocalEncoder
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
 from routemesh.services.runtime.stats import Percentiles
 
@@ -117,14 +122,22 @@ async def timed_calls(base: str, path: str, concurrency: int, total: int, stream
 
 
 # Bodies are JSON-encoded here and handed to Lua as long strings, so no prompt needs
-# escaping in Lua. With a rate, each wrk thread hands its connections send slots spaced
-# evenly in time (clock from LuaJIT's FFI); a connection whose slot has not come waits.
+# escaping in Lua. Each wrk thread starts at its own place in the bodies, so the threads
+# do not send the same prompt at the same moment (the gateway encodes a text once for all
+# its concurrent requests, which would flatter the figures). With a rate, each wrk thread
+# hands its connections send slots spaced evenly in time (clock from LuaJIT's FFI); a
+# connection whose slot has not come waits.
 WRK_SCRIPT = """
 local bodies = {%(bodies)s}
 local rate = %(rate)s
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-local i = 0
+local threads = 0
+setup = function(thread)
+  thread:set("i", threads * math.floor(#bodies / %(threads)d))
+  threads = threads + 1
+end
+i = 0
 request = function()
   i = i + 1
   return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])
@@ -149,6 +162,8 @@ if rate > 0 then
 end
 """
 WRK_THREADS = 2
+# The paced /v1/route load, as a share of the saturation rate measured in the same run.
+ROUTE_PACE = 0.7
 
 
 def _ms(text: str) -> float:
@@ -156,8 +171,10 @@ def _ms(text: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[re.search(r"[a-z]+$", text).group()]
 
 
-def wrk_route(url: str, seconds: float, rate: float) -> tuple[float, float, float, int]:
-    bodies = ", ".join(f"[==[{json.dumps(route(i, False))}]==]" for i in range(len(PROMPTS)))
+def wrk_route(url: str, seconds: float, rate: float,
+              payload=None) -> tuple[float, float, float, int]:
+    payload = payload or route
+    bodies = ", ".join(f"[==[{json.dumps(payload(i, False))}]==]" for i in range(len(PROMPTS)))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % {"bodies": bodies, "rate": rate, "threads": WRK_THREADS})
     out = subprocess.run(["wrk", f"-t{WRK_THREADS}", "-c64", f"-d{int(seconds)}s",
@@ -175,6 +192,17 @@ def wrk_route(url: str, seconds: float, rate: float) -> tuple[float, float, floa
     return rps, p50, p99, int(errors.group(1)) if errors else 0
 
 
+def raw_encoder_rate(backend: str) -> float:
+    """Texts/s of the encoder alone on the bench prompts, in batches of 32, with the
+    threads a config gets by default (the gateway's): the ceiling of /v1/route."""
+    encoder = LocalEncoder(backend, threads=EncoderConfig().threads)
+    encoder.encode(PROMPTS[:32])
+    started = time.perf_counter()
+    for start in range(0, len(PROMPTS), 32):
+        encoder.encode(PROMPTS[start : start + 32])
+    return len(PROMPTS) / (time.perf_counter() - started)
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far (Linux /proc; psutil is not a
     dependency and this is one line of it)."""
@@ -189,6 +217,11 @@ def chat(i: int, stream: bool) -> dict:
 
 def route(i: int, stream: bool) -> dict:
     return {"input": PROMPTS[i % len(PROMPTS)]}
+
+
+def unencoded(i: int, stream: bool) -> dict:
+    """A request the router decides without the encoder (no text: the default route)."""
+    return {"messages": [{"role": "user", "content": ""}]}
 
 
 def bench_config(work: Path, backend: str) -> Path:
@@ -285,16 +318,27 @@ async def run(args, broker: EmbeddedBroker) -> None:
         if not shutil.which("wrk"):
             print("/v1/route: skipped, wrk is not installed (apt-get install wrk)")
             return
-        for rate, label in ((0, "saturation"), (args.route_rate, f"paced {args.route_rate:g}/s")):
+        saturation = 0.0
+        for rate, label, payload in ((0, "saturation", route), (None, "paced", route),
+                                     (0, "no encoding", unencoded)):
+            if rate is None:
+                rate = args.route_rate or round(ROUTE_PACE * saturation)
+                label = f"paced {rate:g}/s"
             cpu = cpu_seconds(gateway.pid)
             rps, p50, p99, errors = await asyncio.to_thread(
-                wrk_route, f"{proxied}/route", args.route_seconds, rate)
+                wrk_route, f"{proxied}/route", args.route_seconds, rate, payload)
             # CPU per request is far steadier than latency on a shared machine, so it is
             # the figure to compare changes by.
             cpu_ms = (cpu_seconds(gateway.pid) - cpu) * 1000 / (rps * args.route_seconds)
             print(f"/v1/route, 64 clients, {label:<12}: {rps:6.0f} requests/s, "
                   f"p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, non-2xx {errors}, "
                   f"gateway CPU {cpu_ms:.2f} ms/request")
+            if label == "saturation":
+                saturation = rps
+        raw = await asyncio.to_thread(raw_encoder_rate, args.encoder_backend)
+        print(f"raw encoder, this process, {EncoderConfig().threads} threads, batches of 32, "
+              f"the same prompts: {raw:.0f} texts/s; /v1/route saturation / raw: "
+              f"{saturation / raw:.2f}")
     finally:
         gateway.terminate()
         upstream.terminate()
@@ -311,7 +355,9 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=3,
                         help="load before the measured calls start, at each concurrency")
     parser.add_argument("--route-seconds", type=float, default=15)
-    parser.add_argument("--route-rate", type=float, default=300)
+    parser.add_argument("--route-rate", type=float, default=None,
+                        help="requests/s of the paced /v1/route load (default: 70 %% of "
+                             "the saturation measured just before)")
     parser.add_argument("--route-only", action="store_true",
                         help="only the /v1/route part (quicker, to compare changes)")
     with_broker(run, parser.parse_args())
