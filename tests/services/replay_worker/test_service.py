@@ -1,0 +1,78 @@
+"""The replay worker's handling without a broker: requests that name files it must not
+or cannot read are answered as failed with the reason; a request is held until its
+answer is published, and asked twice it is answered once."""
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from prometheus_client import CollectorRegistry
+
+from routemesh.contracts import ReplayRequested
+from routemesh.services.replay_worker.service import (
+    ReplayWorker,
+    ReplayWorkerSettings,
+    completed_event_id,
+)
+from routemesh.services.runtime.consumer import Delivery, OffsetTracker
+from routemesh.services.runtime.telemetry import Readiness
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "deploy" / "examples"
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.published = []
+
+    async def publish(self, event) -> None:
+        self.published.append(event)
+
+
+def worker(tmp_path) -> ReplayWorker:
+    ctx = SimpleNamespace(
+        settings=ReplayWorkerSettings(router_config=EXAMPLES / "lite-deep.yaml",
+                                      replay_report_dir=tmp_path / "reports"),
+        registry=CollectorRegistry(), readiness=Readiness(), producer=Producer(),
+        consumer=lambda topics, group_id, handler, **options: SimpleNamespace())
+    return ReplayWorker(ctx)
+
+
+async def test_names_with_a_path_or_of_missing_files_fail_with_the_reason(tmp_path):
+    replay = worker(tmp_path)
+    cases = {
+        "path": ReplayRequested(replay_id="a", dataset="lite-deep.eval.jsonl",
+                                config="../secrets.yaml"),
+        "missing": ReplayRequested(replay_id="b", dataset="nothing-here.jsonl"),
+        "candidate": ReplayRequested(replay_id="c", dataset="lite-deep.eval.jsonl",
+                                     candidate="/etc/passwd"),
+    }
+    answers = {name: await replay._run(request) for name, request in cases.items()}
+    assert {a.status for a in answers.values()} == {"failed"}
+    assert "'../secrets.yaml' is no file name" in answers["path"].error
+    assert "no dataset named 'nothing-here.jsonl'" in answers["missing"].error
+    assert "'/etc/passwd' is no file name" in answers["candidate"].error
+    assert answers["path"].event_id == completed_event_id("a")
+    assert list((tmp_path / "reports").glob("*")) == []
+
+
+async def test_a_request_is_held_until_answered_and_answered_once(tmp_path):
+    replay = worker(tmp_path)
+    offsets = OffsetTracker()
+    asked = ReplayRequested(replay_id="x", dataset="nothing-here.jsonl")
+    batch = [Delivery(asked, ("t.replay.requests.v1", 0, 0)),
+             Delivery(asked, ("t.replay.requests.v1", 0, 1))]
+    for delivery in batch:
+        offsets.consumed(delivery.position)
+    await replay.handle(batch, offsets)
+    assert offsets.to_commit() == {("t.replay.requests.v1", 0): 0}
+    while not replay.job.done():
+        await asyncio.sleep(0.01)
+    await replay.handle([], offsets)
+    (answer,) = replay.ctx.producer.published
+    assert (answer.replay_id, answer.status) == ("x", "failed")
+    assert offsets.to_commit() == {("t.replay.requests.v1", 0): 2}
+    again = Delivery(asked, ("t.replay.requests.v1", 0, 2))
+    offsets.consumed(again.position)
+    await replay.handle([again], offsets)
+    assert replay.job is None
+    assert len(replay.ctx.producer.published) == 1
