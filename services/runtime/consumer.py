@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -501,63 +501,31 @@ async def read_records(
         await consumer.stop()
 
 
-async def recent_event_ids(
-    settings: ServiceSettings, topic: str, per_partition: int
-) -> set[uuid.UUID]:
-    """The ``event_id``s of the newest ``per_partition`` events of each partition of
-    ``topic``: what a service checks before publishing again what it may have published
-    just before a crash. Read up to the end offsets seen at the start, so it ends."""
-    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
-    found: set[uuid.UUID] = set()
-    try:
-        await consumer.start()
-        await consumer.topics()
-        assignment = [TopicPartition(topic, p)
-                      for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not assignment:
-            return found
-        consumer.assign(assignment)
-        starts = await consumer.beginning_offsets(assignment)
-        ends = await consumer.end_offsets(assignment)
-        left = {tp for tp in assignment if ends[tp] > starts[tp]}
-        for tp in left:
-            consumer.seek(tp, max(starts[tp], ends[tp] - per_partition))
-        while left:
-            batch = await consumer.getmany(*left, timeout_ms=1000)
-            for records in batch.values():
-                for record in records:
-                    with contextlib.suppress(EventDecodeError):
-                        found.add(decode_event(record.value).event_id)
-            left = {tp for tp in left if await consumer.position(tp) < ends[tp]}
-    finally:
-        await consumer.stop()
-    return found
-
-
-async def events_since(settings: ServiceSettings, topics: Sequence[Topic], since: datetime
-                       ) -> list[Event]:
-    """The decodable events of ``topics`` from ``since`` (by broker timestamp) up to the
-    topics' ends when called, in partition order. No consumer group: nobody's offsets
-    move."""
+async def _read_to_ends(
+    settings: ServiceSettings, topics: Sequence[str],
+    first: Callable[[AIOKafkaConsumer, list[TopicPartition], dict[TopicPartition, int]],
+                    Awaitable[dict[TopicPartition, int | None]]],
+) -> list[Event]:
+    """The decodable events of ``topics``, each partition from the offset ``first`` gives
+    it (None: none of it) up to the end offsets seen at the start, so it ends; in
+    partition order. No consumer group: reading moves nobody's committed offsets."""
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
     found: list[Event] = []
     try:
         await consumer.start()
         await consumer.topics()
-        assignment = [TopicPartition(settings.topic(topic), p) for topic in topics
-                      for p in sorted(consumer.partitions_for_topic(settings.topic(topic))
-                                      or ())]
+        assignment = [TopicPartition(topic, p) for topic in topics
+                      for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not assignment:
             return found
         consumer.assign(assignment)
         ends = await consumer.end_offsets(assignment)
-        starts = await consumer.offsets_for_times(
-            dict.fromkeys(assignment, int(since.timestamp() * 1000)))
+        starts = await first(consumer, assignment, ends)
         left = set()
         for tp in assignment:
             start = starts.get(tp)
-            if start is not None and start.offset < ends[tp]:
-                consumer.seek(tp, start.offset)
+            if start is not None and start < ends[tp]:
+                consumer.seek(tp, start)
                 left.add(tp)
         while left:
             batch = await consumer.getmany(*left, timeout_ms=1000)
@@ -569,3 +537,32 @@ async def events_since(settings: ServiceSettings, topics: Sequence[Topic], since
     finally:
         await consumer.stop()
     return found
+
+
+async def recent_event_ids(
+    settings: ServiceSettings, topic: str, per_partition: int
+) -> set[uuid.UUID]:
+    """The ``event_id``s of the newest ``per_partition`` events of each partition of
+    ``topic``: what a service checks before publishing again what it may have published
+    just before a crash."""
+
+    async def newest(consumer: AIOKafkaConsumer, assignment: list[TopicPartition],
+                     ends: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
+        beginnings = await consumer.beginning_offsets(assignment)
+        return {tp: max(beginnings[tp], ends[tp] - per_partition) for tp in assignment}
+
+    return {event.event_id for event in await _read_to_ends(settings, [topic], newest)}
+
+
+async def events_since(settings: ServiceSettings, topics: Sequence[Topic], since: datetime
+                       ) -> list[Event]:
+    """The decodable events of ``topics`` from ``since`` (by broker timestamp) up to the
+    topics' ends when called, in partition order."""
+
+    async def at(consumer: AIOKafkaConsumer, assignment: list[TopicPartition],
+                 ends: dict[TopicPartition, int]) -> dict[TopicPartition, int | None]:
+        found = await consumer.offsets_for_times(
+            dict.fromkeys(assignment, int(since.timestamp() * 1000)))
+        return {tp: None if o is None else o.offset for tp, o in found.items()}
+
+    return await _read_to_ends(settings, [settings.topic(t) for t in topics], at)
