@@ -26,7 +26,7 @@ from routemesh.services.replay_worker.replay import ReplayError
 from routemesh.services.replay_worker.runner import Outcome, ReplaySpec, run
 from routemesh.services.replay_worker.samples import import_samples, write_eval
 from routemesh.services.router import ConfigError, load_config
-from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.files import pretty_json, write_atomically
 from routemesh.services.runtime.settings import ServiceSettings
 
 replay_app = typer.Typer(help="What a config would have decided, next to baselines, with "
@@ -52,7 +52,7 @@ def _run(spec: ReplaySpec, history: Path, json_output: Path | None,
     report = outcome.report
     stamp = report.created_at.strftime("%Y%m%dT%H%M%S")
     write_atomically(history / f"{stamp}-{report.receipt.run_hash[:12]}.json",
-                     receipts.encode(report), durable=False)
+                     pretty_json(report), durable=False)
     return outcome
 
 
@@ -185,7 +185,7 @@ def shadow_report(
         raise fail(f"cannot read the decisions topic: {exc}") from None
     report = shadows.compare(decisions, outcomes)
     if json_output:
-        write_atomically(json_output, shadows.encode(report))
+        write_atomically(json_output, pretty_json(report))
     if markdown_output:
         write_atomically(markdown_output, shadows.render_markdown(report).encode())
     agreement = "-" if report.agreement is None else f"{report.agreement:.3f}"
@@ -249,8 +249,7 @@ def gate(
                                  cutoff) if audit_dir is not None else None
     result = gating.GateReport(verdict=verdict, rollback=gating.rollback_line(report),
                                replay=report, audit=audit)
-    write_atomically(out / "gate.json", msgspec.json.format(msgspec.json.encode(result),
-                                                            indent=2) + b"\n")
+    write_atomically(out / "gate.json", pretty_json(result))
     write_atomically(out / "gate.md",
                      gating.render_markdown(result, outcome.markdown).encode())
     _print_summary(outcome)

@@ -25,7 +25,7 @@ from routemesh.services.router import (
     load_dataset,
 )
 from routemesh.services.runtime.captures import read_captures
-from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.files import pretty_json, write_atomically
 from routemesh.services.scorer import patch
 from routemesh.services.scorer.advice import AdvicePolicy
 from routemesh.services.scorer.candidates import CandidatePolicy
@@ -167,7 +167,7 @@ def candidates_command(
     report = _report(directory, outcomes, prompt_dir, limit, max_files, since,
                      _policy(near_threshold, near_margin, slow_ms))
     if json_output is not None:
-        _write(json_output, msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+        _write(json_output, pretty_json(report))
     if markdown_output is not None:
         _write(markdown_output, review_markdown(report).encode())
     console = Console()
@@ -206,7 +206,7 @@ def packet_command(
         raise fail("the packet goes to a local file: give a path, not stdout or a URL")
     report = _report(directory, outcomes, prompt_dir, limit, max_files, since,
                      _policy(near_threshold, near_margin, slow_ms), include_prompt_text)
-    _write(output, msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+    _write(output, pretty_json(report))
     text = " with the captured prompt text (keep it local)" if include_prompt_text else \
         ", metadata only"
     err.print(f"wrote {len(report.rows)} candidates and {len(report.clusters)} clusters to "

@@ -16,7 +16,7 @@ from typing import Literal
 import msgspec
 
 from routemesh.services.replay_worker.replay import ReplayResult, SystemFigures
-from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.files import pretty_json, write_atomically
 
 Status = Literal["ok", "warn", "alert"]
 # A headline figure that moves by more than this share of its last value warns; by more
@@ -186,16 +186,12 @@ def finish(result: ReplayResult, history: Path | None) -> Report:
                   drift=drift(result, previous))
 
 
-def encode(report: Report) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n"
-
-
 def write_outputs(report: Report, json_path: Path | None, markdown_path: Path | None,
                   markdown: str) -> Path | None:
     """The report files, and a receipt beside the JSON one (``<name>.receipt.json``)
     with every output's sha256. Returns the receipt's path."""
     outputs: dict[str, str] = {}
-    for path, data in ((markdown_path, markdown.encode()), (json_path, encode(report))):
+    for path, data in ((markdown_path, markdown.encode()), (json_path, pretty_json(report))):
         if path is None:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +201,7 @@ def write_outputs(report: Report, json_path: Path | None, markdown_path: Path | 
         return None
     receipt_path = json_path.with_name(json_path.stem + ".receipt.json")
     receipt = msgspec.structs.replace(report.receipt, outputs=outputs)
-    write_atomically(receipt_path, msgspec.json.format(msgspec.json.encode(receipt),
-                                                       indent=2) + b"\n")
+    write_atomically(receipt_path, pretty_json(receipt))
     return receipt_path
 
 

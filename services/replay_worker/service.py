@@ -36,7 +36,7 @@ from routemesh.services.runtime.consumer import (
     Position,
     recent_event_ids,
 )
-from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.files import pretty_json, write_atomically
 from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
 
@@ -233,7 +233,7 @@ class ReplayWorker:
         decisions, outcomes = await shadow.read_window(self.settings, since)
         report = shadow.compare(decisions, outcomes)
         path = self.settings.replay_report_dir / f"{request.replay_id}.json"
-        data = shadow.encode(report)
+        data = pretty_json(report)
         await asyncio.to_thread(write_atomically, path, data)
         await asyncio.to_thread(write_atomically, path.with_suffix(".md"),
                                 shadow.render_markdown(report).encode())

@@ -109,10 +109,6 @@ async def read_window(settings: ServiceSettings, since: datetime
             [e for e in events if isinstance(e, OutcomeReported)])
 
 
-def encode(report: ShadowReport) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n"
-
-
 def render_markdown(report: ShadowReport) -> str:
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"

@@ -17,6 +17,7 @@ from routemesh.services.router.datasets import DatasetError, EvalItem
 from routemesh.services.router.encoders import DenseEncoder
 from routemesh.services.router.factory import load_router
 from routemesh.services.router.scoring import Reliability, reliability
+from routemesh.services.runtime.files import pretty_json
 from routemesh.services.runtime.stats import Percentiles
 
 # An eval where more than this share of items never reached routing (an override or a
@@ -277,7 +278,7 @@ def render_markdown(report: EvalReport) -> str:
 def write_reports(report: EvalReport, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "report.json", out / "report.md"
-    json_path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    json_path.write_bytes(pretty_json(report))
     md_path.write_text(render_markdown(report), encoding="utf-8")
     return json_path, md_path
 

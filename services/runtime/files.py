@@ -69,6 +69,11 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.close(directory)
 
 
+def pretty_json(value: object) -> bytes:
+    """``value`` as indented JSON with a final newline: the format of report files."""
+    return msgspec.json.format(msgspec.json.encode(value), indent=2) + b"\n"
+
+
 def decoded_lines(directory: Path, decoder: msgspec.json.Decoder[T]) -> Iterator[T]:
     """Every line of ``directory``'s ``*.jsonl`` files (by name) that ``decoder`` reads;
     the others are skipped (a torn last line, a line of another kind)."""
