@@ -109,14 +109,10 @@ class LocalEncoder:
 
         _check_mean_pooled(packaged)
         path = self._onnx_copy(packaged, cache_dir or DEFAULT_MODEL_CACHE)
-        file_name, chunk = "onnx/model.onnx", ENCODE_CHUNK
+        file_name = "onnx/model.onnx"
         if backend == "onnx-int8":
-            # Dynamic quantisation scales activations over the whole batch, so a text's
-            # int8 embedding would depend on which requests share its micro-batch (cosine
-            # down to 0.93 next to a long text). One text per run keeps it deterministic.
-            file_name, chunk = self._int8_copy(path), 1
-            self.name += ":int8-per-text"
-        self.batch_hint = chunk
+            file_name = self._int8_copy(path)
+            self.name += ":int8-per-token"
         options = onnxruntime.SessionOptions()
         # Each run on one thread, and ``threads`` runs at once on different chunks (or
         # calls): for texts this short, splitting one run across threads costs more CPU
@@ -154,7 +150,10 @@ class LocalEncoder:
             # Length-sorted chunks pad each text to a near neighbour's length, not to
             # the longest of a micro-batch (more texts/s in bench/decision.py).
             order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-            parts = [order[start : start + chunk] for start in range(0, len(order), chunk)]
+            parts = [
+                order[start : start + ENCODE_CHUNK]
+                for start in range(0, len(order), ENCODE_CHUNK)
+            ]
             jobs = [[encodings[i] for i in rows] for rows in parts]
             results = pool.map(run, jobs) if pool and len(jobs) > 1 else map(run, jobs)
             pooled = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -193,30 +192,15 @@ class LocalEncoder:
 
     @staticmethod
     def _int8_copy(onnx_dir: Path) -> str:
-        """Quantise the exported float model once; returns its name inside ``onnx_dir``.
-
-        ONNX Runtime's own dynamic quantiser rather than sentence-transformers'
-        ``export_dynamic_quantized_onnx_model``: that one quantises per tensor, which moves
-        embeddings much further from the float ones than per-channel weights of the
-        MatMuls alone (test_with_model checks the cosine to the float embeddings).
-        """
-        name = "onnx/model_int8_per_channel.onnx"
+        """Quantise the exported float model once (``int8.quantise``); returns its name."""
+        name = "onnx/model_int8_per_token.onnx"
         target = onnx_dir / name
         if target.is_file():
             return name
-        from onnx import TensorProto
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from .int8 import quantise
 
         staged = target.with_name(f".{target.name}.{os.getpid()}")
-        quantize_dynamic(
-            onnx_dir / "onnx" / "model.onnx",
-            staged,
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            # Shape inference cannot type the outputs of the fused attention MatMuls.
-            extra_options={"DefaultTensorType": TensorProto.FLOAT},
-        )
+        quantise(onnx_dir / "onnx" / "model.onnx", staged)
         staged.replace(target)
         return name
 
