@@ -16,7 +16,7 @@ import msgspec
 
 from routemesh.services.router import RouteRequest, load_dataset
 from routemesh.services.runtime.captures import read_captures
-from routemesh.services.runtime.files import decoded_lines
+from routemesh.services.runtime.files import decoded_lines, files_sha256
 
 
 class Recorded(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,9 +168,5 @@ def load_input(source: str, path: Path, *, audit_dir: Path | None = None,
 
 def stored_sha256(path: Path) -> str:
     """sha256 of a file's bytes, or of a directory's ``*.jsonl`` files by name."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(path.glob("*.jsonl"))
-    for file in files:
-        data = file.read_bytes()
-        digest.update(file.name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
-    return digest.hexdigest()
+    return files_sha256([path] if path.is_file() else sorted(path.glob("*.jsonl")),
+                        named=True)

@@ -16,6 +16,7 @@ from typing import Literal
 import msgspec
 
 from routemesh.services.replay_worker.replay import ReplayResult, SystemFigures
+from routemesh.services.router import file_sha256
 from routemesh.services.runtime.files import pretty_json, write_atomically
 
 Status = Literal["ok", "warn", "alert"]
@@ -216,7 +217,7 @@ def verify(receipt_path: Path) -> list[str]:
         if not path.is_file():
             problems.append(f"{name}: missing")
             continue
-        if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        if file_sha256(path) != sha:
             problems.append(f"{name}: sha256 differs from the receipt's")
         if name.endswith(".json"):
             report_path = path

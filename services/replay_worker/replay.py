@@ -5,11 +5,10 @@ the per-case evidence (hashes and lengths, never text). The CLI and the worker s
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +33,7 @@ from routemesh.services.router import (
 )
 from routemesh.services.router.datasets import EvalItem
 from routemesh.services.router.evaluate import RouteFigures
+from routemesh.services.runtime.files import files_sha256
 
 CONFIG_SYSTEMS = ("current", "candidate", "previous")
 # Texts encoded (and decided) at a time.
@@ -145,16 +145,6 @@ class Configs:
         return [(name, loaded) for name, loaded in zip(
             CONFIG_SYSTEMS, (self.current, self.candidate, self.previous), strict=True)
             if loaded is not None]
-
-
-def files_sha256(paths: Iterable[Path]) -> str:
-    """sha256 over files' bytes in the given order (a config and its utterance files):
-    any byte changed changes it."""
-    digest = hashlib.sha256()
-    for path in paths:
-        data = path.read_bytes()
-        digest.update(len(data).to_bytes(8, "big") + data)
-    return digest.hexdigest()
 
 
 # Addresses on this machine's own networks. Python's ``is_private`` also counts the
@@ -321,7 +311,9 @@ def replay(
             decisions={name: _decision(index[name][case.id]) for name in decided
                        if case.id in index[name]},
         ))
-    deltas = [_delta("current", other, rows) for other in ("candidate",) if other in routers]
+    deltas = []
+    if "candidate" in routers:
+        deltas.append(_delta("current", "candidate", rows))
     if "previous" in routers:
         deltas.append(_delta("previous", "current", rows))
     errors = Counter(d.reason for decisions in decided.values() for d in decisions

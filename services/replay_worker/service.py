@@ -29,6 +29,7 @@ from routemesh.contracts.topics import REPLAY_REQUESTS, REPLAY_RESULTS
 from routemesh.services.replay_worker import shadow
 from routemesh.services.replay_worker.replay import ReplayError
 from routemesh.services.replay_worker.runner import ReplaySpec, run
+from routemesh.services.router import file_sha256
 from routemesh.services.runtime.consumer import (
     Delivery,
     OffsetTracker,
@@ -224,7 +225,7 @@ class ReplayWorker:
             config_sha256=report.inputs.configs["current"].config_sha256,
             dataset_sha256=report.inputs.files_sha256,
             report_name=json_path.name,
-            report_sha256=hashlib.sha256(json_path.read_bytes()).hexdigest(),
+            report_sha256=file_sha256(json_path),
             run_hash=report.receipt.run_hash, drift_status=report.drift.status,
         )
 

@@ -14,6 +14,17 @@ import msgspec
 T = TypeVar("T")
 
 
+def files_sha256(paths: Iterable[Path], *, named: bool = False) -> str:
+    """sha256 over files' bytes in the given order, each length-prefixed (and, when
+    ``named``, preceded by its file name): any byte changed changes it."""
+    digest = hashlib.sha256()
+    for path in paths:
+        data = path.read_bytes()
+        prefix = path.name.encode() + b"\0" if named else b""
+        digest.update(prefix + len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()
+
+
 def _digest(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
