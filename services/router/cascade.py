@@ -210,15 +210,8 @@ class Router:
         return self.matcher.sha256 if self.matcher is not None else None
 
     def decide(self, request: RouteRequest, request_id: str) -> RouteDecided:
-        draft, decided = self._before_semantic(request, request_id)
-        if decided is not None:
-            return decided
-        started = time.perf_counter()
-        try:
-            (ranked,) = self._rank_batch([draft.semantic_text])
-        except Exception as exc:
-            return self._embedding_error(draft, exc, started)
-        return self._semantic(draft, ranked, started)
+        (decided,) = self.decide_many([(request, request_id)])
+        return decided
 
     def decide_many(self, requests: Sequence[tuple[RouteRequest, str]],
                     batch: int = 64) -> list[RouteDecided]:
