@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from routemesh.services.router import RouteRequest, load_dataset
+from routemesh.services.router import Route, RouteRequest, load_dataset
 from routemesh.services.runtime.captures import read_captures
 from routemesh.services.runtime.files import decoded_lines, files_sha256
 
@@ -53,6 +53,11 @@ class Case:
         if self.recorded is not None and self.recorded.completion_tokens is not None:
             return self.recorded.completion_tokens
         return 0
+
+    def cost(self, route: Route) -> float:
+        """What serving the case on ``route`` costs at its prices."""
+        return (self.input_tokens * route.price_per_1k_input_tokens
+                + self.output_tokens * route.price_per_1k_output_tokens) / 1000
 
     def key(self) -> bytes:
         """What identifies the case in the input set's hash."""

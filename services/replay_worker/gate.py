@@ -52,8 +52,7 @@ def audit_summary(cases: list[Case], priced_by: LoadedConfig,
     for case in cases:
         route = prices.get(case.recorded.route_id) if case.recorded else None
         if route is not None:
-            cost += (case.input_tokens * route.price_per_1k_input_tokens
-                     + case.output_tokens * route.price_per_1k_output_tokens) / 1000
+            cost += case.cost(route)
     mix = Counter(r.route_id for r in recorded)
     return AuditSummary(
         since=since, requests=len(recorded),

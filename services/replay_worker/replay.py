@@ -217,8 +217,7 @@ def _cost(router: Router, cases: list[Case], routes: list[str]) -> float:
     for case, route_id in zip(cases, routes, strict=True):
         route = router.route(route_id)
         if route is not None:
-            total += (case.input_tokens * route.price_per_1k_input_tokens
-                      + case.output_tokens * route.price_per_1k_output_tokens) / 1000
+            total += case.cost(route)
     return round(total, 9)
 
 
