@@ -15,6 +15,7 @@ import msgspec
 from routemesh.services.replay_worker.cases import Case
 from routemesh.services.replay_worker.receipt import Report
 from routemesh.services.router import LoadedConfig
+from routemesh.services.runtime.stats import shares
 
 
 class AuditSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,10 +54,9 @@ def audit_summary(cases: list[Case], priced_by: LoadedConfig,
         route = prices.get(case.recorded.route_id) if case.recorded else None
         if route is not None:
             cost += case.cost(route)
-    mix = Counter(r.route_id for r in recorded)
     return AuditSummary(
         since=since, requests=len(recorded),
-        route_mix={k: v / len(recorded) for k, v in sorted(mix.items())} if recorded else {},
+        route_mix=shares(r.route_id for r in recorded),
         reasons=dict(sorted(Counter(r.reason or "unknown" for r in recorded).items())),
         estimated_cost=round(cost, 9),
         configs=dict(Counter(r.config_sha256 or "unknown" for r in recorded)),

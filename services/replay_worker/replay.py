@@ -34,6 +34,7 @@ from routemesh.services.router import (
 from routemesh.services.router.datasets import EvalItem
 from routemesh.services.router.evaluate import RouteFigures
 from routemesh.services.runtime.files import files_sha256
+from routemesh.services.runtime.stats import shares
 
 CONFIG_SYSTEMS = ("current", "candidate", "previous")
 # Texts encoded (and decided) at a time.
@@ -224,7 +225,6 @@ def _cost(router: Router, cases: list[Case], routes: list[str]) -> float:
 def _figures(name: str, kind: Kind, cases: list[Case], decisions: list[RouteDecided],
              priced_by: Router, config_sha256: str | None = None) -> SystemFigures:
     routes = [d.route_id for d in decisions]
-    mix = Counter(routes)
     labelled = all(c.label is not None for c in cases) and bool(cases)
     scored = score([EvalItem(c.id, c.request, c.label) for c in cases],  # type: ignore[arg-type]
                    decisions, [r.id for r in priced_by.config.routes]) if labelled else None
@@ -232,7 +232,7 @@ def _figures(name: str, kind: Kind, cases: list[Case], decisions: list[RouteDeci
                 if c.recorded is not None]
     return SystemFigures(
         name=name, kind=kind, cases=len(cases), config_sha256=config_sha256,
-        route_mix={r: n / len(cases) for r, n in sorted(mix.items())} if cases else {},
+        route_mix=shares(routes),
         estimated_cost=_cost(priced_by, cases, routes),
         accuracy=scored.accuracy if scored else None,
         macro_f1=scored.macro_f1 if scored else None,

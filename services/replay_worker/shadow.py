@@ -13,6 +13,7 @@ from routemesh.contracts import OutcomeReported, RouteDecided
 from routemesh.contracts.topics import ROUTE_DECISIONS, ROUTE_OUTCOMES
 from routemesh.services.runtime.consumer import events_since
 from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.runtime.stats import shares
 
 DISAGREEMENTS_LISTED = 100
 
@@ -79,10 +80,6 @@ def compare(decisions: Iterable[RouteDecided],
         if a is not None and b is not None:
             judged.append((a, b))
 
-    def mix(side: dict[str, RouteDecided]) -> dict[str, float]:
-        counts = Counter(side[r].route_id for r in pairs)
-        return {k: v / len(pairs) for k, v in sorted(counts.items())} if pairs else {}
-
     live_acc = sum(a for a, _ in judged) / len(judged) if judged else None
     shadow_acc = sum(b for _, b in judged) / len(judged) if judged else None
     return ShadowReport(
@@ -91,7 +88,8 @@ def compare(decisions: Iterable[RouteDecided],
         agreement=sum(agree) / len(pairs) if pairs else None,
         live_configs=dict(Counter(d.config_sha256 or "" for d in live.values())),
         shadow_configs=dict(Counter(d.config_sha256 or "" for d in shadow.values())),
-        route_mix_live=mix(live), route_mix_shadow=mix(shadow),
+        route_mix_live=shares(live[r].route_id for r in pairs),
+        route_mix_shadow=shares(shadow[r].route_id for r in pairs),
         judged=len(judged), live_accuracy=live_acc, shadow_accuracy=shadow_acc,
         accuracy_delta=shadow_acc - live_acc if judged else None,  # type: ignore[operator]
         disagreements=[Disagreement(request_id=r, live=live[r].route_id,
