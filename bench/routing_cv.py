@@ -13,7 +13,10 @@ mean and max aggregations), one run with the real MiniLM encoder:
   flatter every choice: printed beside, never used to choose;
 - for the default scoring, the full decision (threshold, margin, fallback to the default
   route) over a grid of thresholds and margins, out of fold: what the shipped thresholds
-  and margins were chosen from.
+  and margins were chosen from;
+- with another encoder than the default float one: its vectors' cosine to the float ones
+  on the eval prompts, how many eval prompts the shipped configs route differently with
+  it, and both encoders' rate on those prompts, measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import get_args
 
 import msgspec
 import numpy as np
+from qdrant_client import QdrantClient
 
 from routemesh.services.router import (
     EncoderBackend,
@@ -37,9 +41,11 @@ from routemesh.services.router import (
 from routemesh.services.router.bank import (
     RouteBank,
     bank_sha256,
+    build_bank,
     cross_validation,
     fit_model,
     limit_blas_threads,
+    load_snapshot,
     text_sha256,
 )
 from routemesh.services.router.config import canonical_sha256
@@ -64,6 +70,34 @@ def snapshot(loaded: LoadedConfig, encoder: LocalEncoder) -> RouteBank:
     return RouteBank(entries, encoder.encode(texts), [sparse.document(t) for t in texts],
                      encoder.name, bank_sha256(entries, encoder.name, semantic.bm25_k1,
                                                semantic.bm25_b))
+
+
+def shipped_router(loaded: LoadedConfig, encoder: LocalEncoder) -> Router:
+    """The config as a gateway serves it: its bank built and loaded the product's way."""
+    client = QdrantClient(":memory:")
+    build_bank(loaded, encoder, client, "bench")
+    return Router(loaded, load_snapshot(client, "bench", loaded.config.semantic), encoder)
+
+
+def against_float(loaded: LoadedConfig, items: list, encoder: LocalEncoder,
+                  reference: LocalEncoder) -> None:
+    texts = [item.request.match_text("last_user") for item in items]
+
+    def timed(each: LocalEncoder) -> tuple[np.ndarray, float]:
+        each.encode(texts)
+        started = time.perf_counter()
+        vectors = each.encode(texts)
+        return vectors, len(texts) / (time.perf_counter() - started)
+
+    (ours, rate), (theirs, float_rate) = timed(encoder), timed(reference)
+    cosine = np.sum(ours * theirs, axis=1)
+    decided = [evaluate(shipped_router(loaded, each), items, "bench").decisions
+               for each in (encoder, reference)]
+    differ = sum(decided[0][key] != decided[1][key] for key in decided[0])
+    print(f"against the float encoder: cosine mean {cosine.mean():.4f}, lowest "
+          f"{cosine.min():.4f}; {differ} of {len(items)} eval prompts routed differently; "
+          f"{rate:.0f} texts/s against {float_rate:.0f} (eval prompts, "
+          f"{EncoderConfig().threads} threads)")
 
 
 def variant(loaded: LoadedConfig, head: str, aggregation: str) -> LoadedConfig:
@@ -91,6 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     limit_blas_threads()
     encoder = LocalEncoder(args.encoder_backend)
+    reference = LocalEncoder(EncoderConfig().backend) \
+        if args.encoder_backend != EncoderConfig().backend else None
     for config_name, dataset_name in SETS:
         loaded = load_config(EXAMPLES / config_name)
         items = load_dataset(EXAMPLES / dataset_name)
@@ -136,6 +172,8 @@ def main() -> None:
                 decided = np.where(confident, order, default)
                 row.append(f"{(decided == truth).mean():>13.3f}")
             print(f"  {threshold:>9}" + "".join(row))
+        if reference is not None:
+            against_float(loaded, items, encoder, reference)
 
 
 if __name__ == "__main__":
