@@ -7,6 +7,7 @@ export HF_HUB_OFFLINE := 1
 # exactly what CI tested, whatever was released since. pyproject.toml keeps the ranges.
 LOCK := requirements/dev.lock
 RUNTIME_LOCK := requirements/runtime.lock
+BOOTSTRAP_LOCK := requirements/bootstrap.lock
 LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
 # torch 2.13.0 is the CPU build (requirements/constraints.in); the index and local wheel
@@ -20,11 +21,16 @@ LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras \
 $(PY):
 	python3 -m venv $(VENV)
 
-# The lock (torch among it, CPU build) first; then the project itself, built with the
-# locked hatchling and without pulling anything else.
+# No resolver at install time: pip's resolver consults the index even over a complete
+# lock and refuses in hash mode when a dependency released a version since. So: the
+# pinned pip first (whatever pip `venv` ships), then the lock (torch among it, CPU build)
+# with --no-deps, then the project built with the locked hatchling, then `pip check`,
+# which fails loudly if the lock misses a dependency instead of fetching one.
+INSTALL := $(PY) -m pip install --quiet --no-deps
 install: $(PY)
-	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation .
+	$(INSTALL) --require-hashes -r $(BOOTSTRAP_LOCK)
+	$(INSTALL) --require-hashes -r $(LOCK)
+	$(INSTALL) --no-build-isolation .
 	$(PY) -m pip check
 
 dev: install
@@ -47,6 +53,8 @@ bench: install
 # Re-lock after editing pyproject.toml: new requirements are resolved, pins that still
 # satisfy it stay. `make lock-upgrade` moves every pin to the newest release allowed.
 lock: $(LOCK_VENV)/bin/pip-compile
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) \
+	  -o $(BOOTSTRAP_LOCK) requirements/bootstrap.in
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) -o $(RUNTIME_LOCK) pyproject.toml
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) --extra dev -c $(RUNTIME_LOCK) \
 	  -o $(LOCK) pyproject.toml

@@ -6,6 +6,9 @@ re-locking (`make lock`), or a lock edited by hand, fails here before it reaches
 
 import importlib.metadata
 import re
+import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = ROOT / "requirements" / "runtime.lock"
 DEV = ROOT / "requirements" / "dev.lock"
+BOOTSTRAP = ROOT / "requirements" / "bootstrap.lock"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 
 
@@ -63,7 +67,7 @@ def test_the_dev_lock_pins_what_the_runtime_lock_pins():
 
 
 def test_every_locked_pin_has_hashes():
-    for lock in (RUNTIME, DEV):
+    for lock in (RUNTIME, DEV, BOOTSTRAP):
         text = lock.read_text()
         entries = re.split(r"\n(?=[A-Za-z0-9])", text[text.index("\n", text.index("make lock")):])
         for entry in entries:
@@ -78,7 +82,7 @@ def test_the_cpu_build_of_torch_is_locked():
 
 def test_what_is_installed_is_what_the_lock_says():
     mismatched = {}
-    for name, version in locked(DEV).items():
+    for name, version in (locked(DEV) | locked(BOOTSTRAP)).items():
         try:
             installed = Version(importlib.metadata.version(name))
         except importlib.metadata.PackageNotFoundError:
@@ -86,3 +90,56 @@ def test_what_is_installed_is_what_the_lock_says():
         if installed != version:
             mismatched[name] = (str(version), str(installed))
     assert mismatched == {}, "install with `make install` (it installs requirements/dev.lock)"
+
+
+def test_nothing_is_installed_that_the_locks_do_not_name():
+    installed = {canonicalize_name(dist.metadata["Name"])
+                 for dist in importlib.metadata.distributions()}
+    assert installed - set(locked(DEV)) - set(locked(BOOTSTRAP)) == {"routemesh"}
+
+
+def _pip_installs(commands: list[str]) -> list[list[str]]:
+    """The arguments of every ``pip install`` among shell ``commands``."""
+    found = []
+    for command in commands:
+        for part in re.split(r"&&|;", command):
+            words = shlex.split(part)
+            for at in range(len(words) - 1):
+                if words[at].endswith("pip") and words[at + 1] == "install":
+                    found.append(words[at + 2:])
+    return found
+
+
+def _assert_no_resolver(installs: list[list[str]], lock: str) -> None:
+    """The pinned pip first, then ``lock``, then the project, all without a resolver."""
+    locks = [words[words.index("-r") + 1] for words in installs if "-r" in words]
+    assert locks == ["requirements/bootstrap.lock", lock]
+    for words in installs:
+        assert "--no-deps" in words, words
+        if "-r" in words:
+            assert "--require-hashes" in words, words
+
+
+def test_make_installs_the_locks_without_a_resolver_then_checks():
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    printed = subprocess.run([make, "-n", "-C", str(ROOT), "install", "VENV=/nonexistent"],
+                             capture_output=True, text=True, check=True).stdout
+    commands = [line for line in printed.splitlines() if "pip" in line]
+    _assert_no_resolver(_pip_installs(commands), "requirements/dev.lock")
+    assert commands[-1].endswith("-m pip check")
+
+
+def test_the_image_installs_the_locks_without_a_resolver_then_checks():
+    text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
+    runs = [line.removeprefix("RUN ") for line in text.splitlines() if line.startswith("RUN ")]
+    _assert_no_resolver(_pip_installs(runs), "requirements/runtime.lock")
+    installs_at = max(i for i, run in enumerate(runs) if "pip install" in run)
+    assert "pip check" in runs[installs_at]
+
+
+def test_ci_installs_only_through_the_readme_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"\bpip3?\b", ci) is None
+    assert "make test" in ci
