@@ -29,6 +29,8 @@ RouteId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 # The Kafka key of a request's events and the join key of every consumer: never empty.
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# A client's own id for a request, checked at the edge (the characters of a request id).
+CorrelationId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 DecisionReason = Literal[
     "override", "passthrough", "rule", "semantic", "low_confidence", "embedding_error", "default"
@@ -62,7 +64,12 @@ class LayerAttempt(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FormatSignals(msgspec.Struct, frozen=True, kw_only=True):
-    """Shape of the request, never its content."""
+    """Shape of the request, never its content.
+
+    ``tool_choice`` is one of ``none``, ``auto``, ``required``, ``function`` or ``other``;
+    ``response_format`` one of ``text``, ``json_object``, ``json_schema`` or ``other``:
+    enumerations, never what the client wrote (producers before the gateway of RouteDecided
+    1.3 copied the client's string; such values still decode)."""
 
     tools_present: bool = False
     tool_history: bool = False
@@ -77,10 +84,14 @@ class FormatSignals(msgspec.Struct, frozen=True, kw_only=True):
 class RouteDecided(Event, frozen=True, kw_only=True):
     """One request's route, why, and the evidence; never the prompt.
 
-    1.1: ``format.match_text_cut``. 1.2: ``shadow``.
+    1.1: ``format.match_text_cut``. 1.2: ``shadow``. 1.3: ``client_request_id``.
+
+    ``request_id`` is the mesh's own, unique per request; ``client_request_id`` is the
+    client's ``x-request-id`` as it came (validated, bounded), for correlation only: two
+    requests may share it.
     """
 
-    schema_version: str = "1.2"
+    schema_version: str = "1.3"
     request_id: RequestId
     route_id: RouteId
     target_model: str
@@ -110,6 +121,7 @@ class RouteDecided(Event, frozen=True, kw_only=True):
     # 1.2: decided again after the answer with the gateway's shadow config, never served.
     # Consumers that figure what the mesh did (audit, scorer, drift) leave these out.
     shadow: bool = False
+    client_request_id: CorrelationId | None = None
 
 
 class CompletionObserved(Event, frozen=True, kw_only=True):

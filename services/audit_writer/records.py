@@ -83,6 +83,8 @@ class AuditDecision(_Allowed, kw_only=True):
     format: AuditFormat = AuditFormat()
     requested_model: str | None = None
     gateway_instance: str = ""
+    # The client's own x-request-id (a correlation field; request_id is the mesh's).
+    client_request_id: str | None = None
 
 
 class AuditObservation(_Allowed, kw_only=True):

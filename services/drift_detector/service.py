@@ -134,11 +134,12 @@ class DriftDetector:
             max_subjects=settings.drift_max_subjects,
         )
         self.metrics = _Metrics(ctx.registry)
+        self.checkpoints = Checkpoints()
         self.consumer = ctx.consumer(
             [ROUTE_DECISIONS, LLM_OBSERVATIONS], GROUP, self,
             batch_max_records=settings.drift_batch_max_records, poll_ms=settings.drift_poll_ms,
+            checkpoints=self.checkpoints,
         )
-        self.checkpoints = Checkpoints()
         self.outbox: list[DriftAlert] = []
         self._backoff = Backoff(0.5, 30.0)
         self._delays = self._backoff.delays()
@@ -156,7 +157,7 @@ class DriftDetector:
         state = await asyncio.to_thread(read_state, self.settings.drift_state_dir)
         if state is not None:
             self.detector.restore(state.detector)
-            self.checkpoints.restore(state.offsets)
+            self.checkpoints.restore(state.offsets, state.anchors)
             self.outbox = list(state.outbox)
             log.info("drift state restored", extra={
                 "subjects": len(state.detector.subjects), "waiting_alerts": len(self.outbox)})
@@ -225,7 +226,8 @@ class DriftDetector:
 
     async def _save(self) -> None:
         offsets = dict(self.checkpoints.offsets)
-        state = State(detector=self.detector.snapshot(), offsets=offsets, outbox=self.outbox)
+        state = State(detector=self.detector.snapshot(), offsets=offsets,
+                      anchors=dict(self.checkpoints.anchors), outbox=self.outbox)
         data = msgspec.msgpack.encode(state)
         started = time.perf_counter()
         await asyncio.to_thread(write_state, self.settings.drift_state_dir, data)

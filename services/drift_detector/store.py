@@ -22,6 +22,8 @@ class State(msgspec.Struct, kw_only=True):
     detector: Snapshot
     # "topic:partition" -> the next offset: every event before it is in ``detector``.
     offsets: dict[str, int] = {}
+    # The event id before each offset (runtime Checkpoints.anchors).
+    anchors: dict[str, str] = {}
     # Alerts computed and not yet confirmed by the broker.
     outbox: list[DriftAlert] = []
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -34,8 +33,9 @@ from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.bodies import (
     ApiError,
     ChatView,
-    OutcomeView,
+    OutcomeBody,
     RouteView,
+    client_request_id,
     invalid,
     openapi_body,
     read_body,
@@ -46,10 +46,15 @@ from routemesh.services.gateway.review import Excerpt, redacted_capture, write_r
 from routemesh.services.gateway.scrub import Scrubber
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import UpstreamStreamError, upstream_failed
-from routemesh.services.router import CachingEncoder, Router, RouteRequest, UnknownRouteError
+from routemesh.services.router import (
+    CachingEncoder,
+    ChatBody,
+    Router,
+    RouteRequest,
+    UnknownRouteError,
+)
 
 log = logging.getLogger(__name__)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # The endpoint label of routemesh_gateway_requests_total: one value per endpoint, bounded.
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/route": "route", "/v1/models": "models",
              "/v1/outcomes": "outcomes"}
@@ -235,11 +240,6 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.match(given) else str(uuid.uuid4())
-
-
 def _route_headers(decision: RouteDecided) -> dict[str, str]:
     return {
         "x-routemesh-request-id": decision.request_id,
@@ -263,14 +263,18 @@ class Handlers:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
 
-    async def decide(self, router: Router, body: dict[str, Any], request: Request) -> RouteDecided:
+    def extract(self, body: ChatBody, request: Request) -> RouteRequest:
+        """What routing reads of the request, once; the client's id kept for correlation
+        only (the mesh's request id is its own: two clients may send the same one)."""
+        return RouteRequest.of(body, request.headers.get("x-routemesh-route"),
+                               client_request_id(request))
+
+    async def decide(self, router: Router, route_request: RouteRequest) -> RouteDecided:
         state = self.state
-        override = request.headers.get("x-routemesh-route")
         started = time.perf_counter()
         with state.tracer.start_as_current_span("routemesh.decide") as span:
-            route_request = RouteRequest.from_body(body, override)
             try:
-                decision = await router.adecide(route_request, _request_id(request))
+                decision = await router.adecide(route_request, str(uuid.uuid4()))
             except UnknownRouteError as exc:
                 raise invalid(str(exc), "unknown_route") from None
             span.set_attribute("routemesh.route", decision.route_id)
@@ -281,11 +285,11 @@ class Handlers:
             state.shadow.offer(route_request, decision.request_id)
         return decision
 
-    def capture(self, decision: RouteDecided, data: dict[str, Any]) -> None:
+    def capture(self, decision: RouteDecided, route_request: RouteRequest) -> None:
         settings = self.state.settings
         if settings.review_capture == "off":
             return
-        excerpt = Excerpt.of(RouteRequest.from_body(data).messages, settings.review_max_chars)
+        excerpt = Excerpt.of(route_request.messages, settings.review_max_chars)
         if excerpt is None:
             return
         if settings.review_capture == "redacted":
@@ -326,12 +330,13 @@ class Handlers:
     async def chat_completions(self, request: Request) -> Response:
         state = self.state
         data, parsed = await read_body(request, ChatView, state.settings.max_body_bytes)
+        route_request = self.extract(parsed, request)
         # One router for the whole request: a reload swapping ``state.router`` while this
         # request waits for the encoder must not give it another config's routes.
         router = state.router
-        decision = await self.decide(router, data, request)
-        self.capture(decision, data)
-        tools_requested = bool(data.get("tools") or data.get("functions"))
+        decision = await self.decide(router, route_request)
+        self.capture(decision, route_request)
+        tools_requested = route_request.tools_present
         scrub = Scrubber(state.dispatcher.secrets(router))
         started = time.perf_counter()
         if not parsed.stream:
@@ -371,10 +376,8 @@ class Handlers:
                                  headers=_route_headers(decision))
 
     async def route(self, request: Request) -> Response:
-        data, parsed = await read_body(request, RouteView, self.state.settings.max_body_bytes)
-        if not parsed.messages and parsed.input is None:
-            raise invalid("invalid request body: give messages or input")
-        decision = await self.decide(self.state.router, data, request)
+        _, parsed = await read_body(request, RouteView, self.state.settings.max_body_bytes)
+        decision = await self.decide(self.state.router, self.extract(parsed.body(), request))
         return Response(msgspec.json.encode(decision), media_type="application/json",
                         headers=_route_headers(decision))
 
@@ -392,14 +395,14 @@ class Handlers:
         return JSONResponse(_model(model_id))
 
     async def outcomes(self, request: Request) -> JSONResponse:
-        _, parsed = await read_body(request, OutcomeView, self.state.settings.max_body_bytes)
+        _, parsed = await read_body(request, OutcomeBody, self.state.settings.max_body_bytes)
         event = OutcomeReported(
             request_id=parsed.request_id,
             completed=parsed.completed,
             correct_route=parsed.correct_route,
             expected_route=parsed.expected_route,
             quality_score=parsed.quality_score,
-            labels=tuple(label[:64] for label in parsed.labels if label),
+            labels=tuple(parsed.labels),
             completion_time_s=parsed.completion_time_s,
         )
         self.state.publisher.offer(event)
@@ -431,14 +434,18 @@ def create_app(state: GatewayState) -> FastAPI:
     for path, handler, view, status in (
         ("/v1/chat/completions", handlers.chat_completions, ChatView, 200),
         ("/v1/route", handlers.route, RouteView, 200),
-        ("/v1/outcomes", handlers.outcomes, OutcomeView, 202),
+        ("/v1/outcomes", handlers.outcomes, OutcomeBody, 202),
     ):
         body, schemas = openapi_body(view)
         components.update(schemas)
         app.add_api_route(path, handler, methods=["POST"], status_code=status,
                           openapi_extra=body)
-    app.add_api_route("/v1/models", handlers.models, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id}", handlers.model, methods=["GET"])
+    for method in ("GET", "HEAD"):
+        schema = method == "GET"
+        app.add_api_route("/v1/models", handlers.models, methods=[method],
+                          include_in_schema=schema)
+        app.add_api_route("/v1/models/{model_id}", handlers.model, methods=[method],
+                          include_in_schema=schema)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

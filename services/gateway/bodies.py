@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
+
+from routemesh.services.router import ChatBody, Message
 
 
 class ApiError(Exception):
@@ -25,16 +28,28 @@ def invalid(message: str, code: str = "invalid_body") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
 
 
-class Message(msgspec.Struct):
-    role: str
-    content: Any = None
+# What a client writes that reaches an event is bounded and checked here, or refused
+# with a 400 naming the field: a value the gateway cannot describe must never reach the
+# publisher (one unencodable or oversized event used to stop all publishing).
+ModelName = Annotated[str, msgspec.Meta(
+    min_length=1, max_length=256, pattern=r"^[!-~]+$",
+    description="printable ASCII without spaces, at most 256 characters")]
+RequestIdText = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
+                                            pattern=r"^[A-Za-z0-9._:-]+$")]
+RouteIdText = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                          pattern=r"^[A-Za-z0-9_.:-]+$")]
+# Printable text without control characters or lone surrogates.
+LabelText = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                        pattern=r"^[^\x00-\x1f\x7f\ud800-\udfff]+$")]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class ChatView(msgspec.Struct):
-    """What the gateway reads of a chat-completions body (and relies on being typed)."""
+class ChatView(ChatBody):
+    """A chat-completions body as the gateway reads it: what routing reads (``ChatBody``)
+    and what the edge relies on being typed."""
 
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
-    model: str | None = None
+    model: ModelName | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
@@ -43,17 +58,37 @@ class ChatView(msgspec.Struct):
 class RouteView(msgspec.Struct, forbid_unknown_fields=True):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)] | None = None
     input: str | None = None
-    model: str | None = None
+    model: ModelName | None = None
+
+    def body(self) -> ChatBody:
+        if self.messages is None:
+            if self.input is None:
+                raise invalid("invalid request body: give messages or input")
+            return ChatBody([Message("user", self.input)], self.model)
+        return ChatBody(self.messages, self.model)
 
 
-class OutcomeView(msgspec.Struct, forbid_unknown_fields=True):
-    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+class OutcomeBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /v1/outcomes``."""
+
+    request_id: RequestIdText
     completed: bool | None = None
     correct_route: bool | None = None
-    expected_route: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    expected_route: RouteIdText | None = None
     quality_score: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
-    labels: Annotated[list[str], msgspec.Meta(max_length=16)] = []
+    labels: Annotated[list[LabelText], msgspec.Meta(max_length=16)] = []
     completion_time_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
+def client_request_id(request: Request) -> str | None:
+    """The client's ``x-request-id``, for correlation; refused when it is not an id."""
+    given = request.headers.get("x-request-id")
+    if given is None:
+        return None
+    if not _REQUEST_ID.match(given):
+        raise invalid("x-request-id: must be 1 to 128 of A-Z a-z 0-9 . _ : -",
+                      "invalid_header")
+    return given
 
 
 _DECODER = msgspec.json.Decoder()
@@ -89,7 +124,19 @@ def parse_json(body: bytes) -> Any:
         raise invalid(f"malformed JSON: {exc}", "invalid_json") from None
 
 
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))
+
+
 async def read_json(request: Request, limit: int) -> Any:
+    # A body must say it is JSON: text/plain, form types and no type at all are what a
+    # browser may send cross-origin without asking first, so a web page could otherwise
+    # spend a developer's local gateway (and its upstream keys).
+    if not _is_json(request.headers.get("content-type")):
+        raise ApiError(415, "the body must be JSON: send Content-Type: application/json",
+                       "invalid_request_error", "unsupported_media_type")
     declared = request.headers.get("content-length")
     too_large = ApiError(413, f"request body over {limit} bytes", "invalid_request_error",
                          "body_too_large")
@@ -113,11 +160,22 @@ def view(data: Any, kind: type[Any]) -> Any:
         raise invalid(f"invalid request body: {_where(str(exc))}") from None
 
 
+# What a pattern of the views above admits, in words.
+_PATTERNS = {
+    "^[!-~]+$": "printable ASCII without spaces",
+    "^[A-Za-z0-9._:-]+$": "letters, digits and . _ : -",
+    "^[A-Za-z0-9_.:-]+$": "letters, digits and . _ : -",
+    r"^[^\x00-\x1f\x7f\ud800-\udfff]+$": "text without control characters or lone surrogates",
+}
+
+
 def _where(message: str) -> str:
     """msgspec's "Expected `bool`, got `str` - at `$.stream`" as "stream: expected ..."."""
     reason, sep, where = message.rpartition(" - at `")
     if not sep:
         return message
+    for pattern, words in _PATTERNS.items():
+        reason = reason.replace(f"matching regex {pattern!r}", f"of {words}")
     path = where.rstrip("`").removeprefix("$").lstrip(".") or "body"
     return f"{path}: {reason[:1].lower()}{reason[1:]}"
 

@@ -10,25 +10,36 @@ the spool, so a restart loses nothing.
 A spool line is the event's trace context (W3C headers as JSON), a tab, and the encoded
 event, so an event published from the spool still continues its request's trace. Lines
 without a tab (spooled before the context was kept) are read as bare events.
+
+One event can never hold up the others: an event that cannot be encoded, or that the
+broker refuses for good (too large), is set aside (``SetAside``: a local dead-letter
+file, or the review directory's quarantine) and counted, and the queue moves on. The
+spool is bounded; while it has room the gateway stays ready through a broker outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Callable
+import os
+import time
 from pathlib import Path
 from typing import Protocol
 
 import msgspec
+from aiokafka.errors import (
+    CorruptRecordException,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from routemesh.contracts import (
-    DeadLetter,
     Event,
     EventDecodeError,
     decode_event,
@@ -70,11 +81,45 @@ class _Metrics:
                                registry=registry)
         self.published = Counter("routemesh_gateway_published_events_total",
                                  "Events the broker confirmed", ["queue"], registry=registry)
+        self.set_aside = Counter(
+            "routemesh_gateway_publish_set_aside_total",
+            "Events that can never be published (unencodable, or refused for good by the "
+            "broker), set aside locally instead of blocking the queue", ["queue", "kind"],
+            registry=registry)
 
 
-# What becomes of a spool line that cannot be read back: an event to publish in its
-# place (a dead letter), or None when it was set aside some other way.
-Unreadable = Callable[[bytes, int, Exception], Event | None]
+# Refused for good: retrying the same event can never succeed.
+UNPUBLISHABLE: tuple[type[Exception], ...] = (
+    UnicodeError, msgspec.EncodeError, MessageSizeTooLargeError, RecordListTooLargeError,
+    CorruptRecordException)
+
+
+def unpublishable_kind(exc: Exception) -> str:
+    if isinstance(exc, UnicodeError | msgspec.EncodeError):
+        return "unencodable"
+    return "refused_by_broker"
+
+
+class SetAside(Protocol):
+    """Where what cannot be published goes, so that nothing is lost silently."""
+
+    def unreadable(self, line: bytes, offset: int, exc: Exception) -> Event | None:
+        """A spool line that cannot be read back: an event to publish in its place (a
+        dead letter), or None when it was set aside some other way."""
+        ...
+
+    def unpublishable(self, event: Event, exc: Exception) -> None:
+        """An event the broker will never take."""
+        ...
+
+
+def event_bytes(event: Event) -> bytes:
+    """The event as JSON, even when it holds what the codec refuses (a lone surrogate):
+    then escaped, so the bytes say what the event was."""
+    try:
+        return encode_event(event)
+    except UNPUBLISHABLE:
+        return json.dumps(msgspec.to_builtins(event), default=str).encode()
 
 
 class EventPublisher:
@@ -87,13 +132,18 @@ class EventPublisher:
         concurrency: int = 64,
         spool: Spool | None = None,
         *,
-        unreadable: Unreadable,
+        set_aside: SetAside,
         queue: str = "events",
+        spool_max_bytes: int = 1 << 30,
     ) -> None:
         self.producer = producer
         self.settings = settings
         self.spool = spool
-        self.unreadable = unreadable
+        self.set_aside = set_aside
+        self.spool_max_bytes = spool_max_bytes
+        self.queue_name = queue
+        self._failing_since: float | None = None
+        self._last_failure_log = 0.0
         # Each event keeps the trace context it was offered in.
         self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
         self.concurrency = concurrency
@@ -106,21 +156,49 @@ class EventPublisher:
         self.failures = metrics.failures.labels(queue)
         self.dropped = metrics.dropped.labels(queue)
         self.published = metrics.published.labels(queue)
+        self._set_aside_counter = metrics.set_aside
+
+    @property
+    def has_room(self) -> bool:
+        """Whether an event offered now would be kept: the queue or the spool has room."""
+        if self.spool is None:
+            return not self.queue.full()
+        return self.spool.pending_bytes < self.spool_max_bytes
 
     def offer(self, event: Event) -> None:
-        """Never blocks on Kafka: the event is queued, spooled, or (no spool) dropped."""
+        """Never blocks on Kafka: the event is queued, spooled, or (no room) dropped."""
         if self.spool is not None and (self.spool.pending_bytes or self.queue.full()):
-            self.spool.append([spool_line(event, otel_context.get_current())])
+            if not self.has_room:
+                self._drop(event, "spool full")
+                return
+            try:
+                line = spool_line(event, otel_context.get_current())
+            except UNPUBLISHABLE as exc:
+                self._put_aside(event, exc)
+                return
+            self.spool.append([line])
             self.spooled.inc()
             self.spool_bytes.set(self.spool.pending_bytes)
             return
         try:
             self.queue.put_nowait((event, otel_context.get_current()))
         except asyncio.QueueFull:
-            self.dropped.inc()
-            log.error("publish queue full and no spool; event dropped",
-                      extra={"event_type": type(event).__name__})
+            self._drop(event, "publish queue full and no spool")
         self.depth.set(self.queue.qsize())
+
+    def _drop(self, event: Event, why: str) -> None:
+        self.dropped.inc()
+        log.error("event dropped: %s", why, extra={"event_type": type(event).__name__,
+                                                    "queue": self.queue_name})
+
+    def _put_aside(self, event: Event, exc: Exception) -> None:
+        kind = unpublishable_kind(exc)
+        self._set_aside_counter.labels(self.queue_name, kind).inc()
+        log.error("an event that can never be published was set aside",
+                  extra={"event_type": type(event).__name__, "event_id": str(event.event_id),
+                         "error_kind": kind, "error": type(exc).__name__,
+                         "queue": self.queue_name})
+        self.set_aside.unpublishable(event, exc)
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._run_queue()))
@@ -145,23 +223,48 @@ class EventPublisher:
             lanes: dict[tuple[str, bytes | None], list[Item]] = {}
             for item in pending:
                 lanes.setdefault(event_address(self.settings, item[0]), []).append(item)
-            left = await asyncio.gather(*(self._in_order(lane) for lane in lanes.values()))
-            unsent = {id(item) for lane in left for item in lane}
+            results = await asyncio.gather(*(self._in_order(lane) for lane in lanes.values()))
+            unsent = {id(item) for left, _, _ in results for item in left}
             failed = [item for item in pending if id(item) in unsent]
-            self.published.inc(len(pending) - len(failed))
+            aside = sum(count for _, count, _ in results)
+            self.published.inc(len(pending) - len(failed) - aside)
             if failed:
-                self.failures.inc(len(left) - left.count([]))
+                errors = [error for _, _, error in results if error is not None]
+                self.failures.inc(len(errors))
+                self._note_failure(len(failed), errors[0])
                 await asyncio.sleep(next(delays))
+            elif self._failing_since is not None:
+                log.info("the broker confirms events again", extra={
+                    "queue": self.queue_name,
+                    "failing_s": round(time.monotonic() - self._failing_since, 1)})
+                self._failing_since = None
             pending = failed
 
-    async def _in_order(self, lane: list[Item]) -> list[Item]:
-        """Publish ``lane`` one by one; return what is left from the first failure on."""
+    async def _in_order(self, lane: list[Item]) -> tuple[list[Item], int, Exception | None]:
+        """Publish ``lane`` one by one: what is left from the first failure on, how many
+        were set aside as unpublishable, and the failure."""
+        aside = 0
         for index, item in enumerate(lane):
             try:
                 await self._publish(item)
-            except Exception:
-                return lane[index:]
-        return []
+            except UNPUBLISHABLE as exc:
+                self._put_aside(item[0], exc)
+                aside += 1
+            except Exception as exc:
+                return lane[index:], aside, exc
+        return [], aside, None
+
+    def _note_failure(self, waiting: int, error: Exception) -> None:
+        """Say so when publishing starts failing, and every half minute while it does."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._last_failure_log < FAILURE_LOG_INTERVAL_S:
+            return
+        self._last_failure_log = now
+        log.warning("the broker did not confirm events; retrying", extra={
+            "queue": self.queue_name, "events": waiting, "error": type(error).__name__,
+            "failing_s": round(now - self._failing_since, 1)})
 
     async def _run_queue(self) -> None:
         while True:
@@ -187,7 +290,7 @@ class EventPublisher:
                 try:
                     items.append(read_spool_line(line))
                 except (EventDecodeError, msgspec.DecodeError) as exc:
-                    replacement = self.unreadable(line, offset, exc)
+                    replacement = self.set_aside.unreadable(line, offset, exc)
                     if replacement is not None:
                         items.append((replacement, Context()))
             await self._confirm_all(items)
@@ -206,7 +309,13 @@ class EventPublisher:
         while not self.queue.empty():
             left.append(self.queue.get_nowait())
         if self.spool is not None:
-            self.spool.prepend([spool_line(event, ctx) for event, ctx in left])
+            lines = []
+            for event, ctx in left:
+                try:
+                    lines.append(spool_line(event, ctx))
+                except UNPUBLISHABLE as exc:
+                    self._put_aside(event, exc)
+            self.spool.prepend(lines)
             waiting = self.spool.pending_bytes
             self.spool.close()
             if waiting:
@@ -218,34 +327,58 @@ class EventPublisher:
 
 _CARRIER = msgspec.json.Decoder(dict[str, str])
 SPOOL_SOURCE = "gateway.spool"
+FAILURE_LOG_INTERVAL_S = 30.0
+UNPUBLISHED_FILE = "unpublished.jsonl"
 
 
-def dead_lettering(dead_letters: DeadLetters) -> Unreadable:
-    """Send unreadable spool lines to the dead-letter topic, as they are. The dead letter
-    names the spool where a consumed message names its topic; its offset is the line's
-    byte offset in the spool file."""
+def _append_private(path: Path, line: bytes) -> None:
+    """Append a line to a file only its owner reads (it may hold what a client sent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as handle:
+        handle.write(line + b"\n")
 
-    def to_dlq(line: bytes, offset: int, exc: Exception) -> DeadLetter:
+
+class DeadLettering:
+    """The events' queue: an unreadable spool line goes to the dead-letter topic as it
+    is (the dead letter names the spool where a consumed message names its topic; its
+    offset is the line's byte offset in the spool file). An event the broker will never
+    take is written as a dead letter to ``UNPUBLISHED_FILE`` in the dead-letter
+    directory: not to the topic, which may refuse it for the same reason."""
+
+    def __init__(self, dead_letters: DeadLetters, settings: ServiceSettings) -> None:
+        self.dead_letters, self.settings = dead_letters, settings
+
+    def unreadable(self, line: bytes, offset: int, exc: Exception) -> Event | None:
         kind = exc.kind if isinstance(exc, EventDecodeError) else "undecodable_trace_context"
         log.error("an unreadable spool line goes to the dead-letter topic",
                   extra={"spool_offset": offset, "error_kind": kind})
-        return dead_letters.letter(line, source_topic=SPOOL_SOURCE, partition=-1,
-                                   offset=offset, kind=kind, error=str(exc))
+        return self.dead_letters.letter(line, source_topic=SPOOL_SOURCE, partition=-1,
+                                        offset=offset, kind=kind, error=str(exc))
 
-    return to_dlq
+    def unpublishable(self, event: Event, exc: Exception) -> None:
+        topic, key = event_address(self.settings, event)
+        letter = self.dead_letters.letter(
+            event_bytes(event), source_topic=topic, partition=-1, offset=-1, key=key,
+            kind=unpublishable_kind(exc), error=f"{type(exc).__name__}: {exc}")
+        _append_private(self.dead_letters.spill_dir / UNPUBLISHED_FILE, encode_event(letter))
 
 
-def quarantine(path: Path) -> Unreadable:
-    """Set unreadable spool lines aside in a local file instead of dead-lettering them:
-    for spools whose lines may hold text that must not reach a shared topic."""
+class Quarantine:
+    """The review captures' queue: what cannot be read back or published stays in a
+    local file (it may hold redacted prompt text, which must not reach a shared topic)."""
 
-    def set_aside(line: bytes, offset: int, exc: Exception) -> None:
-        with path.open("ab") as handle:
-            handle.write(line + b"\n")
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def unreadable(self, line: bytes, offset: int, exc: Exception) -> None:
+        _append_private(self.path, line)
         log.error("an unreadable spool line was set aside",
-                  extra={"spool_offset": offset, "file": path.name})
+                  extra={"spool_offset": offset, "file": self.path.name})
+        return None
 
-    return set_aside
+    def unpublishable(self, event: Event, exc: Exception) -> None:
+        _append_private(self.path, event_bytes(event))
 
 
 def spool_line(event: Event, ctx: Context) -> bytes:

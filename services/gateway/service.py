@@ -16,7 +16,7 @@ from routemesh.contracts.topics import ROUTEBANK_CHANGES
 from routemesh.services.gateway.app import GatewayState, create_app
 from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.dispatch import Dispatcher
-from routemesh.services.gateway.publisher import EventPublisher, dead_lettering, quarantine
+from routemesh.services.gateway.publisher import DeadLettering, EventPublisher, Quarantine
 from routemesh.services.gateway.reload import Reloader
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.shadow import Shadow
@@ -32,6 +32,7 @@ from routemesh.services.runtime.service import (
 )
 
 log = logging.getLogger(__name__)
+SPOOL_CHECK_S = 1.0
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -75,7 +76,8 @@ class Gateway:
         self.settings = settings
         self.publisher = EventPublisher(
             ctx.producer, settings, ctx.registry, settings.publish_queue_size,
-            spool=Spool(settings.spool_dir), unreadable=dead_lettering(ctx.dead_letters),
+            spool=Spool(settings.spool_dir), set_aside=DeadLettering(ctx.dead_letters, settings),
+            spool_max_bytes=settings.spool_max_bytes,
         )
         # Review captures hold (redacted) prompt text: a queue and a spool of their own
         # under the review directory; a line that cannot be read back stays there, never
@@ -84,7 +86,8 @@ class Gateway:
         self.review = EventPublisher(
             ctx.producer, settings, ctx.registry, settings.publish_queue_size,
             spool=Spool(review_spool), queue="review",
-            unreadable=quarantine(review_spool / "unreadable.jsonl"),
+            set_aside=Quarantine(review_spool / "unreadable.jsonl"),
+            spool_max_bytes=settings.spool_max_bytes,
         ) if settings.review_capture == "redacted" else None
         self.upstream = Upstream(settings.upstream_connect_timeout_s,
                                  settings.upstream_read_timeout_s, settings.upstream_max_retries)
@@ -93,6 +96,7 @@ class Gateway:
         self.reloader: Reloader | None = None
         self._server: _EmbeddedServer | None = None
         self._serving: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
         # The newest bank announced while the router was still loading, for after it is.
         self._announced_early: RouteBankPublished | None = None
         # Every gateway must see every bank change: a broadcast, no consumer group (a
@@ -148,8 +152,22 @@ class Gateway:
             await self.reloader.on_bank_published(self._announced_early)
         await self.reloader.start()
         ctx.readiness.set("router", True, router.loaded.source)
+        self._watching = asyncio.create_task(self._watch_spool())
+
+    async def _watch_spool(self) -> None:
+        """Ready while every publisher can keep what it is offered; how much waits on
+        disk is a note beside the Kafka one."""
+        readiness = self.ctx.readiness
+        while True:
+            full = [p.queue_name for p in self._publishers if not p.has_room]
+            readiness.set("spool", not full, f"full: {', '.join(full)}" if full else "room")
+            waiting = sum(p.spool.pending_bytes for p in self._publishers if p.spool)
+            readiness.note("spooled_bytes", waiting == 0, str(waiting))
+            await asyncio.sleep(SPOOL_CHECK_S)
 
     async def stop(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
         if self.reloader is not None:
             await self.reloader.stop()
         if self._server is not None and self._serving is not None:
@@ -169,6 +187,8 @@ SPEC = ServiceSpec(
     factory=Gateway,
     ports=(metrics_port(9101),
            ServicePort("http", 8080, "ROUTEMESH_HTTP_PORT", "ROUTEMESH_HTTP_HOST")),
+    # Through a Kafka outage the gateway serves and spools: ready while the spool has room.
+    serves_without_kafka=True,
     description="OpenAI-compatible proxy and decision API",
     dev_env=lambda data_dir: {"ROUTEMESH_BANK_AUTOBUILD": "true",
                               "ROUTEMESH_SPOOL_DIR": str(data_dir / "spool" / "gateway"),

@@ -28,8 +28,11 @@ class GatewaySettings(ServiceSettings):
     # cuts the event loop's and the broker's CPU per request (bench/gateway.py, /v1/route
     # paced). Events reach Kafka up to this much later; no request waits for them.
     kafka_linger_ms: int = Field(default=50, ge=0, le=1000)
-    # Where events wait on disk while the broker is unreachable (one directory per gateway).
+    # Where events wait on disk while the broker is unreachable (one directory per gateway),
+    # and how much they may fill: the gateway is ready (keeps serving through an outage)
+    # while the spool has room; past it, events are dropped and counted.
     spool_dir: Path = Path("spool")
+    spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
     # Prompt capture for review: off (default), redacted (secrets masked, to the
     # prompts.review topic) or raw_local (to review_dir on this machine only).
     review_capture: Literal["off", "redacted", "raw_local"] = "off"

@@ -7,7 +7,6 @@ from routemesh.services.router.cascade import (
     AUTO_MODEL,
     PASSTHROUGH_ROUTE,
     Router,
-    RouteRequest,
     UnknownRouteError,
 )
 from routemesh.services.router.config import (
@@ -38,12 +37,14 @@ from routemesh.services.router.factory import (
     load_router,
     open_qdrant,
 )
+from routemesh.services.router.request import ChatBody, Message, RouteRequest
 from routemesh.services.router.watch import WatchedConfig
 
 __all__ = [
     "AUTO_MODEL",
     "PASSTHROUGH_ROUTE",
     "CachingEncoder",
+    "ChatBody",
     "ConfigError",
     "DatasetError",
     "EncoderBackend",
@@ -51,6 +52,7 @@ __all__ = [
     "EscalationGates",
     "EvalReport",
     "LoadedConfig",
+    "Message",
     "Route",
     "RouteRequest",
     "Router",

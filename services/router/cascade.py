@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from routemesh.contracts import FormatSignals, LayerAttempt, RouteDecided
+from routemesh.contracts.events import DecisionLayer, DecisionReason
 from routemesh.services.router.bank import Matcher, RouteMatch
 from routemesh.services.router.config import LoadedConfig, Route, RuleConfig
 from routemesh.services.router.encoders import DenseEncoder, MicroBatcher, SparseEncoder
+from routemesh.services.router.request import RouteRequest
 
 PASSTHROUGH_ROUTE = "passthrough"
 # The requested model that means "decide": always, unless a config maps it elsewhere.
@@ -32,99 +30,6 @@ ANSWER_PIECES = 8
 
 class UnknownRouteError(ValueError):
     """An override named a route the config does not have."""
-
-
-def _valid_unicode(text: str) -> str:
-    """``text`` with lone surrogates (valid JSON escapes, but no Unicode text) replaced by
-    U+FFFD, so that hashing, tokenising and encoding it cannot fail."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
-
-
-def _text_of(content: Any) -> str:
-    """Text of an OpenAI message content: a string or a list of typed parts."""
-    if isinstance(content, str):
-        return _valid_unicode(content)
-    if isinstance(content, list):
-        return _valid_unicode("\n".join(
-            part["text"]
-            for part in content
-            if isinstance(part, Mapping) and part.get("type") in ("text", "input_text")
-            and isinstance(part.get("text"), str)
-        ))
-    return ""
-
-
-@dataclass(frozen=True)
-class RouteRequest:
-    """What the cascade reads of a chat request: text to match and the request's shape."""
-
-    messages: tuple[tuple[str, str], ...]
-    requested_model: str | None = None
-    override: str | None = None
-    tools_present: bool = False
-    tool_history: bool = False
-    tool_choice: str | None = None
-    response_format: str | None = None
-    tools_chars: int = 0
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any], override: str | None = None) -> RouteRequest:
-        """From an OpenAI chat-completions body (or ``{"input": "..."}``)."""
-        raw_messages = body.get("messages")
-        if raw_messages is None and isinstance(body.get("input"), str):
-            raw_messages = [{"role": "user", "content": body["input"]}]
-        messages = []
-        tool_history = False
-        for message in raw_messages or []:
-            if not isinstance(message, Mapping):
-                continue
-            role = str(message.get("role", ""))
-            if role == "tool" or message.get("tool_calls"):
-                tool_history = True
-            messages.append((role, _text_of(message.get("content"))))
-        tools = body.get("tools") or body.get("functions") or []
-        tool_choice = body.get("tool_choice")
-        if isinstance(tool_choice, Mapping):
-            tool_choice = str(tool_choice.get("type", "function"))
-        response_format = body.get("response_format")
-        if isinstance(response_format, Mapping):
-            response_format = response_format.get("type")
-        model = body.get("model")
-        return cls(
-            messages=tuple(messages),
-            requested_model=model if isinstance(model, str) and model else None,
-            override=override,
-            tools_present=bool(tools),
-            tool_history=tool_history,
-            tool_choice=tool_choice if isinstance(tool_choice, str) else None,
-            response_format=response_format if isinstance(response_format, str) else None,
-            tools_chars=len(json.dumps(tools, default=str)) if tools else 0,
-        )
-
-    @classmethod
-    def from_text(cls, text: str, requested_model: str | None = None) -> RouteRequest:
-        return cls(messages=(("user", text),), requested_model=requested_model)
-
-    def match_text(self, mode: str) -> str:
-        if mode == "conversation":
-            return "\n".join(text for role, text in self.messages if role != "assistant" and text)
-        for role, text in reversed(self.messages):
-            if role == "user" and text:
-                return text
-        return ""
-
-    @property
-    def prompt_chars(self) -> int:
-        return sum(len(text) for _, text in self.messages)
-
-    @property
-    def prompt_sha256(self) -> str:
-        canonical = msgspec.json.encode([[role, text] for role, text in self.messages])
-        return hashlib.sha256(canonical).hexdigest()
 
 
 def _ms(start: float) -> float:
@@ -387,7 +292,8 @@ class Router:
         )
         return self._fallback(draft, "embedding_error")
 
-    def _fallback(self, draft: _Draft, reason: str, **evidence: Any) -> RouteDecided:
+    def _fallback(self, draft: _Draft, reason: DecisionReason, **evidence: Any
+                  ) -> RouteDecided:
         route = self.config.default_route
         draft.attempts.append(
             LayerAttempt(layer="fallback", selected_route=route, decided=True)
@@ -402,8 +308,8 @@ class Router:
         draft: _Draft,
         route_id: str,
         target_model: str,
-        reason: str,
-        layer: str,
+        reason: DecisionReason,
+        layer: DecisionLayer,
         *,
         score: float | None = None,
         second: RouteMatch | None = None,
@@ -418,8 +324,8 @@ class Router:
             request_id=draft.request_id,
             route_id=route_id,
             target_model=target_model,
-            reason=reason,  # type: ignore[arg-type]
-            layer=layer,  # type: ignore[arg-type]
+            reason=reason,
+            layer=layer,
             score=score,
             second_route_id=second.route_id if second else None,
             second_score=second.score if second else None,
@@ -449,6 +355,7 @@ class Router:
             ),
             requested_model=request.requested_model,
             gateway_instance=self.instance,
+            client_request_id=request.correlation_id,
         )
 
 

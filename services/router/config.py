@@ -289,9 +289,20 @@ def _known(ids: list[str]) -> str:
     return "routes: " + ", ".join(ids)
 
 
+def read_utf8(path: Path, display: str) -> str:
+    """A config file's text; ValueError naming the line of the first byte that is not
+    UTF-8 (a reload refuses such a file and keeps the last good config)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{display}:{line}: not UTF-8 (byte {data[exc.start]:#04x})") from None
+
+
 def _read_utterance_file(path: Path, route_id: str, display: str) -> list[Utterance]:
     utterances = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path, display).splitlines()
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
@@ -320,9 +331,12 @@ def load_config(path: Path | str, name: str | None = None) -> LoadedConfig:
     path = Path(path)
     source = name or path.name
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path, source)
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
+    except ValueError as exc:
+        where, _, reason = str(exc).partition(": ")
+        raise ConfigError(source, "", reason, int(where.rpartition(":")[2])) from None
     config = parse_config(text, source)
     root = yaml.compose(text)
     utterances: list[Utterance] = []
@@ -341,7 +355,7 @@ def load_config(path: Path | str, name: str | None = None) -> LoadedConfig:
             files.append(file_path)
             try:
                 from_file = _read_utterance_file(file_path, route.id, route.utterances_file)
-            except ValueError as exc:
+            except (OSError, ValueError) as exc:
                 raise ConfigError(source, key, str(exc), _line_of(root, key)) from None
             offset = len(own)
             own += [

@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from routemesh.services.router.cascade import AUTO_MODEL, RouteRequest
+from routemesh.services.router.cascade import AUTO_MODEL
+from routemesh.services.router.request import RouteRequest
 
 
 @dataclass(frozen=True)

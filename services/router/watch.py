@@ -23,7 +23,8 @@ class WatchedConfig:
             return None
         try:
             loaded = load_config(self.path, self.name)
-        except ConfigError as exc:
+        except (ConfigError, OSError, ValueError) as exc:
+            # Whatever is wrong with the file, the consumer reading it goes on.
             log.warning("routing config not read; keeping the last one that loaded",
                         extra={"error": str(exc)})
             self._watch = self._watch or FileWatch([self.path])

@@ -36,6 +36,7 @@ from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from routemesh.contracts import Event, EventDecodeError, Topic, decode_event
+from routemesh.contracts.events import utc_now
 from routemesh.services.runtime.kafka import DeadLetters, RetryableError, client_kwargs
 from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.settings import ServiceSettings
@@ -143,11 +144,15 @@ class Checkpoints:
     def __init__(self) -> None:
         # "topic:partition" -> the next offset: every event before it is in the state.
         self.offsets: dict[str, int] = {}
+        # "topic:partition" -> the event id at the offset before ``offsets``: what tells
+        # the log the state was made from from another log that reached the same offset.
+        self.anchors: dict[str, str] = {}
         self._durable: dict[str, int] = {}
         self._unsaved: dict[PartitionKey, Position] = {}
 
-    def restore(self, offsets: dict[str, int]) -> None:
+    def restore(self, offsets: dict[str, int], anchors: dict[str, str]) -> None:
         self.offsets = dict(offsets)
+        self.anchors = dict(anchors)
         self._durable = dict(offsets)
 
     def fresh(self, deliveries: Sequence[Delivery], tracker: OffsetTracker) -> list[Delivery]:
@@ -162,8 +167,39 @@ class Checkpoints:
             if offset < self.offsets.get(key, 0):
                 continue
             self.offsets[key] = offset + 1
+            self.anchors[key] = str(delivery.event.event_id)
             found.append(delivery)
         return found
+
+    async def verify(self, partitions: Collection[PartitionKey], logs: PartitionLogs
+                     ) -> list[tuple[PartitionKey, str]]:
+        """Start a new epoch for every partition whose log is not the one the state was
+        made from (a fresh broker, a topic deleted and created again): its end is below
+        the saved offset, or the event before that offset is another. Without this, every
+        event of the new log below the saved offset would be skipped as already counted.
+        What the state holds is kept; returns each renewed partition and why."""
+        saved = {key: self.offsets[f"{key[0]}:{key[1]}"] for key in partitions
+                 if self.offsets.get(f"{key[0]}:{key[1]}", 0) > 0}
+        if not saved:
+            return []
+        ends = await logs.end_offsets(list(saved))
+        renewed = []
+        for key, offset in saved.items():
+            name = f"{key[0]}:{key[1]}"
+            why = None
+            if ends[key] < offset:
+                why = f"the log ends at {ends[key]}, before the saved offset {offset}"
+            elif name in self.anchors:
+                found = await logs.event_id_at(key, offset - 1)
+                if found is not None and found != self.anchors[name]:
+                    why = f"offset {offset - 1} holds another event than the state's"
+            if why is not None:
+                self.offsets.pop(name)
+                self.anchors.pop(name, None)
+                self._durable.pop(name, None)
+                self._unsaved.pop(key, None)
+                renewed.append((key, why))
+        return renewed
 
     @property
     def unsaved(self) -> bool:
@@ -183,6 +219,49 @@ class Checkpoints:
             self._unsaved.pop(key, None)
 
 
+class PartitionLogs:
+    """Reads what a partition's log holds, outside any consumer group (so nobody's
+    offsets move): for ``Checkpoints.verify``."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+
+    async def end_offsets(self, keys: list[PartitionKey]) -> dict[PartitionKey, int]:
+        consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
+        try:
+            await consumer.start()
+            ends = await consumer.end_offsets([TopicPartition(*key) for key in keys])
+        finally:
+            await consumer.stop()
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+    async def event_id_at(self, key: PartitionKey, offset: int) -> str | None:
+        """The event id at ``offset``; None when it is gone (retention) or undecodable."""
+        tp = TopicPartition(*key)
+        consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            if (await consumer.beginning_offsets([tp]))[tp] > offset:
+                return None
+            consumer.seek(tp, offset)
+            async with asyncio.timeout(10):
+                while True:
+                    records = (await consumer.getmany(tp, timeout_ms=1000,
+                                                      max_records=1)).get(tp)
+                    if records:
+                        break
+        finally:
+            await consumer.stop()
+        record = records[0]
+        if record.offset != offset:
+            return None
+        try:
+            return str(decode_event(record.value or b"").event_id)
+        except EventDecodeError:
+            return None
+
+
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.events = Counter("routemesh_consumer_events_total",
@@ -200,6 +279,10 @@ class _Metrics:
         self.retries = Counter("routemesh_consumer_retries_total",
                                "Batches redelivered after the handler asked to retry",
                                ["group"], registry=registry)
+        self.epochs = Counter("routemesh_consumer_partition_epochs_total",
+                              "Partitions whose log was not the one the saved state was "
+                              "made from (a fresh broker, a topic made again): a new epoch "
+                              "was started", ["group", "topic"], registry=registry)
 
 
 class _SeenEvents:
@@ -234,8 +317,11 @@ class EventConsumer:
         poll_ms: int = 100,
         dedup_capacity: int = 100_000,
         readiness: Readiness | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         self.settings = settings
+        # A handler that keeps a saved state: its partitions are verified on assignment.
+        self.checkpoints = checkpoints
         self.group_id = group_id
         self.handler = handler
         self.dead_letters = dead_letters
@@ -279,6 +365,7 @@ class EventConsumer:
         self._task = asyncio.create_task(self._run(), name=f"consume-{self.group_id}")
         self._task.add_done_callback(self._ended)
         if self.readiness is not None:
+            self.readiness.set_alive(f"consumer:{self.group_id}", True, "consuming")
             self._watch = asyncio.create_task(self._watch_progress())
 
     async def stop(self) -> None:
@@ -314,9 +401,15 @@ class EventConsumer:
         return True, ""
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("the consume loop ended on an error", exc_info=task.exception(),
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            log.error("the consume loop ended on an error", exc_info=failure,
                       extra={"group": self.group_id})
+        if self.readiness is not None and not self._stopping.is_set():
+            # A consume loop that ended is never coming back: the process is not alive.
+            why = f"stopped by {type(failure).__name__}" if failure else "ended"
+            self.readiness.set_alive(f"consumer:{self.group_id}", False,
+                                     f"the consume loop {why}")
 
     async def _watch_progress(self) -> None:
         assert self.readiness is not None
@@ -439,6 +532,23 @@ class EventConsumer:
             if delivery.span is not None:
                 delivery.span.end()
 
+    async def verify(self, partitions: Collection[PartitionKey]) -> None:
+        """Newly assigned partitions against the saved state (``Checkpoints.verify``):
+        a new epoch is said loudly (a log line, a metric, a readiness note)."""
+        if self.checkpoints is None or not partitions:
+            return
+        renewed = await self.checkpoints.verify(partitions, PartitionLogs(self.settings))
+        for (topic, partition), why in renewed:
+            log.warning("a partition's log is not the one the saved state was made from; "
+                        "starting a new epoch for it (the figures already earned are kept)",
+                        extra={"group": self.group_id, "topic": topic,
+                               "partition": partition, "why": why})
+            self._metrics.epochs.labels(self.group_id, topic).inc()
+        if renewed and self.readiness is not None:
+            names = ", ".join(f"{t}[{p}]" for (t, p), _ in renewed)
+            self.readiness.note(f"epochs:{self.group_id}", False,
+                                f"new epoch at {utc_now().isoformat()} for {names}")
+
     async def commit(self) -> None:
         assert self._consumer is not None
         moved = self.offsets.to_commit()
@@ -464,7 +574,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.consumer._drop({(tp.topic, tp.partition) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        pass
+        await self.consumer.verify({(tp.topic, tp.partition) for tp in assigned})
 
 
 class TopicNotFound(LookupError):

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "routemesh.services"
 READINESS_INTERVAL_S = 2.0
+HEARTBEAT_S = 1.0
 
 
 class Service(Protocol):
@@ -98,6 +99,9 @@ class ServiceSpec:
     description: str = ""
     # Extra environment `routemesh dev` gives the service, from the dev data directory.
     dev_env: Callable[[Path], dict[str, str]] = lambda data_dir: {}
+    # Whether the service can do its job while Kafka is unreachable (the gateway serves
+    # and spools): then Kafka is a status note, not a readiness check.
+    serves_without_kafka: bool = False
 
     def port(self, name: str) -> ServicePort:
         for port in self.ports:
@@ -127,7 +131,7 @@ def build_context(spec: ServiceSpec, settings: ServiceSettings) -> ServiceContex
         broker=broker,
         producer=producer,
         registry=registry,
-        readiness=Readiness(),
+        readiness=Readiness(settings.liveness_stall_s),
         tracer_provider=tracer_provider,
         dead_letters=DeadLetters(producer.publish, spec.name, registry,
                                  spill_dir=settings.dead_letter_dir,
@@ -135,11 +139,19 @@ def build_context(spec: ServiceSpec, settings: ServiceSettings) -> ServiceContex
     )
 
 
-async def _watch_broker(ctx: ServiceContext) -> None:
+async def _watch_broker(ctx: ServiceContext, gating: bool) -> None:
+    report = ctx.readiness.set if gating else ctx.readiness.note
     while True:
         ok = await ctx.broker.ping(timeout=READINESS_INTERVAL_S)
-        ctx.readiness.set("kafka", ok, "" if ok else "broker did not answer")
+        report("kafka", ok, "" if ok else "broker did not answer")
         await asyncio.sleep(READINESS_INTERVAL_S)
+
+
+async def _heartbeat(ctx: ServiceContext) -> None:
+    """The event loop's liveness: /healthz fails when this stops running."""
+    while True:
+        ctx.readiness.beat()
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> None:
@@ -147,7 +159,8 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     settings = settings or spec.settings_class()
     setup_logging(spec.name, settings.log_level)
     ctx = build_context(spec, settings)
-    ctx.readiness.set("kafka", False, "not connected yet")
+    gating = not spec.serves_without_kafka
+    (ctx.readiness.set if gating else ctx.readiness.note)("kafka", False, "not connected yet")
     service = spec.factory(ctx)
 
     stop = asyncio.Event()
@@ -161,6 +174,7 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     metrics.start()
     log.info("service starting", extra={"metrics_port": metrics.port})
     watcher = None
+    heartbeat = asyncio.create_task(_heartbeat(ctx))
     try:
         await ctx.broker.start()
         await ctx.producer.start()
@@ -171,15 +185,16 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
         # bench/gateway.py).
         gc.collect()
         gc.freeze()
-        watcher = asyncio.create_task(_watch_broker(ctx))
+        watcher = asyncio.create_task(_watch_broker(ctx, gating))
         log.info("service running")
         await stop.wait()
         log.info("service stopping")
     finally:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        for task in (watcher, heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         stop_by = loop.time() + settings.shutdown_timeout_s
         await service.stop()
         # FastStream stops the subscribers, waits for handlers in flight (each commits its

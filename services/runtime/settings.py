@@ -49,6 +49,8 @@ class ServiceSettings(BaseSettings):
     dead_letter_dir: Path = Path("dead-letters")
     # A consumer that has not finished a poll for this long is not ready.
     consumer_stall_s: float = Field(default=60.0, gt=0)
+    # An event loop that has not run for this long fails /healthz (the process is stuck).
+    liveness_stall_s: float = Field(default=60.0, gt=0)
 
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=9100, ge=0, le=65535)

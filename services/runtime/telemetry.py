@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -120,21 +121,64 @@ def setup_logging(service: str, level: str) -> None:
 
 
 class Readiness:
-    """Named readiness checks, updated by the service, read by the HTTP thread."""
+    """What a service says of its health, updated by the service, read by the HTTP thread.
 
-    def __init__(self) -> None:
+    - readiness checks (``set``): all must pass for ``/readyz`` to answer 200 (can the
+      service do its job: take traffic, consume);
+    - status notes (``note``): shown in ``/readyz`` but never failing it (the gateway
+      keeps serving through a Kafka outage, so Kafka is a note there, not a check);
+    - liveness (``set_alive`` and the event loop's ``beat``): ``/healthz`` answers 503
+      when a check fails or the loop has not beaten for ``stall_s``, so Kubernetes
+      restarts a process whose consume loop died or whose event loop is stuck.
+    """
+
+    def __init__(self, stall_s: float = 60.0) -> None:
         self._lock = threading.Lock()
         self._checks: dict[str, tuple[bool, str]] = {}
+        self._notes: dict[str, tuple[bool, str]] = {}
+        self._alive: dict[str, tuple[bool, str]] = {}
+        self.stall_s = stall_s
+        self._beat: float | None = None
 
     def set(self, name: str, ok: bool, detail: str = "") -> None:
         with self._lock:
             self._checks[name] = (ok, detail)
 
+    def note(self, name: str, ok: bool, detail: str = "") -> None:
+        with self._lock:
+            self._notes[name] = (ok, detail)
+
+    def set_alive(self, name: str, ok: bool, detail: str = "") -> None:
+        with self._lock:
+            self._alive[name] = (ok, detail)
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
     def snapshot(self) -> tuple[bool, dict[str, dict[str, object]]]:
         with self._lock:
             checks = dict(self._checks)
         ready = bool(checks) and all(ok for ok, _ in checks.values())
-        return ready, {name: {"ok": ok, "detail": d} for name, (ok, d) in checks.items()}
+        return ready, _described(checks)
+
+    def status(self) -> dict[str, dict[str, object]]:
+        with self._lock:
+            return _described(self._notes)
+
+    def liveness(self) -> tuple[bool, dict[str, dict[str, object]]]:
+        with self._lock:
+            checks = dict(self._alive)
+        beat = self._beat
+        if beat is not None:
+            since = time.monotonic() - beat
+            checks["event_loop"] = (since <= self.stall_s,
+                                    "" if since <= self.stall_s else
+                                    f"the event loop has not run for {since:.0f} s")
+        return all(ok for ok, _ in checks.values()), _described(checks)
+
+
+def _described(checks: dict[str, tuple[bool, str]]) -> dict[str, dict[str, object]]:
+    return {name: {"ok": ok, "detail": d} for name, (ok, d) in checks.items()}
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -148,11 +192,17 @@ def _health_app(registry: CollectorRegistry, readiness: Readiness) -> Callable:
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "application/json")])
-            return [b'{"status":"alive"}']
+            alive, checks = readiness.liveness()
+            start_response(
+                "200 OK" if alive else "503 Service Unavailable",
+                [("Content-Type", "application/json")],
+            )
+            return [msgspec.json.encode({"status": "alive" if alive else "failing",
+                                         "checks": checks})]
         if path == "/readyz":
             ready, checks = readiness.snapshot()
-            body = msgspec.json.encode({"ready": ready, "checks": checks})
+            body = msgspec.json.encode({"ready": ready, "checks": checks,
+                                        "status": readiness.status()})
             start_response(
                 "200 OK" if ready else "503 Service Unavailable",
                 [("Content-Type", "application/json")],

@@ -177,12 +177,12 @@ class Scorer:
         self.ledger = Ledger(settings.limits())
         self.policy = AdvicePolicy.of(settings.scorer_aggressive, settings.scorer_min_samples)
         self.metrics = _Metrics(ctx.registry)
+        self.checkpoints = Checkpoints()
         self.consumer = ctx.consumer(
             [ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES], GROUP, self,
             batch_max_records=settings.scorer_batch_max_records,
-            poll_ms=settings.scorer_poll_ms,
+            poll_ms=settings.scorer_poll_ms, checkpoints=self.checkpoints,
         )
-        self.checkpoints = Checkpoints()
         self.config = WatchedConfig(settings.router_config, settings.router_config_name)
         self._config_path: Path | None = None
         self._backoff = Backoff(0.5, 30.0)
@@ -198,7 +198,7 @@ class Scorer:
         state = await asyncio.to_thread(read_state, self.settings.scorer_state_dir)
         if state is not None:
             self.ledger.restore(state.ledger)
-            self.checkpoints.restore(state.offsets)
+            self.checkpoints.restore(state.offsets, state.anchors)
             log.info("scorer state restored", extra={"pending": len(self.ledger.pending)})
         self._load_config()
         for (figure, bound), value in self.settings.targets().items():
@@ -256,7 +256,8 @@ class Scorer:
         is held stays held and the next poll after a backoff tries again."""
         self.ledger.expire(utc_now())
         offsets = dict(self.checkpoints.offsets)
-        data = msgspec.msgpack.encode(State(ledger=self.ledger.snapshot(), offsets=offsets))
+        data = msgspec.msgpack.encode(State(ledger=self.ledger.snapshot(), offsets=offsets,
+                                            anchors=dict(self.checkpoints.anchors)))
         started = time.perf_counter()
         try:
             await asyncio.to_thread(write_state, self.settings.scorer_state_dir, data)
@@ -352,7 +353,7 @@ class Scorer:
             return ""
         try:
             return patch.diff(self._config_path, patch.ConfigChange({route_id: threshold}))
-        except (OSError, KeyError) as exc:
+        except (OSError, KeyError, ValueError) as exc:
             log.warning("no patch for the advice", extra={"error": str(exc)})
             return ""
 

@@ -17,6 +17,8 @@ STATE_FILE = "state.msgpack"
 class State(msgspec.Struct, kw_only=True):
     ledger: Snapshot
     offsets: dict[str, int] = {}
+    # The event id before each offset (runtime Checkpoints.anchors).
+    anchors: dict[str, str] = {}
 
 
 def read_state(state_dir: Path) -> State | None:

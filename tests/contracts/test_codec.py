@@ -39,7 +39,7 @@ def test_round_trip_keeps_every_field():
 
 def test_envelope_fields_are_set_by_default():
     event = decision()
-    assert event.schema_version == "1.2"
+    assert event.schema_version == "1.3"
     assert isinstance(event.event_id, uuid.UUID)
     assert event.occurred_at.tzinfo is not None
     body = json.loads(encode_event(event))

@@ -120,7 +120,8 @@ async def test_the_canary_reaches_no_topic_spool_dead_letter_log_metric_span_or_
                     assert refused.status_code == 400
                     chats += 1
                     malformed = await client.post(
-                        "/v1/chat/completions", content=b'{"messages": "' + CANARY.encode())
+                        "/v1/chat/completions", content=b'{"messages": "' + CANARY.encode(),
+                        headers={"content-type": "application/json"})
                     assert malformed.status_code == 400
                     assert CANARY not in malformed.text
 

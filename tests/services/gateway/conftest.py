@@ -28,6 +28,9 @@ from routemesh.services.router.config import load_config
 from routemesh.services.runtime.embedded_broker import free_port
 from tests.services.router.conftest import CONFIG, DEEP, HashingEncoder
 
+# Every body the gateway reads is JSON, declared as such.
+JSON = {"content-type": "application/json"}
+
 
 @dataclass
 class Behaviour:

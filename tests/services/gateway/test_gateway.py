@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided, encode_event
 from routemesh.services.router import CachingEncoder, Router
 from routemesh.services.runtime.telemetry import JsonFormatter
-from tests.services.gateway.conftest import reconfigure
+from tests.services.gateway.conftest import JSON, reconfigure
 
 CANARY = "CANARY-gw-5e1d77"
 
@@ -104,12 +104,33 @@ def test_the_override_header_an_alias_and_passthrough(client, gateway, behaviour
         "large-model", "small-model", "some-vendor-model"]
 
 
-def test_a_clients_request_id_is_honoured(gateway):
-    response = httpx.post(f"{gateway.url}/v1/chat/completions",
-                          headers={"x-request-id": "client-req-42"},
-                          json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
-    assert response.headers["x-routemesh-request-id"] == "client-req-42"
-    assert only(gateway.publisher.events, RouteDecided).request_id == "client-req-42"
+def test_a_clients_request_id_is_a_correlation_field_never_the_mesh_id(gateway):
+    """Two requests sharing a client id are two requests: each gets the mesh's own id
+    (the audit writer's key), and each decision carries the client's id beside it."""
+    ids = []
+    for _ in range(2):
+        response = httpx.post(f"{gateway.url}/v1/chat/completions",
+                              headers={"x-request-id": "client-req-42"},
+                              json={"model": "auto",
+                                    "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 200
+        ids.append(response.headers["x-routemesh-request-id"])
+    decisions = gateway.publisher.of(RouteDecided)
+    assert [d.request_id for d in decisions] == ids
+    assert len(set(ids)) == 2
+    assert "client-req-42" not in ids
+    assert [d.client_request_id for d in decisions] == ["client-req-42"] * 2
+    observations = gateway.publisher.of(CompletionObserved)
+    assert [o.request_id for o in observations] == ids
+
+
+@pytest.mark.parametrize("given", ["has space", "x" * 129, "semi;colon"])
+def test_a_request_id_that_is_no_id_is_refused_naming_the_header(gateway, given):
+    response = httpx.post(f"{gateway.url}/v1/route", headers={"x-request-id": given},
+                          json={"input": "hi"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("x-request-id:")
+    assert gateway.publisher.events == []
 
 
 def test_upstream_5xx_is_retried(client, gateway, behaviour):
@@ -217,7 +238,8 @@ def test_the_canary_reaches_no_event_log_or_metric(client, gateway, behaviour, c
     )
     list(client.chat.completions.create(
         model="auto", stream=True, messages=[{"role": "user", "content": CANARY}]))
-    httpx.post(f"{gateway.url}/v1/chat/completions", content=b'{"x": "' + CANARY.encode())
+    httpx.post(f"{gateway.url}/v1/chat/completions", content=b'{"x": "' + CANARY.encode(),
+               headers=JSON)
     deadline = time.monotonic() + 30
     while len(gateway.publisher.events) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -12,9 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routemesh.contracts import RouteDecided, encode_event
+from tests.services.gateway.conftest import JSON
 from tests.services.gateway.test_gateway import only
 
 HI = {"role": "user", "content": "hello"}
+CANARY_TEXT = "CANARY-format-4b1e9d"
 
 
 class Connection:
@@ -125,9 +127,9 @@ def test_unknown_paths_and_methods_and_models_are_openai_shaped(gateway):
 
 def test_every_status_class_is_counted_under_one_label_per_endpoint(gateway):
     httpx.post(f"{gateway.url}/v1/route", json={"input": "hello"})
-    httpx.post(f"{gateway.url}/v1/route", content=b"{")
+    httpx.post(f"{gateway.url}/v1/route", content=b"{", headers=JSON)
     httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "auto", "messages": [HI]})
-    httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{")
+    httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{", headers=JSON)
     httpx.get(f"{gateway.url}/v1/models")
     httpx.post(f"{gateway.url}/v1/outcomes", json={"request_id": ""})
     samples = {
@@ -209,3 +211,78 @@ def test_no_body_gets_a_server_error_and_the_connection_survives_each(
     status, _, answer = connection.post(path, raw)
     assert status < 500 or status in (502, 504), answer
     assert connection.get("/v1/models")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        ("/v1/chat/completions", b'{"model": "\\ud800", "messages": [{"role": "user"}]}',
+         "model: expected `str` of printable ASCII without spaces"),
+        ("/v1/route", b'{"model": "\\udfff", "input": "hi"}', "model: expected `str`"),
+        ("/v1/chat/completions", chat(model="m" * 257), "model: expected `str` of length <="),
+        ("/v1/chat/completions", chat(model="has space"), "model: expected `str` of printable"),
+        ("/v1/outcomes", b'{"request_id": "r1", "labels": ["ok", "\\ud800"]}',
+         "labels[1]: expected `str` of text without control characters"),
+        ("/v1/outcomes", json.dumps({"request_id": "r1", "labels": ["x" * 65]}).encode(),
+         "labels[0]: expected `str` of length <= 64"),
+        ("/v1/outcomes", b'{"request_id": "\\ud800"}', "request_id: expected `str` of letters"),
+        ("/v1/outcomes", b'{"request_id": "r1", "expected_route": "a b"}', "expected_route:"),
+    ],
+)
+def test_a_value_no_event_could_carry_is_refused_at_the_edge_naming_the_field(
+    gateway, connection, path, body, says
+):
+    """A lone surrogate or an oversized name once made one event unpublishable, and the
+    publisher retried it forever with every later event waiting behind it."""
+    status, _, answer = connection.post(path, body)
+    assert status == 400, answer
+    assert says in json.loads(answer)["error"]["message"]
+    assert gateway.publisher.events == []
+    assert connection.post("/v1/route", b'{"input": "hello"}')[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "tool_choice", "response_format"),
+    [
+        ({"tool_choice": CANARY_TEXT}, "other", None),
+        ({"tool_choice": {"type": CANARY_TEXT}}, "other", None),
+        ({"tool_choice": {"type": "function", "function": {"name": CANARY_TEXT}}},
+         "function", None),
+        ({"tool_choice": 7}, "other", None),
+        ({"tool_choice": "required"}, "required", None),
+        ({"response_format": {"type": CANARY_TEXT}}, None, "other"),
+        ({"response_format": CANARY_TEXT}, None, "other"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": CANARY_TEXT}}},
+         None, "json_schema"),
+    ],
+)
+def test_format_signals_are_enumerations_never_the_clients_text(
+    gateway, connection, fields, tool_choice, response_format
+):
+    status, _, answer = connection.post("/v1/chat/completions", chat(**fields))
+    assert status == 200, answer
+    decision = only(gateway.publisher.events, RouteDecided)
+    assert (decision.format.tool_choice, decision.format.response_format) == (
+        tool_choice, response_format)
+    for event in gateway.publisher.events:
+        assert CANARY_TEXT.encode() not in encode_event(event)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_a_body_not_declared_json_is_a_415(gateway, content_type):
+    """What a browser may send cross-origin without asking first is refused."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{gateway.url}/v1/route", content=b'{"input": "hi"}',
+                          headers=headers)
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+    declared = httpx.post(f"{gateway.url}/v1/route", content=b'{"input": "hi"}',
+                          headers={"content-type": "application/json; charset=utf-8"})
+    assert declared.status_code == 200
+
+
+def test_head_is_answered_on_every_get_endpoint(gateway):
+    for path in ("/v1/models", "/v1/models/auto"):
+        response = httpx.head(f"{gateway.url}{path}")
+        assert (response.status_code, response.content) == (200, b"")

@@ -3,12 +3,19 @@
 import asyncio
 from pathlib import Path
 
+import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from routemesh.contracts import DeadLetter, OutcomeReported, encode_event
-from routemesh.services.gateway.publisher import EventPublisher, dead_lettering, quarantine
+from routemesh.contracts import DeadLetter, OutcomeReported, decode_event, encode_event
+from routemesh.services.gateway.publisher import (
+    UNPUBLISHED_FILE,
+    DeadLettering,
+    EventPublisher,
+    Quarantine,
+)
 from routemesh.services.gateway.spool import Spool
 from routemesh.services.runtime.kafka import DeadLetters, event_address
 from routemesh.services.runtime.settings import ServiceSettings
@@ -36,14 +43,15 @@ class StandInBroker:
         self.traces[event.request_id] = f"{trace_id:032x}"
 
 
-def make_publisher(producer, registry, *args, unreadable=None, **options) -> EventPublisher:
+def make_publisher(producer, registry, *args, set_aside=None, spill=None, **options
+                   ) -> EventPublisher:
     """A publisher whose unreadable spool lines become dead letters, unless told otherwise."""
     spool = options.get("spool")
-    spill = (spool.path.parent if spool else Path("/nonexistent")) / "dead-letters"
+    spill = spill or (spool.path.parent if spool else Path("/nonexistent")) / "dead-letters"
     return EventPublisher(producer, ServiceSettings(), registry, *args, **options,
-                          unreadable=unreadable or
-                          dead_lettering(DeadLetters(None, "gateway", CollectorRegistry(),
-                                                     spill_dir=spill)))
+                          set_aside=set_aside or DeadLettering(
+                              DeadLetters(None, "gateway", CollectorRegistry(),
+                                          spill_dir=spill), ServiceSettings()))
 
 
 def event(i: int) -> OutcomeReported:
@@ -154,7 +162,7 @@ async def test_a_quarantined_spool_sets_unreadable_lines_aside_and_never_dead_le
     up = StandInBroker(down=False)
     aside = tmp_path / "unreadable.jsonl"
     publisher = make_publisher(up, CollectorRegistry(), spool=Spool(tmp_path),
-                               queue="review", unreadable=quarantine(aside))
+                               queue="review", set_aside=Quarantine(aside))
     await publisher.start()
     async with asyncio.timeout(10):
         while not up.published:
@@ -198,3 +206,110 @@ async def test_a_failed_publish_never_lets_a_later_event_of_the_request_overtake
     assert of_r1 == ["first", "later-0", "later-1", "later-2"]
     assert broker.outcomes.index("another-request") < broker.outcomes.index("first"), (
         "another request's events do not wait for the retry")
+
+
+class Encoding(StandInBroker):
+    """Encodes like the real producer, and refuses for good what is over ``limit`` bytes,
+    as the broker does (MessageSizeTooLargeError)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        super().__init__(down=False)
+        self.limit = limit
+
+    async def publish(self, event, context=None):
+        if len(encode_event(event)) > self.limit:
+            raise MessageSizeTooLargeError("the message is too large")
+        await super().publish(event, context)
+
+
+def unencodable(i: int) -> OutcomeReported:
+    return OutcomeReported(request_id=f"r{i:03d}", labels=("\ud800",))
+
+
+def oversized(i: int) -> OutcomeReported:
+    return OutcomeReported(request_id=f"r{i:03d}", labels=("y" * 64,) * 16)
+
+
+def set_aside_letters(spill: Path) -> list[DeadLetter]:
+    lines = (spill / UNPUBLISHED_FILE).read_bytes().splitlines()
+    return [decode_event(line) for line in lines]
+
+
+@pytest.mark.parametrize(("bad", "kind"), [(unencodable, "unencodable"),
+                                           (oversized, "refused_by_broker")])
+async def test_one_unpublishable_event_is_set_aside_and_never_blocks_the_rest(
+        tmp_path, bad, kind):
+    broker, registry = Encoding(limit=len(encode_event(event(0))) + 20), CollectorRegistry()
+    publisher = make_publisher(broker, registry, spill=tmp_path / "dl")
+    await publisher.start()
+    publisher.offer(event(0))
+    publisher.offer(bad(1))
+    for i in range(2, 40):
+        publisher.offer(event(i))
+    async with asyncio.timeout(10):
+        while len(broker.published) < 39:
+            await asyncio.sleep(0.01)
+    await publisher.drain(timeout_s=1)
+    assert broker.published == [f"r{i:03d}" for i in range(40) if i != 1]
+    (letter,) = set_aside_letters(tmp_path / "dl")
+    assert (letter.error_kind, letter.source_topic) == (kind, "routemesh.route.outcomes.v1")
+    assert b"r001" in letter.original
+    assert registry.get_sample_value("routemesh_gateway_publish_set_aside_total",
+                                     {"queue": "events", "kind": kind}) == 1
+    assert registry.get_sample_value("routemesh_gateway_published_events_total",
+                                     {"queue": "events"}) == 39
+    assert oct((tmp_path / "dl" / UNPUBLISHED_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+async def test_a_stop_spools_what_is_queued_and_sets_aside_what_cannot_be_spooled(tmp_path):
+    first = make_publisher(StandInBroker(down=True), CollectorRegistry(), maxsize=50,
+                           spool=Spool(tmp_path / "spool"), spill=tmp_path / "dl")
+    await first.start()
+    for i in range(10):
+        first.offer(unencodable(i) if i == 4 else event(i))
+    await first.drain(timeout_s=0.1)
+    assert len(set_aside_letters(tmp_path / "dl")) == 1
+
+    up = StandInBroker(down=False)
+    second = make_publisher(up, CollectorRegistry(), spool=Spool(tmp_path / "spool"),
+                            spill=tmp_path / "dl")
+    await second.start()
+    async with asyncio.timeout(10):
+        while len(up.published) < 9:
+            await asyncio.sleep(0.01)
+    await second.drain(timeout_s=1)
+    assert up.published == [f"r{i:03d}" for i in range(10) if i != 4]
+
+
+async def test_an_oversized_event_at_the_spool_head_is_set_aside_after_a_restart(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.append([encode_event(oversized(0)), encode_event(event(1))])
+    spool.close()
+    broker = Encoding(limit=len(encode_event(event(1))) + 20)
+    publisher = make_publisher(broker, CollectorRegistry(), spool=Spool(tmp_path / "spool"),
+                               spill=tmp_path / "dl")
+    await publisher.start()
+    async with asyncio.timeout(10):
+        while not broker.published:
+            await asyncio.sleep(0.01)
+    await publisher.drain(timeout_s=1)
+    assert broker.published == ["r001"]
+    assert [letter.error_kind for letter in set_aside_letters(tmp_path / "dl")] == [
+        "refused_by_broker"]
+    assert Spool(tmp_path / "spool").pending_bytes == 0
+
+
+async def test_a_full_spool_has_no_room_and_drops_with_a_count(tmp_path):
+    registry = CollectorRegistry()
+    publisher = make_publisher(StandInBroker(down=True), registry, maxsize=1,
+                               spool=Spool(tmp_path), spool_max_bytes=200)
+    assert publisher.has_room
+    for i in range(10):
+        publisher.offer(event(i))
+    assert not publisher.has_room
+    dropped = registry.get_sample_value("routemesh_gateway_publish_dropped_total",
+                                        {"queue": "events"})
+    spooled = registry.get_sample_value("routemesh_gateway_spooled_events_total",
+                                        {"queue": "events"})
+    assert dropped > 0
+    assert dropped + spooled + 1 == 10

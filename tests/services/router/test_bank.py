@@ -1,8 +1,8 @@
 import pytest
 from qdrant_client import QdrantClient
 
+from routemesh.services.router import Router, RouteRequest
 from routemesh.services.router.bank import QdrantMatcher, build_bank, load_snapshot
-from routemesh.services.router.cascade import Router, RouteRequest
 from routemesh.services.router.config import load_config
 from routemesh.services.router.factory import StaleBankError, load_router
 from tests.services.router.conftest import HashingEncoder

@@ -10,10 +10,10 @@ from routemesh.services.router.cascade import (
     MATCH_TEXT_MAX_CHARS,
     PASSTHROUGH_ROUTE,
     Router,
-    RouteRequest,
     UnknownRouteError,
 )
 from routemesh.services.router.config import load_config
+from routemesh.services.router.request import RouteRequest
 from tests.services.router.conftest import HashingEncoder
 
 CANARY = "CANARY-7f3a9c-do-not-leak"

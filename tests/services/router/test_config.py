@@ -1,5 +1,6 @@
 import pytest
 
+from routemesh.services.router import WatchedConfig
 from routemesh.services.router.config import ConfigError, load_config, parse_config
 from tests.services.router.conftest import CONFIG, EXAMPLES
 
@@ -119,3 +120,27 @@ def test_the_config_is_named_by_its_base_name_or_a_given_name_never_its_path(con
         load_config(config_path)
     assert str(config_path.parent) not in str(info.value)
     assert str(info.value).startswith("routes.yaml:")
+
+
+def test_a_config_with_bytes_that_are_not_utf8_is_refused_with_its_line(config_path):
+    config_path.write_bytes(CONFIG.encode().replace(b"margin", b"ma\xffrgin"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 \(byte 0xff\)") as info:
+        load_config(config_path)
+    assert info.value.line == 1 + CONFIG[: CONFIG.index("margin")].count("\n")
+    (config_path.parent / "deep.txt").write_bytes(b"# deep\nfine\nbad \xc3\x28 here\n")
+    config_path.write_text(CONFIG)
+    with pytest.raises(ConfigError, match=r"deep.txt:3: not UTF-8"):
+        load_config(config_path)
+
+
+@pytest.mark.parametrize("broken", [b"routes: [\n", b"\xff\xfe not text", b""])
+def test_a_watched_config_that_breaks_keeps_the_last_good_one_and_never_raises(
+        config_path, broken):
+    """Scorer and drift detector reload through it: an exception here once ended their
+    consume loops for good."""
+    watched = WatchedConfig(config_path)
+    assert watched.load() is not None
+    config_path.write_bytes(broken)
+    assert watched.load() is None
+    config_path.write_text(CONFIG)
+    assert watched.load() is not None, "a good file again is read again"

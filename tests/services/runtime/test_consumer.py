@@ -7,11 +7,22 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from routemesh.contracts import OutcomeReported
 from routemesh.contracts.topics import ROUTE_DECISIONS
-from routemesh.services.runtime.consumer import EventConsumer, OffsetTracker
+from routemesh.services.runtime.consumer import (
+    Checkpoints,
+    Delivery,
+    EventConsumer,
+    OffsetTracker,
+)
 from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.runtime.telemetry import Readiness
 
 POSITION = ("routemesh.route.decisions.v1", 0, 7)
+
+
+def delivery(position) -> Delivery:
+    return Delivery(OutcomeReported(request_id=f"r{position[2]}"), position)
 
 
 class FlakyDeadLetters:
@@ -101,3 +112,74 @@ async def test_a_consumer_that_stops_moving_is_not_ready():
     unit._task = asyncio.create_task(crash())
     await asyncio.sleep(0)
     assert unit.progress() == (False, "stopped by ConnectionError")
+
+
+class FakeLogs:
+    """Partition logs as a test wants them: ends and the event id at each offset."""
+
+    def __init__(self, ends, ids=None) -> None:
+        self.ends, self.ids = ends, ids or {}
+
+    async def end_offsets(self, keys):
+        return {key: self.ends[key] for key in keys}
+
+    async def event_id_at(self, key, offset):
+        return self.ids.get((key, offset))
+
+
+def restored(offsets, anchors) -> Checkpoints:
+    checkpoints = Checkpoints()
+    checkpoints.restore(offsets, anchors)
+    return checkpoints
+
+
+async def test_a_log_that_ends_before_the_saved_offset_starts_a_new_epoch():
+    checkpoints = restored({"t:0": 500, "t:1": 20}, {"t:0": "a", "t:1": "b"})
+    logs = FakeLogs({("t", 0): 10, ("t", 1): 40}, {(("t", 1), 19): "b"})
+    renewed = await checkpoints.verify({("t", 0), ("t", 1)}, logs)
+    assert [key for key, _ in renewed] == [("t", 0)]
+    assert "ends at 10" in renewed[0][1]
+    assert checkpoints.offsets == {"t:1": 20}, "the same log keeps its place"
+    tracker = OffsetTracker()
+    fresh = checkpoints.fresh([delivery(("t", 0, 3)), delivery(("t", 1, 5))], tracker)
+    assert [d.position for d in fresh] == [("t", 0, 3)], "the new log is read from its start"
+
+
+async def test_a_log_made_again_past_the_saved_offset_is_told_by_its_event_ids():
+    checkpoints = restored({"t:0": 5}, {"t:0": "the-old-event"})
+    renewed = await checkpoints.verify({("t", 0)}, FakeLogs({("t", 0): 9},
+                                                            {(("t", 0), 4): "another"}))
+    assert [key for key, _ in renewed] == [("t", 0)]
+    gone = restored({"t:0": 5}, {"t:0": "the-old-event"})
+    assert await gone.verify({("t", 0)}, FakeLogs({("t", 0): 9})) == [], (
+        "an event gone by retention proves nothing: the same log is assumed")
+
+
+async def test_a_consume_loop_that_ends_fails_liveness():
+    readiness = Readiness()
+    unit = EventConsumer(ServiceSettings(), [ROUTE_DECISIONS], group_id="unit",
+                         handler=NoHandler(), dead_letters=FlakyDeadLetters(0),
+                         registry=CollectorRegistry(), service="unit", readiness=readiness)
+    readiness.set_alive("consumer:unit", True)
+    assert readiness.liveness()[0]
+
+    async def crash():
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    unit._task = asyncio.create_task(crash())
+    unit._task.add_done_callback(unit._ended)
+    await asyncio.sleep(0.01)
+    alive, checks = readiness.liveness()
+    assert not alive
+    assert checks["consumer:unit"]["detail"] == "the consume loop stopped by UnicodeDecodeError"
+
+
+def test_a_stuck_event_loop_fails_liveness():
+    readiness = Readiness(stall_s=5)
+    assert readiness.liveness()[0], "alive before the loop first beats"
+    readiness.beat()
+    assert readiness.liveness()[0]
+    readiness._beat -= 6
+    alive, checks = readiness.liveness()
+    assert not alive
+    assert checks["event_loop"]["detail"].startswith("the event loop has not run for")
