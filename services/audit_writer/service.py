@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Collection, Sequence
 from datetime import timedelta
@@ -42,6 +43,10 @@ class AuditWriterSettings(ServiceSettings):
     audit_maintenance_interval_s: float = Field(default=60.0, gt=0)
     # An event whose own time is further than this from its arrival is filed by arrival.
     audit_max_clock_skew_s: float = Field(default=86400.0, gt=0)
+    # At a stop, write what waits in the join window (decision or observation only)
+    # instead of leaving it to be redelivered: for a broker that keeps nothing across the
+    # stop (`routemesh dev`). A partner that comes later is written as an amendment.
+    audit_flush_on_stop: bool = False
 
 
 class _Metrics:
@@ -91,8 +96,14 @@ class AuditWriter:
         await self.consumer.start()
 
     async def stop(self) -> None:
-        """Stop consuming; write and commit what is complete; keep the rest held."""
+        """Stop consuming; write and commit what is complete; keep the rest held (or
+        write it, with ``audit_flush_on_stop``)."""
         await self.consumer.stop()
+        if self.settings.audit_flush_on_stop:
+            outputs = self.joiner.expire(math.inf)
+            if outputs:
+                await asyncio.to_thread(self.store.append, [o.record for o in outputs])
+                log.info("join window written at stop", extra={"records": len(outputs)})
         self.store.close()
 
     async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
@@ -156,5 +167,6 @@ SPEC = ServiceSpec(
     factory=AuditWriter,
     ports=(metrics_port(9102),),
     description="one metadata-only JSONL audit record per request",
-    dev_env=lambda data_dir: {"ROUTEMESH_AUDIT_DIR": str(data_dir / "audit")},
+    dev_env=lambda data_dir: {"ROUTEMESH_AUDIT_DIR": str(data_dir / "audit"),
+                              "ROUTEMESH_AUDIT_FLUSH_ON_STOP": "true"},
 )

@@ -7,13 +7,23 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, port_is_free
 from routemesh.services.runtime.service import ServiceSpec
 
 STOP_TIMEOUT_S = 8.0
+DRAIN_TIMEOUT_S = 30.0
+MAX_BACKOFF_S = 30.0
+RESET_AFTER_S = 60.0
+HEALTH_CHECK_S = 2.0
+UNHEALTHY_S = 10.0
 
 
 def parse_port_overrides(
@@ -37,6 +47,54 @@ def parse_port_overrides(
 
 
 @dataclass
+class Supervised:
+    """A service process and how to start it again."""
+
+    name: str
+    spec: ServiceSpec
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    # When a dead process is started again (monotonic); None while it runs.
+    restart_at: float | None = None
+    # Since when its /healthz has failed (monotonic), and when it was told to stop.
+    unhealthy_since: float | None = None
+    stopping_since: float | None = None
+
+    def launch(self) -> None:
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "routemesh.services.cli.main", "serve", self.name],
+                env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+        self.restart_at = self.unhealthy_since = self.stopping_since = None
+
+    def backoff_s(self) -> float:
+        """Doubling from 1 s to 30 s; a run of a minute or more starts it over."""
+        if time.monotonic() - self.started_at >= RESET_AFTER_S:
+            self.restarts = 0
+        self.restarts += 1
+        return float(min(2 ** (self.restarts - 1), MAX_BACKOFF_S))
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self, deadline: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
 class DevMesh:
     data_dir: Path
     config: Path | None
@@ -44,7 +102,10 @@ class DevMesh:
     port_overrides: dict[tuple[str, str], int]
     specs: dict[str, ServiceSpec]
     broker: EmbeddedBroker | None = None
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    services: dict[str, Supervised] = field(default_factory=dict)
+    # Where a supervisor's lines go (the terminal of `routemesh dev`).
+    say: Callable[[str], None] = print
+    _health_checked: float = 0.0
 
     def ports(self) -> dict[tuple[str, str], int]:
         """Every (service, port name) to the number it listens on here."""
@@ -81,6 +142,7 @@ class DevMesh:
                 ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
                 ROUTEMESH_QDRANT_PATH=str(qdrant_path),
                 ROUTEMESH_INSTANCE_ID=f"dev-{name}",
+                ROUTEMESH_DEAD_LETTER_DIR=str(self.data_dir / "dead-letters" / name),
             )
             for port in spec.ports:
                 env[port.env] = str(ports[(name, port.name)])
@@ -88,15 +150,8 @@ class DevMesh:
             if self.config is not None:
                 env["ROUTEMESH_ROUTER_CONFIG"] = str(self.config)
             env.update(spec.dev_env(self.data_dir))
-            with open(logs / f"{name}.log", "ab") as log_file:
-                self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", "routemesh.services.cli.main", "serve", name],
-                    env=env,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            service = self.services[name] = Supervised(name, spec, env, logs / f"{name}.log")
+            service.launch()
             for port in spec.ports:
                 address = f"http://127.0.0.1:{ports[(name, port.name)]}"
                 if port.name == "metrics":
@@ -108,7 +163,9 @@ class DevMesh:
         return lines
 
     def wait(self) -> str | None:
-        """Block until Ctrl-C / SIGTERM (returns None) or a service dies (returns why)."""
+        """Supervise until Ctrl-C / SIGTERM (returns None) or the broker dies (returns
+        why): a service that exits is started again after a backoff, as a supervisor
+        would, while the others go on serving."""
         received: list[int] = []
         previous = {
             s: signal.signal(s, lambda signum, _frame: received.append(signum))
@@ -116,12 +173,7 @@ class DevMesh:
         }
         try:
             while not received:
-                for name, process in self.processes.items():
-                    if process.poll() is not None:
-                        return (
-                            f"{name} exited with code {process.returncode}; "
-                            f"see {self.data_dir / 'logs' / (name + '.log')}"
-                        )
+                self.supervise()
                 if self.broker and self.broker.process and self.broker.process.poll() is not None:
                     return "the embedded broker exited"
                 time.sleep(0.2)
@@ -130,17 +182,104 @@ class DevMesh:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def stop(self) -> None:
-        """SIGTERM every service, give them STOP_TIMEOUT_S together, then the broker."""
-        for process in self.processes.values():
+    def supervise(self) -> None:
+        """One round: note every service that died; start again those whose wait is over;
+        stop one whose /healthz has failed for UNHEALTHY_S (a liveness probe's job)."""
+        now = time.monotonic()
+        check_health = now - self._health_checked >= HEALTH_CHECK_S
+        if check_health:
+            self._health_checked = now
+        ports = self.ports()
+        for service in self.services.values():
+            process = service.process
+            if process is None:
+                continue
             if process.poll() is None:
-                process.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for process in self.processes.values():
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                if check_health:
+                    self._check_health(service, ports[(service.name, "metrics")], now)
+                continue
+            if service.restart_at is None:
+                delay = service.backoff_s()
+                service.restart_at = now + delay
+                self.say(f"{service.name} exited with code {process.returncode}; starting it "
+                         f"again in {delay:.0f} s (see {service.log})")
+            elif now >= service.restart_at:
+                service.launch()
+                self.say(f"{service.name} started again")
+
+    def _check_health(self, service: Supervised, port: int, now: float) -> None:
+        if service.stopping_since is not None:
+            if now - service.stopping_since > STOP_TIMEOUT_S and service.process is not None:
+                service.process.kill()
+            return
+        if healthz(f"http://127.0.0.1:{port}/healthz") != 503:
+            service.unhealthy_since = None
+            return
+        if service.unhealthy_since is None:
+            service.unhealthy_since = now
+        elif now - service.unhealthy_since >= UNHEALTHY_S:
+            self.say(f"{service.name} failed its health check for {UNHEALTHY_S:.0f} s; "
+                     "stopping it")
+            service.stopping_since = now
+            service.terminate()
+
+    def stop(self) -> None:
+        """Stop in order, so a broker that keeps nothing loses nothing: the front door
+        first (what it holds is published), then, once every consumer has read to the
+        end of its topics (within DRAIN_TIMEOUT_S), the consumers, then the broker."""
+        front = [s for s in self.services.values() if s.spec.front_door]
+        rest = [s for s in self.services.values() if not s.spec.front_door]
+        for group in (front, rest):
+            for service in group:
+                service.terminate()
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            for service in group:
+                service.wait(deadline)
+            if group is front and rest:
+                self.drain(rest)
         if self.broker is not None:
             self.broker.stop(timeout_s=1.0)
+
+    def drain(self, consumers: list[Supervised]) -> None:
+        """Wait until no consumer has unread messages (by its own metrics), at most
+        DRAIN_TIMEOUT_S."""
+        ports = self.ports()
+        urls = [f"http://127.0.0.1:{ports[(s.name, 'metrics')]}/metrics" for s in consumers
+                if s.process is not None and s.process.poll() is None]
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all(unread(url) == 0 for url in urls):
+                return
+            time.sleep(0.2)
+        self.say(f"the consumers did not read to the end within {DRAIN_TIMEOUT_S:.0f} s; "
+                 "stopping them anyway")
+
+
+def healthz(url: str) -> int | None:
+    """The status /healthz answers; None when nothing answers (still starting)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def unread(url: str) -> float | None:
+    """The sum of a service's ``routemesh_consumer_unread_messages`` (0 for a service
+    that consumes nothing); None when it does not answer or has no partition yet (a
+    consumer still joining its group has read nothing, which is not having read all)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+    except urllib.error.HTTPError:
+        return 0.0
+    except OSError:
+        return None
+    families = [family for family in text_string_to_metric_families(text)
+                if family.name == "routemesh_consumer_unread_messages"]
+    if not families:
+        return 0.0
+    values = [sample.value for family in families for sample in family.samples]
+    return sum(values) if values else None

@@ -125,6 +125,7 @@ def dev(
         kafka_port=kafka_port,
         port_overrides=overrides,
         specs=specs,
+        say=lambda line: print(line, flush=True),
     )
     try:
         for name, address in mesh.start():
@@ -149,6 +150,9 @@ def tail(
     timeout: Annotated[
         float | None, typer.Option(help="Stop after this many seconds without an event.")
     ] = None,
+    raw: Annotated[bool, typer.Option(
+        help="Print every value as it came, events or not (default: undecodable values "
+             "go to stderr, so stdout is JSON lines only).")] = False,
 ) -> None:
     """Print a topic's events as JSON lines: the simplest downstream consumer."""
     settings = ServiceSettings()
@@ -159,7 +163,8 @@ def tail(
         raise fail(str(exc), 2) from None
     try:
         asyncio.run(
-            tail_topic(settings, name, from_beginning=from_beginning, limit=max, idle_s=timeout)
+            tail_topic(settings, name, from_beginning=from_beginning, limit=max, idle_s=timeout,
+                       raw=raw)
         )
     except KeyboardInterrupt:
         pass

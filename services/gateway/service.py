@@ -16,6 +16,7 @@ from routemesh.contracts.topics import ROUTEBANK_CHANGES
 from routemesh.services.gateway.app import GatewayState, create_app
 from routemesh.services.gateway.auth import ApiKeys
 from routemesh.services.gateway.dispatch import Dispatcher
+from routemesh.services.gateway.protocol import GatewayHttp
 from routemesh.services.gateway.publisher import DeadLettering, EventPublisher, Quarantine
 from routemesh.services.gateway.reload import Reloader
 from routemesh.services.gateway.settings import GatewaySettings
@@ -140,7 +141,7 @@ class Gateway:
             await publisher.start()
         config = uvicorn.Config(create_app(state), host=settings.http_host,
                                 port=settings.http_port, log_config=None, lifespan="off",
-                                access_log=False,
+                                access_log=False, http=GatewayHttp,
                                 # Without a bound, uvicorn waits forever for idle
                                 # keep-alive connections.
                                 timeout_graceful_shutdown=settings.shutdown_timeout_s * 0.4)
@@ -188,7 +189,7 @@ SPEC = ServiceSpec(
     ports=(metrics_port(9101),
            ServicePort("http", 8080, "ROUTEMESH_HTTP_PORT", "ROUTEMESH_HTTP_HOST")),
     # Through a Kafka outage the gateway serves and spools: ready while the spool has room.
-    serves_without_kafka=True,
+    front_door=True,
     description="OpenAI-compatible proxy and decision API",
     dev_env=lambda data_dir: {"ROUTEMESH_BANK_AUTOBUILD": "true",
                               "ROUTEMESH_SPOOL_DIR": str(data_dir / "spool" / "gateway"),

@@ -197,7 +197,10 @@ class ReplayWorker:
             else s.router_config
         spec = ReplaySpec(
             config=config, source=request.source,
-            input=_named(inputs, _base(request.dataset), request.source),
+            # 1.0 named the dataset by path (read for its base name); from 1.1 it is a
+            # name, and a name with a path is refused like a config's.
+            input=_named(inputs, _base(request.dataset) if request.schema_version == "1.0"
+                         else request.dataset, request.source),
             candidate=_named(configs, request.candidate, "config")
             if request.candidate else None,
             previous=_named(configs, request.previous

@@ -101,6 +101,9 @@ class OffsetTracker:
     def committed_offset(self, key: PartitionKey) -> int | None:
         return self._committed.get(key)
 
+    def next_offset(self, key: PartitionKey) -> int | None:
+        return self._next.get(key)
+
     def forget(self, keys: Collection[PartitionKey]) -> None:
         """Partitions went elsewhere (or are re-read): what was held is redelivered."""
         for key in keys:
@@ -271,8 +274,12 @@ class _Metrics:
                              "Events skipped because their event_id was already handled",
                              ["group"], registry=registry)
         self.lag = Gauge("routemesh_consumer_lag_messages",
-                         "Messages between the committed offset and the partition end",
+                         "Messages between the committed offset and the partition end "
+                         "(set on every poll, so it grows while nothing commits)",
                          ["group", "topic", "partition"], registry=registry)
+        self.unread = Gauge("routemesh_consumer_unread_messages",
+                            "Messages between the next offset to read and the partition end",
+                            ["group", "topic", "partition"], registry=registry)
         self.held = Gauge("routemesh_consumer_held_events",
                           "Events consumed whose effect is not durable yet", ["group"],
                           registry=registry)
@@ -435,12 +442,31 @@ class EventConsumer:
                             extra={"group": self.group_id, "error": str(exc)})
                 self._metrics.retries.labels(self.group_id).inc()
                 await self._rewind()
+                self._export_lag()
                 await asyncio.sleep(next(delays))
                 continue
             delays = backoff.delays()
             self._close_done()
             await self.commit()
+            self._export_lag()
             self.last_progress = time.monotonic()
+
+    def _export_lag(self) -> None:
+        """Per assigned partition: what is not committed and what is not read yet. Set
+        on every poll, retries included: a consumer stuck retrying shows a lag that grows
+        with every event produced, which is what the stall and lag alerts read."""
+        assert self._consumer is not None
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            if end is None:
+                continue
+            key, labels = (tp.topic, tp.partition), (self.group_id, tp.topic, str(tp.partition))
+            committed = self.offsets.committed_offset(key)
+            read = self.offsets.next_offset(key)
+            if committed is not None:
+                self._metrics.lag.labels(*labels).set(max(end - committed, 0))
+            if read is not None:
+                self._metrics.unread.labels(*labels).set(max(end - read, 0))
 
     async def _deliveries(self, batch: dict[TopicPartition, list[Any]]) -> list[Delivery]:
         """A poll's records as deliveries: undecodable ones dead-lettered, ones already
@@ -521,8 +547,11 @@ class EventConsumer:
             committed = await self._consumer.committed(tp)
             if committed is None:
                 await self._consumer.seek_to_beginning(tp)
+                committed = await self._consumer.position(tp)
             else:
                 self._consumer.seek(tp, committed)
+            # Where the lag is measured from while nothing commits.
+            self.offsets.committed({(tp.topic, tp.partition): committed})
 
     def _drop(self, keys: Collection[PartitionKey]) -> None:
         self.handler.revoked(keys)
@@ -556,11 +585,6 @@ class EventConsumer:
             return
         await self._consumer.commit({TopicPartition(t, p): o for (t, p), o in moved.items()})
         self.offsets.committed(moved)
-        for (topic, partition), offset in moved.items():
-            end = self._consumer.highwater(TopicPartition(topic, partition))
-            if end is not None:
-                self._metrics.lag.labels(self.group_id, topic, str(partition)).set(
-                    max(end - offset, 0))
 
 
 class _Rebalance(ConsumerRebalanceListener):

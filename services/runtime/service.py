@@ -99,9 +99,10 @@ class ServiceSpec:
     description: str = ""
     # Extra environment `routemesh dev` gives the service, from the dev data directory.
     dev_env: Callable[[Path], dict[str, str]] = lambda data_dir: {}
-    # Whether the service can do its job while Kafka is unreachable (the gateway serves
-    # and spools): then Kafka is a status note, not a readiness check.
-    serves_without_kafka: bool = False
+    # Takes requests from outside the mesh (the gateway): it serves and spools through a
+    # Kafka outage, so Kafka is a status note there, not a readiness check; and a stop of
+    # the whole mesh ends it first, so what it publishes reaches the consumers.
+    front_door: bool = False
 
     def port(self, name: str) -> ServicePort:
         for port in self.ports:
@@ -159,7 +160,7 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     settings = settings or spec.settings_class()
     setup_logging(spec.name, settings.log_level)
     ctx = build_context(spec, settings)
-    gating = not spec.serves_without_kafka
+    gating = not spec.front_door
     (ctx.readiness.set if gating else ctx.readiness.note)("kafka", False, "not connected yet")
     service = spec.factory(ctx)
 

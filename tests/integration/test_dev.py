@@ -1,21 +1,28 @@
 """`routemesh dev` on free ports: prints where each component listens, serves every
 registered topic, and stops on Ctrl-C within 10 s with no traceback."""
 
+import contextlib
+import json
+import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
+import httpx
 import pytest
 
 from routemesh.contracts import TOPICS
-from routemesh.services.cli.dev import STOP_TIMEOUT_S
+from routemesh.services.cli.dev import DRAIN_TIMEOUT_S, STOP_TIMEOUT_S
 from routemesh.services.runtime.embedded_broker import free_port
 from routemesh.services.runtime.service import discover_services
 from tests.integration.conftest import CLI
 from tests.integration.test_embedded_broker import asyncio_run_list_topics
 from tests.readme import documented_metrics, served_metrics
+from tests.services.gateway.conftest import Behaviour, Served, fake_upstream
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.model]
 
@@ -119,7 +126,7 @@ def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
 
         stopped_at = time.monotonic()
         process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=15)
+        code = process.wait(timeout=2 * STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 15)
         elapsed = time.monotonic() - stopped_at
     finally:
         if process.poll() is None:
@@ -127,8 +134,9 @@ def test_dev_starts_the_mesh_and_stops_cleanly_on_ctrl_c(tmp_path):
     rest = process.stdout.read()
     assert code == 0, rest
     _assert_metrics_as_documented(pages)
-    # Services get STOP_TIMEOUT_S together, then the broker its second.
-    assert elapsed < STOP_TIMEOUT_S + 2
+    # The front door gets STOP_TIMEOUT_S, the consumers their drain and STOP_TIMEOUT_S
+    # together, then the broker its second; an idle mesh drains at once.
+    assert elapsed < 2 * STOP_TIMEOUT_S + 2
     assert "Traceback" not in "\n".join(lines) + rest
 
 
@@ -142,3 +150,85 @@ def test_dev_refuses_a_taken_kafka_port_with_a_clear_error(kafka, tmp_path):
     assert result.returncode == 1
     assert f"port {kafka.port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _children(parent: int) -> dict[str, int]:
+    """The services `routemesh dev` runs, by name, from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"serve" in cmdline:
+            found[cmdline[cmdline.index(b"serve") + 1].decode()] = int(stat.parent.name)
+    return found
+
+
+def test_dev_restarts_a_dead_service_and_a_stop_under_traffic_loses_no_audit_record(
+        tmp_path):
+    """A SIGKILLed consumer is started again while the gateway goes on serving; Ctrl-C
+    under traffic stops the gateway first and lets the consumers read to the end of the
+    memory-only broker, so every answered request has its audit record."""
+    behaviour = Behaviour(chunk_delay_s=0)
+    ports = {(name, p.name): free_port()
+             for name, spec in discover_services().items() for p in spec.ports}
+    moves = [arg for (name, kind), number in ports.items()
+             for arg in ("--port", f"{name}.{kind}={number}")]
+    gateway = f"http://127.0.0.1:{ports[('gateway', 'http')]}"
+    data = tmp_path / "data"
+    with Served(fake_upstream(behaviour)) as upstream:
+        env = {**os.environ, "ROUTEMESH_UPSTREAM_BASE_URL": f"{upstream.url}/v1"}
+        process = subprocess.Popen(
+            [*CLI, "dev", "--data-dir", str(data), "--kafka-port", str(free_port()), *moves],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        said: list[str] = []
+        reader = threading.Thread(target=lambda: said.extend(process.stdout), daemon=True)
+        reader.start()
+        answered: list[str] = []
+        try:
+            for name in ("gateway", "audit-writer"):
+                deadline = time.monotonic() + 180
+                while _get(f"http://127.0.0.1:{ports[(name, 'metrics')]}/readyz") != 200:
+                    assert time.monotonic() < deadline, f"{name} never became ready"
+                    time.sleep(0.5)
+            os.kill(_children(process.pid)["audit-writer"], signal.SIGKILL)
+            with httpx.Client(base_url=gateway, timeout=30) as client:
+                def chat() -> None:
+                    response = client.post("/v1/chat/completions", json={
+                        "model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+                    assert response.status_code == 200, response.text
+                    answered.append(response.headers["x-routemesh-request-id"])
+
+                for _ in range(100):
+                    chat()
+                deadline = time.monotonic() + 60
+                while not any("audit-writer started again" in line for line in said):
+                    assert time.monotonic() < deadline, said
+                    time.sleep(0.2)
+                assert any("audit-writer exited with code -9" in line for line in said)
+
+                stop = threading.Event()
+
+                def traffic() -> None:
+                    with contextlib.suppress(httpx.HTTPError, AssertionError):
+                        while not stop.is_set():
+                            chat()
+
+                sender = threading.Thread(target=traffic)
+                sender.start()
+                while len(answered) < 150:
+                    time.sleep(0.05)
+                process.send_signal(signal.SIGINT)
+                assert process.wait(2 * STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 15) == 0
+                stop.set()
+                sender.join(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    audited = {json.loads(line)["request_id"]
+               for path in (data / "audit").glob("*.jsonl")
+               for line in path.read_text().splitlines()}
+    assert len(answered) >= 150
+    assert set(answered) <= audited, f"{len(set(answered) - audited)} answered, not audited"

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from routemesh.services.gateway.app import GatewayState, create_app
 from routemesh.services.gateway.dispatch import Dispatcher
+from routemesh.services.gateway.protocol import GatewayHttp
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import Upstream
 from routemesh.services.router.bank import build_bank, load_snapshot
@@ -126,10 +127,11 @@ def fake_upstream(behaviour: Behaviour) -> Starlette:
 class Served:
     """Run an ASGI app with uvicorn on a free loopback port, in its own thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_config=None, lifespan="off"))
+                                                    log_config=None, lifespan="off",
+                                                    **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "Served":
@@ -203,7 +205,7 @@ def gateway(upstream, tmp_path, gateway_config):
     dispatcher = Dispatcher(settings, Upstream(1.0, 1.0, 2), tracer_provider)
     state = GatewayState(settings, router, dispatcher, publisher, CollectorRegistry(),
                          tracer_provider=tracer_provider, review_publisher=review)
-    with Served(create_app(state)) as served:
+    with Served(create_app(state), http=GatewayHttp) as served:
         served.publisher = publisher
         served.review = review
         served.state = state

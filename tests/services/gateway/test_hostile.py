@@ -4,6 +4,7 @@ every response. The Hypothesis fuzz throws arbitrary JSON at both bodies."""
 
 import http.client
 import json
+import socket
 from urllib.parse import urlsplit
 
 import httpx
@@ -286,3 +287,18 @@ def test_head_is_answered_on_every_get_endpoint(gateway):
     for path in ("/v1/models", "/v1/models/auto"):
         response = httpx.head(f"{gateway.url}{path}")
         assert (response.status_code, response.content) == (200, b"")
+
+
+@pytest.mark.parametrize("head", [b"GET /v1/models HTTP/1.1\r\nx-bad: a\x7fb\r\n",
+                                  b"GET /v1/mo dels HTTP/1.1\r\n"])
+def test_a_request_that_is_not_valid_http_gets_an_openai_shaped_400(gateway, head):
+    parts = urlsplit(gateway.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as raw:
+        raw.sendall(head + b"host: x\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400")
+    assert b"content-type: application/json" in status
+    assert json.loads(body)["error"]["code"] == "invalid_http"

@@ -45,12 +45,14 @@ async def test_names_with_a_path_or_of_missing_files_fail_with_the_reason(tmp_pa
         "missing": ReplayRequested(replay_id="b", dataset="nothing-here.jsonl"),
         "candidate": ReplayRequested(replay_id="c", dataset="lite-deep.eval.jsonl",
                                      candidate="/etc/passwd"),
+        "dataset": ReplayRequested(replay_id="d", dataset="../examples/lite-deep.eval.jsonl"),
     }
     answers = {name: await replay._run(request) for name, request in cases.items()}
     assert {a.status for a in answers.values()} == {"failed"}
     assert "'../secrets.yaml' is no file name" in answers["path"].error
     assert "no dataset named 'nothing-here.jsonl'" in answers["missing"].error
     assert "'/etc/passwd' is no file name" in answers["candidate"].error
+    assert "'../examples/lite-deep.eval.jsonl' is no file name" in answers["dataset"].error
     assert answers["path"].event_id == completed_event_id("a")
     assert list((tmp_path / "reports").glob("*")) == []
 

@@ -1,0 +1,103 @@
+"""`routemesh dev`'s supervisor without a broker: a service that exits is started again
+after a backoff; one whose /healthz keeps failing is stopped (and so started again). The
+whole mesh under it runs in tests/integration/test_dev.py."""
+
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from routemesh.services.cli.dev import UNHEALTHY_S, DevMesh, Supervised
+from routemesh.services.runtime.service import ServiceSpec, metrics_port
+from routemesh.services.runtime.settings import ServiceSettings
+
+SPEC = ServiceSpec("unit", ServiceSettings, lambda ctx: None, (metrics_port(9999),))
+
+
+class Health(BaseHTTPRequestHandler):
+    status = 503
+
+    def do_GET(self) -> None:
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def health():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+class Sleeper(Supervised):
+    """A service that is a plain sleeping process."""
+
+    def launch(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.started_at = time.monotonic()
+        self.restart_at = self.unhealthy_since = self.stopping_since = None
+
+
+def mesh(tmp_path, port: int) -> tuple[DevMesh, Sleeper, list[str]]:
+    said: list[str] = []
+    dev = DevMesh(tmp_path, None, 0, {("unit", "metrics"): port}, {"unit": SPEC},
+                  say=said.append)
+    service = dev.services["unit"] = Sleeper("unit", SPEC, {}, tmp_path / "unit.log")
+    service.launch()
+    return dev, service, said
+
+
+def test_a_service_that_exits_is_started_again_after_a_growing_backoff(tmp_path, health):
+    dev, service, said = mesh(tmp_path, health.server_address[1])
+    first = service.process
+    first.kill()
+    first.wait()
+    dev.supervise()
+    assert said == [f"unit exited with code -9; starting it again in 1 s (see {service.log})"]
+    service.restart_at = time.monotonic()
+    dev.supervise()
+    assert service.process is not first
+    assert service.process.poll() is None
+    assert said[-1] == "unit started again"
+    service.process.kill()
+    service.process.wait()
+    dev.supervise()
+    assert "starting it again in 2 s" in said[-1], "a quick second death waits longer"
+    dev.stop()
+
+
+def test_a_service_whose_health_keeps_failing_is_stopped_then_started_again(
+        tmp_path, health):
+    dev, service, said = mesh(tmp_path, health.server_address[1])
+    first = service.process
+    dev.supervise()
+    assert service.unhealthy_since is not None
+    assert first.poll() is None, "one failed check is not enough"
+    service.unhealthy_since -= UNHEALTHY_S
+    dev._health_checked = 0.0
+    dev.supervise()
+    assert said[-1].startswith("unit failed its health check")
+    assert first.wait(10) == -15
+    dev.supervise()
+    assert "starting it again" in said[-1]
+    dev.stop()
+
+
+def test_a_healthy_service_is_left_alone(tmp_path, health):
+    Health.status = 200
+    try:
+        dev, service, said = mesh(tmp_path, health.server_address[1])
+        dev.supervise()
+        assert service.unhealthy_since is None
+        assert said == []
+        dev.stop()
+    finally:
+        Health.status = 503
+
