@@ -22,6 +22,7 @@ from routemesh.contracts.events import (
     RouteDecided,
     RouteScore,
     RouteScores,
+    ShadowDecided,
     ThresholdRecommendation,
 )
 from routemesh.contracts.topics import (
@@ -57,6 +58,7 @@ __all__ = [
     "RouteDecided",
     "RouteScore",
     "RouteScores",
+    "ShadowDecided",
     "ThresholdRecommendation",
     "Topic",
     "decode_event",

@@ -118,10 +118,48 @@ class RouteDecided(Event, frozen=True, kw_only=True):
     format: FormatSignals = FormatSignals()
     requested_model: str | None = None
     gateway_instance: str = ""
-    # 1.2: decided again after the answer with the gateway's shadow config, never served.
-    # Consumers that figure what the mesh did (audit, scorer, drift) leave these out.
+    # 1.2 only: a shadow decision published on this topic. Since 1.3 shadow decisions are
+    # ``ShadowDecided`` on their own topic and this is never true; it stays so that 1.2
+    # events decode. A consumer may skip a decision that has it set.
     shadow: bool = False
     client_request_id: CorrelationId | None = None
+
+
+ShadowDifference = Literal["route_id", "reason", "target_model", "match_source"]
+
+
+class ShadowDecided(Event, frozen=True, kw_only=True):
+    """What the gateway's shadow (candidate) config decided for a request the live config
+    decided and served; never served itself. On its own topic, one per request decided
+    with a shadow config running, with its own ``event_id``: ``route.decisions.v1`` keeps
+    exactly one decision per request. ``live_event_id`` names the live ``RouteDecided``;
+    the ``live_*`` fields and ``differs`` say what the shadow changed. Never the prompt."""
+
+    schema_version: str = "1.0"
+    request_id: RequestId
+    live_event_id: uuid.UUID
+    route_id: RouteId
+    target_model: str
+    reason: DecisionReason
+    layer: DecisionLayer
+    score: float | None = None
+    second_route_id: RouteId | None = None
+    second_score: float | None = None
+    margin: float | None = None
+    threshold: float | None = None
+    match_source: str | None = None
+    match_index: int | None = None
+    match_text_sha256: Sha256Hex | None = None
+    decision_latency_ms: NonNegative = 0.0
+    config_source: str = ""
+    config_sha256: Sha256Hex | None = None
+    route_bank_sha256: Sha256Hex | None = None
+    live_route_id: RouteId
+    live_reason: DecisionReason
+    live_target_model: str
+    live_config_sha256: Sha256Hex | None = None
+    differs: tuple[ShadowDifference, ...] = ()
+    gateway_instance: str = ""
 
 
 class CompletionObserved(Event, frozen=True, kw_only=True):
@@ -459,6 +497,7 @@ class DeadLetter(Event, frozen=True, kw_only=True):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     RouteDecided,
+    ShadowDecided,
     CompletionObserved,
     OutcomeReported,
     DriftAlert,

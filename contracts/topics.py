@@ -16,6 +16,7 @@ from routemesh.contracts.events import (
     RouteBankPublished,
     RouteDecided,
     RouteScores,
+    ShadowDecided,
 )
 
 DEFAULT_PREFIX = "routemesh."
@@ -43,7 +44,13 @@ class Topic:
 
 ROUTE_DECISIONS = Topic(
     "route.decisions.v1", (RouteDecided,), 6, "request_id",
-    "One RouteDecided per request: the route, why, and the evidence. Metadata only.",
+    "Exactly one RouteDecided per request: the route served, why, and the evidence. "
+    "Metadata only. Shadow decisions are on route.shadow_decisions.v1.",
+)
+ROUTE_SHADOW_DECISIONS = Topic(
+    "route.shadow_decisions.v1", (ShadowDecided,), 6, "request_id",
+    "One ShadowDecided per request decided again with the gateway's shadow config: what a "
+    "candidate config would have done, never served, beside what the live one did.",
 )
 LLM_OBSERVATIONS = Topic(
     "llm.observations.v1", (CompletionObserved,), 6, "request_id",
@@ -84,6 +91,7 @@ DLQ = Topic(
 
 TOPICS: tuple[Topic, ...] = (
     ROUTE_DECISIONS,
+    ROUTE_SHADOW_DECISIONS,
     LLM_OBSERVATIONS,
     ROUTE_OUTCOMES,
     DRIFT_ALERTS,

@@ -5,6 +5,14 @@ routemesh, which is the point: any team, in any language, can do the same.
 
     python examples/downstream_consumer.py --bootstrap 127.0.0.1:9092 --group my-team
 
+What the topic promises: exactly one RouteDecided per request (``request_id``, the
+mesh's own id; ``client_request_id`` is the caller's ``x-request-id``, which two requests
+may share), keyed by request id, metadata only. Decisions a shadow (candidate) config
+made are not on it: they are ShadowDecided events on ``route.shadow_decisions.v1``.
+Minor versions only add fields, so a consumer ignores fields it does not know (the
+schema allows them). A 1.2 producer could mark a shadow decision with ``shadow: true`` on
+this topic; such a decision was never served and is skipped here.
+
 Each valid RouteDecided is printed as one JSON line; an invalid one is reported on
 stderr and skipped. Offsets are committed after each batch is handled (at-least-once),
 so a real consumer should deduplicate on ``event_id``.
@@ -47,7 +55,7 @@ async def consume(args: argparse.Namespace, validator: jsonschema.Validator) -> 
                     except (ValueError, jsonschema.ValidationError) as exc:
                         print(f"skipping offset {record.offset}: {exc}", file=sys.stderr)
                         continue
-                    if event["event_id"] in seen:
+                    if event["event_id"] in seen or event.get("shadow"):
                         continue
                     seen.add(event["event_id"])
                     print(json.dumps(event), flush=True)

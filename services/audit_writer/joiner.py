@@ -68,9 +68,6 @@ class Joiner:
         """``now`` is monotonic (the window), ``received`` the wall-clock time of arrival."""
         received = received or utc_now()
         if isinstance(event, RouteDecided):
-            # A shadow decision is what a candidate config would have done: never served.
-            if event.shadow:
-                return []
             return self._arrive(event, position, now, received, "decision")
         if isinstance(event, CompletionObserved):
             return self._arrive(event, position, now, received, "observation")

@@ -173,17 +173,18 @@ def shadow_report(
     json_output: Annotated[Path | None, typer.Option()] = None,
     markdown_output: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
-    """Live against shadow decisions on the decisions topic (ROUTEMESH_KAFKA_*)."""
+    """Live decisions against the shadow config's, read from their topics
+    (ROUTEMESH_KAFKA_*)."""
     try:
         start = utc_now() - parse_duration(since)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     settings = ServiceSettings()
     try:
-        decisions, outcomes = asyncio.run(shadows.read_window(settings, start))
+        window = asyncio.run(shadows.read_window(settings, start))
     except (KafkaError, OSError) as exc:
-        raise fail(f"cannot read the decisions topic: {exc}") from None
-    report = shadows.compare(decisions, outcomes)
+        raise fail(f"cannot read the decision topics: {exc}") from None
+    report = shadows.compare(window)
     if json_output:
         write_atomically(json_output, pretty_json(report))
     if markdown_output:

@@ -182,7 +182,7 @@ class DriftDetector:
             if isinstance(event, CompletionObserved):
                 transitions = self.detector.observe(
                     msgspec.convert(event, ObservationView, from_attributes=True))
-            elif isinstance(event, RouteDecided) and not event.shadow:
+            elif isinstance(event, RouteDecided):
                 transitions = self.detector.decide(
                     msgspec.convert(event, DecisionView, from_attributes=True))
             else:

@@ -149,7 +149,7 @@ class Publisher(Protocol):
 
 
 class ShadowDecider(Protocol):
-    def offer(self, request: RouteRequest, request_id: str) -> None: ...
+    def offer(self, request: RouteRequest, live: RouteDecided) -> None: ...
 
 
 @dataclass
@@ -282,7 +282,7 @@ class Handlers:
         state.metrics.decision.labels(decision.layer).observe(time.perf_counter() - started)
         state.publisher.offer(decision)
         if state.shadow is not None:
-            state.shadow.offer(route_request, decision.request_id)
+            state.shadow.offer(route_request, decision)
         return decision
 
     def capture(self, decision: RouteDecided, route_request: RouteRequest) -> None:

@@ -1,5 +1,6 @@
 """Shadow decisions: each request decided again with a candidate config after the live
-decision, off the request path, and published as a ``RouteDecided`` with ``shadow`` set.
+decision, off the request path, and published as a ``ShadowDecided`` on its own topic
+(``route.decisions.v1`` keeps one decision per request).
 
 A bounded queue and one background task: when the queue is full the request is dropped
 from the shadow (counted), never delayed. When the shadow config keeps the live encoder
@@ -13,9 +14,10 @@ import asyncio
 import contextlib
 import logging
 
-import msgspec
 from prometheus_client import Counter
 
+from routemesh.contracts import RouteDecided, ShadowDecided
+from routemesh.contracts.events import ShadowDifference
 from routemesh.services.gateway.app import Publisher
 from routemesh.services.router import Router, RouteRequest
 
@@ -28,15 +30,16 @@ class Shadow:
         """``decisions``: routemesh_gateway_shadow_decisions_total, by outcome."""
         self.router = router
         self.publisher = publisher
-        self._queue: asyncio.Queue[tuple[RouteRequest, str]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[tuple[RouteRequest, RouteDecided]] = asyncio.Queue(
+            queue_size)
         self._task: asyncio.Task[None] | None = None
         self._decisions = decisions
         for outcome in ("published", "dropped", "failed"):
             self._decisions.labels(outcome)
 
-    def offer(self, request: RouteRequest, request_id: str) -> None:
+    def offer(self, request: RouteRequest, live: RouteDecided) -> None:
         try:
-            self._queue.put_nowait((request, request_id))
+            self._queue.put_nowait((request, live))
         except asyncio.QueueFull:
             self._decisions.labels("dropped").inc()
 
@@ -56,15 +59,37 @@ class Shadow:
 
     async def _run(self) -> None:
         while True:
-            request, request_id = await self._queue.get()
+            request, live = await self._queue.get()
             try:
-                decision = await self.router.adecide(request, request_id)
+                decision = await self.router.adecide(request, live.request_id)
             except Exception as exc:
                 # An override naming a route the shadow config lacks, for one.
                 self._decisions.labels("failed").inc()
                 log.debug("shadow decision failed", extra={"error": type(exc).__name__})
             else:
-                self.publisher.offer(msgspec.structs.replace(decision, shadow=True))
+                self.publisher.offer(shadow_decided(live, decision))
                 self._decisions.labels("published").inc()
             finally:
                 self._queue.task_done()
+
+
+_COMPARED: tuple[ShadowDifference, ...] = ("route_id", "reason", "target_model", "match_source")
+
+
+def shadow_decided(live: RouteDecided, shadow: RouteDecided) -> ShadowDecided:
+    """The shadow config's decision beside the live one it shadows."""
+    return ShadowDecided(
+        request_id=live.request_id, live_event_id=live.event_id,
+        route_id=shadow.route_id, target_model=shadow.target_model, reason=shadow.reason,
+        layer=shadow.layer, score=shadow.score, second_route_id=shadow.second_route_id,
+        second_score=shadow.second_score, margin=shadow.margin, threshold=shadow.threshold,
+        match_source=shadow.match_source, match_index=shadow.match_index,
+        match_text_sha256=shadow.match_text_sha256,
+        decision_latency_ms=shadow.decision_latency_ms, config_source=shadow.config_source,
+        config_sha256=shadow.config_sha256, route_bank_sha256=shadow.route_bank_sha256,
+        live_route_id=live.route_id, live_reason=live.reason,
+        live_target_model=live.target_model, live_config_sha256=live.config_sha256,
+        differs=tuple(name for name in _COMPARED
+                      if getattr(live, name) != getattr(shadow, name)),
+        gateway_instance=shadow.gateway_instance,
+    )

@@ -234,8 +234,7 @@ class ReplayWorker:
 
     async def _shadow(self, request: ReplayRequested) -> ReplayCompleted:
         since = utc_now() - timedelta(seconds=request.window_s)
-        decisions, outcomes = await shadow.read_window(self.settings, since)
-        report = shadow.compare(decisions, outcomes)
+        report = shadow.compare(await shadow.read_window(self.settings, since))
         path = self.settings.replay_report_dir / f"{request.replay_id}.json"
         data = pretty_json(report)
         await asyncio.to_thread(write_atomically, path, data)

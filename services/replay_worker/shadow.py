@@ -4,13 +4,12 @@ the route mix would move, and (where outcomes say what was right) the accuracy c
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 from datetime import datetime
 
 import msgspec
 
-from routemesh.contracts import OutcomeReported, RouteDecided
-from routemesh.contracts.topics import ROUTE_DECISIONS, ROUTE_OUTCOMES
+from routemesh.contracts import OutcomeReported, RouteDecided, ShadowDecided
+from routemesh.contracts.topics import ROUTE_DECISIONS, ROUTE_OUTCOMES, ROUTE_SHADOW_DECISIONS
 from routemesh.services.runtime.consumer import events_since
 from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.runtime.stats import shares
@@ -45,6 +44,14 @@ class ShadowReport(msgspec.Struct, frozen=True, kw_only=True):
     disagreements: list[Disagreement] = []
 
 
+class Window(msgspec.Struct, frozen=True):
+    """Live decisions, shadow decisions and outcomes of one period."""
+
+    decisions: list[RouteDecided]
+    shadows: list[ShadowDecided]
+    outcomes: list[OutcomeReported]
+
+
 def _right(route: str, live: str, outcome: OutcomeReported) -> bool | None:
     """Whether ``route`` was right for the request, as far as its outcome tells: the
     expected route when given; else ``correct_route`` judges the live route only, which
@@ -58,17 +65,13 @@ def _right(route: str, live: str, outcome: OutcomeReported) -> bool | None:
     return False if outcome.correct_route else None
 
 
-def compare(decisions: Iterable[RouteDecided],
-            outcomes: Iterable[OutcomeReported]) -> ShadowReport:
-    live: dict[str, RouteDecided] = {}
-    shadow: dict[str, RouteDecided] = {}
-    times = []
-    for d in decisions:
-        (shadow if d.shadow else live)[d.request_id] = d
-        times.append(d.occurred_at)
+def compare(window: Window) -> ShadowReport:
+    live = {d.request_id: d for d in window.decisions}
+    shadow = {d.request_id: d for d in window.shadows}
+    times = [d.occurred_at for d in (*live.values(), *shadow.values())]
     pairs = sorted(live.keys() & shadow.keys())
     agree = [live[r].route_id == shadow[r].route_id for r in pairs]
-    by_request = {o.request_id: o for o in outcomes}
+    by_request = {o.request_id: o for o in window.outcomes}
     judged = []
     for r in pairs:
         outcome = by_request.get(r)
@@ -99,12 +102,13 @@ def compare(decisions: Iterable[RouteDecided],
     )
 
 
-async def read_window(settings: ServiceSettings, since: datetime
-                      ) -> tuple[list[RouteDecided], list[OutcomeReported]]:
-    """Decisions and outcomes from ``since`` up to the topics' ends when called."""
-    events = await events_since(settings, [ROUTE_DECISIONS, ROUTE_OUTCOMES], since)
-    return ([e for e in events if isinstance(e, RouteDecided)],
-            [e for e in events if isinstance(e, OutcomeReported)])
+async def read_window(settings: ServiceSettings, since: datetime) -> Window:
+    """The window from ``since`` up to the topics' ends when called."""
+    events = await events_since(
+        settings, [ROUTE_DECISIONS, ROUTE_SHADOW_DECISIONS, ROUTE_OUTCOMES], since)
+    return Window([e for e in events if isinstance(e, RouteDecided)],
+                  [e for e in events if isinstance(e, ShadowDecided)],
+                  [e for e in events if isinstance(e, OutcomeReported)])
 
 
 def render_markdown(report: ShadowReport) -> str:

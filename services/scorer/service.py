@@ -226,8 +226,7 @@ class Scorer:
         for delivery in self.checkpoints.fresh(deliveries, offsets):
             event = delivery.event
             if isinstance(event, RouteDecided):
-                if not event.shadow:  # never served: the replay worker compares them
-                    self.ledger.decide(view(event))
+                self.ledger.decide(view(event))
             elif isinstance(event, CompletionObserved):
                 self.ledger.observe(view(event), event.occurred_at)
             elif isinstance(event, OutcomeReported):

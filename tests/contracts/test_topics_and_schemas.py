@@ -4,11 +4,19 @@ import jsonschema
 import pytest
 import yaml
 
-from routemesh.contracts import EVENT_TYPES, TOPICS, RouteDecided, topic_by_suffix, topic_for_event
+from routemesh.contracts import (
+    EVENT_TYPES,
+    TOPICS,
+    RouteDecided,
+    ShadowDecided,
+    topic_by_suffix,
+    topic_for_event,
+)
 from routemesh.contracts.schema_export import _normalised, event_schema, render
 
 EXPECTED_SUFFIXES = {
     "route.decisions.v1",
+    "route.shadow_decisions.v1",
     "llm.observations.v1",
     "route.outcomes.v1",
     "drift.alerts.v1",
@@ -26,6 +34,17 @@ def test_registry_has_every_topic_once_and_every_event_has_a_topic():
     assert len(TOPICS) == len(EXPECTED_SUFFIXES)
     for event_type in EVENT_TYPES:
         assert event_type in topic_for_event(event_type).events
+
+
+def test_the_decisions_topic_carries_no_shadow_decision():
+    """A consumer of route.decisions.v1 gets one RouteDecided per request: a shadow
+    decision arriving there is not of the topic's type."""
+    decisions, shadows = topic_by_suffix("route.decisions.v1"), topic_by_suffix(
+        "route.shadow_decisions.v1")
+    assert decisions.events == (RouteDecided,)
+    assert shadows.events == (ShadowDecided,)
+    assert shadows.key_field == decisions.key_field == "request_id"
+    assert shadows.partitions == decisions.partitions
 
 
 def test_prefix_is_configurable_and_request_id_is_the_key():

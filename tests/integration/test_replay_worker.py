@@ -10,11 +10,24 @@ import time
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from routemesh.contracts import ReplayCompleted, ReplayRequested, decode_event, encode_event
-from routemesh.contracts.topics import REPLAY_REQUESTS, REPLAY_RESULTS, ROUTE_DECISIONS
+from routemesh.contracts import (
+    ReplayCompleted,
+    ReplayRequested,
+    RouteDecided,
+    ShadowDecided,
+    decode_event,
+    encode_event,
+)
+from routemesh.contracts.topics import (
+    REPLAY_REQUESTS,
+    REPLAY_RESULTS,
+    ROUTE_DECISIONS,
+    ROUTE_SHADOW_DECISIONS,
+)
 from routemesh.services.router import RouteRequest, load_router
 from tests.integration.conftest import (
     EXAMPLE_CONFIG,
@@ -148,9 +161,29 @@ async def test_shadow_agreement_equals_the_share_computed_offline(settings, tmp_
                 for messages in prompts:
                     response = await client.post("/v1/route", json={"messages": messages})
                     assert response.status_code == 200, response.text
+                for messages in prompts[:20]:
+                    response = await client.post("/v1/chat/completions",
+                                                 json={"model": "auto", "messages": messages})
+                    assert response.status_code == 200, response.text
+            requests = len(prompts) + 20
+            shadowed = await read_topic(settings, settings.topic(ROUTE_SHADOW_DECISIONS),
+                                        requests)
             decided = await read_topic(settings, settings.topic(ROUTE_DECISIONS),
-                                       2 * len(prompts))
-            assert len(decided) == 2 * len(prompts)
+                                       requests + 1, timeout_s=5)
+            # The decisions topic keeps its contract with a shadow config running: one
+            # decision per request, every event id once; a consumer written against 1.1
+            # (which ignores fields it does not know) counts each request once.
+            assert len(decided) == requests
+            live = [decode_event(r.value) for r in decided]
+            assert {type(e) for e in live} == {RouteDecided}
+            assert len({e.request_id for e in live}) == requests
+            assert len({e.event_id for e in live}) == requests
+            old = [msgspec.json.decode(r.value, type=RouteDecided11) for r in decided]
+            assert len({e.request_id for e in old}) == len(old) == requests
+            shadows = [decode_event(r.value) for r in shadowed]
+            assert {type(e) for e in shadows} == {ShadowDecided}
+            assert {e.live_event_id for e in shadows} == {e.event_id for e in live}
+            assert not {e.event_id for e in shadows} & {e.event_id for e in live}
             # The shadow reused every vector the live decisions made.
             assert await metric(gateway_metrics, misses) - before <= len(prompts)
             await request(settings, ReplayRequested(replay_id="shadow-1", kind="shadow",
@@ -169,5 +202,18 @@ async def test_shadow_agreement_equals_the_share_computed_offline(settings, tmp_
     assert not all(same), "the shadow config should differ on some of these prompts"
     assert completed.status == "ok", completed.error
     assert completed.kind == "shadow"
-    assert completed.items == len(prompts)
-    assert completed.agreement == pytest.approx(sum(same) / len(same))
+    assert completed.items == requests
+    chats = same[:20]
+    assert completed.agreement == pytest.approx((sum(same) + sum(chats))
+                                                / (len(same) + len(chats)))
+
+
+class RouteDecided11(msgspec.Struct, kw_only=True):
+    """What a consumer written against RouteDecided 1.1 decodes (unknown fields ignored)."""
+
+    type: str
+    schema_version: str
+    event_id: str
+    request_id: str
+    route_id: str
+    reason: str

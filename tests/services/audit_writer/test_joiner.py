@@ -97,14 +97,3 @@ def test_a_late_decision_after_an_observation_only_record_is_an_amendment(tmp_pa
     assert (out.record.join, out.record.amends) == ("amendment", str(o.event_id))
     assert out.record.observation is None
     assert out.record.decision.route_id == "lite"
-
-
-def test_a_shadow_decision_is_never_part_of_the_trail(tmp_path):
-    joiner, tracker, _ = make(tmp_path)
-    shadow = decision("a", route_id="deep", target_model="large-model", shadow=True)
-    assert feed(joiner, tracker, shadow, (D, 0, 0)) == []
-    assert joiner.decisions == {}
-    feed(joiner, tracker, decision("a"), (D, 0, 1))
-    (out,) = feed(joiner, tracker, observation("a"), (O, 0, 0))
-    assert out.record.join == "joined"
-    assert out.record.decision.route_id == "lite"

@@ -3,6 +3,7 @@ request path, published as a shadow decision; bounded, and reusing the embedding
 
 from prometheus_client import CollectorRegistry, Counter
 
+from routemesh.contracts import ShadowDecided
 from routemesh.services.gateway.app import _Metrics
 from routemesh.services.gateway.shadow import Shadow
 from routemesh.services.router import CachingEncoder, RouteRequest, load_config, load_router
@@ -38,19 +39,21 @@ async def test_a_shadow_decision_is_published_apart_and_reuses_the_vector(tmp_pa
         request = RouteRequest.from_text("translate the python function")
         before = len(inner.calls)
         decision = await live.adecide(request, "req-1")
-        shadow.offer(request, "req-1")
+        shadow.offer(request, decision)
         await shadow.join()
     finally:
         await shadow.stop()
         await live.aclose()
     assert len(inner.calls) == before + 1, "the shadow encoded the text again"
     (published,) = publisher.events
-    assert published.shadow is True
-    assert decision.shadow is False
-    assert published.request_id == "req-1"
+    assert isinstance(published, ShadowDecided), "its own event type, never a RouteDecided"
+    assert published.event_id != decision.event_id
+    assert (published.request_id, published.live_event_id) == ("req-1", decision.event_id)
     assert published.config_sha256 == shadow_router.config_sha256 != decision.config_sha256
-    assert (decision.route_id, published.route_id) == ("deep", "lite")
-    assert published.reason == "low_confidence"
+    assert published.live_config_sha256 == decision.config_sha256
+    assert (published.live_route_id, published.route_id) == ("deep", "lite")
+    assert (published.live_reason, published.reason) == ("semantic", "low_confidence")
+    assert published.differs == ("route_id", "reason", "target_model", "match_source")
     assert registry.get_sample_value("routemesh_gateway_shadow_decisions_total",
                                      {"outcome": "published"}) == 1
 
@@ -61,7 +64,8 @@ async def test_a_full_shadow_queue_drops_and_counts_instead_of_waiting(tmp_path)
     registry = CollectorRegistry()
     shadow = Shadow(shadow_router, publisher, _counter(registry), queue_size=2)
     for i in range(5):
-        shadow.offer(RouteRequest.from_text(f"tell me a joke {i}"), f"r{i}")
+        request = RouteRequest.from_text(f"tell me a joke {i}")
+        shadow.offer(request, shadow_router.decide(request, f"r{i}"))
     assert registry.get_sample_value("routemesh_gateway_shadow_decisions_total",
                                      {"outcome": "dropped"}) == 3
     await shadow.start()

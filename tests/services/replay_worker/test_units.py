@@ -11,6 +11,7 @@ import pytest
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
 from routemesh.services.audit_writer.records import build_record
 from routemesh.services.gateway.review import Excerpt, write_raw_local
+from routemesh.services.gateway.shadow import shadow_decided
 from routemesh.services.replay_worker.cases import (
     Case,
     from_audit,
@@ -28,7 +29,7 @@ from routemesh.services.replay_worker.replay import (
     check_embedding_endpoint,
 )
 from routemesh.services.replay_worker.samples import import_samples
-from routemesh.services.replay_worker.shadow import compare
+from routemesh.services.replay_worker.shadow import Window, compare
 from routemesh.services.router import load_config
 from routemesh.services.router.config import LoadedConfig, canonical_sha256
 
@@ -113,16 +114,17 @@ def test_samples_import_refuses_model_labels_and_unredacted_samples(config_path,
     assert any(q.id is None and "not a sample" in q.reason for q in imported.quarantined)
 
 
-def _decided(request_id: str, route: str, *, shadow: bool = False) -> RouteDecided:
+def _decided(request_id: str, route: str) -> RouteDecided:
     return RouteDecided(request_id=request_id, route_id=route, target_model=f"{route}-model",
-                        reason="semantic", layer="semantic", shadow=shadow)
+                        reason="semantic", layer="semantic")
 
 
 def test_shadow_comparison_counts_agreement_mix_and_judged_accuracy():
     live = ["lite", "lite", "deep", "deep", "lite"]
     shadowed = ["lite", "deep", "deep", "deep", "deep"]
     decisions = [_decided(f"r{i}", r) for i, r in enumerate(live)]
-    decisions += [_decided(f"r{i}", r, shadow=True) for i, r in enumerate(shadowed)]
+    shadows = [shadow_decided(live_one, _decided(live_one.request_id, r))
+               for live_one, r in zip(decisions, shadowed, strict=True)]
     decisions.append(_decided("only-live", "lite"))
     outcomes = [
         OutcomeReported(request_id="r1", expected_route="deep"),   # shadow right, live wrong
@@ -130,7 +132,7 @@ def test_shadow_comparison_counts_agreement_mix_and_judged_accuracy():
         OutcomeReported(request_id="r4", correct_route=False),    # live wrong, shadow unknown
         OutcomeReported(request_id="r2", correct_route=False),    # both wrong (same route)
     ]
-    report = compare(decisions, outcomes)
+    report = compare(Window(decisions, shadows, outcomes))
     assert (report.live, report.shadow, report.pairs) == (6, 5, 5)
     assert report.agreement == pytest.approx(3 / 5)
     assert report.route_mix_live == {"deep": 0.4, "lite": 0.6}

@@ -5,7 +5,6 @@ from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -142,19 +141,3 @@ async def test_windows_are_configurable(tmp_path, windows):
     service = scorer(tmp_path, scorer_windows_h=windows)
     await service.start()
     assert [label for label, _ in service.scores()] == [f"{h}h" for h in windows]
-
-
-async def test_shadow_decisions_are_left_out_of_the_figures(tmp_path):
-    live, stream, offsets = scorer(tmp_path), Stream(), OffsetTracker()
-    await live.start()
-    events = list(traffic(10))
-    shadows = [msgspec.structs.replace(e, route_id="deep", reason="semantic",
-                                       layer="semantic", shadow=True)
-               for e in events if type(e).__name__ == "RouteDecided"]
-    batch = stream.deliveries([*shadows, *events])
-    for d in batch:
-        offsets.consumed(d.position)
-    await live.handle(batch, offsets)
-    (_, scores), *_ = live.scores()
-    assert scores.decisions == 10
-    assert {r.route_id: r.decisions for r in scores.routes} == {"deep": 0, "lite": 10}
