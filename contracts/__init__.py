@@ -24,6 +24,7 @@ from routemesh.contracts.events import (
     RouteScores,
     ShadowDecided,
     ThresholdRecommendation,
+    UpstreamCall,
 )
 from routemesh.contracts.topics import (
     DEFAULT_PREFIX,
@@ -61,6 +62,7 @@ __all__ = [
     "ShadowDecided",
     "ThresholdRecommendation",
     "Topic",
+    "UpstreamCall",
     "decode_event",
     "encode_event",
     "topic_by_suffix",

@@ -162,14 +162,40 @@ class ShadowDecided(Event, frozen=True, kw_only=True):
     gateway_instance: str = ""
 
 
+FailoverReason = Literal["upstream_failure"]
+
+
+class UpstreamCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One call to an upstream model for a request, served or not (CompletionObserved
+    1.2): what a model did, so that its own failures count against it even when another
+    model's answer was served. Never the answer's content."""
+
+    model: str
+    route_id: RouteId | None = None
+    upstream_status: int | None = None
+    error_class: str | None = None
+    duration_ms: NonNegative = 0.0
+    served: bool = False
+    # Of a whole answer (not of a stream, which is described by the observation itself).
+    completion_tokens: Count | None = None
+    finish_reason: str | None = None
+    tools_used: bool = False
+    # The escalation gates this answer failed.
+    failed_gates: tuple[str, ...] = ()
+
+
 class CompletionObserved(Event, frozen=True, kw_only=True):
-    """One request's upstream calls: what was served, how it went, and any escalation.
+    """One request's upstream calls: what was served, how it went, and any failover or
+    escalation.
 
     1.1: ``escalation_gates`` and ``escalation_recovered``; ``target_model`` is the model
-    whose answer was served.
+    whose answer was served. 1.2: ``calls`` (every upstream call, served or not) and
+    ``failover_reason``; from 1.2 ``escalation_reason`` is only ever a gate (an upstream
+    failure answered by the failover route is ``failover_reason``; 1.1 wrote it into
+    ``escalation_reason`` as ``upstream_failure``).
     """
 
-    schema_version: str = "1.1"
+    schema_version: str = "1.2"
     request_id: RequestId
     route_id: RouteId
     target_model: str
@@ -185,14 +211,17 @@ class CompletionObserved(Event, frozen=True, kw_only=True):
     stream: bool = False
     # upstream_<status>, connect_error, connect_timeout, read_timeout or disconnected.
     error_class: str | None = None
-    # The models tried, in order, and why the first was not enough: the first failed gate,
-    # or ``upstream_failure`` when a fallback route answered instead.
+    # The models tried, in order (a failover's and an escalation's alike), and the first
+    # gate the cheap answer failed when it was escalated.
     escalation_path: tuple[str, ...] = ()
     escalation_reason: str | None = None
     # Every gate the first answer failed (escalation_reason names the first of them).
     escalation_gates: tuple[str, ...] = ()
     # Whether the escalated answer passed the gates; None when nothing was escalated.
     escalation_recovered: bool | None = None
+    # 1.2: every upstream call in order; why the route's failover route answered.
+    calls: tuple[UpstreamCall, ...] = ()
+    failover_reason: FailoverReason | None = None
 
 
 class OutcomeReported(Event, frozen=True, kw_only=True):

@@ -87,6 +87,19 @@ class AuditDecision(_Allowed, kw_only=True):
     client_request_id: str | None = None
 
 
+class AuditCall(_Allowed, kw_only=True):
+    model: str
+    route_id: RouteId | None = None
+    upstream_status: int | None = None
+    error_class: str | None = None
+    duration_ms: NonNegative = 0.0
+    served: bool = False
+    completion_tokens: Count | None = None
+    finish_reason: str | None = None
+    tools_used: bool = False
+    failed_gates: tuple[str, ...] = ()
+
+
 class AuditObservation(_Allowed, kw_only=True):
     schema_version: str
     occurred_at: UtcDatetime
@@ -107,6 +120,8 @@ class AuditObservation(_Allowed, kw_only=True):
     escalation_reason: str | None = None
     escalation_gates: tuple[str, ...] = ()
     escalation_recovered: bool | None = None
+    calls: tuple[AuditCall, ...] = ()
+    failover_reason: str | None = None
 
 
 class AuditRecord(_Allowed, kw_only=True):

@@ -41,7 +41,7 @@ from routemesh.services.gateway.bodies import (
     read_body,
 )
 from routemesh.services.gateway.completion_stats import CompletionStats
-from routemesh.services.gateway.dispatch import Dispatched, Dispatcher
+from routemesh.services.gateway.dispatch import Dispatched, Dispatcher, Plan
 from routemesh.services.gateway.review import Excerpt, redacted_capture, write_raw_local
 from routemesh.services.gateway.scrub import Scrubber
 from routemesh.services.gateway.settings import GatewaySettings
@@ -55,6 +55,8 @@ from routemesh.services.router import (
 )
 
 log = logging.getLogger(__name__)
+# Where a request's decision is kept in its ASGI scope's state, for the edge's count.
+DECISION = "routemesh.decision"
 # The endpoint label of routemesh_gateway_requests_total: one value per endpoint, bounded.
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/route": "route", "/v1/models": "models",
              "/v1/outcomes": "outcomes"}
@@ -176,7 +178,7 @@ class GatewayState:
 
 class _Edge:
     """Counts every response (one endpoint label per endpoint, every status class, the
-    route and reason from the response's own headers) and turns an unexpected error into
+    route and reason of the request's decision) and turns an unexpected error into
     an OpenAI-shaped 500 on a connection that stays usable: Starlette's own handler
     re-raises after answering, and the server then drops the connection under the client.
 
@@ -191,17 +193,12 @@ class _Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status, route, reason = 0, "", ""
+        status = 0
 
         async def sending(message: Message) -> None:
-            nonlocal status, route, reason
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                for name, value in message.get("headers", ()):
-                    if name == b"x-routemesh-route":
-                        route = value.decode("latin-1")
-                    elif name == b"x-routemesh-reason":
-                        reason = value.decode("latin-1")
             await send(message)
 
         endpoint = endpoint_of(scope["path"])
@@ -214,6 +211,8 @@ class _Edge:
                                          "internal_error")
                 await failure(scope, receive, sending)
         finally:
+            decision = scope.get("state", {}).get(DECISION)
+            route, reason = (decision.route_id, decision.reason) if decision else ("", "")
             self.state.metrics.requests.labels(endpoint, route, reason,
                                                f"{(status or 500) // 100}xx").inc()
 
@@ -269,7 +268,8 @@ class Handlers:
         return RouteRequest.of(body, request.headers.get("x-routemesh-route"),
                                client_request_id(request))
 
-    async def decide(self, router: Router, route_request: RouteRequest) -> RouteDecided:
+    async def decide(self, router: Router, route_request: RouteRequest,
+                     request: Request) -> RouteDecided:
         state = self.state
         started = time.perf_counter()
         with state.tracer.start_as_current_span("routemesh.decide") as span:
@@ -280,6 +280,8 @@ class Handlers:
             span.set_attribute("routemesh.route", decision.route_id)
             span.set_attribute("routemesh.reason", decision.reason)
         state.metrics.decision.labels(decision.layer).observe(time.perf_counter() - started)
+        # For the edge's request count: the decision itself, not the response's headers.
+        request.scope.setdefault("state", {})[DECISION] = decision
         state.publisher.offer(decision)
         if state.shadow is not None:
             state.shadow.offer(route_request, decision)
@@ -298,16 +300,16 @@ class Handlers:
         else:
             write_raw_local(settings.review_dir, decision, excerpt)
 
-    def answer(self, decision: RouteDecided, dispatched: Dispatched, scrub: Scrubber,
-               stream: bool, tools_requested: bool, started: float) -> Response:
+    def answer(self, plan: Plan, request: RouteRequest, dispatched: Dispatched,
+               scrub: Scrubber, started: float, *, stream: bool) -> Response:
         """The client's response to a request whose upstream answer is complete (or
         never came), and its observation."""
-        state = self.state
-        stats = CompletionStats.of_body(dispatched.body) if dispatched.body else None
-        state.publisher.offer(dispatched.observation(
-            decision, stream=stream, tools_requested=tools_requested, started=started,
-            stats=stats))
-        state.metrics.upstream_done(decision.route_id, started, dispatched.status, stats)
+        state, decision = self.state, plan.decision
+        state.publisher.offer(dispatched.observation(decision, request, stream=stream,
+                                                     started=started))
+        answer = dispatched.answer
+        state.metrics.upstream_done(decision.route_id, started, dispatched.status,
+                                    answer.stats if answer else None)
         failure = dispatched.failure
         if failure is not None:
             return error_response(
@@ -317,8 +319,8 @@ class Handlers:
                 headers=_route_headers(decision),
             )
         assert dispatched.status is not None
-        assert dispatched.body is not None
-        status, body = dispatched.status, scrub(dispatched.body)
+        assert answer is not None
+        status, body = dispatched.status, scrub(answer.body)
         if upstream_failed(status):
             body = json.dumps({"error": {
                 "message": f"upstream failed with {status} after retries",
@@ -334,18 +336,18 @@ class Handlers:
         # One router for the whole request: a reload swapping ``state.router`` while this
         # request waits for the encoder must not give it another config's routes.
         router = state.router
-        decision = await self.decide(router, route_request)
+        decision = await self.decide(router, route_request, request)
         self.capture(decision, route_request)
-        tools_requested = route_request.tools_present
-        scrub = Scrubber(state.dispatcher.secrets(router))
+        plan = Plan.of(router, decision)
+        scrub = Scrubber(state.dispatcher.secrets(plan))
         started = time.perf_counter()
         if not parsed.stream:
-            dispatched = await state.dispatcher.complete(router, decision, data)
-            return self.answer(decision, dispatched, scrub, False, tools_requested, started)
-        dispatched = await state.dispatcher.open_stream(router, decision, data)
+            dispatched = await state.dispatcher.complete(plan, route_request, data)
+            return self.answer(plan, route_request, dispatched, scrub, started, stream=False)
+        dispatched = await state.dispatcher.open_stream(plan, data)
         response = dispatched.stream
         if response is None:
-            return self.answer(decision, dispatched, scrub, True, tools_requested, started)
+            return self.answer(plan, route_request, dispatched, scrub, started, stream=True)
 
         async def relay() -> AsyncIterator[bytes]:
             stats, first, error = CompletionStats(), None, None
@@ -367,8 +369,8 @@ class Handlers:
                 # Also reached when the client goes away: closing cancels the upstream call.
                 response.close()
                 state.publisher.offer(dispatched.observation(
-                    decision, stream=True, tools_requested=tools_requested, started=started,
-                    stats=stats, ttft_s=first, error_class=error))
+                    decision, route_request, stream=True, started=started, stats=stats,
+                    ttft_s=first, error_class=error))
                 state.metrics.upstream_done(decision.route_id, started, dispatched.status,
                                             stats)
 
@@ -377,7 +379,8 @@ class Handlers:
 
     async def route(self, request: Request) -> Response:
         _, parsed = await read_body(request, RouteView, self.state.settings.max_body_bytes)
-        decision = await self.decide(self.state.router, self.extract(parsed.body(), request))
+        decision = await self.decide(self.state.router, self.extract(parsed.body(), request),
+                                     request)
         return Response(msgspec.json.encode(decision), media_type="application/json",
                         headers=_route_headers(decision))
 

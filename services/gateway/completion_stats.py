@@ -4,9 +4,11 @@ content is kept."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import re
 from typing import Any
+
+_FINISH = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 class CompletionStats:
@@ -17,11 +19,10 @@ class CompletionStats:
         self._buffer = b""
 
     @classmethod
-    def of_body(cls, body: bytes) -> CompletionStats:
-        """Of a whole (non-streamed) chat completion; a body that is not JSON notes nothing."""
+    def of_parsed(cls, body: Any) -> CompletionStats:
+        """Of a whole (non-streamed) chat completion, parsed; anything else notes nothing."""
         stats = cls()
-        with contextlib.suppress(ValueError):
-            stats._note(json.loads(body), delta=False)
+        stats._note(body, delta=False)
         return stats
 
     def feed(self, chunk: bytes) -> None:
@@ -50,8 +51,10 @@ class CompletionStats:
         for choice in body.get("choices") or []:
             if not isinstance(choice, dict):
                 continue
-            if isinstance(choice.get("finish_reason"), str):
-                self.finish_reason = choice["finish_reason"]
+            finish = choice.get("finish_reason")
+            if isinstance(finish, str):
+                # An upstream's word, bounded before it reaches an event.
+                self.finish_reason = finish if _FINISH.match(finish) else "other"
             message = choice.get("delta" if delta else "message") or {}
             if isinstance(message, dict) and message.get("tool_calls"):
                 self.tools_used = True

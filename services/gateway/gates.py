@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from routemesh.services.router import EscalationGates
+from routemesh.services.router import EscalationGates, RouteRequest
 
 
-def failed_gates(request: dict[str, Any], response: Any, gates: EscalationGates) -> list[str]:
+def failed_gates(request: RouteRequest, response: Any, gates: EscalationGates) -> list[str]:
     """The names of every gate the answer fails, in a fixed order; empty if it passes.
 
     An answer that is not a completion object fails ``empty``; an empty answer is not
@@ -22,9 +22,8 @@ def failed_gates(request: dict[str, Any], response: Any, gates: EscalationGates)
         return ["empty"]
     content = message.get("content") if isinstance(message.get("content"), str) else ""
     tool_calls = message.get("tool_calls") or []
-    choice = request.get("tool_choice")
-    tool_required = choice == "required" or isinstance(choice, dict)
-    if gates.tool_call_when_required and request.get("tools") and tool_required:
+    tool_required = request.tool_choice in ("required", "function")
+    if gates.tool_call_when_required and request.tools_present and tool_required:
         return [] if tool_calls else ["tool_call_missing"]
     if tool_calls:
         return []
@@ -37,9 +36,7 @@ def failed_gates(request: dict[str, Any], response: Any, gates: EscalationGates)
     lowered = text.lower()
     if any(phrase.lower() in lowered for phrase in gates.refusal_phrases):
         failed.append("refusal")
-    response_format = request.get("response_format")
-    wants_json = isinstance(response_format, dict) and response_format.get("type") in (
-        "json_object", "json_schema")
+    wants_json = request.response_format in ("json_object", "json_schema")
     if gates.json_when_asked and wants_json:
         try:
             json.loads(text)

@@ -46,7 +46,7 @@ from routemesh.contracts import (
     encode_event,
 )
 from routemesh.services.gateway.spool import Spool
-from routemesh.services.runtime.kafka import DeadLetters, event_address
+from routemesh.services.runtime.kafka import Address, DeadLetters, event_address
 from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.runtime.telemetry import registered
@@ -58,7 +58,8 @@ Item = tuple[Event, Context]
 class Producer(Protocol):
     """What the publisher sends through (``runtime.kafka.EventProducer`` in service)."""
 
-    async def publish(self, event: Event, context: Context | None = None) -> None: ...
+    async def publish(self, event: Event, context: Context | None = None,
+                      address: Address | None = None) -> None: ...
 
 
 class _Metrics:
@@ -206,10 +207,10 @@ class EventPublisher:
             self.spool_bytes.set(self.spool.pending_bytes)
             self._tasks.append(asyncio.create_task(self._run_spool()))
 
-    async def _publish(self, item: Item) -> None:
+    async def _publish(self, item: Item, address: Address) -> None:
         event, ctx = item
         # The producer's span continues the request's trace from this background task.
-        await self.producer.publish(event, ctx)
+        await self.producer.publish(event, ctx, address)
 
     async def _confirm_all(self, items: list[Item]) -> None:
         """Publish until the broker confirmed every item, backing off between rounds.
@@ -220,10 +221,11 @@ class EventPublisher:
         request overtake an earlier one."""
         pending, delays = items, Backoff(0.1, 5.0).delays()
         while pending:
-            lanes: dict[tuple[str, bytes | None], list[Item]] = {}
+            lanes: dict[Address, list[Item]] = {}
             for item in pending:
                 lanes.setdefault(event_address(self.settings, item[0]), []).append(item)
-            results = await asyncio.gather(*(self._in_order(lane) for lane in lanes.values()))
+            results = await asyncio.gather(*(self._in_order(address, lane)
+                                             for address, lane in lanes.items()))
             unsent = {id(item) for left, _, _ in results for item in left}
             failed = [item for item in pending if id(item) in unsent]
             aside = sum(count for _, count, _ in results)
@@ -240,13 +242,14 @@ class EventPublisher:
                 self._failing_since = None
             pending = failed
 
-    async def _in_order(self, lane: list[Item]) -> tuple[list[Item], int, Exception | None]:
-        """Publish ``lane`` one by one: what is left from the first failure on, how many
-        were set aside as unpublishable, and the failure."""
+    async def _in_order(self, address: Address, lane: list[Item]
+                        ) -> tuple[list[Item], int, Exception | None]:
+        """Publish ``lane`` (its events share ``address``) one by one: what is left from
+        the first failure on, how many were set aside as unpublishable, and the failure."""
         aside = 0
         for index, item in enumerate(lane):
             try:
-                await self._publish(item)
+                await self._publish(item, address)
             except UNPUBLISHABLE as exc:
                 self._put_aside(item[0], exc)
                 aside += 1

@@ -125,8 +125,10 @@ class Route(_Strict):
     # named by environment variable, never written in the config.
     upstream_base_url: str | None = None
     upstream_api_key_env: str | None = None
-    # Served instead when this route's upstream still fails after retries.
-    fallback_route: RouteIdStr | None = None
+    # Served instead when this route's upstream still fails after retries (a failover;
+    # "fallback" is the cascade's default-route layer). ``fallback_route`` is read as an
+    # older spelling of this key.
+    failover_route: RouteIdStr | None = None
     # Non-streaming only: retry on this route when a gate fails on the answer.
     escalate_to: RouteIdStr | None = None
     gates: EscalationGates = EscalationGates()
@@ -242,6 +244,13 @@ def parse_config(text: str, source: str = "<config>") -> RoutingConfig:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(source, "", "the config must be a mapping", 1)
+    for i, route in enumerate(data.get("routes") or ()):
+        if isinstance(route, dict) and "fallback_route" in route:
+            if "failover_route" in route:
+                key = f"routes[{i}].fallback_route"
+                raise ConfigError(source, key, "give failover_route or its older spelling "
+                                  "fallback_route, not both", _line_of(root, key))
+            route["failover_route"] = route.pop("fallback_route")
     try:
         config = msgspec.convert(data, RoutingConfig, strict=True)
     except msgspec.ValidationError as exc:
@@ -272,7 +281,7 @@ def parse_config(text: str, source: str = "<config>") -> RoutingConfig:
             except re.error as exc:
                 raise refuse(f"rules[{i}].when.regex", f"invalid regex: {exc}") from None
     for i, route in enumerate(config.routes):
-        for key in ("fallback_route", "escalate_to"):
+        for key in ("failover_route", "escalate_to"):
             target = getattr(route, key)
             if target is not None and (target not in ids or target == route.id):
                 raise refuse(f"routes[{i}].{key}",

@@ -171,11 +171,12 @@ class EventProducer:
         """Flushes what was sent, then closes."""
         await self._producer.stop()
 
-    async def publish(self, event: Event, context: Context | None = None) -> None:
+    async def publish(self, event: Event, context: Context | None = None,
+                      address: Address | None = None) -> None:
         """Returns once the broker confirmed the event; raises if it did not. The publish
         span (and so the traceparent header) continues ``context``, by default the
-        current one."""
-        topic, key = event_address(self.settings, event)
+        current one. ``address`` is the event's, when the caller has it already."""
+        topic, key = address or event_address(self.settings, event)
         with self.tracer.start_as_current_span(
             f"{topic} publish", context=context, kind=trace.SpanKind.PRODUCER,
             attributes={"messaging.system": "kafka", "messaging.destination.name": topic},
@@ -210,7 +211,11 @@ def create_broker(
     )
 
 
-def event_address(settings: ServiceSettings, event: Event) -> tuple[str, bytes | None]:
+# The topic name (with the configured prefix) and the key an event is published under.
+Address = tuple[str, bytes | None]
+
+
+def event_address(settings: ServiceSettings, event: Event) -> Address:
     """The topic name (with the configured prefix) and the key an event is published under."""
     topic = topic_for_event(type(event))
     return settings.topic(topic), topic.key_for(event)
@@ -424,6 +429,7 @@ async def create_topics(
 
 __all__ = [
     "DLQ",
+    "Address",
     "DeadLetters",
     "EventProducer",
     "MsgspecCodec",

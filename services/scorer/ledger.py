@@ -26,6 +26,7 @@ from routemesh.contracts import (
     RouteScores,
     ThresholdRecommendation,
 )
+from routemesh.services.runtime.stats import percentile_of_counts
 from routemesh.services.scorer import advice, candidates
 from routemesh.services.scorer.views import (
     DecisionView,
@@ -50,16 +51,11 @@ def _latency_bin(ms: float) -> int:
 
 
 def _p95(histogram: Mapping[int, int]) -> float | None:
-    total = sum(histogram.values())
-    if not total:
+    """The p95 of binned latencies (the mesh's nearest rank, read from the bins)."""
+    index = percentile_of_counts(0.95, histogram)
+    if index is None:
         return None
-    rank = math.ceil(0.95 * total)
-    seen = 0
-    for index in sorted(histogram):
-        seen += histogram[index]
-        if seen >= rank:
-            return round(_LATENCY_BASE_MS * math.exp(index * _LATENCY_GROWTH), 3)
-    raise AssertionError("unreachable")
+    return round(_LATENCY_BASE_MS * math.exp(index * _LATENCY_GROWTH), 3)
 
 
 class Cell(msgspec.Struct, kw_only=True):

@@ -1,9 +1,10 @@
-"""Fallback routes and escalation through deterministic gates."""
+"""Failover routes and escalation through deterministic gates."""
 
 import openai
 import pytest
 
 from routemesh.contracts import CompletionObserved
+from routemesh.services.router import ConfigError, RoutingConfig, parse_config
 from tests.services.gateway.test_gateway import only
 from tests.services.router.conftest import CONFIG
 
@@ -12,7 +13,7 @@ from tests.services.router.conftest import CONFIG
 def gateway_config() -> str:
     return CONFIG.replace(
         "    threshold: 0.40\n",
-        "    threshold: 0.40\n    fallback_route: deep\n    escalate_to: deep\n"
+        "    threshold: 0.40\n    failover_route: deep\n    escalate_to: deep\n"
         "    gates: {min_chars: 12}\n",
         1,
     )
@@ -21,6 +22,10 @@ def gateway_config() -> str:
 @pytest.fixture
 def client(gateway):
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="k", max_retries=0)
+
+
+def load_config_text(tmp_path, text: str) -> RoutingConfig:
+    return parse_config(text, "routes.yaml")
 
 
 def ask(client, **extra):
@@ -60,6 +65,10 @@ def test_a_failed_gate_escalates_and_the_client_gets_the_strong_answer(
     assert observation.escalation_gates == (gate,)
     assert observation.escalation_recovered is True
     assert observation.target_model == "large-model"
+    assert observation.failover_reason is None
+    cheap_call, strong_call = observation.calls
+    assert (cheap_call.served, cheap_call.failed_gates) == (False, (gate,))
+    assert (strong_call.served, strong_call.failed_gates) == (True, ())
 
 
 def test_every_failed_gate_is_recorded(client, gateway, behaviour):
@@ -116,16 +125,33 @@ def test_streaming_requests_are_never_escalated(client, behaviour):
     assert [r["model"] for r in behaviour.requests] == ["small-model"]
 
 
-def test_a_failing_upstream_falls_back_to_the_fallback_route(client, gateway, behaviour):
+def test_a_failing_upstream_is_answered_by_the_failover_route(client, gateway, behaviour):
     behaviour.failing_models = {"small-model"}
-    behaviour.content_by_model = {"large-model": "Answered by the fallback model."}
-    assert ask(client).choices[0].message.content == "Answered by the fallback model."
+    behaviour.content_by_model = {"large-model": "Answered by the failover model."}
+    assert ask(client).choices[0].message.content == "Answered by the failover model."
     observation = only(gateway.publisher.events, CompletionObserved)
     assert observation.escalation_path == ("small-model", "large-model")
-    assert observation.escalation_reason == "upstream_failure"
+    assert observation.failover_reason == "upstream_failure"
+    assert observation.escalation_reason is None, "a failover is no escalation"
     assert observation.upstream_status == 200
     assert observation.target_model == "large-model"
     assert observation.escalation_gates == ()
+    first, second = observation.calls
+    assert (first.model, first.upstream_status, first.served) == ("small-model", 503, False)
+    assert (first.route_id, second.route_id) == ("lite", "deep")
+    assert (second.model, second.upstream_status, second.served) == ("large-model", 200, True)
+    assert second.completion_tokens == 7
+
+
+def test_the_older_spelling_fallback_route_still_configures_a_failover(tmp_path):
+    config = load_config_text(tmp_path, CONFIG.replace(
+        "    threshold: 0.40\n", "    threshold: 0.40\n    fallback_route: deep\n", 1))
+    assert config.route("lite").failover_route == "deep"
+    both = CONFIG.replace("    threshold: 0.40\n",
+                          "    threshold: 0.40\n    fallback_route: deep\n"
+                          "    failover_route: deep\n", 1)
+    with pytest.raises(ConfigError, match="not both"):
+        load_config_text(tmp_path, both)
 
 
 def test_when_the_fallback_fails_too_the_client_gets_a_502(client, gateway, behaviour):

@@ -1,9 +1,15 @@
 import pytest
 
 from routemesh.services.gateway.gates import failed_gates
+from routemesh.services.router import RouteRequest
 from routemesh.services.router.config import EscalationGates
 
 GATES = EscalationGates(min_chars=10)
+
+
+def req(fields: dict) -> RouteRequest:
+    """The request as routing extracted it, from the body fields the gates read."""
+    return RouteRequest.from_body({"messages": [{"role": "user", "content": "q"}], **fields})
 
 
 def answer(content=None, tool_calls=None):
@@ -42,26 +48,26 @@ def answer(content=None, tool_calls=None):
     ],
 )
 def test_every_failing_gate_is_named(request_, response, gates):
-    assert failed_gates(request_, response, GATES) == gates
+    assert failed_gates(req(request_), response, GATES) == gates
 
 
 def test_the_defaults_catch_short_answers_and_hedges():
     defaults = EscalationGates()
     assert defaults.min_chars == 80
     long_enough = "x" * 80
-    assert failed_gates({}, answer(long_enough), defaults) == []
-    assert failed_gates({}, answer(long_enough[:-1]), defaults) == ["too_short"]
+    assert failed_gates(req({}), answer(long_enough), defaults) == []
+    assert failed_gates(req({}), answer(long_enough[:-1]), defaults) == ["too_short"]
     for hedge in ("As an AI", "I cannot", "I'm sorry, but", "I don't have access",
                   "I am unable to"):
-        assert failed_gates({}, answer(f"{hedge} {long_enough}"), defaults) == ["refusal"]
+        assert failed_gates(req({}), answer(f"{hedge} {long_enough}"), defaults) == ["refusal"]
 
 
 def test_phrases_match_whatever_their_case():
     gates = EscalationGates(min_chars=1, refusal_phrases=("Out Of Scope",))
-    assert failed_gates({}, answer("that is out of scope here"), gates) == ["refusal"]
+    assert failed_gates(req({}), answer("that is out of scope here"), gates) == ["refusal"]
 
 
 def test_gates_can_be_turned_off():
     relaxed = EscalationGates(min_chars=1, json_when_asked=False, refusal_phrases=())
-    assert failed_gates({"response_format": {"type": "json_object"}},
+    assert failed_gates(req({"response_format": {"type": "json_object"}}),
                         answer("As an AI: not json"), relaxed) == []

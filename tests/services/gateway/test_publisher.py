@@ -30,7 +30,7 @@ class StandInBroker:
         self.traces: dict[str, str] = {}
         self.dead_letters: list[tuple[str, DeadLetter]] = []
 
-    async def publish(self, event, context=None):
+    async def publish(self, event, context=None, address=None):
         await asyncio.sleep(0)
         if self.down:
             raise ConnectionError("broker unreachable")
@@ -181,7 +181,7 @@ class FlakyOnce(StandInBroker):
         self.refuse = refuse
         self.outcomes: list[str] = []
 
-    async def publish(self, event, context=None):
+    async def publish(self, event, context=None, address=None):
         await asyncio.sleep(0)
         if event is self.refuse:
             self.refuse = None
@@ -216,10 +216,10 @@ class Encoding(StandInBroker):
         super().__init__(down=False)
         self.limit = limit
 
-    async def publish(self, event, context=None):
+    async def publish(self, event, context=None, address=None):
         if len(encode_event(event)) > self.limit:
             raise MessageSizeTooLargeError("the message is too large")
-        await super().publish(event, context)
+        await super().publish(event, context, address)
 
 
 def unencodable(i: int) -> OutcomeReported:
