@@ -129,7 +129,7 @@ def delay(preset: str, incident: dict, seed: int, limit: int = 200) -> int | Non
     healthy_noise = dict(sigma=0.25, tools=incident.get("tools", 0.1))
     for i in range(change + limit):
         fields = dict(healthy_noise, **incident) if i >= change else healthy_noise
-        for transition in detector.observe(healthy(rng, i, **fields)):
+        for transition in detector.add_observation(healthy(rng, i, **fields)):
             if transition.verdict.state in ("mild", "severe"):
                 if i >= change:
                     return i - change + 1
@@ -166,7 +166,7 @@ def false_alarms(n: int) -> None:
                 detector = Detector(preset, window=window)
                 alarms = 0
                 for i in range(n):
-                    for t in detector.observe(healthy(rng, i, sigma=sigma)):
+                    for t in detector.add_observation(healthy(rng, i, sigma=sigma)):
                         alarms += t.verdict.state in ("mild", "severe")
                 counts.append(alarms)
             print(f"  {sigma:<14}{window:>8}" + "".join(f"{c:>10}" for c in counts))

@@ -40,13 +40,13 @@ from routemesh.services.router import (
 )
 from routemesh.services.router.bank import (
     RouteBank,
-    bank_sha256,
     build_bank,
     cross_validation,
     fit_model,
     limit_blas_threads,
     load_snapshot,
     text_sha256,
+    utterances_sha256,
 )
 from routemesh.services.router.config import canonical_sha256
 from routemesh.services.router.encoders import LocalEncoder, SparseEncoder
@@ -68,7 +68,7 @@ def snapshot(loaded: LoadedConfig, encoder: LocalEncoder) -> RouteBank:
     entries = [BankEntry(u.route_id, u.source, u.index, text_sha256(u.text), u.provenance)
                for u in loaded.utterances]
     return RouteBank(entries, encoder.encode(texts), [sparse.document(t) for t in texts],
-                     encoder.name, bank_sha256(entries, encoder.name, semantic.bm25_k1,
+                     encoder.name, utterances_sha256(entries, encoder.name, semantic.bm25_k1,
                                                semantic.bm25_b))
 
 

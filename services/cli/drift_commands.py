@@ -14,9 +14,9 @@ from rich.table import Table
 from routemesh.services.audit_writer.reports import parse_duration, recent_records
 from routemesh.services.cli.output import err, fail
 from routemesh.services.drift_detector import (
-    DecisionView,
     Detector,
-    ObservationView,
+    DriftDecision,
+    DriftObservation,
     Preset,
     Transition,
     Verdict,
@@ -53,11 +53,11 @@ def drift_report(directory: Path, detector: Detector, since: str | None) -> Drif
     for record, _ in recent.records:
         count += 1
         if record.decision is not None:
-            transitions += detector.decide(
-                msgspec.convert(record.decision, DecisionView, from_attributes=True))
+            transitions += detector.add_decision(
+                msgspec.convert(record.decision, DriftDecision, from_attributes=True))
         if record.observation is not None:
-            transitions += detector.observe(
-                msgspec.convert(record.observation, ObservationView, from_attributes=True))
+            transitions += detector.add_observation(
+                msgspec.convert(record.observation, DriftObservation, from_attributes=True))
     subjects = []
     for scope in ("model", "route"):
         for subject in sorted(detector.state.subjects.get(scope, {})):

@@ -34,7 +34,7 @@ from routemesh.services.scorer.review import Request, ReviewReport, review
 from routemesh.services.scorer.review import render_markdown as review_markdown
 from routemesh.services.scorer.store import read_state
 from routemesh.services.scorer.tune import TuneResult, tune
-from routemesh.services.scorer.views import DecisionView, ObservationView, OutcomeView
+from routemesh.services.scorer.views import LedgerDecision, LedgerObservation, LedgerOutcome
 
 review_app = typer.Typer(help="Requests a human should look at, by metadata only.",
                          no_args_is_help=True)
@@ -61,10 +61,10 @@ class _OutcomeLine(msgspec.Struct, kw_only=True):
     completion_time_s: float | None = None
 
 
-def read_outcomes(paths: list[Path]) -> dict[str, OutcomeView]:
+def read_outcomes(paths: list[Path]) -> dict[str, LedgerOutcome]:
     """The first outcome of each request in the files (as the scorer keeps the first)."""
     decoder = msgspec.json.Decoder(_OutcomeLine)
-    found: dict[str, OutcomeView] = {}
+    found: dict[str, LedgerOutcome] = {}
     now = utc_now()
     for path in paths:
         for number, line in enumerate(path.read_bytes().splitlines(), start=1):
@@ -74,7 +74,7 @@ def read_outcomes(paths: list[Path]) -> dict[str, OutcomeView]:
                 row = decoder.decode(line)
             except msgspec.DecodeError as exc:
                 raise ValueError(f"{path.name}:{number}: not an outcome ({exc})") from None
-            found.setdefault(row.request_id, OutcomeView(
+            found.setdefault(row.request_id, LedgerOutcome(
                 request_id=row.request_id, occurred_at=row.occurred_at or now,
                 correct_route=row.correct_route, expected_route=row.expected_route,
                 quality_score=row.quality_score, completion_time_s=row.completion_time_s))
@@ -93,7 +93,7 @@ class _WithId:
 
 
 def audit_requests(directory: Path, since: str | None, max_files: int,
-                   outcomes: dict[str, OutcomeView]) -> Iterator[Request]:
+                   outcomes: dict[str, LedgerOutcome]) -> Iterator[Request]:
     """Each request of the audit period with its outcome, decision and observation
     joined across records (an amendment completes an earlier one)."""
     recent = recent_records(directory, parse_duration(since) if since else None,
@@ -103,10 +103,10 @@ def audit_requests(directory: Path, since: str | None, max_files: int,
         request = requests.setdefault(record.request_id, Request())
         if record.decision is not None and request.decision is None:
             request.decision = msgspec.convert(_WithId(record.decision, record.request_id),
-                                               DecisionView, from_attributes=True)
+                                               LedgerDecision, from_attributes=True)
         if record.observation is not None and request.observation is None:
             request.observation = msgspec.convert(
-                _WithId(record.observation, record.request_id), ObservationView,
+                _WithId(record.observation, record.request_id), LedgerObservation,
                 from_attributes=True)
     for request_id, request in requests.items():
         request.outcome = outcomes.get(request_id)

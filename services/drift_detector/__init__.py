@@ -11,16 +11,16 @@ from routemesh.services.drift_detector.detector import (
     Transition,
 )
 from routemesh.services.drift_detector.presets import RESPONSE, ROUTING, Preset
-from routemesh.services.drift_detector.signals import DecisionView, ObservationView, Verdict
+from routemesh.services.drift_detector.signals import DriftDecision, DriftObservation, Verdict
 
 __all__ = [
     "ALL_ROUTES",
     "OTHER",
     "RESPONSE",
     "ROUTING",
-    "DecisionView",
     "Detector",
-    "ObservationView",
+    "DriftDecision",
+    "DriftObservation",
     "Pinned",
     "Preset",
     "Snapshot",

@@ -24,8 +24,8 @@ from routemesh.contracts.events import Severity, utc_now
 from routemesh.services.drift_detector.presets import RESPONSE, ROUTING, Preset
 from routemesh.services.drift_detector.signals import (
     EXPECTED_FINISH,
-    DecisionView,
-    ObservationView,
+    DriftDecision,
+    DriftObservation,
     ResponseWindow,
     State,
     Verdict,
@@ -43,7 +43,7 @@ _TRANSITIONS = uuid.UUID("1d0e3f5a-3c4b-4b8e-9f1a-7c2d6e5b4a39")
 _SEVERITY: dict[State, Severity] = {"insufficient_data": "none", "none": "none",
                                     "mild": "mild", "severe": "severe"}
 
-T = TypeVar("T", DecisionView, ObservationView)
+T = TypeVar("T", DriftDecision, DriftObservation)
 
 
 class Sliding(msgspec.Struct, Generic[T], kw_only=True):
@@ -71,8 +71,8 @@ class Pinned(msgspec.Struct, frozen=True, kw_only=True):
     preceding window, until it is removed."""
 
     pinned_at: datetime
-    decisions: tuple[DecisionView, ...] = ()
-    observations: tuple[ObservationView, ...] = ()
+    decisions: tuple[DriftDecision, ...] = ()
+    observations: tuple[DriftObservation, ...] = ()
 
 
 class Transition(msgspec.Struct, frozen=True, kw_only=True):
@@ -144,9 +144,9 @@ class Snapshot(msgspec.Struct, kw_only=True):
     """Everything the detector knows (``Detector.snapshot``), as the service writes it
     before committing."""
 
-    models: dict[str, list[ObservationView]] = {}
-    decisions: dict[str, Sliding[DecisionView]] = {}
-    observations: dict[str, Sliding[ObservationView]] = {}
+    models: dict[str, list[DriftObservation]] = {}
+    decisions: dict[str, Sliding[DriftDecision]] = {}
+    observations: dict[str, Sliding[DriftObservation]] = {}
     # Per scope ("model", "route"), each subject's state.
     subjects: dict[str, dict[str, SubjectState]] = {}
     config: tuple[str | None, str | None] | None = None
@@ -213,7 +213,7 @@ class Detector:
 
     # -- feeding ----------------------------------------------------------------------
 
-    def observe(self, view: ObservationView) -> list[Transition]:
+    def add_observation(self, view: DriftObservation) -> list[Transition]:
         """Add an observation; judge its model now and its route when due."""
         model = self.label(view.target_model, "model")
         window = self._models.get(model)
@@ -227,7 +227,7 @@ class Detector:
         transitions += self._due("route", route, self.stride)
         return transitions
 
-    def decide(self, view: DecisionView) -> list[Transition]:
+    def add_decision(self, view: DriftDecision) -> list[Transition]:
         """Add a decision; judge its route and all routing when due."""
         config = (view.config_sha256, view.route_bank_sha256)
         previous = self.state.config

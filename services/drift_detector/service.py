@@ -33,8 +33,8 @@ from routemesh.services.drift_detector.detector import Detector, Pinned
 from routemesh.services.drift_detector.presets import Preset
 from routemesh.services.drift_detector.signals import (
     EXPECTED_FINISH,
-    DecisionView,
-    ObservationView,
+    DriftDecision,
+    DriftObservation,
     Verdict,
 )
 from routemesh.services.drift_detector.store import (
@@ -180,11 +180,11 @@ class DriftDetector:
         for delivery in fresh:
             event = delivery.event
             if isinstance(event, CompletionObserved):
-                transitions = self.detector.observe(
-                    msgspec.convert(event, ObservationView, from_attributes=True))
+                transitions = self.detector.add_observation(
+                    msgspec.convert(event, DriftObservation, from_attributes=True))
             elif isinstance(event, RouteDecided):
-                transitions = self.detector.decide(
-                    msgspec.convert(event, DecisionView, from_attributes=True))
+                transitions = self.detector.add_decision(
+                    msgspec.convert(event, DriftDecision, from_attributes=True))
             else:
                 continue
             for transition in transitions:

@@ -32,7 +32,7 @@ EXPECTED_FINISH = frozenset({"stop", "tool_calls", "length"})
 
 # The views hold scalars and tuples of strings, never a cycle: untracked by the garbage
 # collector (gc=False), the thousands a detector keeps in its windows cost no GC passes.
-class ObservationView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class DriftObservation(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The fields of a CompletionObserved (or an audit record's observation) drift reads."""
 
     route_id: str
@@ -54,7 +54,7 @@ class ObservationView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
         return self.error_class is not None or status is None or not 200 <= status < 300
 
 
-class DecisionView(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class DriftDecision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The fields of a RouteDecided (or an audit record's decision) drift reads."""
 
     route_id: str
@@ -131,7 +131,7 @@ class ResponseWindow:
         self.size = size
         self.expected_finish = expected_finish
         self.max_age = max_age
-        self.items: deque[ObservationView] = deque()
+        self.items: deque[DriftObservation] = deque()
         # Whether each item failed, in the same order (asked once per item, not per count).
         self._failed: deque[bool] = deque()
         # Lengths of the answered observations whose length is known, in order.
@@ -139,7 +139,7 @@ class ResponseWindow:
         self.failed = self.empty = self.offered = self.silent = self.anomalous = 0
 
     @classmethod
-    def of(cls, observations: Sequence[ObservationView],
+    def of(cls, observations: Sequence[DriftObservation],
            expected_finish: frozenset[str] = EXPECTED_FINISH) -> ResponseWindow:
         window = cls(max(len(observations), 1), expected_finish)
         for view in observations:
@@ -149,7 +149,7 @@ class ResponseWindow:
     def __len__(self) -> int:
         return len(self.items)
 
-    def _count(self, view: ObservationView, failed: bool, step: int) -> None:
+    def _count(self, view: DriftObservation, failed: bool, step: int) -> None:
         if failed:
             self.failed += step
             return
@@ -161,7 +161,7 @@ class ResponseWindow:
             self.silent += step * (not view.tools_used)
         self.anomalous += step * (view.finish_reason not in self.expected_finish)
 
-    def add(self, view: ObservationView) -> None:
+    def add(self, view: DriftObservation) -> None:
         failed = view.failed
         self.items.append(view)
         self._failed.append(failed)
@@ -240,7 +240,7 @@ def _response_thresholds(thresholds: ResponseThresholds) -> tuple[float, ...]:
 
 
 def response_verdict(
-    window: Sequence[ObservationView],
+    window: Sequence[DriftObservation],
     thresholds: ResponseThresholds,
     expected_finish: frozenset[str] = EXPECTED_FINISH,
 ) -> Verdict:
@@ -302,7 +302,7 @@ def _ratio(current: Sequence[float], baseline: Sequence[float]) -> float | None:
 
 
 def _decisions_against_baseline(
-    window: Sequence[DecisionView], baseline: Sequence[DecisionView],
+    window: Sequence[DriftDecision], baseline: Sequence[DriftDecision],
     thresholds: RoutingThresholds,
 ) -> list[DriftSignal]:
     """The top scores' distribution and the decision latency p95, each against the
@@ -320,7 +320,7 @@ def _decisions_against_baseline(
 
 
 def overall_verdict(
-    window: Sequence[DecisionView], baseline: Sequence[DecisionView],
+    window: Sequence[DriftDecision], baseline: Sequence[DriftDecision],
     thresholds: RoutingThresholds,
 ) -> Verdict:
     """All routing: fallbacks, the route mix, the top scores and decision latency against
@@ -344,8 +344,8 @@ def overall_verdict(
 
 
 def route_verdict(
-    decisions: Sequence[DecisionView], baseline: Sequence[DecisionView],
-    observations: Sequence[ObservationView], observations_baseline: Sequence[ObservationView],
+    decisions: Sequence[DriftDecision], baseline: Sequence[DriftDecision],
+    observations: Sequence[DriftObservation], observations_baseline: Sequence[DriftObservation],
     thresholds: RoutingThresholds,
 ) -> Verdict:
     """One route: its top scores, its decision latency, its upstream's time to first

@@ -326,7 +326,7 @@ def replay(
             input_set_sha256=input_set_sha256(cases), cases_read=cases_read, limit=limit,
             configs={name: ConfigInput(name=loaded.source, config_sha256=loaded.sha256,
                                        files_sha256=files_sha256(loaded.files),
-                                       route_bank_sha256=routers[name].bank_sha256)
+                                       route_bank_sha256=routers[name].route_bank_sha256)
                      for name, loaded in configs.named()},
         ),
         labelled=bool(known) and all(c.label is not None for c in known),

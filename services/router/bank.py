@@ -73,7 +73,7 @@ class BankEntry:
     provenance: str
 
 
-def bank_sha256(entries: Sequence[BankEntry], encoder_name: str, k1: float, b: float) -> str:
+def utterances_sha256(entries: Sequence[BankEntry], encoder_name: str, k1: float, b: float) -> str:
     """Identifies the bank's utterances and how they were encoded, independent of order
     (the route model fitted on them adds its own digest: ``route_bank_sha256``)."""
     digest = hashlib.sha256(f"{encoder_name}\nbm25 k1={k1} b={b}\n".encode())
@@ -113,11 +113,11 @@ def route_bank_sha256(utterances_sha256: str, model: RouteModel) -> str:
     return hashlib.sha256(f"{utterances_sha256}\n{model.sha256}".encode()).hexdigest()
 
 
-def config_bank_sha256(loaded: LoadedConfig, encoder_name: str) -> str:
+def config_utterances_sha256(loaded: LoadedConfig, encoder_name: str) -> str:
     """The utterances sha256 that building ``loaded`` with this encoder gives."""
     semantic = loaded.config.semantic
     entries = [_entry(u) for u in loaded.utterances]
-    return bank_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
+    return utterances_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
 
 
 def model_inputs_sha256(
@@ -660,7 +660,7 @@ def _bank_identity(
     if len(encoders) != 1:
         raise ValueError(f"collection {collection!r} mixes encoders: {sorted(encoders)}")
     (encoder_name,) = encoders
-    return encoder_name, bank_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
+    return encoder_name, utterances_sha256(entries, encoder_name, semantic.bm25_k1, semantic.bm25_b)
 
 
 def _required_model(client: QdrantClient, collection: str) -> RouteModel:

@@ -111,7 +111,7 @@ class Router:
         return self.loaded.sha256
 
     @property
-    def bank_sha256(self) -> str | None:
+    def route_bank_sha256(self) -> str | None:
         return self.matcher.sha256 if self.matcher is not None else None
 
     def decide(self, request: RouteRequest, request_id: str) -> RouteDecided:

@@ -200,7 +200,7 @@ def evaluate(
             for item, d in zip(items, decisions, strict=True)
             if d.route_id != item.route
         ],
-        sha256=Hashes(config=router.config_sha256, route_bank=router.bank_sha256,
+        sha256=Hashes(config=router.config_sha256, route_bank=router.route_bank_sha256,
                       dataset=dataset_sha256),
         config_source=router.loaded.source,
         excluded_trained=excluded,

@@ -14,7 +14,7 @@ from routemesh.services.router.bank import (
     QdrantMatcher,
     TrainingSet,
     build_bank,
-    config_bank_sha256,
+    config_utterances_sha256,
     default_collection,
     limit_blas_threads,
     load_snapshot,
@@ -101,7 +101,7 @@ def _assemble(
         matcher = QdrantMatcher(qdrant, collection, loaded.config.semantic)
     else:
         matcher = load_snapshot(qdrant, collection, loaded.config.semantic)
-    expected = config_bank_sha256(loaded, encoder.name)
+    expected = config_utterances_sha256(loaded, encoder.name)
     if matcher.utterances_sha256 != expected:
         raise StaleBankError(
             f"the route bank in collection {collection!r} does not match {loaded.source} "

@@ -6,17 +6,17 @@ from routemesh.services.scorer.advice import AdvicePolicy, advise
 from routemesh.services.scorer.candidates import CandidatePolicy, candidate, clusters
 from routemesh.services.scorer.ledger import Ledger, Limits
 from routemesh.services.scorer.patch import ConfigChange
-from routemesh.services.scorer.views import DecisionView, ObservationView, OutcomeView, view
+from routemesh.services.scorer.views import LedgerDecision, LedgerObservation, LedgerOutcome, view
 
 __all__ = [
     "AdvicePolicy",
     "CandidatePolicy",
     "ConfigChange",
-    "DecisionView",
     "Ledger",
+    "LedgerDecision",
+    "LedgerObservation",
+    "LedgerOutcome",
     "Limits",
-    "ObservationView",
-    "OutcomeView",
     "advise",
     "candidate",
     "clusters",

@@ -15,9 +15,9 @@ import msgspec
 
 from routemesh.contracts import ReviewCandidate, ReviewCluster
 from routemesh.services.scorer.views import (
-    DecisionView,
-    ObservationView,
-    OutcomeView,
+    LedgerDecision,
+    LedgerObservation,
+    LedgerOutcome,
     final_right,
     semantic_of,
 )
@@ -36,8 +36,8 @@ class CandidatePolicy:
     slow_ms: float = 30_000.0
 
 
-def reasons(decision: DecisionView, observation: ObservationView | None,
-            outcome: OutcomeView | None, policy: CandidatePolicy) -> tuple[str, ...]:
+def reasons(decision: LedgerDecision, observation: LedgerObservation | None,
+            outcome: LedgerOutcome | None, policy: CandidatePolicy) -> tuple[str, ...]:
     found = []
     if decision.reason == "low_confidence":
         found.append("low_confidence")
@@ -70,8 +70,8 @@ def cluster_key(reason: str, c: ReviewCandidate) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def candidate(decision: DecisionView, observation: ObservationView | None,
-              outcome: OutcomeView | None, policy: CandidatePolicy) -> ReviewCandidate | None:
+def candidate(decision: LedgerDecision, observation: LedgerObservation | None,
+              outcome: LedgerOutcome | None, policy: CandidatePolicy) -> ReviewCandidate | None:
     found = reasons(decision, observation, outcome, policy)
     if not found:
         return None

@@ -29,9 +29,9 @@ from routemesh.contracts import (
 from routemesh.services.runtime.stats import percentile_of_counts
 from routemesh.services.scorer import advice, candidates
 from routemesh.services.scorer.views import (
-    DecisionView,
-    ObservationView,
-    OutcomeView,
+    LedgerDecision,
+    LedgerObservation,
+    LedgerOutcome,
     fallback_right,
     feedback,
     final_right,
@@ -97,9 +97,9 @@ class Entry(msgspec.Struct, kw_only=True, array_like=True):
     """One request waiting for the rest of its events. Once it has them all only the
     fact stays (``done``), so a duplicate outcome is still known as one."""
 
-    decision: DecisionView | None = None
-    observation: ObservationView | None = None
-    outcome: OutcomeView | None = None
+    decision: LedgerDecision | None = None
+    observation: LedgerObservation | None = None
+    outcome: LedgerOutcome | None = None
     # The first event's time (epoch seconds): the horizon counts from it.
     seen: float = 0.0
     scored: bool = False
@@ -175,7 +175,7 @@ class Ledger:
         self.newest = max(self.newest, at.timestamp())
         return entry
 
-    def decide(self, d: DecisionView) -> None:
+    def add_decision(self, d: LedgerDecision) -> None:
         entry = self._entry(d.request_id, d.occurred_at)
         if entry.decision is not None or entry.done:
             return
@@ -198,13 +198,13 @@ class Ledger:
         bucket.low_confidence += d.reason == "low_confidence"
         self._joined(d.request_id, entry)
 
-    def observe(self, o: ObservationView, at: datetime) -> None:
+    def add_observation(self, o: LedgerObservation, at: datetime) -> None:
         entry = self._entry(o.request_id, at)
         if entry.observation is None and not entry.done:
             entry.observation = o
             self._joined(o.request_id, entry)
 
-    def report(self, o: OutcomeView) -> None:
+    def add_outcome(self, o: LedgerOutcome) -> None:
         entry = self._entry(o.request_id, o.occurred_at)
         if entry.outcome is not None or entry.done:
             self.duplicate_outcomes += 1
@@ -229,7 +229,7 @@ class Ledger:
             entry.decision = entry.observation = entry.outcome = None
             entry.done = True
 
-    def _score(self, d: DecisionView, o: OutcomeView) -> None:
+    def _score(self, d: LedgerDecision, o: LedgerOutcome) -> None:
         bucket = self._bucket(d.occurred_at)
         right = final_right(d, o)
         classes = feedback(d, o)

@@ -16,7 +16,7 @@ import msgspec
 from routemesh.contracts import ReviewCandidate, ReviewCluster
 from routemesh.services.runtime.captures import Capture, CaptureMode
 from routemesh.services.scorer.candidates import CandidatePolicy, candidate, clusters, ranked
-from routemesh.services.scorer.views import DecisionView, ObservationView, OutcomeView
+from routemesh.services.scorer.views import LedgerDecision, LedgerObservation, LedgerOutcome
 
 
 class Evidence(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,9 +46,9 @@ class ReviewReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Request(msgspec.Struct, kw_only=True):
-    decision: DecisionView | None = None
-    observation: ObservationView | None = None
-    outcome: OutcomeView | None = None
+    decision: LedgerDecision | None = None
+    observation: LedgerObservation | None = None
+    outcome: LedgerOutcome | None = None
 
 
 def review(requests: Iterable[Request], policy: CandidatePolicy, limit: int,

@@ -226,11 +226,11 @@ class Scorer:
         for delivery in self.checkpoints.fresh(deliveries, offsets):
             event = delivery.event
             if isinstance(event, RouteDecided):
-                self.ledger.decide(view(event))
+                self.ledger.add_decision(view(event))
             elif isinstance(event, CompletionObserved):
-                self.ledger.observe(view(event), event.occurred_at)
+                self.ledger.add_observation(view(event), event.occurred_at)
             elif isinstance(event, OutcomeReported):
-                self.ledger.report(view(event))
+                self.ledger.add_outcome(view(event))
         now = time.monotonic()
         if now - self._last_check >= INPUTS_CHECK_S:
             self._last_check = now

@@ -13,7 +13,7 @@ import msgspec
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
 
 
-class AttemptView(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
+class LedgerAttempt(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
     layer: str
     selected_route: str | None = None
     confidence: float | None = None
@@ -22,7 +22,7 @@ class AttemptView(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_lik
     error: str | None = None
 
 
-class DecisionView(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+class LedgerDecision(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     request_id: str
     occurred_at: datetime
     route_id: str
@@ -33,21 +33,21 @@ class DecisionView(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     margin: float | None = None
     threshold: float | None = None
     required_margin: float | None = None
-    attempts: tuple[AttemptView, ...] = ()
+    attempts: tuple[LedgerAttempt, ...] = ()
     decision_latency_ms: float = 0.0
     match_source: str | None = None
     match_index: int | None = None
     match_text_sha256: str | None = None
 
 
-class ObservationView(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
+class LedgerObservation(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
     request_id: str
     upstream_status: int | None = None
     duration_ms: float = 0.0
     error_class: str | None = None
 
 
-class OutcomeView(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
+class LedgerOutcome(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
     request_id: str
     occurred_at: datetime
     correct_route: bool | None = None
@@ -57,8 +57,8 @@ class OutcomeView(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_lik
 
 
 def view(event: RouteDecided | CompletionObserved | OutcomeReported) -> Any:
-    kind = (DecisionView if isinstance(event, RouteDecided)
-            else ObservationView if isinstance(event, CompletionObserved) else OutcomeView)
+    kind = (LedgerDecision if isinstance(event, RouteDecided)
+            else LedgerObservation if isinstance(event, CompletionObserved) else LedgerOutcome)
     return msgspec.convert(event, kind, from_attributes=True)
 
 
@@ -75,7 +75,7 @@ class Semantic(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     movable: bool
 
 
-def semantic_of(decision: DecisionView) -> Semantic | None:
+def semantic_of(decision: LedgerDecision) -> Semantic | None:
     for attempt in decision.attempts:
         if attempt.layer != "semantic" or attempt.error is not None:
             continue
@@ -91,7 +91,7 @@ def semantic_of(decision: DecisionView) -> Semantic | None:
     return None
 
 
-def final_right(decision: DecisionView, outcome: OutcomeView) -> bool | None:
+def final_right(decision: LedgerDecision, outcome: LedgerOutcome) -> bool | None:
     """Whether the route served was right, as the outcome says (None: it does not)."""
     if outcome.correct_route is not None:
         return outcome.correct_route
@@ -100,7 +100,7 @@ def final_right(decision: DecisionView, outcome: OutcomeView) -> bool | None:
     return None
 
 
-def top_right(decision: DecisionView, semantic: Semantic, outcome: OutcomeView) -> bool | None:
+def top_right(decision: LedgerDecision, semantic: Semantic, outcome: LedgerOutcome) -> bool | None:
     """Whether the semantic layer's top route was right, whether or not it was served."""
     if outcome.expected_route is not None:
         return outcome.expected_route == semantic.top_route
@@ -111,7 +111,7 @@ def top_right(decision: DecisionView, semantic: Semantic, outcome: OutcomeView) 
     return False if served else None
 
 
-def fallback_right(decision: DecisionView, semantic: Semantic, outcome: OutcomeView,
+def fallback_right(decision: LedgerDecision, semantic: Semantic, outcome: LedgerOutcome,
                    default_route: str | None) -> bool | None:
     """Whether the fallback route would have been (or was) right."""
     if not semantic.accepted:
@@ -123,7 +123,7 @@ def fallback_right(decision: DecisionView, semantic: Semantic, outcome: OutcomeV
     return False if final_right(decision, outcome) else None
 
 
-def feedback(decision: DecisionView, outcome: OutcomeView) -> tuple[str, ...]:
+def feedback(decision: LedgerDecision, outcome: LedgerOutcome) -> tuple[str, ...]:
     """The learning feedback classes of one outcome."""
     classes = []
     if final_right(decision, outcome):

@@ -74,7 +74,7 @@ def test_pin_snapshots_the_current_routing_window_and_unpin_removes_it(tmp_path)
     rng = random.Random(1)
     detector = Detector("normal", routing_window=50)
     for i in range(120):
-        detector.decide(decision_view(rng, i, {"lite": 0.5, "deep": 0.5}))
+        detector.add_decision(decision_view(rng, i, {"lite": 0.5, "deep": 0.5}))
     save(tmp_path, msgspec.msgpack.encode(State(detector=detector.snapshot())))
     result = runner.invoke(app, ["drift", "pin", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output

@@ -121,8 +121,8 @@ def test_tune_from_scores_turns_the_saved_evidence_into_a_diff(tmp_path, lite_de
     ledger.configure({"lite": 0.6, "deep": 0.6}, "lite", None)
     at = utc_now() - timedelta(hours=2)
     for i in range(80):
-        ledger.decide(view(decided(f"r{i}", "deep", 0.57, at=at)))
-        ledger.report(view(outcome(f"r{i}", "deep", at=at)))
+        ledger.add_decision(view(decided(f"r{i}", "deep", 0.57, at=at)))
+        ledger.add_outcome(view(outcome(f"r{i}", "deep", at=at)))
     state_dir = tmp_path / "scorer"
     state_dir.mkdir()
     write_state(state_dir, msgspec.msgpack.encode(State(ledger=ledger.snapshot())))

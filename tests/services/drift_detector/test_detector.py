@@ -24,8 +24,8 @@ def run(detector: Detector, stream) -> list[tuple[int, object]]:
     """Feed a stream of (index, view); the transitions with the index they came at."""
     found = []
     for i, view in stream:
-        made = detector.observe(view) if hasattr(view, "completion_tokens") \
-            else detector.decide(view)
+        made = detector.add_observation(view) if hasattr(view, "completion_tokens") \
+            else detector.add_decision(view)
         found += [(i, t) for t in made]
     return found
 
@@ -69,7 +69,7 @@ def test_thirty_percent_empty_answers_are_flagged_severe(seed, change, preset):
               for i in range(change + 10 * detector.window)]
     found, empty_flagged = [], False
     for i, view in stream:
-        found += flagged([(i, t) for t in detector.observe(view)])
+        found += flagged([(i, t) for t in detector.add_observation(view)])
         verdict, _, _ = detector.verdict("model", "small-model")
         empty_flagged |= any(s.flagged for s in verdict.signals
                              if s.name == "empty_response_rate")
@@ -108,7 +108,7 @@ def test_a_recovery_is_one_transition_and_clears_the_window():
                           errors=0.0, tools=0.0, filtered=0.0)) for i in range(400)]
     states, emptied = [], False
     for i, view in stream:
-        made = detector.observe(view)
+        made = detector.add_observation(view)
         states += [(i, t.previous, t.verdict.state) for t in made]
         if made and made[-1].previous == "severe":
             emptied = len(detector._models["small-model"]) == 0
@@ -123,22 +123,22 @@ def test_a_time_bound_drops_old_observations_from_the_window():
     detector = Detector("normal", max_age=timedelta(seconds=30))
     rng = random.Random(1)
     for i in range(20):
-        detector.observe(healthy(rng, i, **CLEAN))
+        detector.add_observation(healthy(rng, i, **CLEAN))
     assert len(detector._models["small-model"]) == 20
-    detector.observe(healthy(rng, 45, **CLEAN))
+    detector.add_observation(healthy(rng, 45, **CLEAN))
     assert len(detector._models["small-model"]) == 6, "15 to 19, and 45"
 
 
 def test_models_and_routes_outside_the_config_are_other():
     detector = Detector("normal", known_models=["small-model"], known_routes=["lite"])
     rng = random.Random(1)
-    detector.observe(healthy(rng, 0, model="surprise", route="elsewhere"))
+    detector.add_observation(healthy(rng, 0, model="surprise", route="elsewhere"))
     assert set(detector._models) == {OTHER}
-    detector.decide(decision(rng, 0, {"nowhere": 1.0}))
+    detector.add_decision(decision(rng, 0, {"nowhere": 1.0}))
     assert set(detector.state.decisions) == {OTHER, ALL_ROUTES}
     capped = Detector("normal", max_subjects=2)
     for i, model in enumerate(["a", "b", "c", "d"]):
-        capped.observe(healthy(rng, i, model=model))
+        capped.add_observation(healthy(rng, i, model=model))
     assert set(capped._models) == {"a", "b", OTHER}
 
 

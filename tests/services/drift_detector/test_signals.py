@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import ks_2samp
 
-from routemesh.services.drift_detector import RESPONSE, ROUTING, DecisionView, ObservationView
+from routemesh.services.drift_detector import RESPONSE, ROUTING, DriftDecision, DriftObservation
 from routemesh.services.drift_detector.signals import (
     ks_statistic,
     overall_verdict,
@@ -21,11 +21,11 @@ from tests.services.drift_detector.streams import START
 NORMAL = RESPONSE["normal"]
 
 
-def obs(i: int = 0, **fields) -> ObservationView:
+def obs(i: int = 0, **fields) -> DriftObservation:
     base = dict(route_id="lite", target_model="m", occurred_at=START + timedelta(seconds=i),
                 upstream_status=200, completion_tokens=100, finish_reason="stop")
     base.update(fields)
-    return ObservationView(**base)
+    return DriftObservation(**base)
 
 
 def signal(verdict, name):
@@ -134,7 +134,7 @@ def test_the_ks_statistic_is_scipys(current, baseline):
 
 
 def decisions(n, route_of, score=0.8, latency=5.0, start=0):
-    return [DecisionView(route_id=route_of(i), reason="semantic",
+    return [DriftDecision(route_id=route_of(i), reason="semantic",
                          occurred_at=START + timedelta(seconds=start + i),
                          score=score if isinstance(score, float) else score(i),
                          decision_latency_ms=latency) for i in range(n)]
@@ -154,7 +154,7 @@ def test_overall_routing_flags_a_route_share_shift_and_low_confidence():
     assert not signal(verdict, "score_ks").flagged, "same scores, no score shift"
     steady = overall_verdict(baseline, baseline, thresholds)
     assert steady.state == "none"
-    low = [DecisionView(route_id="lite", reason="low_confidence", occurred_at=d.occurred_at,
+    low = [DriftDecision(route_id="lite", reason="low_confidence", occurred_at=d.occurred_at,
                         score=d.score) if i % 3 == 0 else d for i, d in enumerate(baseline)]
     assert signal(overall_verdict(low, baseline, thresholds), "low_confidence_rate").flagged
     assert overall_verdict(baseline[:10], baseline, thresholds).state == "insufficient_data"

@@ -2,7 +2,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from routemesh.services.router import StaleBankError, factory, load_config, load_router
-from routemesh.services.router.bank import config_bank_sha256, route_bank_sha256
+from routemesh.services.router.bank import config_utterances_sha256, route_bank_sha256
 from tests.services.router.conftest import CONFIG, HashingEncoder
 
 
@@ -35,9 +35,9 @@ def test_a_missing_or_stale_bank_is_refused_unless_autobuild(config_path):
     with pytest.raises(LookupError, match="bank build"):
         load_router(config_path, qdrant=qdrant, encoder=encoder)
     built = load_router(config_path, qdrant=qdrant, encoder=encoder, autobuild=True)
-    assert built.matcher.utterances_sha256 == config_bank_sha256(load_config(config_path),
+    assert built.matcher.utterances_sha256 == config_utterances_sha256(load_config(config_path),
                                                                  encoder.name)
-    assert built.bank_sha256 == route_bank_sha256(built.matcher.utterances_sha256,
+    assert built.route_bank_sha256 == route_bank_sha256(built.matcher.utterances_sha256,
                                                   built.matcher.model)
     (config_path.parent / "deep.txt").write_text("one new utterance\n")
     stale = load_config(config_path)

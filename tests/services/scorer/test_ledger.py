@@ -17,11 +17,11 @@ def feed(ledger, events):
     for event in events:
         v = view(event)
         if type(event).__name__ == "RouteDecided":
-            ledger.decide(v)
+            ledger.add_decision(v)
         elif type(event).__name__ == "CompletionObserved":
-            ledger.observe(v, event.occurred_at)
+            ledger.add_observation(v, event.occurred_at)
         else:
-            ledger.report(v)
+            ledger.add_outcome(v)
 
 
 def route(scores, route_id):
