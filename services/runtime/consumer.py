@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import IllegalStateError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -185,17 +186,16 @@ class Checkpoints:
                  if self.offsets.get(f"{key[0]}:{key[1]}", 0) > 0}
         if not saved:
             return []
-        ends = await logs.end_offsets(list(saved))
+        logs_now = await logs.probe({key: offset - 1 for key, offset in saved.items()})
         renewed = []
         for key, offset in saved.items():
             name = f"{key[0]}:{key[1]}"
+            end, found = logs_now[key]
             why = None
-            if ends[key] < offset:
-                why = f"the log ends at {ends[key]}, before the saved offset {offset}"
-            elif name in self.anchors:
-                found = await logs.event_id_at(key, offset - 1)
-                if found is not None and found != self.anchors[name]:
-                    why = f"offset {offset - 1} holds another event than the state's"
+            if end < offset:
+                why = f"the log ends at {end}, before the saved offset {offset}"
+            elif name in self.anchors and found is not None and found != self.anchors[name]:
+                why = f"offset {offset - 1} holds another event than the state's"
             if why is not None:
                 self.offsets.pop(name)
                 self.anchors.pop(name, None)
@@ -223,46 +223,48 @@ class Checkpoints:
 
 
 class PartitionLogs:
-    """Reads what a partition's log holds, outside any consumer group (so nobody's
-    offsets move): for ``Checkpoints.verify``."""
+    """Reads what partitions' logs hold, outside any consumer group (so nobody's offsets
+    move): for ``Checkpoints.verify``. The end of a log is the high watermark of a fetch,
+    not ListOffsets: the embedded broker answers ListOffsets with the last batch's base
+    offset, short of the end when that batch holds several records."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
 
-    async def end_offsets(self, keys: list[PartitionKey]) -> dict[PartitionKey, int]:
+    async def probe(self, at: dict[PartitionKey, int], timeout_s: float = 10.0
+                    ) -> dict[PartitionKey, tuple[int, str | None]]:
+        """Per partition: its end, and the event id at the offset given (None when it is
+        past the end, gone by retention, or undecodable)."""
         consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
+        found: dict[PartitionKey, tuple[int, str | None]] = {}
         try:
             await consumer.start()
-            ends = await consumer.end_offsets([TopicPartition(*key) for key in keys])
+            tps = {TopicPartition(*key): offset for key, offset in at.items()}
+            consumer.assign(list(tps))
+            beginnings = await consumer.beginning_offsets(list(tps))
+            for tp, offset in tps.items():
+                consumer.seek(tp, max(offset, beginnings[tp]))
+            async with asyncio.timeout(timeout_s):
+                while len(found) < len(tps):
+                    batch = await consumer.getmany(timeout_ms=500, max_records=len(tps))
+                    for tp, offset in tps.items():
+                        key, end = (tp.topic, tp.partition), consumer.highwater(tp)
+                        if key in found or end is None:
+                            continue
+                        records = [r for r in batch.get(tp, ()) if r.offset == offset]
+                        if records or offset >= end or offset < beginnings[tp]:
+                            found[key] = (end, _event_id(records[0].value) if records
+                                          else None)
         finally:
             await consumer.stop()
-        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+        return found
 
-    async def event_id_at(self, key: PartitionKey, offset: int) -> str | None:
-        """The event id at ``offset``; None when it is gone (retention) or undecodable."""
-        tp = TopicPartition(*key)
-        consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
-        try:
-            await consumer.start()
-            consumer.assign([tp])
-            if (await consumer.beginning_offsets([tp]))[tp] > offset:
-                return None
-            consumer.seek(tp, offset)
-            async with asyncio.timeout(10):
-                while True:
-                    records = (await consumer.getmany(tp, timeout_ms=1000,
-                                                      max_records=1)).get(tp)
-                    if records:
-                        break
-        finally:
-            await consumer.stop()
-        record = records[0]
-        if record.offset != offset:
-            return None
-        try:
-            return str(decode_event(record.value or b"").event_id)
-        except EventDecodeError:
-            return None
+
+def _event_id(value: bytes | None) -> str | None:
+    try:
+        return str(decode_event(value or b"").event_id)
+    except EventDecodeError:
+        return None
 
 
 class _Metrics:
@@ -327,8 +329,10 @@ class EventConsumer:
         checkpoints: Checkpoints | None = None,
     ) -> None:
         self.settings = settings
-        # A handler that keeps a saved state: its partitions are verified on assignment.
+        # A handler that keeps a saved state: a partition is verified against it before
+        # its first records after an assignment are handed over.
         self.checkpoints = checkpoints
+        self._verified: set[PartitionKey] = set()
         self.group_id = group_id
         self.handler = handler
         self.dead_letters = dead_letters
@@ -434,6 +438,9 @@ class EventConsumer:
             batch = await self._consumer.getmany(
                 timeout_ms=self.poll_ms, max_records=self.batch_max_records
             )
+            # Records may arrive before the rebalance listener has run, so a partition is
+            # verified here, before its first records reach the handler.
+            await self.verify({(tp.topic, tp.partition) for tp in batch} - self._verified)
             deliveries = await self._deliveries(batch)
             try:
                 await self.handler.handle(deliveries, self.offsets)
@@ -442,16 +449,16 @@ class EventConsumer:
                             extra={"group": self.group_id, "error": str(exc)})
                 self._metrics.retries.labels(self.group_id).inc()
                 await self._rewind()
-                self._export_lag()
+                await self._export_lag()
                 await asyncio.sleep(next(delays))
                 continue
             delays = backoff.delays()
             self._close_done()
             await self.commit()
-            self._export_lag()
+            await self._export_lag()
             self.last_progress = time.monotonic()
 
-    def _export_lag(self) -> None:
+    async def _export_lag(self) -> None:
         """Per assigned partition: what is not committed and what is not read yet. Set
         on every poll, retries included: a consumer stuck retrying shows a lag that grows
         with every event produced, which is what the stall and lag alerts read."""
@@ -463,6 +470,13 @@ class EventConsumer:
             key, labels = (tp.topic, tp.partition), (self.group_id, tp.topic, str(tp.partition))
             committed = self.offsets.committed_offset(key)
             read = self.offsets.next_offset(key)
+            if read is None:
+                # Nothing read from it yet (an empty partition): where the reader stands.
+                try:
+                    read = await self._consumer.position(tp)
+                except IllegalStateError:
+                    continue  # revoked meanwhile
+
             if committed is not None:
                 self._metrics.lag.labels(*labels).set(max(end - committed, 0))
             if read is not None:
@@ -554,6 +568,7 @@ class EventConsumer:
             self.offsets.committed({(tp.topic, tp.partition): committed})
 
     def _drop(self, keys: Collection[PartitionKey]) -> None:
+        self._verified -= set(keys)
         self.handler.revoked(keys)
         self.offsets.forget(keys)
         for position in [p for p in self._open if p[:2] in keys]:
@@ -567,6 +582,7 @@ class EventConsumer:
         if self.checkpoints is None or not partitions:
             return
         renewed = await self.checkpoints.verify(partitions, PartitionLogs(self.settings))
+        self._verified |= set(partitions)
         for (topic, partition), why in renewed:
             log.warning("a partition's log is not the one the saved state was made from; "
                         "starting a new epoch for it (the figures already earned are kept)",
@@ -598,7 +614,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.consumer._drop({(tp.topic, tp.partition) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        await self.consumer.verify({(tp.topic, tp.partition) for tp in assigned})
+        pass
 
 
 class TopicNotFound(LookupError):

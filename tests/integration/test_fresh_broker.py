@@ -4,16 +4,16 @@ skipping every offset below the one its saved state reached, and says so loudly.
 
 import asyncio
 import signal
+import time
 import uuid
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 
-from routemesh.contracts import LayerAttempt, RouteDecided, encode_event
+from routemesh.contracts import LayerAttempt, RouteDecided
 from routemesh.contracts.topics import ROUTE_DECISIONS
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
-from routemesh.services.runtime.kafka import create_topics
+from routemesh.services.runtime.kafka import EventProducer, create_topics
 from routemesh.services.runtime.settings import ServiceSettings
 from tests.integration.conftest import EXAMPLE_CONFIG, start_service, wait_until_ready
 
@@ -35,14 +35,11 @@ def decision() -> RouteDecided:
 
 
 async def publish_decisions(settings: ServiceSettings, count: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    """As a gateway publishes them: batched, compressed, many to a batch."""
+    producer = EventProducer(settings, "test")
     await producer.start()
     try:
-        for _ in range(count):
-            event = decision()
-            await producer.send(settings.topic(ROUTE_DECISIONS), encode_event(event),
-                                key=event.request_id.encode())
-        await producer.flush()
+        await asyncio.gather(*(producer.publish(decision()) for _ in range(count)))
     finally:
         await producer.stop()
 
@@ -58,10 +55,11 @@ async def metric(port: int, name: str, labels: dict[str, str]) -> float | None:
 
 
 async def counted(port: int, process, log, name, labels, expected: float) -> None:
-    async with asyncio.timeout(120):
-        while await metric(port, name, labels) != expected:
-            assert process.poll() is None, log.read_text()
-            await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 120
+    while (seen := await metric(port, name, labels)) != expected:
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"{name} is {seen}, not {expected}"
+        await asyncio.sleep(0.3)
 
 
 @pytest.mark.parametrize("service", list(SERVICES))
@@ -71,7 +69,7 @@ async def test_a_restart_on_a_fresh_broker_counts_the_new_log(tmp_path, service)
            "ROUTEMESH_SCORER_SNAPSHOT_INTERVAL_S": "0.1",
            "ROUTEMESH_SCORER_PUBLISH_INTERVAL_S": "0.3",
            "ROUTEMESH_DRIFT_SNAPSHOT_INTERVAL_S": "0.1",
-           # All routing is judged every quarter window: at 25 and 50 decisions.
+           # All routing is judged every quarter window: at 25, 50 and 75 decisions.
            "ROUTEMESH_DRIFT_ROUTING_WINDOW": "100"}
     prefix = f"t{uuid.uuid4().hex[:10]}."
     first = EmbeddedBroker(free_port(), log_file=tmp_path / "first.log")
@@ -84,8 +82,18 @@ async def test_a_restart_on_a_fresh_broker_counts_the_new_log(tmp_path, service)
         process, port, log = start_service(service, settings, tmp_path, **env)
         await wait_until_ready(port, process, log)
         await counted(port, process, log, name, labels, 25)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        # The same broker again: the saved state's log, so no new epoch.
+        process, port, log = start_service(service, settings, tmp_path, **env)
+        await wait_until_ready(port, process, log)
+        await publish_decisions(settings, 25)
+        await counted(port, process, log, name, labels, 50)
+        assert await metric(port, "routemesh_consumer_partition_epochs_total",
+                            {"topic": settings.topic(ROUTE_DECISIONS)}) is None
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
+        assert "new epoch" not in log.read_text()
     finally:
         first.stop()
 
@@ -98,7 +106,7 @@ async def test_a_restart_on_a_fresh_broker_counts_the_new_log(tmp_path, service)
         process, port, log = start_service(service, settings, tmp_path, **env)
         try:
             await wait_until_ready(port, process, log)
-            await counted(port, process, log, name, labels, 50)
+            await counted(port, process, log, name, labels, 75)
             epochs = await metric(port, "routemesh_consumer_partition_epochs_total",
                                   {"topic": settings.topic(ROUTE_DECISIONS)})
             assert epochs is not None

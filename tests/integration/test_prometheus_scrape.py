@@ -95,4 +95,4 @@ def test_prometheus_scrapes_every_service_and_reads_a_metric(tmp_path):
         prometheus.terminate()
         mesh.send_signal(signal.SIGINT)
         prometheus.wait(30)
-        mesh.wait(30)
+        mesh.wait(60)

@@ -120,11 +120,8 @@ class FakeLogs:
     def __init__(self, ends, ids=None) -> None:
         self.ends, self.ids = ends, ids or {}
 
-    async def end_offsets(self, keys):
-        return {key: self.ends[key] for key in keys}
-
-    async def event_id_at(self, key, offset):
-        return self.ids.get((key, offset))
+    async def probe(self, at):
+        return {key: (self.ends[key], self.ids.get((key, offset))) for key, offset in at.items()}
 
 
 def restored(offsets, anchors) -> Checkpoints:
