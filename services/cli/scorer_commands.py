@@ -32,7 +32,7 @@ from routemesh.services.scorer.candidates import CandidatePolicy
 from routemesh.services.scorer.ledger import Ledger
 from routemesh.services.scorer.review import Request, ReviewReport, review
 from routemesh.services.scorer.review import render_markdown as review_markdown
-from routemesh.services.scorer.store import read_state
+from routemesh.services.scorer.store import read_scorer_state
 from routemesh.services.scorer.tune import TuneResult, tune
 from routemesh.services.scorer.views import LedgerDecision, LedgerObservation, LedgerOutcome
 
@@ -299,7 +299,7 @@ def tune_command(
 
 def _tune_from_scores(path: Path, config, state_dir: Path, window_h: int, aggressive: bool,
                       min_samples: int, apply: bool) -> None:
-    state = read_state(state_dir)
+    state = read_scorer_state(state_dir)
     if state is None:
         raise fail(f"no scorer state in {state_dir}: is the scorer running there?")
     ledger = Ledger()

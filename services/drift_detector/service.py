@@ -15,7 +15,6 @@ alerts that are not on the alerts topic yet.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -40,21 +39,18 @@ from routemesh.services.drift_detector.signals import (
 from routemesh.services.drift_detector.store import (
     PIN_FILE,
     State,
-    read_state,
-    write_state,
 )
 from routemesh.services.router import PASSTHROUGH_ROUTE, WatchedConfig
 from routemesh.services.runtime.consumer import (
-    Checkpoints,
     Delivery,
     OffsetTracker,
     PartitionKey,
     recent_event_ids,
 )
 from routemesh.services.runtime.files import FileWatch
-from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.runtime.state import SavedState
 
 log = logging.getLogger(__name__)
 GROUP = "routemesh-drift-detector"
@@ -134,46 +130,41 @@ class DriftDetector:
             max_subjects=settings.drift_max_subjects,
         )
         self.metrics = _Metrics(ctx.registry)
-        self.checkpoints = Checkpoints()
+        self.state = SavedState(settings.drift_state_dir, ctx.readiness, "drift_state",
+                                self.metrics.save, settings.drift_snapshot_interval_s)
         self.consumer = ctx.consumer(
             [ROUTE_DECISIONS, LLM_OBSERVATIONS], GROUP, self,
             batch_max_records=settings.drift_batch_max_records, poll_ms=settings.drift_poll_ms,
-            checkpoints=self.checkpoints,
+            checkpoints=self.state.checkpoints,
         )
         self.outbox: list[DriftAlert] = []
-        self._backoff = Backoff(0.5, 30.0)
-        self._delays = self._backoff.delays()
-        self._retry_at = 0.0
-        self._last_save = self._last_check = 0.0
+        self._last_check = 0.0
         self.config = WatchedConfig(settings.router_config, settings.router_config_name)
         self._pin_watch = FileWatch([self.pin_path])
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.settings.drift_state_dir.mkdir(parents=True, exist_ok=True)
+        state = await self.state.restore(State)
         self._load_known()
         self._load_pin()
-        state = await asyncio.to_thread(read_state, self.settings.drift_state_dir)
         if state is not None:
             self.detector.restore(state.detector)
-            self.checkpoints.restore(state.offsets, state.anchors)
             self.outbox = list(state.outbox)
             log.info("drift state restored", extra={
                 "subjects": len(state.detector.subjects), "waiting_alerts": len(self.outbox)})
         if self.outbox:
             await self._publish_unconfirmed()
-        self.ctx.readiness.set("drift_state_dir", True, "writable")
         await self.consumer.start()
 
     async def stop(self) -> None:
         await self.consumer.stop()
-        await self._save_and_publish()
+        await self._save_and_publish(None)
 
     # -- handling ---------------------------------------------------------------------
 
     async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
-        fresh = self.checkpoints.fresh(deliveries, offsets)
+        fresh = self.state.fresh(deliveries, offsets)
         # A poll brings each partition's events in turn; in their own time order a model's
         # answers are judged as they came, not one partition's after another's.
         fresh.sort(key=_occurred_at)
@@ -196,45 +187,31 @@ class DriftDetector:
         if now - self._last_check >= INPUTS_CHECK_S:
             self._last_check = now
             self._refresh_inputs()
-        due = now - self._last_save >= self.settings.drift_snapshot_interval_s
-        wanted = (self.checkpoints.unsaved and due) or self.outbox
-        if wanted and now >= self._retry_at and await self._save_and_publish():
-            self.checkpoints.release(offsets)
+        wanted = (self.state.unsaved and self.state.due(now)) or self.outbox
+        if wanted and self.state.may_try(now):
+            await self._save_and_publish(offsets)
 
     def revoked(self, partitions: Collection[PartitionKey]) -> None:
-        self.checkpoints.revoked(partitions)
+        self.state.revoked(partitions)
 
     # -- saving and publishing --------------------------------------------------------
 
-    async def _save_and_publish(self) -> bool:
-        """Save the state, then publish what waits. False when the disk or the broker
-        failed: what is held stays held (nothing is rewound; the state in memory is
-        whole) and the next poll after a backoff tries again."""
+    async def _save_and_publish(self, offsets: OffsetTracker | None) -> None:
+        """Save the state, then publish what waits. When the disk or the broker fails,
+        what is held stays held (nothing is rewound; the state in memory is whole) and
+        the next poll after a backoff tries again."""
         try:
-            if self.checkpoints.unsaved or self.outbox:
-                await self._save()
+            if self.state.unsaved or self.outbox:
+                snapshot, outbox = self.detector.snapshot(), list(self.outbox)
+                await self.state.save(lambda covered, anchors: msgspec.msgpack.encode(State(
+                    detector=snapshot, offsets=covered, anchors=anchors, outbox=outbox)))
+                self._export(self.detector.judged())
             await self._publish()
         except Exception as exc:
-            self._retry_at = time.monotonic() + next(self._delays)
-            self.ctx.readiness.set("drift_state", False, str(exc))
-            log.error("drift state not saved or alerts not published; retrying",
-                      extra={"error": str(exc), "waiting_alerts": len(self.outbox)})
-            return False
-        self._delays = self._backoff.delays()
-        self.ctx.readiness.set("drift_state", True, "saved")
-        return True
-
-    async def _save(self) -> None:
-        offsets = dict(self.checkpoints.offsets)
-        state = State(detector=self.detector.snapshot(), offsets=offsets,
-                      anchors=dict(self.checkpoints.anchors), outbox=self.outbox)
-        data = msgspec.msgpack.encode(state)
-        started = time.perf_counter()
-        await asyncio.to_thread(write_state, self.settings.drift_state_dir, data)
-        self.metrics.save.observe(time.perf_counter() - started)
-        self.checkpoints.saved(offsets)
-        self._last_save = time.monotonic()
-        self._export(self.detector.judged())
+            self.state.failed(exc, f"drift state not saved or {len(self.outbox)} alerts "
+                                   "not published")
+            return
+        self.state.succeeded(offsets)
 
     async def _publish(self) -> None:
         while self.outbox:
@@ -253,7 +230,7 @@ class DriftDetector:
         log.info("waiting drift alerts", extra={
             "waiting": len(self.outbox), "already_published": len(self.outbox) - len(waiting)})
         self.outbox = waiting
-        await self._save_and_publish()
+        await self._save_and_publish(None)
 
     # -- inputs that may change while running -----------------------------------------
 

@@ -1,5 +1,6 @@
 """The drift detector's files in its state directory: the state it saves before offsets
-are committed, and the pinned baseline `routemesh drift pin` writes."""
+are committed (written by runtime ``SavedState``), and the pinned baseline `routemesh
+drift pin` writes."""
 
 from __future__ import annotations
 
@@ -10,37 +11,28 @@ import msgspec
 from routemesh.contracts import DriftAlert
 from routemesh.contracts.events import utc_now
 from routemesh.services.drift_detector.detector import ALL_ROUTES, Pinned, Snapshot
-from routemesh.services.runtime.files import read_if_present, write_atomically
+from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.state import Covered, read_state
 
-STATE_FILE = "state.msgpack"
 PIN_FILE = "pinned-baseline.json"
 
 
-class State(msgspec.Struct, kw_only=True):
-    """What the service writes before committing offsets."""
+class State(Covered, kw_only=True):
+    """What the service writes before committing offsets (runtime ``SavedState``)."""
 
     detector: Snapshot
-    # "topic:partition" -> the next offset: every event before it is in ``detector``.
-    offsets: dict[str, int] = {}
-    # The event id before each offset (runtime Checkpoints.anchors).
-    anchors: dict[str, str] = {}
     # Alerts computed and not yet confirmed by the broker.
     outbox: list[DriftAlert] = []
 
 
-def read_state(state_dir: Path) -> State | None:
-    data = read_if_present(state_dir / STATE_FILE)
-    return None if data is None else msgspec.msgpack.decode(data, type=State)
-
-
-def write_state(state_dir: Path, data: bytes) -> None:
-    write_atomically(state_dir / STATE_FILE, data)
+def read_drift_state(state_dir: Path) -> State | None:
+    return read_state(state_dir, State)
 
 
 def pin(state_dir: Path) -> Pinned:
     """Pin the routing windows the running detector last saved as the baseline it
     compares with from now on (it notices the file within a second)."""
-    state = read_state(state_dir)
+    state = read_drift_state(state_dir)
     if state is None:
         raise FileNotFoundError(f"no drift state in {state_dir}: is the detector running there?")
     windows = state.detector

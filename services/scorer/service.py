@@ -28,19 +28,18 @@ from routemesh.contracts.events import utc_now
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
 from routemesh.services.router import WatchedConfig
 from routemesh.services.runtime.consumer import (
-    Checkpoints,
     Delivery,
     OffsetTracker,
     PartitionKey,
 )
-from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.runtime.state import SavedState
 from routemesh.services.scorer import patch
 from routemesh.services.scorer.advice import AdvicePolicy
 from routemesh.services.scorer.candidates import REASONS, CandidatePolicy
 from routemesh.services.scorer.ledger import Ledger, Limits
-from routemesh.services.scorer.store import State, read_state, write_state
+from routemesh.services.scorer.store import State
 from routemesh.services.scorer.views import view
 
 log = logging.getLogger(__name__)
@@ -177,28 +176,24 @@ class Scorer:
         self.ledger = Ledger(settings.limits())
         self.policy = AdvicePolicy.of(settings.scorer_aggressive, settings.scorer_min_samples)
         self.metrics = _Metrics(ctx.registry)
-        self.checkpoints = Checkpoints()
+        self.state = SavedState(settings.scorer_state_dir, ctx.readiness, "scorer_state",
+                                self.metrics.save, settings.scorer_snapshot_interval_s)
         self.consumer = ctx.consumer(
             [ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES], GROUP, self,
             batch_max_records=settings.scorer_batch_max_records,
-            poll_ms=settings.scorer_poll_ms, checkpoints=self.checkpoints,
+            poll_ms=settings.scorer_poll_ms, checkpoints=self.state.checkpoints,
         )
         self.config = WatchedConfig(settings.router_config, settings.router_config_name)
         self._config_path: Path | None = None
-        self._backoff = Backoff(0.5, 30.0)
-        self._delays = self._backoff.delays()
-        self._retry_at = 0.0
-        self._last_save = self._last_check = self._last_publish = time.monotonic()
+        self._last_check = self._last_publish = time.monotonic()
         self._publish_now = False
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.settings.scorer_state_dir.mkdir(parents=True, exist_ok=True)
-        state = await asyncio.to_thread(read_state, self.settings.scorer_state_dir)
+        state = await self.state.restore(State)
         if state is not None:
             self.ledger.restore(state.ledger)
-            self.checkpoints.restore(state.offsets, state.anchors)
             log.info("scorer state restored", extra={"pending": len(self.ledger.pending)})
         self._load_config()
         for (figure, bound), value in self.settings.targets().items():
@@ -207,14 +202,13 @@ class Scorer:
             self._export(label, scores)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.request_publish)
-        self.ctx.readiness.set("scorer_state", True, "writable")
         await self.consumer.start()
 
     async def stop(self) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         await self.consumer.stop()
-        await self._save()
+        await self._save(None)
 
     def request_publish(self) -> None:
         """Publish the figures on the next poll (SIGUSR1)."""
@@ -223,7 +217,7 @@ class Scorer:
     # -- handling ---------------------------------------------------------------------
 
     async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
-        for delivery in self.checkpoints.fresh(deliveries, offsets):
+        for delivery in self.state.fresh(deliveries, offsets):
             event = delivery.event
             if isinstance(event, RouteDecided):
                 self.ledger.add_decision(view(event))
@@ -236,9 +230,8 @@ class Scorer:
             self._last_check = now
             if self.config.changed():
                 self._load_config()
-        due = now - self._last_save >= self.settings.scorer_snapshot_interval_s
-        if self.checkpoints.unsaved and due and now >= self._retry_at and await self._save():
-            self.checkpoints.release(offsets)
+        if self.state.unsaved and self.state.due(now) and self.state.may_try(now):
+            await self._save(offsets)
         # Figures may include events not saved yet: after a crash they are counted again
         # into the saved state, so what is published next says the same.
         if self._publish_now or now - self._last_publish >= \
@@ -246,34 +239,25 @@ class Scorer:
             await self.publish()
 
     def revoked(self, partitions: Collection[PartitionKey]) -> None:
-        self.checkpoints.revoked(partitions)
+        self.state.revoked(partitions)
 
     # -- saving and publishing --------------------------------------------------------
 
-    async def _save(self) -> bool:
-        """Save the ledger with the offsets it covers. False when the disk failed: what
-        is held stays held and the next poll after a backoff tries again."""
+    async def _save(self, offsets: OffsetTracker | None) -> None:
+        """Save the ledger with the offsets it covers, then release what waited for it
+        (``offsets`` None: the consumer has stopped)."""
         self.ledger.expire(utc_now())
-        offsets = dict(self.checkpoints.offsets)
-        data = msgspec.msgpack.encode(State(ledger=self.ledger.snapshot(), offsets=offsets,
-                                            anchors=dict(self.checkpoints.anchors)))
-        started = time.perf_counter()
+        snapshot = self.ledger.snapshot()
         try:
-            await asyncio.to_thread(write_state, self.settings.scorer_state_dir, data)
+            await self.state.save(lambda covered, anchors: msgspec.msgpack.encode(
+                State(ledger=snapshot, offsets=covered, anchors=anchors)))
         except OSError as exc:
-            self._retry_at = time.monotonic() + next(self._delays)
-            self.ctx.readiness.set("scorer_state", False, str(exc))
-            log.error("scorer state not saved; retrying", extra={"error": str(exc)})
-            return False
-        self.metrics.save.observe(time.perf_counter() - started)
-        self._delays = self._backoff.delays()
-        self.ctx.readiness.set("scorer_state", True, "saved")
-        self.checkpoints.saved(offsets)
-        self._last_save = time.monotonic()
+            self.state.failed(exc, "scorer state not saved")
+            return
+        self.state.succeeded(offsets)
         self.metrics.pending.set(len(self.ledger.pending))
         self.metrics.unmatched.set(self.ledger.unmatched_outcomes)
         self.metrics.duplicates.set(self.ledger.duplicate_outcomes)
-        return True
 
     def scores(self) -> list[tuple[str, RouteScores]]:
         now = utc_now()

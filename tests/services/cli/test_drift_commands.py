@@ -13,7 +13,7 @@ from routemesh.services.audit_writer.store import AuditStore
 from routemesh.services.cli.main import app
 from routemesh.services.drift_detector import Detector, Pinned
 from routemesh.services.drift_detector.store import PIN_FILE, State
-from routemesh.services.drift_detector.store import write_state as save
+from routemesh.services.runtime.state import write_state as save
 from tests.services.audit_writer.helpers import DAY, decision, observation
 from tests.services.drift_detector.streams import decision as decision_view
 

@@ -11,8 +11,9 @@ from routemesh.contracts import encode_event
 from routemesh.contracts.events import utc_now
 from routemesh.services.audit_writer.records import build_record
 from routemesh.services.cli.main import app
+from routemesh.services.runtime.state import write_state
 from routemesh.services.scorer.ledger import Ledger
-from routemesh.services.scorer.store import State, write_state
+from routemesh.services.scorer.store import State
 from routemesh.services.scorer.views import view
 from tests.services.scorer.events import decided, observed, outcome
 

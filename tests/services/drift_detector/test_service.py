@@ -13,7 +13,8 @@ from routemesh.contracts import CompletionObserved, RouteDecided
 from routemesh.services.drift_detector import Pinned
 from routemesh.services.drift_detector import service as drift_service
 from routemesh.services.drift_detector.service import DriftDetector, DriftDetectorSettings
-from routemesh.services.drift_detector.store import PIN_FILE, read_state
+from routemesh.services.drift_detector.store import PIN_FILE
+from routemesh.services.drift_detector.store import read_drift_state as read_state
 from routemesh.services.runtime.consumer import Delivery, OffsetTracker
 from routemesh.services.runtime.telemetry import Readiness
 from tests.services.drift_detector.streams import START, decision, healthy

@@ -13,7 +13,7 @@ from routemesh.contracts.events import utc_now
 from routemesh.services.runtime.consumer import Delivery, OffsetTracker
 from routemesh.services.runtime.telemetry import Readiness
 from routemesh.services.scorer.service import Scorer, ScorerSettings
-from routemesh.services.scorer.store import read_state
+from routemesh.services.scorer.store import read_scorer_state as read_state
 
 from .events import decided, observed, outcome
 
@@ -125,7 +125,7 @@ async def test_a_disk_that_fails_keeps_offsets_held_and_readiness_false(tmp_path
     def broken(state_dir, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("routemesh.services.scorer.service.write_state", broken)
+    monkeypatch.setattr("routemesh.services.runtime.state.write_state", broken)
     batch = Stream().deliveries(traffic(5))
     for d in batch:
         offsets.consumed(d.position)
