@@ -12,9 +12,9 @@ LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
 # torch 2.13.0 is the CPU build (requirements/constraints.in); the index and local wheel
 # directories come from pip's own configuration, never from the lock file.
-LOCK_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras \
-	--no-emit-index-url --no-emit-find-links --build-deps-for wheel \
-	-c requirements/constraints.in
+HASH_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-index-url --no-emit-find-links
+LOCK_FLAGS := $(HASH_FLAGS) --build-deps-for wheel -c requirements/constraints.in
 
 .PHONY: install dev test test-fast bench lock lock-upgrade
 
@@ -39,6 +39,7 @@ dev: install
 # pytest's exit code 5 means it collected no tests: that is a failure, never a pass.
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/routemesh contracts check contracts/schemas
 	$(PY) -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
@@ -53,7 +54,7 @@ bench: install
 # Re-lock after editing pyproject.toml: new requirements are resolved, pins that still
 # satisfy it stay. `make lock-upgrade` moves every pin to the newest release allowed.
 lock: $(LOCK_VENV)/bin/pip-compile
-	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) \
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(HASH_FLAGS) $(UPGRADE) \
 	  -o $(BOOTSTRAP_LOCK) requirements/bootstrap.in
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) -o $(RUNTIME_LOCK) pyproject.toml
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) --extra dev -c $(RUNTIME_LOCK) \

@@ -44,12 +44,20 @@ def _major(version: str) -> int:
 
 def _default_version(event_type: type[Event]) -> str:
     for field in msgspec.structs.fields(event_type):
-        if field.name == "schema_version":
+        if field.name == "schema_version" and isinstance(field.default, str):
             return field.default
     raise TypeError(f"{event_type.__name__} has no schema_version")
 
 
-_BY_TAG: dict[str, type[Event]] = {cls.__struct_config__.tag: cls for cls in EVENT_TYPES}
+def event_tag(event_type: type[Event]) -> str:
+    """The ``type`` an event is tagged with (its class name)."""
+    tag = event_type.__struct_config__.tag
+    if not isinstance(tag, str):
+        raise TypeError(f"{event_type.__name__} has no string tag")
+    return tag
+
+
+_BY_TAG: dict[str, type[Event]] = {event_tag(cls): cls for cls in EVENT_TYPES}
 _MAJOR: dict[str, int] = {tag: _major(_default_version(cls)) for tag, cls in _BY_TAG.items()}
 _MAJOR_PREFIX: dict[type[Event], str] = {cls: f"{_MAJOR[tag]}." for tag, cls in _BY_TAG.items()}
 _ENVELOPE = msgspec.json.Decoder(Envelope)
@@ -68,17 +76,17 @@ def decode_event(data: bytes, accept: Collection[type[Event]] | None = None) -> 
     else is reported as ``unexpected_type``.
     """
     try:
-        event = _ANY_EVENT.decode(data)
+        event: Event = _ANY_EVENT.decode(data)
     except msgspec.DecodeError as exc:
         raise _classify(data, exc) from None
     event_type = type(event)
     if not event.schema_version.startswith(_MAJOR_PREFIX[event_type]):
-        tag = event_type.__struct_config__.tag
+        tag = event_tag(event_type)
         raise _check_version(tag, event.schema_version) or EventDecodeError(
             "invalid_version", f"schema_version {event.schema_version!r} is not MAJOR.MINOR", tag
         )
     if accept is not None and event_type not in accept:
-        tag = event_type.__struct_config__.tag
+        tag = event_tag(event_type)
         raise EventDecodeError("unexpected_type", f"{tag} is not accepted here", tag)
     return event
 

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from routemesh.contracts.codec import CONTENT_TYPE
+from routemesh.contracts.codec import CONTENT_TYPE, event_tag
 from routemesh.contracts.events import EVENT_TYPES, Event
 from routemesh.contracts.topics import DEFAULT_PREFIX, TOPICS, Topic
 
@@ -23,7 +23,7 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 def _name(event_type: type[Event]) -> str:
-    return event_type.__struct_config__.tag
+    return event_tag(event_type)
 
 
 def _normalised(node: Any) -> Any:
@@ -51,11 +51,12 @@ def event_schema(event_type: type[Event]) -> dict[str, Any]:
         [event_type], ref_template="#/$defs/{name}"
     )
     name = ref["$ref"].rsplit("/", 1)[1]
-    schema = {"$schema": SCHEMA_DIALECT, "$id": f"{_name(event_type)}.json"}
+    schema: dict[str, Any] = {"$schema": SCHEMA_DIALECT, "$id": f"{_name(event_type)}.json"}
     schema.update(components.pop(name))
     if components:
         schema["$defs"] = dict(sorted(components.items()))
-    return _normalised(schema)
+    normalised: dict[str, Any] = _normalised(schema)
+    return normalised
 
 
 def _channel_id(topic: Topic) -> str:

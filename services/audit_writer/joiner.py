@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from routemesh.contracts import CompletionObserved, Event, RouteDecided
 from routemesh.contracts.events import utc_now
@@ -25,7 +24,7 @@ from routemesh.services.runtime.consumer import OffsetTracker, PartitionKey, Pos
 
 @dataclass
 class _Held:
-    event: Event
+    event: RouteDecided | CompletionObserved
     position: Position
     arrived: float
     received: datetime
@@ -74,7 +73,8 @@ class Joiner:
         return []
 
     def _arrive(
-        self, event: Any, position: Position, now: float, received: datetime, side: str
+        self, event: RouteDecided | CompletionObserved, position: Position, now: float,
+        received: datetime, side: str
     ) -> list[Output]:
         """One half of a pair arrived: skip it if seen, join it with a waiting partner,
         amend a record written without it, or hold it in the window."""
@@ -94,12 +94,13 @@ class Joiner:
             return []
         waiting = partners.pop(request_id, None)
         if waiting is not None:
-            pair = (event, waiting.event) if is_decision else (waiting.event, event)
-            return [self._emit("joined", request_id, *pair, [waiting.position],
-                               waiting.received)]
+            decision, observation = _split(event, waiting.event)
+            return [self._emit("joined", request_id, decision, observation,
+                               [waiting.position], waiting.received)]
         if state is not None and (state.has_observation if is_decision else state.has_decision):
-            pair = (event, None) if is_decision else (None, event)
-            return [self._emit("amendment", request_id, *pair, [], received, amends=state)]
+            decision, observation = _split(event)
+            return [self._emit("amendment", request_id, decision, observation, [], received,
+                               amends=state)]
         mine[request_id] = _Held(event, position, now, received)
         self.tracker.hold(position)
         return []
@@ -108,12 +109,11 @@ class Joiner:
         """Write out what waited longer than the window for its partner."""
         outputs = []
         cutoff = now - self.window_s
-        for table, join in ((self.decisions, "decision_only"),
-                            (self.observations, "observation_only")):
+        for table in (self.decisions, self.observations):
             for request_id in [r for r, held in table.items() if held.arrived <= cutoff]:
                 held = table.pop(request_id)
-                decision = held.event if join == "decision_only" else None
-                observation = held.event if join == "observation_only" else None
+                decision, observation = _split(held.event)
+                join: Join = "decision_only" if decision is not None else "observation_only"
                 outputs.append(self._emit(join, request_id, decision, observation,
                                           [held.position], held.received))
         return outputs
@@ -139,3 +139,11 @@ class Joiner:
         self.store.mark(record)
         setattr(self.stats, join, getattr(self.stats, join) + 1)
         return Output(record, positions)
+
+
+def _split(*events: RouteDecided | CompletionObserved
+           ) -> tuple[RouteDecided | None, CompletionObserved | None]:
+    """A request's decision and observation among ``events`` (either may be missing)."""
+    decision = next((e for e in events if isinstance(e, RouteDecided)), None)
+    observation = next((e for e in events if isinstance(e, CompletionObserved)), None)
+    return decision, observation

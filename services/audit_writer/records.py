@@ -35,7 +35,7 @@ class _Allowed(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pass
 
 
-class AuditAttempt(_Allowed, kw_only=True):
+class AuditAttempt(_Allowed, frozen=True, kw_only=True):
     layer: DecisionLayer
     selected_route: RouteId | None = None
     confidence: float | None = None
@@ -45,7 +45,7 @@ class AuditAttempt(_Allowed, kw_only=True):
     error: str | None = None
 
 
-class AuditFormat(_Allowed, kw_only=True):
+class AuditFormat(_Allowed, frozen=True, kw_only=True):
     tools_present: bool = False
     tool_history: bool = False
     tool_choice: str | None = None
@@ -55,7 +55,7 @@ class AuditFormat(_Allowed, kw_only=True):
     match_text_cut: bool = False
 
 
-class AuditDecision(_Allowed, kw_only=True):
+class AuditDecision(_Allowed, frozen=True, kw_only=True):
     schema_version: str
     occurred_at: UtcDatetime
     route_id: RouteId
@@ -87,7 +87,7 @@ class AuditDecision(_Allowed, kw_only=True):
     client_request_id: str | None = None
 
 
-class AuditCall(_Allowed, kw_only=True):
+class AuditCall(_Allowed, frozen=True, kw_only=True):
     model: str
     route_id: RouteId | None = None
     upstream_status: int | None = None
@@ -100,7 +100,7 @@ class AuditCall(_Allowed, kw_only=True):
     failed_gates: tuple[str, ...] = ()
 
 
-class AuditObservation(_Allowed, kw_only=True):
+class AuditObservation(_Allowed, frozen=True, kw_only=True):
     schema_version: str
     occurred_at: UtcDatetime
     route_id: RouteId
@@ -124,7 +124,7 @@ class AuditObservation(_Allowed, kw_only=True):
     failover_reason: str | None = None
 
 
-class AuditRecord(_Allowed, kw_only=True):
+class AuditRecord(_Allowed, frozen=True, kw_only=True):
     """One line of ``AUDIT_DIR/<day>.jsonl``."""
 
     record_version: int = RECORD_VERSION

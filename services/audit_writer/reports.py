@@ -59,15 +59,15 @@ class _Window:
     requests: int = 0
     decisions: int = 0
     observations: int = 0
-    routes: Counter = field(default_factory=Counter)
-    reasons: Counter = field(default_factory=Counter)
-    models: Counter = field(default_factory=Counter)
+    routes: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    models: Counter[str] = field(default_factory=Counter)
     errors: int = 0
     non_2xx: int = 0
     escalations: int = 0
     decision_ms: list[float] = field(default_factory=list)
     upstream_ms: list[float] = field(default_factory=list)
-    tokens: Counter = field(default_factory=Counter)
+    tokens: Counter[str] = field(default_factory=Counter)
 
     def add(self, record: AuditRecord) -> None:
         if record.join != "amendment":
@@ -94,7 +94,7 @@ class _Window:
                 self.tokens[key] += getattr(observation, key) or 0
 
     def result(self) -> WindowSummary:
-        def share(counter: Counter, total: int) -> dict[str, float]:
+        def share(counter: Counter[str], total: int) -> dict[str, float]:
             return {str(k): v / total for k, v in counter.most_common()} if total else {}
 
         def rate(count: int, total: int) -> float | None:

@@ -11,6 +11,7 @@ from typing import Annotated
 import msgspec
 import typer
 from aiokafka.errors import KafkaError
+from qdrant_client import QdrantClient
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -45,16 +46,20 @@ QdrantUrl = Annotated[str | None, typer.Option(help="Qdrant server URL.")]
 QdrantPath = Annotated[Path | None, typer.Option(help="Qdrant local-mode directory.")]
 
 
-def _qdrant(url: str | None, path: Path | None, *, required: bool):
+def _qdrant(url: str | None, path: Path | None) -> QdrantClient | None:
+    """The Qdrant the options or the settings name; None when neither names one."""
     settings = ServiceSettings()
     url = url or settings.qdrant_url
     path = path or settings.qdrant_path
-    if required and not url and not path:
-        path = Path(".routemesh/qdrant")
     if not url and not path:
         return None
     key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     return open_qdrant(url, path, key)
+
+
+def _qdrant_or_local(url: str | None, path: Path | None) -> QdrantClient:
+    """As ``_qdrant``, local mode under ``.routemesh/qdrant`` when nothing is named."""
+    return _qdrant(url, path) or open_qdrant(None, Path(".routemesh/qdrant"))
 
 
 def route(
@@ -67,7 +72,7 @@ def route(
     """Print the decision for one prompt as JSON (the bank is built in memory unless a
     Qdrant location is given)."""
     try:
-        router = load_router(config, qdrant=_qdrant(qdrant_url, qdrant_path, required=False))
+        router = load_router(config, qdrant=_qdrant(qdrant_url, qdrant_path))
         decision = router.decide(RouteRequest.from_text(text, model), str(uuid.uuid4()))
     except (ConfigError, StaleBankError, LookupError, UnknownRouteError) as exc:
         raise fail(str(exc)) from None
@@ -92,7 +97,7 @@ def bank_build(
     re-embeds nothing."""
     try:
         loaded = load_config(config)
-        client = _qdrant(qdrant_url, qdrant_path, required=True)
+        client = _qdrant_or_local(qdrant_url, qdrant_path)
         report = build_route_bank(loaded, client, collection, train)
     except (ConfigError, DatasetError) as exc:
         raise fail(str(exc)) from None
@@ -158,7 +163,7 @@ def eval_command(
         return
     try:
         router = load_router(
-            config, qdrant=_qdrant(qdrant_url, qdrant_path, required=False), backend=backend
+            config, qdrant=_qdrant(qdrant_url, qdrant_path), backend=backend
         )
         items = load_dataset(dataset)
         report = evaluate(

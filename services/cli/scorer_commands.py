@@ -20,6 +20,7 @@ from routemesh.services.cli.output import err, fail
 from routemesh.services.router import (
     ConfigError,
     DatasetError,
+    RoutingConfig,
     build_dense_encoder,
     load_config,
     load_dataset,
@@ -297,8 +298,8 @@ def tune_command(
     err.print(f"applied to {config}; the previous file is {backup}", highlight=False)
 
 
-def _tune_from_scores(path: Path, config, state_dir: Path, window_h: int, aggressive: bool,
-                      min_samples: int, apply: bool) -> None:
+def _tune_from_scores(path: Path, config: RoutingConfig, state_dir: Path, window_h: int,
+                      aggressive: bool, min_samples: int, apply: bool) -> None:
     state = read_scorer_state(state_dir)
     if state is None:
         raise fail(f"no scorer state in {state_dir}: is the scorer running there?")
@@ -311,11 +312,11 @@ def _tune_from_scores(path: Path, config, state_dir: Path, window_h: int, aggres
     for column in ("route", "outcomes", "current", "advice", "accuracy change (95 % CI)"):
         table.add_column(column)
     for a in scores.recommendations:
-        change = "" if a.accuracy_change_low is None else (
+        interval = "" if a.accuracy_change_low is None else (
             f"{a.accuracy_change:+.3f} ({a.accuracy_change_low:+.3f} to "
             f"{a.accuracy_change_high:+.3f})")
         table.add_row(a.route_id, str(a.samples), f"{a.current_threshold:.2f}",
-                      f"{a.recommended_threshold:.2f}", change)
+                      f"{a.recommended_threshold:.2f}", interval)
     Console().print(table)
     moves = {a.route_id: a.recommended_threshold for a in scores.recommendations
              if a.recommended_threshold != a.current_threshold}

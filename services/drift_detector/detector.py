@@ -270,7 +270,8 @@ class Detector:
             return []
         return self._judge(scope, subject)
 
-    def verdict(self, scope: Scope, subject: str) -> tuple[Verdict, Sequence, int]:
+    def verdict(self, scope: Scope, subject: str
+                ) -> tuple[Verdict, Sequence[DriftObservation | DriftDecision], int]:
         """The subject's verdict now, the events it judged and the baseline's size."""
         if scope == "model":
             window = self._models[subject]

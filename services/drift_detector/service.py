@@ -28,7 +28,7 @@ from pydantic import Field
 
 from routemesh.contracts import CompletionObserved, DriftAlert, RouteDecided
 from routemesh.contracts.topics import DRIFT_ALERTS, LLM_OBSERVATIONS, ROUTE_DECISIONS
-from routemesh.services.drift_detector.detector import Detector, Pinned
+from routemesh.services.drift_detector.detector import Detector, Pinned, Scope
 from routemesh.services.drift_detector.presets import Preset
 from routemesh.services.drift_detector.signals import (
     EXPECTED_FINISH,
@@ -267,7 +267,7 @@ class DriftDetector:
         log.info("pinned baseline in use", extra={"sha256": digest,
                                                   "decisions": len(pinned.decisions)})
 
-    def _export(self, judged: dict[tuple[str, str], Verdict]) -> None:
+    def _export(self, judged: dict[tuple[Scope, str], Verdict]) -> None:
         for (scope, subject), verdict in judged.items():
             self.metrics.severity.labels(scope, subject).set(SEVERITY[verdict.state])
             self.metrics.samples.labels(scope, subject).set(verdict.samples)

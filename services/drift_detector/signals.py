@@ -248,7 +248,7 @@ def response_verdict(
     return ResponseWindow.of(window, expected_finish).verdict(thresholds)
 
 
-def population_stability_index(current: Counter, baseline: Counter) -> float:
+def population_stability_index(current: Counter[str], baseline: Counter[str]) -> float:
     """PSI of two categorical distributions (route shares), smoothed so a route absent on
     one side does not make it infinite. Chosen over Jensen-Shannon divergence for its
     conventional bands (0.1 moderate, 0.25 major), which operators already read."""

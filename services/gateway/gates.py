@@ -20,7 +20,8 @@ def failed_gates(request: RouteRequest, response: Any, gates: EscalationGates) -
     message = (choices[0] or {}).get("message") if choices else None
     if not isinstance(message, dict):
         return ["empty"]
-    content = message.get("content") if isinstance(message.get("content"), str) else ""
+    content = message.get("content")
+    content = content if isinstance(content, str) else ""
     tool_calls = message.get("tool_calls") or []
     tool_required = request.tool_choice in ("required", "function")
     if gates.tool_call_when_required and request.tools_present and tool_required:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 
@@ -144,7 +145,8 @@ class Gateway:
                                 access_log=False, http=GatewayHttp,
                                 # Without a bound, uvicorn waits forever for idle
                                 # keep-alive connections.
-                                timeout_graceful_shutdown=settings.shutdown_timeout_s * 0.4)
+                                timeout_graceful_shutdown=math.ceil(
+                                    settings.shutdown_timeout_s * 0.4))
         self._server = _EmbeddedServer(config)
         self._serving = asyncio.create_task(self._server.serve())
         self.reloader = Reloader(state, lambda: build_router(settings, state.router),

@@ -53,7 +53,8 @@ class Spool:
         and the offset just after them."""
         with self.path.open("rb") as reader:
             reader.seek(self.offset)
-            lines, end = [], self.offset
+            lines: list[tuple[int, bytes]] = []
+            end = self.offset
             for line in reader:
                 if not line.endswith(b"\n") or len(lines) == max_events:
                     break

@@ -170,7 +170,7 @@ def check_embedding_endpoint(loaded: LoadedConfig, allow_remote: bool) -> None:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except OSError:
         addresses = set()
-    local = bool(addresses) and all(_local(ipaddress.ip_address(a.split("%")[0]))
+    local = bool(addresses) and all(_local(ipaddress.ip_address(str(a).split("%")[0]))
                                     for a in addresses)
     if not local:
         where = host or "an unknown host"
@@ -315,8 +315,8 @@ def replay(
         deltas.append(_delta("current", "candidate", rows))
     if "previous" in routers:
         deltas.append(_delta("previous", "current", rows))
-    errors = Counter(d.reason for decisions in decided.values() for d in decisions
-                     if d.reason == "embedding_error")
+    errors: Counter[str] = Counter(d.reason for decisions in decided.values()
+                                   for d in decisions if d.reason == "embedding_error")
     if len(known) < len(cases):
         errors["no_text"] = len(cases) - len(known)
     return ReplayResult(

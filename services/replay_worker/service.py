@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Collection, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -184,7 +185,7 @@ class ReplayWorker:
             asyncio.get_running_loop().time() - started)
         return completed
 
-    def _completed(self, request: ReplayRequested, **fields) -> ReplayCompleted:
+    def _completed(self, request: ReplayRequested, **fields: Any) -> ReplayCompleted:
         return ReplayCompleted(event_id=completed_event_id(request.replay_id),
                                replay_id=request.replay_id, kind=request.kind, **fields)
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -324,7 +325,8 @@ def _raw_scores(
         return head_logits(model.head, dense)
     if model.scoring == "centroid":
         assert centroids is not None
-        return dense @ centroids.T
+        similarities: np.ndarray = dense @ centroids.T
+        return similarities
     columns = []
     for scores in blended_by_route:
         if model.scoring == "max":
@@ -336,7 +338,8 @@ def _raw_scores(
 
 
 def _ranked(routes: Sequence[str], probabilities: np.ndarray,
-            evidence: list[tuple[BankEntry | None, float, float, float]]) -> list[RouteMatch]:
+            evidence: Sequence[tuple[BankEntry | None, float, float, float]]
+            ) -> list[RouteMatch]:
     matches = [RouteMatch(route, float(p), *evidence[i])
                for i, (route, p) in enumerate(zip(routes, probabilities, strict=True))]
     # Ties (a tiny bank, an all-zero query) break by route id: the same every time.
@@ -492,7 +495,9 @@ class RouteBank(Matcher):
 def _centroids(dense: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
     rows = [dense[start:stop].mean(axis=0) for start, stop in zip(starts, stops, strict=True)]
     centroids = np.asarray(rows, dtype=np.float32)
-    return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    normalised: np.ndarray = centroids / np.maximum(
+        np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return normalised
 
 
 @dataclass
@@ -627,7 +632,7 @@ def _as_queries(documents: Sequence[SparseVector]) -> list[SparseVector]:
     return [SparseVector(d.indices, tuple(1.0 for _ in d.indices)) for d in documents]
 
 
-def _payload_entry(payload: dict) -> BankEntry:
+def _payload_entry(payload: dict[str, Any]) -> BankEntry:
     return BankEntry(
         payload["route_id"],
         payload["source"],
@@ -637,7 +642,8 @@ def _payload_entry(payload: dict) -> BankEntry:
     )
 
 
-def _scroll_all(client: QdrantClient, collection: str, with_vectors: bool):
+def _scroll_all(client: QdrantClient, collection: str, with_vectors: bool
+                ) -> Iterator[models.Record]:
     if not client.collection_exists(collection):
         raise LookupError(
             f"route bank collection {collection!r} does not exist; run `routemesh bank build`"
@@ -676,7 +682,7 @@ def load_snapshot(
 ) -> RouteBank:
     """Read every point of the collection, and the route model, into a RouteBank."""
     entries: list[BankEntry] = []
-    dense_rows: list[list[float]] = []
+    dense_rows: list[object] = []
     sparse_docs: list[SparseVector] = []
     encoders: set[str] = set()
     for point in _scroll_all(client, collection, with_vectors=True):
@@ -684,8 +690,10 @@ def load_snapshot(
         encoders.add((point.payload or {})["encoder"])
         vectors = point.vector
         assert isinstance(vectors, dict)
-        dense_rows.append(vectors[DENSE])
+        dense = vectors[DENSE]
         sv = vectors.get(SPARSE)
+        assert isinstance(dense, list) and (sv is None or isinstance(sv, models.SparseVector))
+        dense_rows.append(dense)
         sparse_docs.append(
             SparseVector(tuple(sv.indices), tuple(sv.values)) if sv else SparseVector((), ())
         )

@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from routemesh.contracts import FormatSignals, LayerAttempt, RouteDecided
 from routemesh.contracts.events import DecisionLayer, DecisionReason
@@ -49,6 +48,20 @@ def bounded(text: str) -> tuple[str, bool]:
         return text, False
     half = MATCH_TEXT_MAX_CHARS // 2
     return f"{text[:half]}\n{text[-half:]}", True
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What a layer's scores say of a decision: its score and, from the semantic layer,
+    the runner-up, the margin between them and the threshold that applied."""
+
+    score: float | None = None
+    second: RouteMatch | None = None
+    observed_margin: float | None = None
+    threshold: float | None = None
+
+
+NO_EVIDENCE = Evidence()
 
 
 @dataclass
@@ -217,7 +230,7 @@ class Router:
                                  latency_ms=_ms(t0), decided=True)
                 )
                 return self._event(
-                    draft, PASSTHROUGH_ROUTE, model, "passthrough", "passthrough", score=None
+                    draft, PASSTHROUGH_ROUTE, model, "passthrough", "passthrough", NO_EVIDENCE
                 )
         if target is None:
             draft.attempts.append(LayerAttempt(layer="override", latency_ms=_ms(t0)))
@@ -227,7 +240,7 @@ class Router:
                          latency_ms=_ms(t0), decided=True)
         )
         return self._event(draft, target, self._routes[target].target_model, "override",
-                           "override", score=1.0)
+                           "override", Evidence(score=1.0))
 
     def _apply_rules(self, draft: _Draft) -> RouteDecided | None:
         if not self._rules:
@@ -240,7 +253,7 @@ class Router:
                                  confidence=rule.confidence, latency_ms=_ms(t0), decided=True)
                 )
                 return self._event(draft, rule.route, self._routes[rule.route].target_model,
-                                   "rule", "rules", score=rule.confidence)
+                                   "rule", "rules", Evidence(score=rule.confidence))
         draft.attempts.append(LayerAttempt(layer="rules", latency_ms=_ms(t0)))
         return None
 
@@ -275,16 +288,12 @@ class Router:
             LayerAttempt(layer="semantic", selected_route=top.route_id, confidence=top.score,
                          threshold=threshold, latency_ms=_ms(t0), decided=confident)
         )
-        evidence = dict(
-            score=top.score,
-            second=second,
-            observed_margin=margin,
-            threshold=threshold,
-        )
+        evidence = Evidence(score=top.score, second=second, observed_margin=margin,
+                            threshold=threshold)
         if confident:
             return self._event(draft, top.route_id, self._routes[top.route_id].target_model,
-                               "semantic", "semantic", match=top, **evidence)
-        return self._fallback(draft, "low_confidence", **evidence)
+                               "semantic", "semantic", evidence, match=top)
+        return self._fallback(draft, "low_confidence", evidence)
 
     def _embedding_error(self, draft: _Draft, exc: Exception, t0: float) -> RouteDecided:
         draft.attempts.append(
@@ -292,14 +301,14 @@ class Router:
         )
         return self._fallback(draft, "embedding_error")
 
-    def _fallback(self, draft: _Draft, reason: DecisionReason, **evidence: Any
-                  ) -> RouteDecided:
+    def _fallback(self, draft: _Draft, reason: DecisionReason,
+                  evidence: Evidence = NO_EVIDENCE) -> RouteDecided:
         route = self.config.default_route
         draft.attempts.append(
             LayerAttempt(layer="fallback", selected_route=route, decided=True)
         )
         return self._event(draft, route, self._routes[route].target_model, reason, "fallback",
-                           **evidence)
+                           evidence)
 
     # -- the event ----------------------------------------------------------------------
 
@@ -310,14 +319,12 @@ class Router:
         target_model: str,
         reason: DecisionReason,
         layer: DecisionLayer,
+        scores: Evidence,
         *,
-        score: float | None = None,
-        second: RouteMatch | None = None,
-        observed_margin: float | None = None,
-        threshold: float | None = None,
         match: RouteMatch | None = None,
     ) -> RouteDecided:
         request = draft.request
+        second, threshold = scores.second, scores.threshold
         semantic_evidence = second is not None or threshold is not None
         evidence = match.entry if match is not None else None
         return RouteDecided(
@@ -326,10 +333,10 @@ class Router:
             target_model=target_model,
             reason=reason,
             layer=layer,
-            score=score,
+            score=scores.score,
             second_route_id=second.route_id if second else None,
             second_score=second.score if second else None,
-            margin=observed_margin,
+            margin=scores.observed_margin,
             threshold=threshold,
             required_margin=self.config.margin if semantic_evidence else None,
             attempts=tuple(draft.attempts),

@@ -30,7 +30,7 @@ class _Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
-class EncoderConfig(_Strict):
+class EncoderConfig(_Strict, frozen=True):
     kind: Literal["local", "openai"] = "local"
     # local only: ONNX Runtime (default, faster, same embeddings as PyTorch), the same
     # model with int8 weights (faster again, slightly different embeddings), or PyTorch.
@@ -52,7 +52,7 @@ class EncoderConfig(_Strict):
     max_wait_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1000.0)] = 0.0
 
 
-class SemanticConfig(_Strict):
+class SemanticConfig(_Strict, frozen=True):
     # How a route's score is made: a logistic head fitted on the bank's vectors
     # ("logistic"), or (head "none") an aggregation of its utterances' similarities:
     # the best one ("max"), the mean of the best k ("topk_mean"), or the cosine to the
@@ -75,17 +75,17 @@ class SemanticConfig(_Strict):
     candidates: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
 
 
-class BankConfig(_Strict):
+class BankConfig(_Strict, frozen=True):
     collection: str | None = None
     backend: Literal["memory", "qdrant"] = "memory"
 
 
-class KeywordCondition(_Strict):
+class KeywordCondition(_Strict, frozen=True):
     any: tuple[str, ...] = ()
     all: tuple[str, ...] = ()
 
 
-class RuleCondition(_Strict):
+class RuleCondition(_Strict, frozen=True):
     has_tools: bool | None = None
     keywords: KeywordCondition | None = None
     regex: str | None = None
@@ -95,14 +95,14 @@ class RuleCondition(_Strict):
     requested_model: str | None = None
 
 
-class RuleConfig(_Strict):
+class RuleConfig(_Strict, frozen=True):
     id: RouteIdStr
     route: RouteIdStr
     when: RuleCondition
     confidence: Unit = 1.0
 
 
-class EscalationGates(_Strict):
+class EscalationGates(_Strict, frozen=True):
     """Deterministic checks of a cheap model's answer; any failure escalates."""
 
     min_chars: NonNegativeInt = 80
@@ -114,7 +114,7 @@ class EscalationGates(_Strict):
     tool_call_when_required: bool = True
 
 
-class Route(_Strict):
+class Route(_Strict, frozen=True):
     id: RouteIdStr
     target_model: Annotated[str, msgspec.Meta(min_length=1)]
     threshold: Unit = 0.5
@@ -137,7 +137,7 @@ class Route(_Strict):
     price_per_1k_output_tokens: NonNegativeFloat = 0.0
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(_Strict, frozen=True):
     version: Literal[1]
     default_route: RouteIdStr
     routes: Annotated[tuple[Route, ...], msgspec.Meta(min_length=1)]
@@ -310,7 +310,7 @@ def read_utf8(path: Path, display: str) -> str:
 
 
 def _read_utterance_file(path: Path, route_id: str, display: str) -> list[Utterance]:
-    utterances = []
+    utterances: list[Utterance] = []
     lines = read_utf8(path, display).splitlines()
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()

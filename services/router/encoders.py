@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 import numpy as np
@@ -141,7 +141,8 @@ class LocalEncoder:
                 feed["token_type_ids"] = np.zeros_like(ids)
             (hidden,) = session.run(["last_hidden_state"], feed)
             weights = mask[:, :, None].astype(np.float32)
-            return (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+            pooled: np.ndarray = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+            return pooled
 
         def encode(texts: list[str]) -> np.ndarray:
             # Not ``encode_batch``: it hands even one text to the tokenizer's own thread
@@ -211,7 +212,8 @@ class LocalEncoder:
 def _normalised(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (an all-zero row stays zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    normalised: np.ndarray = vectors / np.maximum(norms, 1e-12)
+    return normalised
 
 
 def _check_mean_pooled(packaged: Path) -> None:
@@ -515,12 +517,12 @@ class MicroBatcher(Generic[T, R]):
             _fail([self._queue.get_nowait()], EncoderError("micro-batcher closed"))
 
 
-def _settle(future: asyncio.Future, result: object) -> None:
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():
         future.set_result(result)
 
 
-def _fail(batch: Sequence[tuple[object, asyncio.Future]], exc: BaseException) -> None:
+def _fail(batch: Sequence[tuple[Any, asyncio.Future[Any]]], exc: BaseException) -> None:
     for _, future in batch:
         if not future.done():
             future.set_exception(exc)

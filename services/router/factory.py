@@ -37,7 +37,8 @@ class StaleBankError(RuntimeError):
     pass
 
 
-def open_qdrant(url: str | None = None, path: Path | None = None, api_key: str | None = None):
+def open_qdrant(url: str | None = None, path: Path | None = None, api_key: str | None = None
+                ) -> QdrantClient:
     """A Qdrant server by URL, local mode on disk by path, or in memory if neither."""
     if url:
         return QdrantClient(url=url, api_key=api_key)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-_CONSTANTS = {
+_CONSTANTS: dict[str, np.ndarray] = {
     "per_token_last_axis": np.array([-1], dtype=np.int64),
     "per_token_eps": np.array(1e-8, dtype=np.float32),
     "per_token_127": np.array(127.0, dtype=np.float32),

@@ -16,8 +16,6 @@ import msgspec
 
 ToolChoice = Literal["none", "auto", "required", "function", "other"]
 ResponseFormat = Literal["text", "json_object", "json_schema", "other"]
-_TOOL_CHOICES: frozenset[str] = frozenset(("none", "auto", "required"))
-_RESPONSE_FORMATS: frozenset[str] = frozenset(("text", "json_object", "json_schema"))
 
 
 class Message(msgspec.Struct):
@@ -65,7 +63,10 @@ def tool_choice_kind(value: Any) -> ToolChoice | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return value if value in _TOOL_CHOICES else "other"  # type: ignore[return-value]
+        for known in ("none", "auto", "required"):
+            if value == known:
+                return known
+        return "other"
     if isinstance(value, dict) and value.get("type") == "function":
         return "function"
     return "other"
@@ -75,7 +76,10 @@ def response_format_kind(value: Any) -> ResponseFormat | None:
     if value is None:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
-    return kind if kind in _RESPONSE_FORMATS else "other"  # type: ignore[return-value]
+    for known in ("text", "json_object", "json_schema"):
+        if kind == known:
+            return known
+    return "other"
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ def softmax(raw: np.ndarray, temperature: float) -> np.ndarray:
     z = raw / temperature
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 def fit_temperature(raw: np.ndarray, labels: np.ndarray) -> float:
@@ -163,7 +164,9 @@ def fit_logistic(vectors: np.ndarray, labels: np.ndarray, routes: int, c: float)
 
 
 def head_logits(head: HeadWeights, dense: np.ndarray) -> np.ndarray:
-    return dense @ np.asarray(head.weights, dtype=np.float64).T + np.asarray(head.bias)
+    logits: np.ndarray = dense @ np.asarray(head.weights, dtype=np.float64).T \
+        + np.asarray(head.bias)
+    return logits
 
 
 class Reliability(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,7 +193,7 @@ def reliability(
         n = int(inside.sum())
         mean_conf = float(conf[inside].mean()) if n else None
         accuracy = float(hit[inside].mean()) if n else None
-        if n:
+        if mean_conf is not None and accuracy is not None:
             gap += n * abs(mean_conf - accuracy)
         table.append(Reliability(low=low, high=high, count=n, mean_confidence=mean_conf,
                                  accuracy=accuracy))

@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -603,7 +603,8 @@ class EventConsumer:
         self.offsets.committed(moved)
 
 
-class _Rebalance(ConsumerRebalanceListener):
+# aiokafka ships no types: its listener base is Any to the checker.
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, consumer: EventConsumer) -> None:
         self.consumer = consumer
 
@@ -623,7 +624,7 @@ class TopicNotFound(LookupError):
 
 async def read_records(
     settings: ServiceSettings, topic: str, *, from_beginning: bool, idle_s: float | None
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """Every record of ``topic`` as it arrives (from its start, or from now), raw and in
     partition order, until ``idle_s`` pass without one. No consumer group: reading moves
     nobody's committed offsets."""

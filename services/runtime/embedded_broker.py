@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -55,7 +56,8 @@ def port_is_free(host: str, port: int) -> bool:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 async def _answers_metadata(bootstrap: str) -> bool:
@@ -98,13 +100,11 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def settings(self) -> ServiceSettings:
-        overrides: dict[str, object] = {
-            "kafka_bootstrap_servers": self.bootstrap,
-            "kafka_idempotent_producer": False,
-        }
-        if self.topic_prefix is not None:
-            overrides["topic_prefix"] = self.topic_prefix
-        return ServiceSettings(**overrides)
+        settings = ServiceSettings(kafka_bootstrap_servers=self.bootstrap,
+                                   kafka_idempotent_producer=False)
+        if self.topic_prefix is None:
+            return settings
+        return settings.model_copy(update={"topic_prefix": self.topic_prefix})
 
     def start(self, timeout_s: float = 30.0) -> list[str]:
         """Start the broker and create the topics; return the topics created."""
@@ -115,7 +115,8 @@ class EmbeddedBroker:
             )
         binary = tansu_binary()
         url = f"tcp://{self.host}:{self.port}"
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        out: IO[bytes] | int = (open(self.log_file, "ab") if self.log_file  # noqa: SIM115
+                                else subprocess.DEVNULL)
         try:
             self.process = subprocess.Popen(
                 [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
@@ -127,7 +128,7 @@ class EmbeddedBroker:
                 start_new_session=True,
             )
         finally:
-            if out is not subprocess.DEVNULL:
+            if not isinstance(out, int):
                 out.close()
         try:
             return asyncio.run(self._await_ready(timeout_s))

@@ -84,7 +84,8 @@ class MsgspecCodec:
     _encoder = msgspec.json.Encoder()
 
     async def decode(self, msg: Any) -> bytes:
-        return msg.body
+        body: bytes = msg.body
+        return body
 
     async def encode(self, msg: Any, serializer: Any = None) -> tuple[bytes, str | None]:
         if isinstance(msg, bytes):
@@ -400,7 +401,7 @@ def subscribe_events(
             await msg.nack()
         else:
             # A broadcast message has no commit to hold back: move the reader back.
-            record = msg.raw_message
+            record: Any = msg.raw_message
             msg.consumer.seek(TopicPartition(record.topic, record.partition), record.offset)
         await asyncio.sleep(retry_backoff_s)
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import msgspec
+
+N = TypeVar("N", int, float)
 
 
 def percentile(q: float, values: Sequence[float]) -> float | None:
@@ -23,7 +26,7 @@ def percentile(q: float, values: Sequence[float]) -> float | None:
     return float(ordered[max(math.ceil(q * len(ordered)), 1) - 1])
 
 
-def percentile_of_counts(q: float, counts: Mapping[float, int]) -> float | None:
+def percentile_of_counts(q: float, counts: Mapping[N, int]) -> N | None:
     """The nearest-rank ``q`` percentile of values given as value -> how many times."""
     total = sum(counts.values())
     if not total:
@@ -32,7 +35,7 @@ def percentile_of_counts(q: float, counts: Mapping[float, int]) -> float | None:
     for value in sorted(counts):
         seen += counts[value]
         if seen >= rank:
-            return float(value)
+            return value
     raise AssertionError("unreachable: the ranks add up to the total")
 
 

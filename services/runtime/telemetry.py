@@ -7,10 +7,11 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import msgspec
 from opentelemetry import trace
@@ -24,19 +25,20 @@ from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 M = TypeVar("M")
-_REGISTERED: weakref.WeakKeyDictionary[CollectorRegistry, dict[type, Any]] = (
+_REGISTERED: weakref.WeakKeyDictionary[CollectorRegistry, dict[object, Any]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def registered(registry: CollectorRegistry, metrics: type[M]) -> M:
+def registered(registry: CollectorRegistry, metrics: Callable[[CollectorRegistry], M]) -> M:
     """One instance of a class of metrics per registry: every component of a kind in a
     process (two publishers, two consumers) writes to the same series under its labels,
     where registering the series twice would be an error."""
     made = _REGISTERED.setdefault(registry, {})
     if metrics not in made:
-        made[metrics] = metrics(registry)  # type: ignore[call-arg]
-    return made[metrics]
+        made[metrics] = metrics(registry)
+    found: M = made[metrics]
+    return found
 
 
 def setup_tracing(service: str, settings: ServiceSettings) -> TracerProvider:
@@ -88,7 +90,7 @@ class JsonFormatter(logging.Formatter):
         self._encoder = msgspec.json.Encoder(enc_hook=str)
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname,
             "service": self.service,
@@ -186,10 +188,10 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def _health_app(registry: CollectorRegistry, readiness: Readiness) -> Callable:
+def _health_app(registry: CollectorRegistry, readiness: Readiness) -> WSGIApplication:
     metrics = make_wsgi_app(registry)
 
-    def app(environ, start_response):
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
             alive, checks = readiness.liveness()
@@ -209,7 +211,8 @@ def _health_app(registry: CollectorRegistry, readiness: Readiness) -> Callable:
             )
             return [body]
         if path == "/metrics":
-            return metrics(environ, start_response)
+            page: Iterable[bytes] = metrics(environ, start_response)
+            return page
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 

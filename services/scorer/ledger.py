@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -48,6 +48,10 @@ _LATENCY_GROWTH = math.log(1.02)
 def _latency_bin(ms: float) -> int:
     return max(0, round(math.log(max(ms, _LATENCY_BASE_MS) / _LATENCY_BASE_MS)
                         / _LATENCY_GROWTH))
+
+
+# A unified diff of the route YAML moving a route's threshold: (route id, threshold).
+Patcher = Callable[[str, float], str]
 
 
 def _p95(histogram: Mapping[int, int]) -> float | None:
@@ -293,7 +297,7 @@ class Ledger:
 
     def scores(self, now: datetime, window: timedelta,
                policy: advice.AdvicePolicy | None = None, candidate_limit: int = 100,
-               cluster_limit: int = 50, patch=None) -> RouteScores:
+               cluster_limit: int = 50, patch: Patcher | None = None) -> RouteScores:
         # Whole hours: the current one and those before it, as many as the window holds.
         first_hour = _hour(now) - math.ceil(window.total_seconds() / 3600) + 1
         hours = [h for h in self.buckets if first_hour <= h <= _hour(now)]
@@ -333,7 +337,7 @@ class Ledger:
 
     def recommendations(self, evidence: Mapping[str, Iterable[Mapping[int, int]]],
                         decisions: int, policy: advice.AdvicePolicy | None,
-                        patch) -> tuple[ThresholdRecommendation, ...]:
+                        patch: Patcher | None) -> tuple[ThresholdRecommendation, ...]:
         policy = policy or advice.AdvicePolicy()
         found = []
         for route, tables in sorted(evidence.items()):

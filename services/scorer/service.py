@@ -23,7 +23,14 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 
-from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided, RouteScores
+from routemesh.contracts import (
+    CompletionObserved,
+    LayerScore,
+    OutcomeReported,
+    RouteDecided,
+    RouteScore,
+    RouteScores,
+)
 from routemesh.contracts.events import utc_now
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
 from routemesh.services.router import WatchedConfig
@@ -286,7 +293,8 @@ class Scorer:
         m = self.metrics
         nan = float("nan")
 
-        def put(scope: str, subject: str, figures) -> None:
+        def put(scope: str, subject: str, figures: RouteScores | RouteScore | LayerScore
+                ) -> None:
             m.decisions.labels(window, scope, subject).set(figures.decisions)
             m.outcomes.labels(window, scope, subject).set(figures.outcomes)
             m.accuracy.labels(window, scope, subject).set(

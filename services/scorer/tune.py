@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from routemesh.services.router import LoadedConfig, RoutingConfig, load_router
+from routemesh.services.router import LoadedConfig, Router, RoutingConfig, load_router
 from routemesh.services.router.config import canonical_sha256
 from routemesh.services.router.datasets import EvalItem
 from routemesh.services.router.encoders import CachingEncoder, DenseEncoder
@@ -97,7 +97,7 @@ def measure(cases: Sequence[Case], setting: Setting, default: str, prices: Price
     return Figures(right / len(cases), cost / len(cases), len(cases))
 
 
-def cases_of(router, items: Sequence[EvalItem]) -> list[Case]:
+def cases_of(router: Router, items: Sequence[EvalItem]) -> list[Case]:
     found = []
     for item in items:
         decision = view(router.decide(item.request, item.id))
@@ -114,10 +114,12 @@ def cases_of(router, items: Sequence[EvalItem]) -> list[Case]:
     return found
 
 
-def split(items: Sequence[EvalItem], held_share: float = 0.5) -> tuple[list, list]:
+def split(items: Sequence[EvalItem], held_share: float = 0.5
+          ) -> tuple[list[EvalItem], list[EvalItem]]:
     """Training and held-back items by a hash of each id: the same split every run,
     whatever the file's order."""
-    train, held = [], []
+    train: list[EvalItem] = []
+    held: list[EvalItem] = []
     for item in items:
         digest = int(hashlib.sha256(item.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (held if digest < held_share else train).append(item)
@@ -254,7 +256,7 @@ def tune(loaded: LoadedConfig, encoder: DenseEncoder, items: Sequence[EvalItem],
     train_items, held_items = split(items)
     # Every scoring tried sees the same texts: each is encoded once.
     cached = CachingEncoder(encoder, None)
-    best: tuple[tuple, Scoring, Setting, list[Case], list[Case]] | None = None
+    best: tuple[tuple[float, ...], Scoring, Setting, list[Case], list[Case]] | None = None
     baseline: tuple[list[Case], list[Case]] | None = None
     tried = []
     for scoring in scorings:
