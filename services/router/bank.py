@@ -692,7 +692,8 @@ def load_snapshot(
         assert isinstance(vectors, dict)
         dense = vectors[DENSE]
         sv = vectors.get(SPARSE)
-        assert isinstance(dense, list) and (sv is None or isinstance(sv, models.SparseVector))
+        assert isinstance(dense, list)
+        assert sv is None or isinstance(sv, models.SparseVector)
         dense_rows.append(dense)
         sparse_docs.append(
             SparseVector(tuple(sv.indices), tuple(sv.values)) if sv else SparseVector((), ())
