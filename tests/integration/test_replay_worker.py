@@ -165,21 +165,21 @@ async def test_shadow_agreement_equals_the_share_computed_offline(settings, tmp_
                     response = await client.post("/v1/chat/completions",
                                                  json={"model": "auto", "messages": messages})
                     assert response.status_code == 200, response.text
-            requests = len(prompts) + 20
+            asked = len(prompts) + 20
             shadowed = await read_topic(settings, settings.topic(ROUTE_SHADOW_DECISIONS),
-                                        requests)
+                                        asked)
             decided = await read_topic(settings, settings.topic(ROUTE_DECISIONS),
-                                       requests + 1, timeout_s=5)
+                                       asked + 1, timeout_s=5)
             # The decisions topic keeps its contract with a shadow config running: one
             # decision per request, every event id once; a consumer written against 1.1
             # (which ignores fields it does not know) counts each request once.
-            assert len(decided) == requests
+            assert len(decided) == asked
             live = [decode_event(r.value) for r in decided]
             assert {type(e) for e in live} == {RouteDecided}
-            assert len({e.request_id for e in live}) == requests
-            assert len({e.event_id for e in live}) == requests
+            assert len({e.request_id for e in live}) == asked
+            assert len({e.event_id for e in live}) == asked
             old = [msgspec.json.decode(r.value, type=RouteDecided11) for r in decided]
-            assert len({e.request_id for e in old}) == len(old) == requests
+            assert len({e.request_id for e in old}) == len(old) == asked
             shadows = [decode_event(r.value) for r in shadowed]
             assert {type(e) for e in shadows} == {ShadowDecided}
             assert {e.live_event_id for e in shadows} == {e.event_id for e in live}
@@ -202,7 +202,7 @@ async def test_shadow_agreement_equals_the_share_computed_offline(settings, tmp_
     assert not all(same), "the shadow config should differ on some of these prompts"
     assert completed.status == "ok", completed.error
     assert completed.kind == "shadow"
-    assert completed.items == requests
+    assert completed.items == asked
     chats = same[:20]
     assert completed.agreement == pytest.approx((sum(same) + sum(chats))
                                                 / (len(same) + len(chats)))
