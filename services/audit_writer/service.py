@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
@@ -20,6 +20,7 @@ from pydantic import Field
 from routemesh.contracts.events import utc_now
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
 from routemesh.services.audit_writer.joiner import Joiner, Output
+from routemesh.services.audit_writer.records import Join
 from routemesh.services.audit_writer.store import AuditStore
 from routemesh.services.runtime.consumer import Delivery, OffsetTracker, PartitionKey
 from routemesh.services.runtime.kafka import RetryableError
@@ -54,6 +55,10 @@ class _Metrics:
         self.records = Counter("routemesh_audit_records_written_total",
                                "Audit records written, by join outcome", ["join"],
                                registry=registry)
+        # Every series from the start (at 0): an alert on "nothing written" must see a
+        # writer that has not written its first record since it started.
+        for join in get_args(Join):
+            self.records.labels(join)
         self.dedup = Counter("routemesh_audit_dedup_hits_total",
                              "Redelivered or duplicate events skipped", registry=registry)
         buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

@@ -27,7 +27,7 @@ from routemesh.services.cli.output import fail
 from routemesh.services.cli.tail import tail_topic
 from routemesh.services.runtime.consumer import TopicNotFound
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
-from routemesh.services.runtime.kafka import create_topics
+from routemesh.services.runtime.kafka import TopicsRefused, create_topics
 from routemesh.services.runtime.service import discover_services, run
 from routemesh.services.runtime.settings import ServiceSettings
 
@@ -187,6 +187,8 @@ def topics_create(
         created = asyncio.run(create_topics(settings, replication_factor=replication_factor))
     except KafkaConnectionError:
         raise fail(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}") from None
+    except TopicsRefused as exc:
+        raise fail(f"the broker refused to create topics: {exc}") from None
     for name in created:
         print(f"created {name}")
     print(f"{len(created)} topics created")

@@ -83,7 +83,8 @@ class _Metrics:
         self.decision = Histogram(
             "routemesh_gateway_decision_seconds", "Decision latency", ["layer"],
             registry=registry,
-            buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25),
+            buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5,
+                     1.0),
         )
         self.upstream = Histogram(
             "routemesh_gateway_upstream_seconds", "Upstream call duration", ["route"],

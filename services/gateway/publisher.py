@@ -145,6 +145,10 @@ class EventPublisher:
         self.queue_name = queue
         self._failing_since: float | None = None
         self._last_failure_log = 0.0
+        # Set while nothing waits in the spool.
+        self._spool_empty = asyncio.Event()
+        if spool is None or not spool.pending_bytes:
+            self._spool_empty.set()
         # Each event keeps the trace context it was offered in.
         self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
         self.concurrency = concurrency
@@ -178,6 +182,7 @@ class EventPublisher:
                 self._put_aside(event, exc)
                 return
             self.spool.append([line])
+            self._spool_empty.clear()
             self.spooled.inc()
             self.spool_bytes.set(self.spool.pending_bytes)
             return
@@ -280,6 +285,11 @@ class EventPublisher:
             self._inflight = []
             self.depth.set(self.queue.qsize())
 
+    async def _settled(self) -> None:
+        """Until nothing waits in memory or on disk."""
+        await self.queue.join()
+        await self._spool_empty.wait()
+
     async def _run_spool(self) -> None:
         assert self.spool is not None
         while True:
@@ -299,11 +309,15 @@ class EventPublisher:
             await self._confirm_all(items)
             self.spool.confirm(end)
             self.spool_bytes.set(self.spool.pending_bytes)
+            if not self.spool.pending_bytes:
+                self._spool_empty.set()
 
     async def drain(self, timeout_s: float) -> None:
-        """On shutdown: give queued events ``timeout_s`` to be confirmed; spool the rest."""
+        """On shutdown: give queued and spooled events ``timeout_s`` to be confirmed (a
+        gateway scaled in leaves nothing on a volume no replica may mount again); spool
+        what is left of the queue."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.queue.join(), timeout_s)
+            await asyncio.wait_for(self._settled(), timeout_s)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

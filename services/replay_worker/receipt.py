@@ -68,7 +68,7 @@ def code_version() -> tuple[str, str | None]:
     """The package version, and the git commit when known (the image sets
     ROUTEMESH_GIT_COMMIT; a checkout answers ``git rev-parse``)."""
     version = importlib.metadata.version("routemesh")
-    commit = os.environ.get("ROUTEMESH_GIT_COMMIT")
+    commit = os.environ.get("ROUTEMESH_GIT_COMMIT") or None
     if commit is None and Path(".git").exists():
         try:
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,

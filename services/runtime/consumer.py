@@ -288,6 +288,10 @@ class _Metrics:
         self.retries = Counter("routemesh_consumer_retries_total",
                                "Batches redelivered after the handler asked to retry",
                                ["group"], registry=registry)
+        self.commits = Counter("routemesh_consumer_commits_total",
+                               "Commits that moved a consumer group's offsets: none for a "
+                               "while with a lag is a stalled consumer", ["group"],
+                               registry=registry)
         self.epochs = Counter("routemesh_consumer_partition_epochs_total",
                               "Partitions whose log was not the one the saved state was "
                               "made from (a fresh broker, a topic made again): a new epoch "
@@ -357,6 +361,7 @@ class EventConsumer:
         self.last_progress = time.monotonic()
         self.readiness = readiness
         self.stall_after_s = settings.consumer_stall_s
+        self._metrics.commits.labels(group_id)
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -601,6 +606,7 @@ class EventConsumer:
             return
         await self._consumer.commit({TopicPartition(t, p): o for (t, p), o in moved.items()})
         self.offsets.committed(moved)
+        self._metrics.commits.labels(self.group_id).inc()
 
 
 # aiokafka ships no types: its listener base is Any to the checker.

@@ -23,16 +23,15 @@ the connection settings every aiokafka client shares.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition, errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import MessageSizeTooLargeError, TopicAlreadyExistsError
 from faststream import AckPolicy
@@ -406,10 +405,29 @@ def subscribe_events(
         await asyncio.sleep(retry_backoff_s)
 
 
+class TopicsRefused(Exception):
+    """The broker refused to create topics; the message names each and why."""
+
+
+def refusals(topic_errors: Iterable[tuple[Any, ...]]) -> list[str]:
+    """What a CreateTopics response refused, one "topic: error (message)" each. The
+    admin client returns per-topic errors instead of raising; a topic another process
+    created meanwhile is no refusal."""
+    refused = []
+    for topic, code, *message in topic_errors:
+        error = errors.for_code(code)
+        if error is errors.NoError or error is TopicAlreadyExistsError:
+            continue
+        said = message[0] if message and message[0] else error.description
+        refused.append(f"{topic}: {error.__name__} ({said})")
+    return refused
+
+
 async def create_topics(
     settings: ServiceSettings, *, replication_factor: int = 1, timeout_s: float = 30.0
 ) -> list[str]:
-    """Create every registered topic that does not exist yet; return the ones created."""
+    """Create every registered topic that does not exist yet; return the ones created.
+    Raises TopicsRefused naming every topic the broker refused and why."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
     await admin.start()
     try:
@@ -420,9 +438,10 @@ async def create_topics(
             if settings.topic(t) not in existing
         ]
         if missing:
-            # Another process may create them between our listing and our request.
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(missing)
+            response = await admin.create_topics(missing)
+            refused = refusals(response.topic_errors)
+            if refused:
+                raise TopicsRefused("; ".join(refused))
         return [t.name for t in missing]
     finally:
         await admin.close()
@@ -435,9 +454,11 @@ __all__ = [
     "EventProducer",
     "MsgspecCodec",
     "RetryableError",
+    "TopicsRefused",
     "client_kwargs",
     "create_broker",
     "create_topics",
     "event_address",
+    "refusals",
     "subscribe_events",
 ]

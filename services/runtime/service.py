@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from routemesh.contracts import Topic
 from routemesh.services.runtime.consumer import BatchHandler, EventConsumer
 from routemesh.services.runtime.kafka import DeadLetters, EventProducer, create_broker
-from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.runtime.settings import ServiceSettings, unknown_variables
 from routemesh.services.runtime.telemetry import (
     MetricsServer,
     Readiness,
@@ -157,7 +158,12 @@ async def _heartbeat(ctx: ServiceContext) -> None:
 
 async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> None:
     """Run one service until SIGTERM or SIGINT, then stop consuming, drain and flush."""
-    settings = settings or spec.settings_class()
+    if settings is None:
+        unknown = unknown_variables(os.environ,
+                                    [s.settings_class for s in discover_services().values()])
+        if unknown:
+            raise SystemExit(f"routemesh {spec.name}: unknown settings: {', '.join(unknown)}")
+        settings = spec.settings_class()
     setup_logging(spec.name, settings.log_level)
     ctx = build_context(spec, settings)
     gating = not spec.front_door

@@ -6,6 +6,8 @@ the OpenTelemetry variables keep their standard names and meaning.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -70,3 +72,27 @@ class ServiceSettings(BaseSettings):
 
     def topic(self, topic: Topic) -> str:
         return topic.name(self.topic_prefix)
+
+
+PREFIX = "ROUTEMESH_"
+# Read by routemesh outside the settings classes: the image's source revision (receipts).
+OTHER_VARIABLES = frozenset({"ROUTEMESH_GIT_COMMIT"})
+
+
+def variable_names(settings_class: type[ServiceSettings]) -> set[str]:
+    """The ``ROUTEMESH_*`` variables a settings class reads."""
+    return {PREFIX + name.upper() for name, field in settings_class.model_fields.items()
+            if field.validation_alias is None}
+
+
+def unknown_variables(environ: Mapping[str, str],
+                      classes: Iterable[type[ServiceSettings]]) -> list[str]:
+    """Every ``ROUTEMESH_*`` variable no service reads, each with the closest name that
+    one does: a misspelt setting would otherwise be ignored without a word. A variable
+    of another service is known (one environment may serve them all)."""
+    known = set(OTHER_VARIABLES).union(*(variable_names(c) for c in classes))
+    found = []
+    for name in sorted(n for n in environ if n.startswith(PREFIX) and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found

@@ -23,7 +23,8 @@ from .chart import (
 
 KUBERNETES = "1.33.0"
 # Custom resources (Prometheus Operator, KEDA): no schema in kubernetes-validate.
-CUSTOM = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+CUSTOM = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication",
+          "HTTPRoute"}
 ROOT = CHART.parents[1]
 
 
@@ -45,7 +46,8 @@ def test_the_all_on_render_has_every_kind():
     kinds = {d["kind"] for d in manifests(base=ALL_ON)}
     assert kinds == {"ConfigMap", "Deployment", "StatefulSet", "Service", "ServiceAccount",
                      "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Job",
-                     "Pod", "ServiceMonitor", "PrometheusRule", "ScaledObject"}
+                     "Pod", "ServiceMonitor", "PrometheusRule", "ScaledObject",
+                     "TriggerAuthentication", "Ingress", "HTTPRoute"}
 
 
 def test_workloads_run_each_service_hardened_with_probes():
@@ -156,9 +158,21 @@ def test_the_route_config_is_mounted_from_the_chart_or_an_existing_configmap():
                                "topics": ["t"], "keda": {"enabled": True, "maxReplicas": 9}}}},
      "services.example.keda.maxReplicas (9) is more than kafka.partitions (6)"),
     ({"auth": {"existingSecret": ""}}, "auth.existingSecret is required when auth.enabled"),
+    ({"image": {"tag": "sha256:" + "a" * 64}}, "at '/image/tag'"),
+    ({"services": {"gateway": {"httpPort": 9100}}}, "at '/services/gateway/httpPort'"),
+    ({"routeConfig": {"files": {"routes.yaml": "x", "lite/utterances.txt": "y"}}},
+     "'lite/utterances.txt' does not match pattern"),
+    ({"kafka": {"securityProtocol": "SASL_SSL"}},
+     "kafka.securityProtocol SASL_SSL needs kafka.sasl.existingSecret"),
+    ({"services": {"gateway": {"replicas": 5}}},
+     "services.gateway.replicas (5) does nothing while autoscaling is on"),
+    ({"fullnameOverride": "a-release-name-long-enough-to-break-statefulsets",
+      "services": {"gateway": {"persistence": {"enabled": True}}}},
+     "the StatefulSet name a-release-name-long-enough-to-brea"),
+    ({"httpRoute": {"enabled": True}}, "httpRoute.parentRefs is required"),
 ])
 def test_renders_that_must_fail_say_why(values, message):
-    with pytest.raises(helm.HelmRenderError) as info:
+    with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as info:
         render(values)
     assert message in str(info.value)
 
@@ -181,7 +195,8 @@ def test_autoscaling_pdb_and_network_policy():
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
     assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource", "Pods"]
-    assert find(docs, "PodDisruptionBudget", "rm-routemesh-gateway")["spec"]["minAvailable"] == 2
+    pdb = find(docs, "PodDisruptionBudget", "rm-routemesh-gateway")["spec"]
+    assert (pdb["maxUnavailable"], "minAvailable" in pdb) == (1, False)
     gateway = find(docs, "NetworkPolicy", "rm-routemesh-gateway")
     ports = [rule["ports"][0]["port"] for rule in gateway["spec"]["ingress"]]
     assert ports == [9100, 8080]
@@ -220,3 +235,102 @@ def test_app_version_is_the_package_version():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'version = "{chart["appVersion"]}"' in pyproject
+
+
+def test_every_hook_refers_only_to_what_exists_before_it_runs():
+    """A pre-install hook runs before the release's ordinary objects exist: the topics
+    Job mounting the chart's routes ConfigMap (or running as the chart's ServiceAccount)
+    waited for an object that was never coming, and the first install hung."""
+    docs = manifests(base=ALL_ON)
+    created = {(d["kind"], d["metadata"]["name"]) for d in docs
+               if "helm.sh/hook" not in d["metadata"].get("annotations", {})}
+    job = find(docs, "Job", "rm-routemesh-topics")
+    spec = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert not [v for v in volumes.values() if "configMap" in v]
+    refs = {("Secret", v["secret"]["secretName"]) for v in volumes.values() if "secret" in v}
+    refs |= {("Secret", e["valueFrom"]["secretKeyRef"]["name"]) for e in container(job)["env"]
+             if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]}
+    refs.add(("ServiceAccount", spec["serviceAccountName"]))
+    assert not refs & created, "the hook refers to objects the release makes after it"
+    assert refs == {("Secret", "kafka-ca"), ("Secret", "kafka-routemesh"),
+                    ("ServiceAccount", "routemesh-topics")}
+    assert "ROUTEMESH_ROUTER_CONFIG" not in env(job)
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert spec["tolerations"][0]["key"] == "dedicated"
+
+
+def test_the_test_pod_can_pull_schedule_and_pass_the_network_policies():
+    docs = manifests(base=ALL_ON)
+    test = find(docs, "Pod", "rm-routemesh-test")["spec"]
+    assert [s["name"] for s in test["imagePullSecrets"]] == ["umbrella-registry", "registry"]
+    assert test["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert test["tolerations"][0]["value"] == "mesh"
+    peer = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "routemesh",
+                                            "app.kubernetes.io/instance": "rm",
+                                            "app.kubernetes.io/component": "test"}}}
+    gateway = find(docs, "NetworkPolicy", "rm-routemesh-gateway")
+    assert all(peer in rule["from"] for rule in gateway["spec"]["ingress"])
+
+
+def test_keda_reads_the_lag_through_the_services_kafka_secrets():
+    docs = manifests(base=ALL_ON)
+    scaled = find(docs, "ScaledObject", "rm-routemesh-example-consumer")
+    trigger = scaled["spec"]["triggers"][0]
+    assert (trigger["metadata"]["sasl"], trigger["metadata"]["tls"]) == ("scram_sha512", "enable")
+    auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {"username": ("kafka-routemesh", "username"),
+                    "password": ("kafka-routemesh", "password"),
+                    "ca": ("kafka-ca", "ca.crt"), "cert": ("kafka-ca", "tls.crt"),
+                    "key": ("kafka-ca", "tls.key")}
+    plain = manifests({"services": {"example": {"enabled": True, "replicas": 1,
+                                                "consumerGroup": "g", "topics": ["t"],
+                                                "keda": {"enabled": True, "minReplicas": 1,
+                                                         "maxReplicas": 2,
+                                                         "lagThreshold": 10}}}})
+    assert not [d for d in plain if d["kind"] == "TriggerAuthentication"]
+
+
+def test_what_users_of_other_charts_expect_renders():
+    docs = manifests(base=ALL_ON)
+    gateway = find(docs, "StatefulSet", "rm-routemesh-gateway")
+    pod = gateway["spec"]["template"]
+    assert container(gateway)["image"] == ("registry.example.com/routemesh/routemesh@sha256:"
+                                           + "0123456789abcdef" * 4)
+    assert pod["metadata"]["annotations"]["team"] == "platform"
+    assert pod["metadata"]["labels"]["cost-center"] == "llm"
+    variables = env(gateway)
+    assert variables["OTEL_RESOURCE_ATTRIBUTES"]["value"] == "deployment.environment=prod"
+    assert variables["HTTPS_PROXY"]["valueFrom"]["configMapKeyRef"]["name"] == "proxy"
+    assert container(gateway)["envFrom"] == [{"configMapRef": {"name": "routemesh-extra"}}]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["gateway", "log-shipper"]
+    assert {"name": "ca-bundle", "mountPath": "/etc/ssl/corporate", "readOnly": True} in \
+        container(gateway)["volumeMounts"]
+    assert pod["spec"]["priorityClassName"] == "routemesh-high"
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert container(gateway)["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    assert variables["ROUTEMESH_SHUTDOWN_TIMEOUT_S"]["value"] == "50"
+    assert gateway["spec"]["serviceName"] == "rm-routemesh-gateway-headless"
+    headless = find(docs, "Service", "rm-routemesh-gateway-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    monitor = find(docs, "ServiceMonitor", "rm-routemesh")["spec"]
+    assert {"key": "routemesh.io/headless", "operator": "DoesNotExist"} in \
+        monitor["selector"]["matchExpressions"]
+    assert {"targetLabel": "job", "replacement": "routemesh"} in \
+        monitor["endpoints"][0]["relabelings"]
+    service = find(docs, "Service", "rm-routemesh-gateway")
+    assert service["spec"]["type"] == "LoadBalancer"
+    ingress = find(docs, "Ingress", "rm-routemesh-gateway")["spec"]
+    assert ingress["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == \
+        "rm-routemesh-gateway"
+    route = find(docs, "HTTPRoute", "rm-routemesh-gateway")["spec"]
+    assert route["rules"][0]["backendRefs"][0]["port"] == 8080
+    audit = find(docs, "StatefulSet", "rm-routemesh-audit-writer")
+    assert "ROUTEMESH_ROUTER_CONFIG" not in env(audit), "it reads no route config"
+    assert "ROUTEMESH_ROUTER_CONFIG" in env(find(docs, "StatefulSet", "rm-routemesh-scorer"))
+    minimal = find(manifests(), "Deployment", "rm-routemesh-gateway")
+    volumes = {v["name"]: v for v in minimal["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    assert container(minimal)["image"] == "ghcr.io/routemesh/routemesh:0.1.0"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from .conftest import tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,3 +38,25 @@ def test_compose_file_is_valid():
     result = subprocess.run([tool("docker-compose"), "-f", "compose.yaml", "config"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
     assert "service_completed_successfully" in result.stdout
+
+
+def test_the_try_override_points_the_gateway_at_its_fake_upstream():
+    """`--profile mesh` alone uses the upstream you name (the host's port 4000 by
+    default, as `routemesh dev`); the try override adds the fake upstream and points the
+    gateway at it, instead of at a service no profile ran."""
+    compose = tool("docker-compose")
+    alone = yaml.safe_load(subprocess.run(
+        [compose, "-f", "compose.yaml", "--profile", "mesh", "config"], cwd=ROOT,
+        capture_output=True, text=True, check=True).stdout)
+    assert "fake-upstream" not in alone["services"]
+    assert "host.docker.internal" in \
+        alone["services"]["gateway"]["environment"]["ROUTEMESH_UPSTREAM_BASE_URL"]
+    tried = yaml.safe_load(subprocess.run(
+        [compose, "-f", "compose.yaml", "-f", "deploy/compose/try.yaml", "--profile", "mesh",
+         "config"], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert tried["services"]["gateway"]["environment"]["ROUTEMESH_UPSTREAM_BASE_URL"] == \
+        "http://fake-upstream:4000/v1"
+    assert "fake-upstream" in tried["services"]["gateway"]["depends_on"]
+    kafka = alone["services"]["kafka"]
+    assert kafka["environment"]["KAFKA_LOG_DIRS"] in " ".join(kafka["volumes"] if isinstance(
+        kafka["volumes"][0], str) else [v["target"] for v in kafka["volumes"]])

@@ -39,8 +39,31 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" $root.Chart.Name $root.Chart.Version | replace "+" "_" }}
 {{- end -}}
 
+{{/* The image: registry (global.imageRegistry first), repository, and the digest when
+one is given, else the tag (the chart's appVersion by default). */}}
 {{- define "routemesh.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- $image := .Values.image -}}
+{{- $registry := default $image.registry ((.Values.global | default dict).imageRegistry) -}}
+{{- $repository := ternary (printf "%s/%s" $registry $image.repository) $image.repository (ne $registry "") -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $repository $image.digest -}}
+{{- else -}}
+{{- if hasPrefix "sha256:" (toString $image.tag) -}}
+{{- fail "image.tag is a digest: give it as image.digest (the reference would be repository:sha256:...)" -}}
+{{- end -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion $image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pull secrets: global.imagePullSecrets and imagePullSecrets, by name. */}}
+{{- define "routemesh.imagePullSecrets" -}}
+{{- $names := concat ((.Values.global | default dict).imagePullSecrets | default list) .Values.imagePullSecrets | uniq -}}
+{{- with $names }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "routemesh.serviceAccountName" -}}
@@ -69,9 +92,12 @@ example shipped in the image. */}}
 {{- end -}}
 {{- end -}}
 
-{{/* The settings every service gets: Kafka, Qdrant, telemetry, the route config. */}}
-{{- define "routemesh.commonEnv" -}}
+{{/* How to reach Kafka: what the topics hook needs and every service gets. */}}
+{{- define "routemesh.kafkaEnv" -}}
 {{- $v := .Values -}}
+{{- if and (hasPrefix "SASL" $v.kafka.securityProtocol) (not $v.kafka.sasl.existingSecret) -}}
+{{- fail (printf "kafka.securityProtocol %s needs kafka.sasl.existingSecret: the Secret with the SASL username and password" $v.kafka.securityProtocol) -}}
+{{- end -}}
 - name: ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS
   value: {{ required "kafka.bootstrapServers is required: the brokers every service connects to" $v.kafka.bootstrapServers | quote }}
 - name: ROUTEMESH_KAFKA_SECURITY_PROTOCOL
@@ -96,6 +122,15 @@ example shipped in the image. */}}
 {{- end }}
 - name: ROUTEMESH_TOPIC_PREFIX
   value: {{ $v.kafka.topicPrefix | quote }}
+{{- end -}}
+
+{{/* The settings a service gets: Kafka, Qdrant, telemetry, the route config (for the
+services that read one), its grace period; then the chart's extraEnv. */}}
+{{- define "routemesh.commonEnv" -}}
+{{- $root := index . 0 -}}
+{{- $svc := index . 1 -}}
+{{- $v := $root.Values -}}
+{{ include "routemesh.kafkaEnv" $root }}
 {{- with $v.qdrant.url }}
 - name: ROUTEMESH_QDRANT_URL
   value: {{ . | quote }}
@@ -104,10 +139,14 @@ example shipped in the image. */}}
 - name: ROUTEMESH_QDRANT_API_KEY
   valueFrom: {secretKeyRef: {name: {{ . | quote }}, key: {{ $v.qdrant.apiKeyKey | quote }}}}
 {{- end }}
+{{- if ne $svc.readsRouteConfig false }}
 - name: ROUTEMESH_ROUTER_CONFIG
-  value: {{ include "routemesh.routeConfigPath" . | quote }}
+  value: {{ include "routemesh.routeConfigPath" $root | quote }}
+{{- end }}
 - name: ROUTEMESH_METRICS_PORT
   value: "9100"
+- name: ROUTEMESH_SHUTDOWN_TIMEOUT_S
+  value: {{ include "routemesh.shutdownTimeout" $root | quote }}
 - name: ROUTEMESH_LOG_LEVEL
   value: {{ $v.logLevel | quote }}
 - name: ROUTEMESH_INSTANCE_ID
@@ -122,6 +161,15 @@ example shipped in the image. */}}
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- with $v.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* What a service has to drain on SIGTERM: the grace period less the preStop sleep and
+a few seconds for the process to exit. */}}
+{{- define "routemesh.shutdownTimeout" -}}
+{{- max 1 (sub (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) 5)) -}}
 {{- end -}}
 
 {{/* Volumes for the config and the Kafka TLS files, and their mounts. */}}
@@ -135,7 +183,24 @@ example shipped in the image. */}}
   secret: {secretName: {{ . | quote }}}
 {{- end }}
 - name: tmp
-  emptyDir: {}
+  emptyDir: {sizeLimit: {{ .Values.emptyDirSizeLimit | quote }}}
+{{- end -}}
+
+{{/* Kafka's TLS files and /tmp only: for pods that read no route config. */}}
+{{- define "routemesh.kafkaVolumes" -}}
+{{- with .Values.kafka.tls.existingSecret }}
+- name: kafka-tls
+  secret: {secretName: {{ . | quote }}}
+{{- end }}
+- name: tmp
+  emptyDir: {sizeLimit: {{ .Values.emptyDirSizeLimit | quote }}}
+{{- end -}}
+
+{{- define "routemesh.kafkaMounts" -}}
+{{- if .Values.kafka.tls.existingSecret }}
+- {name: kafka-tls, mountPath: /etc/routemesh-kafka-tls, readOnly: true}
+{{- end }}
+- {name: tmp, mountPath: /tmp}
 {{- end -}}
 
 {{- define "routemesh.configMounts" -}}
@@ -155,7 +220,23 @@ example shipped in the image. */}}
 {{- list $root.Values.routeConfig $root.Values.kafka $root.Values.qdrant $root.Values.upstream $root.Values.auth $root.Values.otel $svc.env | toJson | sha256sum -}}
 {{- end -}}
 
+{{/* A probe from the probes block: the path on the metrics port and its timings. */}}
+{{- define "routemesh.probe" -}}
+{{- $path := index . 0 -}}
+{{- $timing := index . 1 -}}
+httpGet: {path: {{ $path }}, port: metrics}
+{{ toYaml $timing }}
+{{- end -}}
+
 {{/* StatefulSet when the service keeps data on a volume of its own, else Deployment. */}}
 {{- define "routemesh.kind" -}}
 {{- if (. | default dict).enabled -}}StatefulSet{{- else -}}Deployment{{- end -}}
+{{- end -}}
+
+{{/* The `helm test` pod of this release, as a NetworkPolicy peer: it calls the gateway
+and its readiness, whatever gatewayFrom and metricsFrom allow. */}}
+{{- define "routemesh.testPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "routemesh.selectorLabels" (list . "test") | nindent 6 }}
 {{- end -}}

@@ -313,3 +313,16 @@ async def test_a_full_spool_has_no_room_and_drops_with_a_count(tmp_path):
                                         {"queue": "events"})
     assert dropped > 0
     assert dropped + spooled + 1 == 10
+
+
+async def test_a_stop_with_the_broker_up_publishes_the_spool_too(tmp_path):
+    """A gateway scaled in on SIGTERM leaves no events on its volume when Kafka answers."""
+    spool = Spool(tmp_path)
+    spool.append([encode_event(event(i)) for i in range(20)])
+    spool.close()
+    up = StandInBroker(down=False)
+    publisher = make_publisher(up, CollectorRegistry(), spool=Spool(tmp_path))
+    await publisher.start()
+    await publisher.drain(timeout_s=10)
+    assert up.published == [f"r{i:03d}" for i in range(20)]
+    assert Spool(tmp_path).pending_bytes == 0

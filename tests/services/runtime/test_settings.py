@@ -1,8 +1,13 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from routemesh.contracts.topics import ROUTE_DECISIONS
 from routemesh.services.runtime.kafka import create_broker
-from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.runtime.service import discover_services
+from routemesh.services.runtime.settings import ServiceSettings, unknown_variables
 
 
 def test_settings_read_the_routemesh_prefix(monkeypatch):
@@ -38,3 +43,23 @@ def test_sasl_without_credentials_is_a_clear_error():
 def test_sasl_password_is_not_shown_in_repr():
     settings = ServiceSettings(kafka_sasl_password="hunter2-secret")
     assert "hunter2-secret" not in repr(settings)
+
+
+def test_a_misspelt_setting_is_named_with_the_closest_one_and_another_services_is_known():
+    classes = [spec.settings_class for spec in discover_services().values()]
+    found = unknown_variables({"ROUTEMESH_KAFKA_BOOTSTRAP_SERVER": "x",
+                               "ROUTEMESH_SCORER_STATE_DIR": "a scorer's, fine anywhere",
+                               "ROUTEMESH_GIT_COMMIT": "abc", "ROUTEMESH_QQQ": "1",
+                               "OTHER_VARIABLE": "not ours"}, classes)
+    assert found == ["ROUTEMESH_KAFKA_BOOTSTRAP_SERVER (did you mean "
+                     "ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS?)", "ROUTEMESH_QQQ"]
+
+
+def test_serve_refuses_to_start_with_an_unknown_setting():
+    env = {**os.environ, "ROUTEMESH_AUDIT_DIRR": "/tmp/x"}
+    result = subprocess.run([sys.executable, "-m", "routemesh.services.cli.main", "serve",
+                             "audit-writer"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "unknown settings: ROUTEMESH_AUDIT_DIRR (did you mean ROUTEMESH_AUDIT_DIR?)" in (
+        result.stderr)
