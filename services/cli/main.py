@@ -40,6 +40,7 @@ topics_app = typer.Typer(help="Kafka topics of the registry.", no_args_is_help=T
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(topics_app, name="topics")
 app.add_typer(router_commands.bank_app, name="bank")
+app.add_typer(router_commands.encoder_app, name="encoder")
 app.add_typer(audit_commands.audit_app, name="audit")
 app.add_typer(drift_commands.drift_app, name="drift")
 app.command("route")(router_commands.route)

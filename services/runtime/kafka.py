@@ -190,6 +190,25 @@ class EventProducer:
             await delivery
 
 
+async def idempotence_refused(settings: ServiceSettings) -> bool:
+    """Whether the broker refuses an idempotent producer (InitProducerId): the embedded
+    broker does, with an error that names nothing. Asked once, before any producer of the
+    service starts, so that a service can fall back with one clear warning."""
+    probe = AIOKafkaProducer(**client_kwargs(settings), enable_idempotence=True)
+    # aiokafka logs the refusal as an error of its own; the caller says what it means.
+    sender = logging.getLogger("aiokafka.producer.sender")
+    level = sender.level
+    sender.setLevel(logging.CRITICAL)
+    try:
+        await probe.start()
+    except errors.UnknownError:
+        return True
+    finally:
+        sender.setLevel(level)
+        await probe.stop()
+    return False
+
+
 def create_broker(
     settings: ServiceSettings,
     *,

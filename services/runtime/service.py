@@ -25,7 +25,12 @@ from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import Topic
 from routemesh.services.runtime.consumer import BatchHandler, EventConsumer
-from routemesh.services.runtime.kafka import DeadLetters, EventProducer, create_broker
+from routemesh.services.runtime.kafka import (
+    DeadLetters,
+    EventProducer,
+    create_broker,
+    idempotence_refused,
+)
 from routemesh.services.runtime.settings import ServiceSettings, unknown_variables
 from routemesh.services.runtime.telemetry import (
     MetricsServer,
@@ -165,6 +170,11 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
             raise SystemExit(f"routemesh {spec.name}: unknown settings: {', '.join(unknown)}")
         settings = spec.settings_class()
     setup_logging(spec.name, settings.log_level)
+    if settings.kafka_idempotent_producer and await idempotence_refused(settings):
+        log.warning("the broker refuses idempotent producers (the embedded broker does): "
+                    "publishing without idempotence; set "
+                    "ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER=false to say so and skip this check")
+        settings = settings.model_copy(update={"kafka_idempotent_producer": False})
     ctx = build_context(spec, settings)
     gating = not spec.front_door
     (ctx.readiness.set if gating else ctx.readiness.note)("kafka", False, "not connected yet")

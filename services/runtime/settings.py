@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from routemesh.contracts import DEFAULT_PREFIX, Topic
 
+# Where local-mode Qdrant lives when no location is set, relative to the working directory.
+QDRANT_DEFAULT_PATH = Path(".routemesh/qdrant")
+
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -41,6 +44,12 @@ class ServiceSettings(BaseSettings):
     # request path, so this trades event latency for broker and producer CPU.
     kafka_linger_ms: int = Field(default=5, ge=0, le=1000)
 
+    # Where the exported encoder is (router/encoders.py default_model_dir reads it wherever
+    # an encoder is built): the image's build-time export; default ~/.cache/routemesh/models.
+    model_dir: Path | None = None
+
+    # A Qdrant server, else local mode in this directory (QDRANT_DEFAULT_PATH when
+    # neither is set: the same place for `routemesh bank build` and every service).
     qdrant_url: str | None = None
     qdrant_path: Path | None = None
     qdrant_api_key: SecretStr | None = None
@@ -72,6 +81,16 @@ class ServiceSettings(BaseSettings):
 
     def topic(self, topic: Topic) -> str:
         return topic.name(self.topic_prefix)
+
+    def qdrant_location(self) -> tuple[str | None, Path | None]:
+        """The Qdrant server URL, or else the local-mode directory (never neither)."""
+        if self.qdrant_url:
+            return self.qdrant_url, None
+        return None, self.qdrant_path or QDRANT_DEFAULT_PATH
+
+    def qdrant_described(self) -> str:
+        url, path = self.qdrant_location()
+        return url or f"{path} (local mode)"
 
 
 PREFIX = "ROUTEMESH_"
