@@ -48,7 +48,14 @@ fi
 revision="$(git rev-parse HEAD 2>/dev/null || true)"
 args=(--network host -f deploy/Dockerfile --build-arg "PYTHON_IMAGE=$base"
       --build-arg "VERSION=$version" --build-arg "REVISION=$revision" "${extra[@]}")
+broker="${tag/routemesh:/routemesh-broker:}"
+# The build stage tagged too: the classic builder's cache for the next build, where an
+# untagged one would be pruned below.
+docker build "${args[@]}" --target build -t "${tag/routemesh:/routemesh-build:}" .
 docker build "${args[@]}" -t "$tag" .
 # The embedded broker alone, from the same build (its stages come from the cache).
-docker build "${args[@]}" --target broker -t "${tag/routemesh:/routemesh-broker:}" .
-echo "built $tag and ${tag/routemesh:/routemesh-broker:}"
+docker build "${args[@]}" --target broker -t "$broker" .
+# Earlier builds' images, untagged by these: each build stage holds torch (gigabytes).
+docker image prune -f --filter label=io.routemesh.stage=build >/dev/null
+docker image prune -f --filter label=org.opencontainers.image.title=routemesh >/dev/null
+echo "built $tag and $broker"

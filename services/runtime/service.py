@@ -164,8 +164,11 @@ async def _heartbeat(ctx: ServiceContext) -> None:
 async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> None:
     """Run one service until SIGTERM or SIGINT, then stop consuming, drain and flush."""
     if settings is None:
-        unknown = unknown_variables(os.environ,
-                                    [s.settings_class for s in discover_services().values()])
+        # The spec's own class counts too: a service outside discover_services() (one
+        # built on this runtime by a user, or a test's sample) names its own settings.
+        known = {spec.settings_class,
+                 *(s.settings_class for s in discover_services().values())}
+        unknown = unknown_variables(os.environ, list(known))
         if unknown:
             raise SystemExit(f"routemesh {spec.name}: unknown settings: {', '.join(unknown)}")
         settings = spec.settings_class()

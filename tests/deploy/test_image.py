@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from routemesh.contracts import RouteDecided, decode_event
@@ -213,3 +214,71 @@ def test_the_image_serves_without_torch_read_only_as_its_user(image, containers,
     print(f"image {size_mb:.0f} MB; gateway cold start to ready {cold_start_s:.1f} s; "
           f"gateway memory {rss}")
     assert size_mb <= 700
+
+
+def test_compose_runs_the_mesh_with_what_this_machine_has(image, tmp_path):
+    """compose.yaml with deploy/compose/local.yaml (and the try override's fake upstream):
+    the embedded broker's image for Kafka, local-mode Qdrant, the host's Prometheus. A chat
+    through the gateway lands as one audit record in the audit writer's volume, and a
+    Prometheus on the host, from the shipped deploy/compose/prometheus.yaml, scrapes
+    every service."""
+    project = f"rm-test-{uuid.uuid4().hex[:8]}"
+    gateway = free_port()
+    compose = [tool("docker-compose"), "-p", project, "-f", "compose.yaml", "-f",
+               "deploy/compose/local.yaml", "-f", "deploy/compose/try.yaml", "--profile", "mesh"]
+    env = {**os.environ, "GATEWAY_PORT": str(gateway)}
+
+    def run(*args: str) -> str:
+        return subprocess.run([*compose, *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, check=True, timeout=600).stdout
+
+    shipped = yaml.safe_load((ROOT / "deploy" / "compose" / "prometheus.yaml").read_text())
+    shipped["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s",
+                          "scrape_timeout": "900ms"}
+    shipped["rule_files"] = [str(ROOT / "deploy" / "prometheus" / "rules.yaml")]
+    config = tmp_path / "prometheus.yaml"
+    config.write_text(yaml.safe_dump(shipped))
+    metrics = next(int(group["targets"][0].rsplit(":", 1)[1])
+                   for group in shipped["scrape_configs"][0]["static_configs"]
+                   if group["labels"]["service"] == "gateway")
+    api = f"http://127.0.0.1:{free_port()}/api/v1"
+    try:
+        run("up", "-d", "--no-build")
+        prometheus = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={config}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address={api.split('/')[2]}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            until(lambda: served(metrics, "/readyz") and httpx.post(
+                f"http://127.0.0.1:{gateway}/v1/chat/completions", timeout=30,
+                json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]},
+            ).status_code == 200, 240, "the gateway answering")
+            answer = httpx.post(f"http://127.0.0.1:{gateway}/v1/chat/completions", timeout=30,
+                                json={"model": "auto", "messages": [
+                                    {"role": "user", "content": "hello from compose"}]})
+            request_id = answer.headers["x-routemesh-request-id"]
+
+            def audited() -> list[dict]:
+                lines = run("exec", "-T", "audit-writer", "sh", "-c",
+                            "cat /var/lib/routemesh/audit/*.jsonl 2>/dev/null || true")
+                return [r for r in map(json.loads, filter(str.strip, lines.splitlines()))
+                        if r["request_id"] == request_id]
+
+            records = until(audited, 120, "the audit record in the audit writer's volume")
+            assert len(records) == 1
+            assert records[0]["decision"]["route_id"] == answer.headers["x-routemesh-route"]
+
+            def scraped() -> set[str]:
+                found = httpx.get(f"{api}/query", params={"query": 'up{job="routemesh"} == 1'},
+                                  timeout=5).json()["data"]["result"]
+                return {r["metric"]["service"] for r in found} == {
+                    "gateway", *CONSUMERS}
+
+            until(scraped, 120, "the host's Prometheus scraping every service")
+        finally:
+            prometheus.terminate()
+            prometheus.wait(30)
+    finally:
+        subprocess.run([*compose, "down", "-v", "--remove-orphans"], cwd=ROOT, env=env,
+                       capture_output=True, timeout=300)

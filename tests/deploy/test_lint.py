@@ -2,6 +2,7 @@
 Dockerfile; shellcheck on every shell script there and on .ci/run; compose.yaml read by
 docker-compose (no daemon needed)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,28 @@ def test_the_try_override_points_the_gateway_at_its_fake_upstream():
     kafka = alone["services"]["kafka"]
     assert kafka["environment"]["KAFKA_LOG_DIRS"] in " ".join(kafka["volumes"] if isinstance(
         kafka["volumes"][0], str) else [v["target"] for v in kafka["volumes"]])
+
+
+# Flags and forms only BuildKit understands; the classic builder (the only one this
+# machine has, and a common one on hosts without buildx) refuses or misreads them.
+BUILDKIT_ONLY = re.compile(r"^\s*#\s*syntax=|--mount=|--link\b|--chmod=|--parents\b|"
+                           r"--exclude=|<<-?\s*['\"]?[A-Z]+", re.MULTILINE)
+
+
+def test_the_dockerfile_builds_with_the_classic_builder_too():
+    found = BUILDKIT_ONLY.findall((ROOT / "deploy" / "Dockerfile").read_text())
+    assert found == [], f"BuildKit-only syntax in deploy/Dockerfile: {found}"
+
+
+def test_the_local_override_is_valid_and_brings_no_registry_image():
+    """deploy/compose/local.yaml runs the mesh from the images `make image` builds:
+    every service it starts uses one of them."""
+    result = subprocess.run(
+        [tool("docker-compose"), "-f", "compose.yaml", "-f", "deploy/compose/local.yaml",
+         "-f", "deploy/compose/try.yaml", "--profile", "mesh", "config"], cwd=ROOT,
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    images = {name: s["image"] for name, s in services.items() if s.get("scale", 1) != 0}
+    assert "gateway" in images
+    assert all(i.startswith("routemesh") for i in images.values()), images

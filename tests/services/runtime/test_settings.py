@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,16 @@ def test_serve_refuses_to_start_with_an_unknown_setting():
     assert result.returncode != 0
     assert "unknown settings: ROUTEMESH_AUDIT_DIRR (did you mean ROUTEMESH_AUDIT_DIR?)" in (
         result.stderr)
+
+
+def test_a_service_built_on_the_runtime_knows_its_own_settings():
+    # A user's service is not in discover_services(); its own variables are still
+    # known, and a misspelt one is named against them.
+    sample = Path(__file__).resolve().parents[2] / "integration" / "sample_service.py"
+    env = {**os.environ, "ROUTEMESH_SAMPLE_DELAY_S": "1", "ROUTEMESH_SAMPLE_OUTT": "/tmp/x",
+           "PYTHONPATH": str(sample.parents[2])}
+    result = subprocess.run([sys.executable, str(sample)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().endswith(
+        "unknown settings: ROUTEMESH_SAMPLE_OUTT (did you mean ROUTEMESH_SAMPLE_OUT?)")
