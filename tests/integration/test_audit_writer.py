@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,12 @@ async def test_twenty_thousand_requests_three_crashes_exactly_one_record_each(
     for request_id, kind in kinds.items():
         assert (request_id in has_decision) == (kind != "observation_only"), request_id
         assert (request_id in has_observation) == (kind != "decision_only"), request_id
+    # Amendments included: no event is written twice, whatever was redelivered.
+    written = Counter(e for r in records for e in r["event_ids"])
+    assert [e for e, n in written.items() if n > 1] == []
+    amendments = [r for r in records if r["join"] == "amendment"]
+    assert all(len(r["event_ids"]) == 1 for r in amendments)
+    assert len(amendments) <= sum(1 for k in kinds.values() if k == "pair")
     joins = {r["request_id"]: r["join"] for r in primary}
     assert all(joins[r] == "decision_only" for r, k in kinds.items() if k == "decision_only")
     assert all(joins[r] == "observation_only" for r, k in kinds.items() if k == "observation_only")

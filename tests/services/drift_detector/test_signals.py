@@ -2,6 +2,7 @@
 
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -175,3 +176,68 @@ def test_a_route_flags_a_score_shift_slower_decisions_and_escalations():
     both = route_verdict(slow, baseline, escalated, [], thresholds)
     assert signal(both, "escalation_rate").value == 0.5
     assert both.state == "severe", "two mild signals"
+
+
+README = Path(__file__).resolve().parents[3] / "README.md"
+
+
+def _readme_table(header: str) -> list[list[str]]:
+    """The rows of README's tables whose header row starts with ``header``."""
+    lines = README.read_text().splitlines()
+    rows = []
+    for start in (i for i, line in enumerate(lines) if line.startswith(f"| {header} |")):
+        for line in lines[start + 2:]:
+            if not line.startswith("|"):
+                break
+            rows.append([cell.replace("`", "").strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _every_signal_flagged(preset: str) -> dict[str, object]:
+    """Each signal of each verdict, on windows far past every threshold of the preset."""
+    thresholds = ROUTING[preset]
+    n = thresholds.min_fill * 2
+    baseline = decisions(n, lambda i: "lite", score=lambda i: 0.2 + (i % 10) / 100,
+                         latency=1.0)
+    window = [DriftDecision(route_id="deep", reason="low_confidence" if i % 2 else
+                            "embedding_error", occurred_at=START + timedelta(seconds=i),
+                            score=0.9 + (i % 10) / 100, decision_latency_ms=100.0)
+              for i in range(n)]
+    answers = [obs(i, completion_tokens=0, finish_reason="content_filter",
+                   tools_requested=True, upstream_status=500 if i % 2 else 200,
+                   ttft_ms=1000.0, escalation_path=("lite", "deep")) for i in range(40)]
+    answers_before = [obs(i, ttft_ms=1.0) for i in range(40)]
+    collapsing = [obs(i, completion_tokens=100 if i < 10 else 1) for i in range(20)]
+    signals = {}
+    for verdict in (overall_verdict(window, baseline, thresholds),
+                    route_verdict(window, baseline, answers, answers_before, thresholds),
+                    response_verdict(answers, RESPONSE[preset]),
+                    response_verdict(collapsing, RESPONSE[preset])):
+        signals.update({s.name: s for s in verdict.signals if s.flagged})
+    return signals
+
+
+@pytest.mark.parametrize("preset", ["low", "normal", "high"])
+def test_every_signal_flags_with_the_severity_and_threshold_readme_gives(preset):
+    flagged = _every_signal_flagged(preset)
+    severities = {row[0]: row[-1] for row in _readme_table("signal")}
+    assert set(flagged) == set(severities), "every signal README names, and no other"
+    for name, severity in severities.items():
+        # route_share_psi: "mild, severe past the severe band"; these windows are past it.
+        assert flagged[name].severity == severity.split(",")[-1].split()[0], name
+    response = next(r for r in _readme_table("preset | empty")
+                    if r[0].split()[0] == preset)
+    routing = next(r for r in _readme_table("preset | low confidence")
+                   if r[0].split()[0] == preset)
+    psi_mild = routing[3].split(" / ")[0]
+    expected = dict(zip(
+        ["empty_response_rate", "length_collapse", "tool_silence_rate", "stop_anomaly_rate",
+         "error_rate", "low_confidence_rate", "embedding_error_rate", "route_share_psi",
+         "score_ks", "decision_latency_p95_ratio", "ttft_p95_ratio", "escalation_rate"],
+        [*response[1:6], *routing[1:3], psi_mild, routing[4], routing[5], routing[5],
+         routing[6]], strict=True))
+    assert {name: flagged[name].threshold for name in expected} == \
+        {name: float(value) for name, value in expected.items()}
+    assert (RESPONSE[preset].min_fill, ROUTING[preset].min_fill) == \
+        (int(response[6]), int(routing[7]))
+    assert ROUTING[preset].route_share_psi_severe == float(routing[3].split(" / ")[1])

@@ -3,6 +3,7 @@ import hashlib
 import httpx
 import pytest
 
+from routemesh.services.gateway.app import create_app
 from routemesh.services.gateway.auth import ApiKeys, KeyFileError
 
 
@@ -60,3 +61,30 @@ def test_the_gateway_answers_401_for_a_bad_key_and_counts_it(gateway):
     assert gateway.state.registry.get_sample_value(
         "routemesh_gateway_auth_failures_total") == 2
     assert httpx.get(f"{gateway.url}/openapi.json").status_code == 200
+
+
+
+V1 = [("POST", "/v1/chat/completions"), ("POST", "/v1/route"), ("POST", "/v1/outcomes"),
+      ("GET", "/v1/models"), ("HEAD", "/v1/models"), ("GET", "/v1/models/{model_id}"),
+      ("HEAD", "/v1/models/{model_id}")]
+
+
+def test_the_auth_tests_cover_every_v1_endpoint(gateway):
+    app = create_app(gateway.state)
+    served = {(method, route.path) for route in app.routes
+              if route.path.startswith("/v1/") for method in route.methods}
+    assert served == set(V1), "a new /v1 endpoint: add it to V1"
+
+
+@pytest.mark.parametrize(("method", "path"), V1)
+def test_every_v1_endpoint_refuses_a_wrong_or_missing_key(gateway, method, path):
+    gateway.state.keys = ApiKeys(inline=sha("good"))
+    url = gateway.url + path.replace("{model_id}", "small-model")
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    for headers in ({"authorization": "Bearer wrong"}, {}):
+        refused = httpx.request(method, url, json=body, headers=headers)
+        assert refused.status_code == 401, (method, path, headers)
+        if method != "HEAD":
+            assert refused.json()["error"]["code"] == "invalid_api_key"
+    allowed = httpx.request(method, url, json=body, headers={"authorization": "Bearer good"})
+    assert allowed.status_code != 401

@@ -1,4 +1,5 @@
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -13,7 +14,7 @@ from routemesh.services.router.bank import build_bank, load_snapshot
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import load_config
 from tests.services.gateway.conftest import Behaviour, Served, fake_upstream
-from tests.services.router.conftest import CONFIG, HashingEncoder
+from tests.services.router.conftest import CONFIG, DEEP, HashingEncoder
 
 
 def builder(path):
@@ -71,6 +72,35 @@ async def test_editing_an_utterances_file_reloads_without_touching_the_config(ga
     assert gateway.state.router is not first
     assert len(gateway.state.router.loaded.utterances) == len(first.loaded.utterances) + 1
 
+
+
+async def test_a_broken_utterances_file_is_refused_with_its_line_and_the_router_kept(
+        gateway, tmp_path, caplog):
+    """A malformed line is never skipped: dropping one utterance silently would change
+    routing without a word. The whole file is refused and the last good router serves."""
+    config = tmp_path / "routes.yaml"
+    reloader = Reloader(gateway.state, builder(config), gateway.state.registry)
+    lines = [json.dumps({"text": t}) for t in DEEP.splitlines() if t.strip()]
+    (tmp_path / "deep.jsonl").write_text("\n".join(lines) + "\n")
+    config.write_text(CONFIG.replace("utterances_file: deep.txt", "utterances_file: deep.jsonl"))
+    assert await reloader.check_file() is True
+    good = gateway.state.router
+    assert len(good.loaded.utterances) == len(lines) + 3
+
+    broken = [lines[0], "plan a database migration with zero downtime", *lines[1:]]
+    (tmp_path / "deep.jsonl").write_text("\n".join(broken) + "\n")
+    caplog.set_level(logging.ERROR)
+    assert await reloader.check_file() is False
+    assert gateway.state.router is good
+    (refusal,) = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
+    assert "utterances_file: deep.jsonl:2: needs a JSON object with text" in refusal.error
+    assert gateway.state.registry.get_sample_value(
+        "routemesh_gateway_config_reloads_total",
+        {"trigger": "config_file", "result": "refused"}) == 1
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        still = await client.post("/v1/route", json={
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert still.status_code == 200
 
 def announced(sha256: str, ago_s: float = 0.0) -> RouteBankPublished:
     return RouteBankPublished(

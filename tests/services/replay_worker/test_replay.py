@@ -38,15 +38,20 @@ def _mistuned(config: Path, to: str = "0.95") -> None:
     config.write_text(text.replace("threshold: 0.60", f"threshold: {to}"))
 
 
-def test_the_receipt_ignores_order_and_sees_one_byte(lite_deep_copy, tmp_path):
+@pytest.mark.parametrize("limit", [120, 0], ids=["sampled", "whole-input"])
+def test_the_receipt_ignores_order_and_sees_one_byte(lite_deep_copy, tmp_path, limit):
     rows = (EXAMPLES / "lite-deep.eval.jsonl").read_text().splitlines()
     random.Random(3).shuffle(rows)
     shuffled = tmp_path / "shuffled.jsonl"
     shuffled.write_text("\n".join(rows) + "\n")
+    # A candidate too: its figures and the flips against the current config are hashed.
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(lite_deep_copy.read_text())
+    _mistuned(candidate, "0.70")
 
     def replayed(dataset: Path, name: str):
-        return run(ReplaySpec(config=lite_deep_copy, source="dataset", input=dataset,
-                              limit=120),
+        return run(ReplaySpec(config=lite_deep_copy, candidate=candidate, source="dataset",
+                              input=dataset, limit=limit),
                    json_output=tmp_path / name / "report.json",
                    markdown_output=tmp_path / name / "report.md")
 
@@ -125,6 +130,25 @@ def test_gate_fails_a_mistuned_config_and_passes_an_improvement(lite_deep_copy, 
     assert "PASS" in (tmp_path / "g2" / "gate.md").read_text()
     assert receipts.verify(tmp_path / "g2" / "replay.receipt.json") == []
 
+
+
+def test_gate_fails_a_candidate_as_good_as_the_old_config_but_below_a_baseline(
+        lite_deep_copy, tmp_path):
+    """Traffic that is all deep: always-deep is right every time, the config is not; a
+    candidate equal to the old config (within tolerance) still fails, on that baseline."""
+    deep_only = tmp_path / "deep.jsonl"
+    deep_only.write_text("".join(
+        line + "\n" for line in (EXAMPLES / "lite-deep.eval.jsonl").read_text().splitlines()
+        if json.loads(line)["route"] == "deep"))
+    result = CliRunner().invoke(app, [
+        "gate", "--config", str(lite_deep_copy), "--baseline", str(lite_deep_copy),
+        "--dataset", str(deep_only), "--out", str(tmp_path / "g")])
+    assert result.exit_code == 1, result.output
+    verdict = msgspec.json.decode((tmp_path / "g" / "gate.json").read_bytes())["verdict"]
+    assert verdict["new_accuracy"] == verdict["old_accuracy"] < 1.0
+    assert (verdict["best_baseline"], verdict["best_baseline_accuracy"]) == ("always-deep", 1.0)
+    assert verdict["reasons"] == [f"accuracy {verdict['new_accuracy']:.3f} is below the "
+                                  "always-deep baseline's 1.000"]
 
 def test_samples_import_cli_refuses_with_the_reason(config_path, tmp_path):
     reviewed = tmp_path / "reviewed.jsonl"

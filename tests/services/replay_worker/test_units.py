@@ -20,6 +20,7 @@ from routemesh.services.replay_worker.cases import (
     sample,
     with_recorded,
 )
+from routemesh.services.replay_worker.gate import verdict
 from routemesh.services.replay_worker.receipt import Drift, Receipt, Report, drift
 from routemesh.services.replay_worker.replay import (
     Inputs,
@@ -47,7 +48,7 @@ def test_sample_takes_the_same_cases_whatever_the_input_order():
     assert len(chosen) == 100
     assert chosen == sample(shuffled, 100)
     assert [c.id for c in chosen] == sorted(c.id for c in chosen)
-    assert len(sample(shuffled, 0)) == 500
+    assert sample(shuffled, 0) == sample(listed, 0) == sorted(listed, key=lambda c: c.id)
     assert input_set_sha256(listed) == input_set_sha256(shuffled)
     assert input_set_sha256(listed) != input_set_sha256(listed[1:])
 
@@ -197,3 +198,43 @@ def test_audit_records_and_captures_become_cases(tmp_path):
                                                          "design a distributed queue"]
     assert read[1].recorded.route_id == "deep"
     assert read[0].output_tokens == 30
+
+
+def _gated(candidate: float, current: float, **baselines: float) -> Report:
+    systems = [SystemFigures(name="current", kind="config", cases=10, accuracy=current),
+               SystemFigures(name="candidate", kind="config", cases=10, accuracy=candidate)]
+    systems += [SystemFigures(name=name.replace("_", "-"),
+                              kind="rules" if name.startswith("rules") else "always",
+                              cases=10, accuracy=accuracy)
+                for name, accuracy in baselines.items()]
+    return _report(msgspec.structs.replace(_result(current, 1.0), systems=systems))
+
+
+BASELINES = {"always_lite": 0.50, "always_deep": 0.93, "rules_only": 0.91}
+
+
+@pytest.mark.parametrize(("candidate", "current", "passed", "named"), [
+    # Within the tolerance of the old config, but below the best baseline.
+    (0.920, 0.925, False, ["below the always-deep baseline's 0.930"]),
+    # Below the old config by more than the tolerance, above every baseline.
+    (0.940, 0.960, False, ["below the old config's 0.960"]),
+    (0.920, 0.960, False, ["below the old config's 0.960", "always-deep baseline's 0.930"]),
+    (0.935, 0.940, True, []),
+])
+def test_the_gate_holds_the_candidate_to_the_old_config_and_the_best_baseline(
+        candidate, current, passed, named):
+    found = verdict(_gated(candidate, current, **BASELINES), tolerance=0.01)
+    assert found.passed is passed
+    assert len(found.reasons) == len(named)
+    for reason, words in zip(found.reasons, named, strict=True):
+        assert words in reason
+    assert (found.best_baseline, found.best_baseline_accuracy) == ("always-deep", 0.93)
+
+
+def test_the_gate_refuses_a_replay_that_did_not_validate():
+    report = _gated(0.95, 0.95, **BASELINES)
+    receipt = msgspec.structs.replace(report.receipt, validation_passed=False,
+                                      problems=["bank sha256 differs"])
+    found = verdict(msgspec.structs.replace(report, receipt=receipt), tolerance=0.01)
+    assert not found.passed
+    assert found.reasons == ["the replay did not validate: bank sha256 differs"]

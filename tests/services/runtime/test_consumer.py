@@ -4,10 +4,12 @@ tests/integration/test_consumer.py."""
 
 import asyncio
 import time
+from types import SimpleNamespace
 
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from routemesh.contracts import OutcomeReported
+from routemesh.contracts import OutcomeReported, RouteDecided, encode_event
 from routemesh.contracts.topics import ROUTE_DECISIONS
 from routemesh.services.runtime.consumer import (
     Checkpoints,
@@ -180,3 +182,108 @@ def test_a_stuck_event_loop_fails_liveness():
     alive, checks = readiness.liveness()
     assert not alive
     assert checks["event_loop"]["detail"].startswith("the event loop has not run for")
+
+
+class Record(SimpleNamespace):
+    """What the consume loop reads of an aiokafka ConsumerRecord."""
+
+
+class ScriptedKafka:
+    """The aiokafka consumer the loop drives, as a script of polls; every commit is
+    written to the same journal as the handler's effects, so their order is seen."""
+
+    def __init__(self, polls, journal: list, stop: asyncio.Event) -> None:
+        self.polls, self.journal, self.stop = list(polls), journal, stop
+
+    async def getmany(self, timeout_ms, max_records):
+        if not self.polls:
+            self.stop.set()
+            return {}
+        return self.polls.pop(0)
+
+    async def commit(self, offsets):
+        self.journal.append(("commit", {tp.partition: o for tp, o in offsets.items()}))
+
+    def assignment(self):
+        return set()
+
+
+class JournalHandler:
+    """Makes each event's effect durable within the call, except those it is told to
+    hold, which it releases on the next call."""
+
+    def __init__(self, journal: list, hold: set[str] = frozenset()) -> None:
+        self.journal, self.hold, self.held = journal, hold, []
+
+    async def handle(self, deliveries, offsets):
+        for position in self.held:
+            offsets.release(position)
+            self.journal.append(("released", position[2]))
+        self.held = []
+        for d in deliveries:
+            if d.event.request_id in self.hold:
+                offsets.hold(d.position)
+                self.held.append(d.position)
+            else:
+                self.journal.append(("effect", d.event.request_id))
+
+    def revoked(self, partitions):
+        pass
+
+
+class JournalDeadLetters:
+    def __init__(self, journal: list) -> None:
+        self.journal = journal
+
+    async def send(self, record, group, kind, error):
+        self.journal.append(("dead_letter", record.offset, kind))
+
+
+TOPIC = ServiceSettings().topic(ROUTE_DECISIONS)
+
+
+def records(*values: bytes, start: int = 0) -> dict:
+    return {TopicPartition(TOPIC, 0): [Record(offset=start + i, value=v, key=None, headers=())
+                                       for i, v in enumerate(values)]}
+
+
+def decided(request_id: str) -> bytes:
+    return encode_event(RouteDecided(request_id=request_id, route_id="lite",
+                                     target_model="m", reason="rule", layer="rules"))
+
+
+async def run_script(polls, hold: set[str] = frozenset()) -> list:
+    journal: list = []
+    unit = EventConsumer(ServiceSettings(), [ROUTE_DECISIONS], group_id="unit",
+                         handler=JournalHandler(journal, hold),
+                         dead_letters=JournalDeadLetters(journal),
+                         registry=CollectorRegistry(), service="unit")
+    unit._consumer = ScriptedKafka(polls, journal, unit._stopping)
+    await asyncio.wait_for(unit._run(), 10)
+    return journal
+
+
+async def test_a_poll_is_committed_only_after_the_handler_made_it_durable():
+    journal = await run_script([records(decided("a"), decided("b")),
+                                records(decided("c"), start=2)])
+    assert journal == [("effect", "a"), ("effect", "b"), ("commit", {0: 2}),
+                       ("effect", "c"), ("commit", {0: 3})]
+
+
+async def test_a_held_event_keeps_the_commit_behind_it_until_released():
+    journal = await run_script([records(decided("a"), decided("b"), decided("c")),
+                                records(decided("d"), start=3)], hold={"b"})
+    assert journal == [("effect", "a"), ("effect", "c"), ("commit", {0: 1}),
+                       ("released", 1), ("effect", "d"), ("commit", {0: 4})]
+
+
+async def test_an_undecodable_record_is_dead_lettered_and_the_poll_goes_on():
+    journal = await run_script([records(decided("a"), b"\x00not an event", decided("c"))])
+    assert journal == [("dead_letter", 1, "invalid_json"), ("effect", "a"), ("effect", "c"),
+                       ("commit", {0: 3})]
+
+
+async def test_an_event_seen_again_is_not_handed_over_twice():
+    a = decided("a")
+    journal = await run_script([records(a), records(a, start=0), records(a, start=1)])
+    assert journal == [("effect", "a"), ("commit", {0: 1}), ("commit", {0: 2})]
