@@ -26,6 +26,7 @@ from routemesh.contracts.events import (
     UtcDatetime,
     utc_now,
 )
+from routemesh.services.runtime.files import unreadable
 
 RECORD_VERSION = 1
 Join = Literal["joined", "decision_only", "observation_only", "amendment"]
@@ -202,7 +203,10 @@ _DECODER = msgspec.json.Decoder(AuditRecord)
 
 
 class RecordProblem(ValueError):
-    pass
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        # not_json or not_a_record: what a reader that skips the line counts it as.
+        self.reason = reason
 
 
 def read_record(line: bytes) -> AuditRecord:
@@ -210,4 +214,4 @@ def read_record(line: bytes) -> AuditRecord:
     try:
         return _DECODER.decode(line)
     except msgspec.DecodeError as exc:
-        raise RecordProblem(str(exc)) from None
+        raise RecordProblem(str(exc), unreadable(exc)) from None

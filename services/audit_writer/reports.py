@@ -14,6 +14,7 @@ import msgspec
 
 from routemesh.services.audit_writer.records import AuditRecord, RecordProblem, read_record
 from routemesh.services.audit_writer.store import AuditFile, list_files, read_lines
+from routemesh.services.runtime.files import Skipped
 from routemesh.services.runtime.stats import Percentiles
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -52,6 +53,8 @@ class SummaryReport(msgspec.Struct, frozen=True, kw_only=True):
     anchored_at: datetime | None
     files_read: int
     windows: dict[str, WindowSummary]
+    # Lines that are no audit record: file name -> reason -> count.
+    skipped_lines: dict[str, dict[str, int]] = {}
 
 
 @dataclass
@@ -116,12 +119,15 @@ class _Window:
         )
 
 
-def _records(files: list[AuditFile]) -> Iterator[tuple[AuditRecord, datetime]]:
+def _records(files: list[AuditFile],
+             skipped: Skipped | None = None) -> Iterator[tuple[AuditRecord, datetime]]:
     for file in files:
         for _, line in read_lines(file):
             try:
                 record = read_record(line)
-            except RecordProblem:
+            except RecordProblem as problem:
+                if skipped is not None:
+                    skipped.add(file.path.name, problem.reason)
                 continue
             yield record, _when(record)
 
@@ -143,6 +149,8 @@ class RecentRecords:
     # (record, its time), in file order (each day's file in the order it was written),
     # of age 0 to ``within``.
     records: Iterator[tuple[AuditRecord, datetime]]
+    # The lines of those files that are no record, counted as ``records`` is read.
+    skipped: Skipped = field(default_factory=Skipped)
 
 
 def recent_records(
@@ -150,26 +158,29 @@ def recent_records(
     within: timedelta | None,
     now: datetime | None = None,
     max_files: int | None = None,
+    skipped: Skipped | None = None,
 ) -> RecentRecords:
     """The records of the last ``within`` (all of them if None) before ``now``, by default
     the newest record's time; ``max_files`` reads only the newest files (bounded work on a
-    large directory)."""
+    large directory). Lines that are no record are counted in ``skipped`` (the result's
+    own when none is given) as the records are read."""
     files = list_files(directory)
     if max_files is not None:
         files = files[-max_files:] if max_files > 0 else []
     anchor = now or newest_record_time(files)
+    skipped = skipped if skipped is not None else Skipped()
     if anchor is None:
-        return RecentRecords(None, [], iter(()))
+        return RecentRecords(None, [], iter(()), skipped)
     if within is not None:
         files = [f for f in files if f.day >= (anchor - within).date().isoformat()]
 
     def records() -> Iterator[tuple[AuditRecord, datetime]]:
-        for record, when in _records(files):
+        for record, when in _records(files, skipped):
             age = anchor - when
             if age >= timedelta(0) and (within is None or age <= within):
                 yield record, when
 
-    return RecentRecords(anchor, files, records())
+    return RecentRecords(anchor, files, records(), skipped)
 
 
 def summarize(
@@ -198,6 +209,7 @@ def summarize(
         anchored_at=recent.anchored_at,
         files_read=len(recent.files),
         windows={label: window_stats.result() for label, (_, window_stats) in stats.items()},
+        skipped_lines=recent.skipped.by_file(),
     )
 
 

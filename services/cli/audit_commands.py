@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from routemesh.services.audit_writer.reports import parse_duration, summarize, verify
-from routemesh.services.cli.output import err, fail
+from routemesh.services.cli.output import Strict, err, fail, report_skipped
 
 audit_app = typer.Typer(help="Audit trail: summaries and verification.", no_args_is_help=True)
 DirOption = Annotated[Path, typer.Option("--dir", help="The audit directory.")]
@@ -37,6 +37,7 @@ def summary(
              "record's time, so an archived slice summarises the same on any day.")] = None,
     max_files: Annotated[int | None, typer.Option(
         min=0, help="Read at most the newest N audit files.")] = None,
+    strict: Strict = False,
 ) -> None:
     """Per window: requests, route/reason/model shares, rates, latencies, tokens."""
     if not directory.is_dir():
@@ -50,6 +51,7 @@ def summary(
     report = summarize(directory, windows, since_delta, anchor, max_files)
     if format == "json":
         print(msgspec.json.format(msgspec.json.encode(report)).decode())
+        report_skipped(report.skipped_lines, strict)
         return
     anchored = report.anchored_at.isoformat() if report.anchored_at else "no records"
     result = {label: msgspec.to_builtins(w) for label, w in report.windows.items()}
@@ -71,6 +73,7 @@ def summary(
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
         table.add_row(name, *(_fmt(r["tokens"].get(name, 0)) for r in result.values()))
     Console().print(table)
+    report_skipped(report.skipped_lines, strict)
 
 
 def _instant(text: str) -> datetime:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from routemesh.services.audit_writer.reports import parse_duration, recent_records
-from routemesh.services.cli.output import err, fail
+from routemesh.services.cli.output import Strict, err, fail, report_skipped
 from routemesh.services.drift_detector import (
     Detector,
     DriftDecision,
@@ -42,6 +42,8 @@ class DriftReport(msgspec.Struct, frozen=True, kw_only=True):
     records: int
     transitions: tuple[Transition, ...]
     subjects: tuple[SubjectReport, ...]
+    # Lines that are no audit record: file name -> reason -> count.
+    skipped_lines: dict[str, dict[str, int]] = {}
 
 
 def drift_report(directory: Path, detector: Detector, since: str | None) -> DriftReport:
@@ -64,7 +66,8 @@ def drift_report(directory: Path, detector: Detector, since: str | None) -> Drif
             verdict, _, _ = detector.verdict(scope, subject)
             subjects.append(SubjectReport(scope=scope, subject=subject, verdict=verdict))
     return DriftReport(preset=detector.preset, anchored_at=recent.anchored_at, records=count,
-                       transitions=tuple(transitions), subjects=tuple(subjects))
+                       transitions=tuple(transitions), subjects=tuple(subjects),
+                       skipped_lines=recent.skipped.by_file())
 
 
 @drift_app.command("report")
@@ -80,6 +83,7 @@ def report(
     config: Annotated[Path | None, typer.Option(
         help="The routing config: its targets and routes are the known subjects, anything "
              "else is 'other' (as in the service).")] = None,
+    strict: Strict = False,
 ) -> None:
     """The drift verdicts of a past period, computed from audit files by the detector the
     service runs."""
@@ -99,6 +103,7 @@ def report(
         raise fail(str(exc), 2) from None
     if format == "json":
         print(msgspec.json.format(msgspec.json.encode(result)).decode())
+        report_skipped(result.skipped_lines, strict)
         return
     console = Console()
     anchored = result.anchored_at.isoformat() if result.anchored_at else "no records"
@@ -116,6 +121,7 @@ def report(
         now.add_row(s.scope, s.subject, s.verdict.state, str(s.verdict.samples),
                     s.verdict.reason)
     console.print(now)
+    report_skipped(result.skipped_lines, strict)
 
 
 @drift_app.command("pin")

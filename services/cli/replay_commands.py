@@ -16,7 +16,7 @@ from rich.table import Table
 
 from routemesh.contracts.events import utc_now
 from routemesh.services.audit_writer.reports import parse_duration
-from routemesh.services.cli.output import err, fail
+from routemesh.services.cli.output import Strict, err, fail, report_skipped
 from routemesh.services.replay_worker import gate as gating
 from routemesh.services.replay_worker import receipt as receipts
 from routemesh.services.replay_worker import shadow as shadows
@@ -26,7 +26,12 @@ from routemesh.services.replay_worker.replay import ReplayError
 from routemesh.services.replay_worker.runner import Outcome, ReplaySpec, run
 from routemesh.services.replay_worker.samples import import_samples, write_eval
 from routemesh.services.router import ConfigError, load_config
-from routemesh.services.runtime.files import pretty_json, write_atomically
+from routemesh.services.runtime.files import (
+    Skipped,
+    open_private,
+    pretty_json,
+    write_atomically,
+)
 from routemesh.services.runtime.settings import ServiceSettings
 
 replay_app = typer.Typer(help="What a config would have decided, next to baselines, with "
@@ -87,8 +92,8 @@ def _include_text(outcome: Outcome, path: Path) -> None:
             lines.append(json.dumps({"id": case.id, "text_sha256": case.text_sha256,
                                      "messages": case.request.messages},
                                     ensure_ascii=False))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    path.chmod(0o600)
+    with open_private(path) as out:
+        out.write("\n".join(lines) + "\n")
 
 
 @replay_app.callback(invoke_without_command=True)
@@ -121,6 +126,7 @@ def replay(
     allow_remote_embeddings: Annotated[bool, typer.Option(
         help="Let an openai encoder outside this machine and private networks see the "
              "texts.")] = False,
+    strict: Strict = False,
 ) -> None:
     """Replay a dataset, captures or an audit period through the config, a candidate, a
     previous config and the baselines."""
@@ -153,6 +159,7 @@ def replay(
     if include_text is not None:
         _include_text(outcome, include_text)
         print(f"texts written to {include_text} (local only)")
+    report_skipped(outcome.report.inputs.skipped_lines, strict)
 
 
 @replay_app.command("verify")
@@ -231,6 +238,7 @@ def gate(
         help="How much held accuracy the new config may lose.")] = 0.01,
     out: Annotated[Path, typer.Option(help="Where the gate's files go.")] = Path("gate"),
     history: Annotated[Path, typer.Option(help="Earlier reports, for drift.")] = HISTORY,
+    strict: Strict = False,
 ) -> None:
     """The change gate: replay, baselines, recent traffic, drift, receipt and rollback;
     exits 1 when the new config is worse than the old or than a baseline."""
@@ -246,8 +254,10 @@ def gate(
         verdict = gating.verdict(report, tolerance)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    audit = gating.audit_summary(from_audit(audit_dir, cutoff), outcome.configs.current,
-                                 cutoff) if audit_dir is not None else None
+    skipped = Skipped()
+    audit = gating.audit_summary(from_audit(audit_dir, cutoff, skipped),
+                                 outcome.configs.current, cutoff, skipped
+                                 ) if audit_dir is not None else None
     result = gating.GateReport(verdict=verdict, rollback=gating.rollback_line(report),
                                replay=report, audit=audit)
     write_atomically(out / "gate.json", pretty_json(result))
@@ -256,6 +266,7 @@ def gate(
     _print_summary(outcome)
     print(result.rollback)
     print(f"wrote {out / 'gate.md'}, {out / 'gate.json'} and {outcome.receipt}")
+    report_skipped(skipped.by_file(), strict)
     if not verdict.passed:
         raise fail("gate: " + "; ".join(verdict.reasons))
     print(f"gate passed: {verdict.new_accuracy:.3f} against {verdict.old_accuracy:.3f}")

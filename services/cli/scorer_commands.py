@@ -16,7 +16,7 @@ from rich.table import Table
 
 from routemesh.contracts.events import utc_now
 from routemesh.services.audit_writer.reports import parse_duration, recent_records
-from routemesh.services.cli.output import err, fail
+from routemesh.services.cli.output import Strict, err, fail, report_skipped
 from routemesh.services.router import (
     ConfigError,
     DatasetError,
@@ -26,7 +26,12 @@ from routemesh.services.router import (
     load_dataset,
 )
 from routemesh.services.runtime.captures import read_captures
-from routemesh.services.runtime.files import pretty_json, write_atomically
+from routemesh.services.runtime.files import (
+    Skipped,
+    open_private,
+    pretty_json,
+    write_atomically,
+)
 from routemesh.services.scorer import patch
 from routemesh.services.scorer.advice import AdvicePolicy
 from routemesh.services.scorer.candidates import CandidatePolicy
@@ -94,11 +99,12 @@ class _WithId:
 
 
 def audit_requests(directory: Path, since: str | None, max_files: int,
-                   outcomes: dict[str, LedgerOutcome]) -> Iterator[Request]:
+                   outcomes: dict[str, LedgerOutcome],
+                   skipped: Skipped | None = None) -> Iterator[Request]:
     """Each request of the audit period with its outcome, decision and observation
     joined across records (an amendment completes an earlier one)."""
     recent = recent_records(directory, parse_duration(since) if since else None,
-                            max_files=max_files)
+                            max_files=max_files, skipped=skipped)
     requests: OrderedDict[str, Request] = OrderedDict()
     for record, _ in recent.records:
         request = requests.setdefault(record.request_id, Request())
@@ -121,14 +127,17 @@ def _report(directory: Path, outcomes: list[Path] | None, prompt_dir: Path | Non
         raise fail(f"{directory} is not a directory")
     if prompt_dir is not None and not prompt_dir.is_dir():
         raise fail(f"{prompt_dir} is not a directory")
+    skipped = Skipped()
     try:
         joined = read_outcomes(outcomes or [])
-        captures = read_captures(prompt_dir, with_text=include_text) if prompt_dir else None
+        captures = read_captures(prompt_dir, with_text=include_text,
+                                 skipped=skipped) if prompt_dir else None
         if include_text and captures and any(c.mode != "raw_local" for c in captures.values()):
             raise fail(f"{prompt_dir} holds redacted captures: prompt text goes into a packet "
                        "only from a raw_local directory")
-        return review(audit_requests(directory, since, max_files, joined), policy, limit,
-                      captures, utc_now(), include_text)
+        report = review(audit_requests(directory, since, max_files, joined, skipped), policy,
+                        limit, captures, utc_now(), include_text)
+        return msgspec.structs.replace(report, skipped_lines=skipped.by_file())
     except (OSError, ValueError) as exc:
         raise fail(str(exc), 2) from None
 
@@ -162,6 +171,7 @@ def candidates_command(
     near_threshold: NearThreshold = 0.05,
     near_margin: NearMargin = 0.02,
     slow_ms: SlowMs = 30_000.0,
+    strict: Strict = False,
 ) -> None:
     """Review candidates of an audit period with every reason, in clusters of safe
     metadata, as the scorer picks them."""
@@ -182,6 +192,7 @@ def candidates_command(
         table.add_row(str(c.size), c.reason, c.route_id or "", c.top_route_id or "",
                       c.second_route_id or "", match)
     console.print(table)
+    report_skipped(report.skipped_lines, strict)
 
 
 @review_app.command("packet")
@@ -207,7 +218,11 @@ def packet_command(
         raise fail("the packet goes to a local file: give a path, not stdout or a URL")
     report = _report(directory, outcomes, prompt_dir, limit, max_files, since,
                      _policy(near_threshold, near_margin, slow_ms), include_prompt_text)
-    _write(output, pretty_json(report))
+    if include_prompt_text:
+        with open_private(output) as out:
+            out.write(pretty_json(report).decode())
+    else:
+        _write(output, pretty_json(report))
     text = " with the captured prompt text (keep it local)" if include_prompt_text else \
         ", metadata only"
     err.print(f"wrote {len(report.rows)} candidates and {len(report.clusters)} clusters to "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from routemesh.contracts import PromptReviewCaptured, ReviewMessage, RouteDecided
 from routemesh.contracts.events import utc_now
+from routemesh.services.runtime.files import open_private
 
 # Order matters: a bearer token may look like base64, an sk- key too.
 _SECRETS = [
@@ -60,12 +61,11 @@ def redacted_capture(decision: RouteDecided, excerpt: Excerpt) -> PromptReviewCa
 
 
 def write_raw_local(directory: Path, decision: RouteDecided, excerpt: Excerpt) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
     day = utc_now().date().isoformat()
     line = json.dumps({
         "request_id": decision.request_id, "route_id": decision.route_id,
         "reason": decision.reason, "messages": [["user", excerpt.text]],
         "original_chars": excerpt.original_chars, "truncated": excerpt.truncated,
     })
-    with (directory / f"{day}.jsonl").open("a", encoding="utf-8") as handle:
+    with open_private(directory / f"{day}.jsonl", append=True) as handle:
         handle.write(line + "\n")

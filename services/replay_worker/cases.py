@@ -16,7 +16,7 @@ import msgspec
 
 from routemesh.services.router import Route, RouteRequest, load_dataset
 from routemesh.services.runtime.captures import read_captures
-from routemesh.services.runtime.files import decoded_lines, files_sha256
+from routemesh.services.runtime.files import Skipped, decoded_lines, files_sha256, jsonl_files
 
 
 class Recorded(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,9 +70,10 @@ def from_dataset(path: Path) -> list[Case]:
             for item in load_dataset(path)]
 
 
-def from_captures(directory: Path) -> list[Case]:
+def from_captures(directory: Path, skipped: Skipped | None = None) -> list[Case]:
     cases = []
-    for request_id, capture in sorted(read_captures(directory, with_text=True).items()):
+    for request_id, capture in sorted(read_captures(directory, with_text=True,
+                                                    skipped=skipped).items()):
         request = RouteRequest.from_text(capture.text or "")
         recorded = Recorded(route_id=capture.route_id, reason=capture.reason) \
             if capture.route_id else None
@@ -105,12 +106,14 @@ class _AuditLine(msgspec.Struct, kw_only=True):
     observation: _Observation | None = None
 
 
-def from_audit(directory: Path, since: datetime | None = None) -> list[Case]:
-    """Every request of the audit files with a decision at or after ``since``: what was
-    decided, and the tokens the upstream reported. No text: the audit never has it."""
+def from_audit(directory: Path, since: datetime | None = None,
+               skipped: Skipped | None = None) -> list[Case]:
+    """Every request of the audit files (compressed days too) with a decision at or after
+    ``since``: what was decided, and the tokens the upstream reported. No text: the audit
+    never has it. Lines that are no audit record are counted in ``skipped``."""
     decisions: dict[str, _Decision] = {}
     observations: dict[str, _Observation] = {}
-    for row in decoded_lines(directory, msgspec.json.Decoder(_AuditLine)):
+    for row in decoded_lines(directory, msgspec.json.Decoder(_AuditLine), skipped):
         if row.decision is not None:
             decisions[row.request_id] = row.decision
         if row.observation is not None:
@@ -157,21 +160,24 @@ def input_set_sha256(cases: Iterable[Case]) -> str:
 
 
 def load_input(source: str, path: Path, *, audit_dir: Path | None = None,
-               since: datetime | None = None) -> tuple[list[Case], str]:
+               since: datetime | None = None,
+               skipped: Skipped | None = None) -> tuple[list[Case], str]:
     """The cases of ``path`` (a dataset file, a captures or an audit directory), with
-    what ``audit_dir`` recorded for the same requests, and the sha256 of what was read."""
+    what ``audit_dir`` recorded for the same requests, and the sha256 of what was read.
+    The lines of either directory that could not be read are counted in ``skipped``."""
     if source == "dataset":
         cases = from_dataset(path)
     elif source == "captures":
-        cases = from_captures(path)
+        cases = from_captures(path, skipped)
     else:
-        cases = from_audit(path, since)
+        cases = from_audit(path, since, skipped)
     if audit_dir is not None and source != "audit":
-        cases = with_recorded(cases, from_audit(audit_dir))
+        cases = with_recorded(cases, from_audit(audit_dir, skipped=skipped))
     return cases, stored_sha256(path)
 
 
 def stored_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, or of a directory's ``*.jsonl`` files by name."""
-    return files_sha256([path] if path.is_file() else sorted(path.glob("*.jsonl")),
+    """sha256 of a file's bytes, or of a directory's JSON-lines files (compressed ones
+    too) by name."""
+    return files_sha256([path] if path.is_file() else jsonl_files(path),
                         named=True)

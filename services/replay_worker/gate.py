@@ -15,6 +15,7 @@ import msgspec
 from routemesh.services.replay_worker.cases import Case
 from routemesh.services.replay_worker.receipt import Report
 from routemesh.services.router import LoadedConfig
+from routemesh.services.runtime.files import Skipped
 from routemesh.services.runtime.stats import shares
 
 
@@ -26,6 +27,8 @@ class AuditSummary(msgspec.Struct, frozen=True, kw_only=True):
     estimated_cost: float
     # Served by config (sha256 -> requests): a change mid-window shows here.
     configs: dict[str, int]
+    # Lines of the audit files that were not read: file name -> reason -> count.
+    skipped_lines: dict[str, dict[str, int]] = {}
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,8 +48,8 @@ class GateReport(msgspec.Struct, frozen=True, kw_only=True):
     audit: AuditSummary | None = None
 
 
-def audit_summary(cases: list[Case], priced_by: LoadedConfig,
-                  since: datetime | None) -> AuditSummary:
+def audit_summary(cases: list[Case], priced_by: LoadedConfig, since: datetime | None,
+                  skipped: Skipped | None = None) -> AuditSummary:
     recorded = [c.recorded for c in cases if c.recorded is not None]
     prices = {r.id: r for r in priced_by.config.routes}
     cost = 0.0
@@ -60,6 +63,7 @@ def audit_summary(cases: list[Case], priced_by: LoadedConfig,
         reasons=dict(sorted(Counter(r.reason or "unknown" for r in recorded).items())),
         estimated_cost=round(cost, 9),
         configs=dict(Counter(r.config_sha256 or "unknown" for r in recorded)),
+        skipped_lines=skipped.by_file() if skipped is not None else {},
     )
 
 

@@ -26,6 +26,8 @@ def render_markdown(report: Report) -> str:
         + (" (all)" if inputs.limit == 0 else f" (limit {inputs.limit})"),
         f"- input set sha256 `{inputs.input_set_sha256}` (order-independent)",
     ]
+    lines += [f"- skipped in `{file}`: " + ", ".join(f"{n} {r}" for r, n in reasons.items())
+              for file, reasons in inputs.skipped_lines.items()]
     lines += [f"- {name}: `{c.name}` config sha256 `{c.config_sha256}`, files "
               f"`{c.files_sha256}`, bank `{c.route_bank_sha256}`"
               for name, c in inputs.configs.items()]

@@ -122,6 +122,8 @@ class Inputs(msgspec.Struct, frozen=True, kw_only=True):
     cases_read: int
     limit: int
     configs: dict[str, ConfigInput] = {}
+    # Lines of the input (or audit) files that were not read: file name -> reason -> count.
+    skipped_lines: dict[str, dict[str, int]] = {}
 
 
 class ReplayResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -271,6 +273,7 @@ def replay(
     input_files_sha256: str,
     cases_read: int,
     limit: int,
+    skipped_lines: dict[str, dict[str, int]] | None = None,
     routers: dict[str, Router] | None = None,
     progress: Callable[[int], None] = lambda done: None,
     batch: int = BATCH,
@@ -324,6 +327,7 @@ def replay(
         inputs=Inputs(
             source=source, name=input_name, files_sha256=input_files_sha256,
             input_set_sha256=input_set_sha256(cases), cases_read=cases_read, limit=limit,
+            skipped_lines=skipped_lines or {},
             configs={name: ConfigInput(name=loaded.source, config_sha256=loaded.sha256,
                                        files_sha256=files_sha256(loaded.files),
                                        route_bank_sha256=routers[name].route_bank_sha256)

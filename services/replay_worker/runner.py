@@ -20,6 +20,7 @@ from routemesh.services.replay_worker.replay import (
     replay,
 )
 from routemesh.services.router import ConfigError, DatasetError
+from routemesh.services.runtime.files import Skipped
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,11 @@ def run(spec: ReplaySpec, *, history: Path | None = None, json_output: Path | No
         markdown_output: Path | None = None,
         progress: Callable[[int, int], None] = lambda done, total: None) -> Outcome:
     """Raises ReplayError (a ConfigError or DatasetError too) with a readable message."""
+    skipped = Skipped()
     try:
         configs = load_configs(spec.config, spec.candidate, spec.previous)
         read, files_sha256 = load_input(spec.source, spec.input, audit_dir=spec.audit_dir,
-                                        since=spec.since)
+                                        since=spec.since, skipped=skipped)
     except (ConfigError, DatasetError, OSError) as exc:
         raise ReplayError(str(exc)) from None
     labels = {c.label for c in read if c.label is not None}
@@ -72,7 +74,8 @@ def run(spec: ReplaySpec, *, history: Path | None = None, json_output: Path | No
 
     result = replay(configs, cases, source=spec.source, input_name=spec.input.name,
                     input_files_sha256=files_sha256, cases_read=len(read),
-                    limit=spec.limit, routers=routers, progress=step)
+                    limit=spec.limit, skipped_lines=skipped.by_file(), routers=routers,
+                    progress=step)
     report = finish(result, history)
     markdown = render_markdown(report)
     receipt = write_outputs(report, json_output, markdown_output, markdown)

@@ -43,6 +43,9 @@ def import_samples(path: Path, loaded: LoadedConfig, max_chars: int = MAX_CHARS)
     rows: list[dict[str, Any]] = []
     quarantined: list[Quarantined] = []
     seen: dict[str, str] = {}
+    # Exported ids and their lines: the replay indexes decisions by id, so a second sample
+    # under one id would mix two cases' results.
+    ids: dict[str, int] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -62,6 +65,11 @@ def import_samples(path: Path, loaded: LoadedConfig, max_chars: int = MAX_CHARS)
             continue
         if not sample_id:
             refuse("no id or request_id")
+        elif sample_id in ids:
+            refuse(f"duplicate_id: {sample_id!r} was exported from line {ids[sample_id]}",
+                   sample_id)
+        elif not any(text.strip() for _, text in request.messages):
+            refuse("empty_content: no text to route", sample_id)
         elif row.get("redacted") is not True:
             refuse("not redacted: only samples with \"redacted\": true are imported",
                    sample_id)
@@ -78,6 +86,7 @@ def import_samples(path: Path, loaded: LoadedConfig, max_chars: int = MAX_CHARS)
             refuse(f"duplicate: same text as {seen[request.prompt_sha256]}", sample_id)
         else:
             seen[request.prompt_sha256] = sample_id
+            ids[sample_id] = number
             out: dict[str, Any] = {"id": sample_id, "route": label}
             if isinstance(row.get("messages"), list):
                 out["messages"] = row["messages"]

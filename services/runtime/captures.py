@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from routemesh.services.runtime.files import decoded_lines
+from routemesh.services.runtime.files import Skipped, decoded_lines
 
 CaptureMode = Literal["raw_local", "redacted"]
 
@@ -44,11 +44,12 @@ def _text(messages: list[Any]) -> str:
     return "\n".join(parts)
 
 
-def read_captures(directory: Path, *, with_text: bool = False) -> dict[str, Capture]:
-    """Every capture in ``directory``'s ``*.jsonl`` files by request id; a line that is
-    no capture is skipped."""
+def read_captures(directory: Path, *, with_text: bool = False,
+                  skipped: Skipped | None = None) -> dict[str, Capture]:
+    """Every capture in ``directory``'s JSON-lines files by request id; a line that is
+    no capture is counted in ``skipped``."""
     found: dict[str, Capture] = {}
-    for row in decoded_lines(directory, msgspec.json.Decoder(_CaptureLine)):
+    for row in decoded_lines(directory, msgspec.json.Decoder(_CaptureLine), skipped):
         mode: CaptureMode = "redacted" if row.type == "PromptReviewCaptured" else "raw_local"
         text = _text(row.messages)
         found[row.request_id] = Capture(

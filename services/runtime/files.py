@@ -3,11 +3,13 @@ configs and their utterance files, key files)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import msgspec
 
@@ -80,18 +82,74 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.close(directory)
 
 
+def open_private(path: Path, *, append: bool = False) -> IO[str]:
+    """A text file only its owner can read (0600; a directory this makes is 0700), for
+    prompt text a reviewer asked for: it stays on this machine and this account, whatever
+    the umask. A file that existed is made 0600 too."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    descriptor = os.open(path, flags, 0o600)
+    os.fchmod(descriptor, 0o600)
+    return os.fdopen(descriptor, "a" if append else "w", encoding="utf-8")
+
+
 def pretty_json(value: object) -> bytes:
     """``value`` as indented JSON with a final newline: the format of report files."""
     return msgspec.json.format(msgspec.json.encode(value), indent=2) + b"\n"
 
 
-def decoded_lines(directory: Path, decoder: msgspec.json.Decoder[T]) -> Iterator[T]:
-    """Every line of ``directory``'s ``*.jsonl`` files (by name) that ``decoder`` reads;
-    the others are skipped (a torn last line, a line of another kind)."""
-    for path in sorted(directory.glob("*.jsonl")):
-        with path.open("rb") as handle:
+class Skipped:
+    """The lines a reader of JSON-lines files passed over, by file name and reason: a
+    reader says what it did not read instead of skipping it silently."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, file: str, reason: str) -> None:
+        self.counts[(file, reason)] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def by_file(self) -> dict[str, dict[str, int]]:
+        found: dict[str, dict[str, int]] = {}
+        for (file, reason), count in sorted(self.counts.items()):
+            found.setdefault(file, {})[reason] = count
+        return found
+
+    def __str__(self) -> str:
+        parts = "; ".join(f"{file}: " + ", ".join(f"{n} {r}" for r, n in reasons.items())
+                          for file, reasons in self.by_file().items())
+        return f"skipped {self.total} unreadable line(s): {parts}"
+
+
+def unreadable(exc: msgspec.DecodeError) -> str:
+    """Why a line was not read: not JSON at all, or JSON of another shape."""
+    return "not_a_record" if isinstance(exc, msgspec.ValidationError) else "not_json"
+
+
+def jsonl_files(directory: Path) -> list[Path]:
+    """``directory``'s ``*.jsonl`` files and their compressed ``*.jsonl.gz`` copies, by
+    name. A file caught while being compressed (both present) is listed once, plain."""
+    plain = sorted(directory.glob("*.jsonl"))
+    names = {p.name for p in plain}
+    packed = [p for p in sorted(directory.glob("*.jsonl.gz")) if p.name[:-3] not in names]
+    return sorted(plain + packed, key=lambda p: p.name)
+
+
+def decoded_lines(directory: Path, decoder: msgspec.json.Decoder[T],
+                  skipped: Skipped | None = None) -> Iterator[T]:
+    """Every line of ``directory``'s JSON-lines files, plain or gzip (``jsonl_files``),
+    that ``decoder`` reads; the others are counted in ``skipped`` by file and reason."""
+    for path in jsonl_files(directory):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
             for line in handle:
+                if not line.strip():
+                    continue
                 try:
                     yield decoder.decode(line)
-                except msgspec.DecodeError:
-                    continue
+                except msgspec.DecodeError as exc:
+                    if skipped is not None:
+                        skipped.add(path.name, unreadable(exc))

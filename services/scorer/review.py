@@ -43,6 +43,8 @@ class ReviewReport(msgspec.Struct, frozen=True, kw_only=True):
     rows: tuple[CandidateRow, ...]
     clusters: tuple[ReviewCluster, ...]
     includes_prompt_text: bool = False
+    # Lines of the audit and capture files that were not read: file -> reason -> count.
+    skipped_lines: dict[str, dict[str, int]] = {}
 
 
 class Request(msgspec.Struct, kw_only=True):

@@ -3,6 +3,7 @@
 import json
 from datetime import timedelta
 
+import pytest
 from typer.testing import CliRunner
 
 from routemesh.services.audit_writer.records import build_record
@@ -44,3 +45,27 @@ def test_summary_refuses_a_bad_now_with_a_clear_error(tmp_path):
     result = runner.invoke(app, ["audit", "summary", "--dir", str(tmp_path), "--now", "soon"])
     assert result.exit_code == 2
     assert "not an ISO 8601 time" in result.output
+
+
+@pytest.mark.parametrize("command", [
+    ["audit", "summary", "--format", "json"],
+    ["drift", "report", "--format", "json"],
+    ["review", "candidates"],
+])
+def test_every_audit_reader_reports_the_lines_it_skipped_and_fails_under_strict(
+        tmp_path, command):
+    archive(tmp_path)
+    (day_file,) = tmp_path.glob("*.jsonl")
+    with day_file.open("ab") as out:
+        out.write(b"not json\n{\"request_id\": 3}\n")
+    found = runner.invoke(app, [*command, "--dir", str(tmp_path)])
+    assert found.exit_code == 0, found.output
+    assert f"skipped in {day_file.name}: 1 not_a_record, 1 not_json" in found.stderr
+    if "--format" in command:
+        assert json.loads(found.stdout)["skipped_lines"] == {
+            day_file.name: {"not_json": 1, "not_a_record": 1}}
+    strict = runner.invoke(app, [*command, "--dir", str(tmp_path), "--strict"])
+    assert strict.exit_code == 1
+    assert "2 unreadable line(s) skipped (--strict)" in strict.stderr
+    clean = runner.invoke(app, [*command, "--dir", str(tmp_path / "none"), "--strict"])
+    assert "skipped" not in clean.output

@@ -98,6 +98,7 @@ def test_a_packet_is_metadata_only_unless_asked_from_a_raw_local_directory(
     rows = {r["candidate"]["request_id"]: r for r in json.loads(packet.read_text())["rows"]}
     assert rows["near1"]["prompt_text"] == f"{CANARY} near1"
     assert rows["near2"]["prompt_text"] is None
+    assert packet.stat().st_mode & 0o777 == 0o600, "prompt text: its owner's only"
 
 
 def test_prompt_text_is_refused_from_redacted_captures_and_to_stdout(tmp_path, audit_dir):

@@ -1,6 +1,7 @@
 """The replay worker's parts that need no model: sampling, drift, samples import, the
 shadow comparison, the embedding-endpoint check, cases from audit files and captures."""
 
+import gzip
 import json
 import random
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from routemesh.services.replay_worker.cases import (
     from_captures,
     input_set_sha256,
     sample,
+    stored_sha256,
     with_recorded,
 )
 from routemesh.services.replay_worker.gate import verdict
@@ -33,6 +35,7 @@ from routemesh.services.replay_worker.samples import import_samples
 from routemesh.services.replay_worker.shadow import Window, compare
 from routemesh.services.router import load_config
 from routemesh.services.router.config import LoadedConfig, canonical_sha256
+from routemesh.services.runtime.files import Skipped
 
 
 def cases(n: int) -> list[Case]:
@@ -99,6 +102,11 @@ def test_samples_import_refuses_model_labels_and_unredacted_samples(config_path,
         {"id": "f", "messages": [{"role": "user", "content": "design a cache"}],
          "route": "deep", "redacted": True},
         {"id": "g", "prompt": "y" * 30_000, "route": "deep", "redacted": True},
+        {"id": "h", "prompt": " \n\t ", "route": "lite", "redacted": True},
+        {"id": "i", "messages": [{"role": "user", "content": ""}], "route": "deep",
+         "redacted": True},
+        {"id": "a", "prompt": "a different text under a's id", "route": "deep",
+         "redacted": True},
     ]
     path = tmp_path / "reviewed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
@@ -112,6 +120,9 @@ def test_samples_import_refuses_model_labels_and_unredacted_samples(config_path,
     assert "same text as a" in reasons["d"]
     assert "no route" in reasons["e"]
     assert "too long" in reasons["g"]
+    assert reasons["h"].startswith("empty_content")
+    assert reasons["i"].startswith("empty_content")
+    assert reasons["a"] == "duplicate_id: 'a' was exported from line 1"
     assert any(q.id is None and "not a sample" in q.reason for q in imported.quarantined)
 
 
@@ -183,9 +194,17 @@ def test_audit_records_and_captures_become_cases(tmp_path):
                                          completion_tokens=30)
         lines.append(msgspec.json.encode(build_record("joined", f"r{i}", decision,
                                                       observation, now=now)))
-    (audit / "2026-12-01.jsonl").write_bytes(b"\n".join(lines) + b"\nnot a record\n")
-    found = from_audit(audit, since=now - timedelta(hours=24))
+    # The writer compresses past days: r1 is in yesterday's gzip file.
+    (audit / "2026-12-01.jsonl").write_bytes(lines[0] + b"\n" + lines[2] + b"\nnot a record\n")
+    (audit / "2026-11-30.jsonl.gz").write_bytes(gzip.compress(lines[1] + b"\n{\"x\": 1}\n"))
+    before = stored_sha256(audit)
+    skipped = Skipped()
+    found = from_audit(audit, since=now - timedelta(hours=24), skipped=skipped)
     assert [c.id for c in found] == ["r0", "r1"]
+    assert skipped.by_file() == {"2026-11-30.jsonl.gz": {"not_a_record": 1},
+                                 "2026-12-01.jsonl": {"not_json": 1}}
+    (audit / "2026-11-30.jsonl.gz").write_bytes(gzip.compress(lines[1] + b"\n"))
+    assert stored_sha256(audit) != before, "the input hash covers compressed days"
     assert found[0].request is None
     assert found[0].recorded.route_id == "lite"
     assert (found[1].input_tokens, found[1].output_tokens) == (12, 30)
