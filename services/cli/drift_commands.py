@@ -20,6 +20,7 @@ from routemesh.services.drift_detector import (
     Preset,
     Transition,
     Verdict,
+    unserved_attempts,
 )
 from routemesh.services.drift_detector import store as drift_store
 from routemesh.services.router import PASSTHROUGH_ROUTE, ConfigError, load_config
@@ -58,8 +59,10 @@ def drift_report(directory: Path, detector: Detector, since: str | None) -> Drif
             transitions += detector.add_decision(
                 msgspec.convert(record.decision, DriftDecision, from_attributes=True))
         if record.observation is not None:
+            served = msgspec.convert(record.observation, DriftObservation,
+                                     from_attributes=True)
             transitions += detector.add_observation(
-                msgspec.convert(record.observation, DriftObservation, from_attributes=True))
+                served, unserved_attempts(record.observation, served))
     subjects = []
     for scope in ("model", "route"):
         for subject in sorted(detector.state.subjects.get(scope, {})):

@@ -11,7 +11,12 @@ from routemesh.services.drift_detector.detector import (
     Transition,
 )
 from routemesh.services.drift_detector.presets import RESPONSE, ROUTING, Preset
-from routemesh.services.drift_detector.signals import DriftDecision, DriftObservation, Verdict
+from routemesh.services.drift_detector.signals import (
+    DriftDecision,
+    DriftObservation,
+    Verdict,
+    unserved_attempts,
+)
 
 __all__ = [
     "ALL_ROUTES",
@@ -26,4 +31,5 @@ __all__ = [
     "Snapshot",
     "Transition",
     "Verdict",
+    "unserved_attempts",
 ]

@@ -213,17 +213,22 @@ class Detector:
 
     # -- feeding ----------------------------------------------------------------------
 
-    def add_observation(self, view: DriftObservation) -> list[Transition]:
-        """Add an observation; judge its model now and its route when due."""
-        model = self.label(view.target_model, "model")
-        window = self._models.get(model)
-        if window is None:
-            window = self._models[model] = ResponseWindow(self.window, self.expected_finish,
-                                                          self.max_age)
-        window.add(view)
+    def add_observation(self, view: DriftObservation,
+                        attempts: Sequence[DriftObservation] = ()) -> list[Transition]:
+        """Add an observation (the served answer) and the request's unserved ``attempts``
+        (``unserved_attempts``), each to its own model's window; judge the models and the
+        route when due. The route's window sees the request once."""
+        transitions: list[Transition] = []
+        for answer in (*attempts, view):
+            model = self.label(answer.target_model, "model")
+            window = self._models.get(model)
+            if window is None:
+                window = self._models[model] = ResponseWindow(
+                    self.window, self.expected_finish, self.max_age)
+            window.add(answer)
+            transitions += self._due("model", model, self.model_stride)
         route = self.label(view.route_id, "route")
         self.state.observations.setdefault(route, Sliding()).add(view, self.routing_window)
-        transitions = self._due("model", model, self.model_stride)
         transitions += self._due("route", route, self.stride)
         return transitions
 

@@ -35,6 +35,7 @@ from routemesh.services.drift_detector.signals import (
     DriftDecision,
     DriftObservation,
     Verdict,
+    unserved_attempts,
 )
 from routemesh.services.drift_detector.store import (
     PIN_FILE,
@@ -171,8 +172,10 @@ class DriftDetector:
         for delivery in fresh:
             event = delivery.event
             if isinstance(event, CompletionObserved):
-                transitions = self.detector.add_observation(
-                    msgspec.convert(event, DriftObservation, from_attributes=True))
+                served = msgspec.convert(event, DriftObservation, from_attributes=True)
+                # One call is the served one: only a failover or an escalation adds others.
+                attempts = unserved_attempts(event, served) if len(event.calls) > 1 else ()
+                transitions = self.detector.add_observation(served, attempts)
             elif isinstance(event, RouteDecided):
                 transitions = self.detector.add_decision(
                     msgspec.convert(event, DriftDecision, from_attributes=True))

@@ -54,6 +54,39 @@ class DriftObservation(msgspec.Struct, frozen=True, kw_only=True, gc=False):
         return self.error_class is not None or status is None or not 200 <= status < 300
 
 
+class DriftCall(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The fields of one upstream call (CompletionObserved 1.2 ``calls``, or an audit
+    record's) drift reads: what a model did, served or not."""
+
+    model: str
+    route_id: str | None = None
+    upstream_status: int | None = None
+    error_class: str | None = None
+    served: bool = False
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    tools_used: bool = False
+
+
+class _Calls(msgspec.Struct, frozen=True, kw_only=True):
+    calls: tuple[DriftCall, ...] = ()
+
+
+def unserved_attempts(source: object, served: DriftObservation) -> list[DriftObservation]:
+    """The calls of an observation (an event or an audit record's) whose answer was not
+    served, each as an observation of the model that made it: a model's empty answer or
+    error counts against it even when a failover or an escalation answered instead."""
+    calls = msgspec.convert(source, _Calls, from_attributes=True).calls
+    return [DriftObservation(route_id=call.route_id or served.route_id, target_model=call.model,
+                             occurred_at=served.occurred_at,
+                             upstream_status=call.upstream_status,
+                             completion_tokens=call.completion_tokens,
+                             finish_reason=call.finish_reason,
+                             tools_requested=served.tools_requested,
+                             tools_used=call.tools_used, error_class=call.error_class)
+            for call in calls if not call.served]
+
+
 class DriftDecision(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The fields of a RouteDecided (or an audit record's decision) drift reads."""
 

@@ -45,6 +45,16 @@ class _EmbeddedServer(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def listening(self, serving: asyncio.Task[None]) -> None:
+        """Return once the server accepts connections: the gateway reports ready only
+        then, or a readiness probe would send traffic to a port that refuses it. Raises
+        what stopped the server if it ended first (a port in use)."""
+        while not self.started:
+            if serving.done():
+                serving.result()
+                raise RuntimeError("the HTTP server stopped before it listened")
+            await asyncio.sleep(0.01)
+
 
 def build_router(settings: GatewaySettings, current: Router | None = None, *,
                  shadow: bool = False) -> Router:
@@ -154,6 +164,7 @@ class Gateway:
                                     settings.shutdown_timeout_s * 0.4))
         self._server = _EmbeddedServer(config)
         self._serving = asyncio.create_task(self._server.serve())
+        await self._server.listening(self._serving)
         self.reloader = Reloader(state, lambda: build_router(settings, state.router),
                                  ctx.registry, built_at=built_at)
         if self._announced_early is not None:

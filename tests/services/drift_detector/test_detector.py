@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routemesh.contracts import decode_event, encode_event
-from routemesh.services.drift_detector import ALL_ROUTES, OTHER, Detector, Pinned, Snapshot
+from routemesh.contracts import CompletionObserved, UpstreamCall, decode_event, encode_event
+from routemesh.services.drift_detector import (
+    ALL_ROUTES,
+    OTHER,
+    Detector,
+    DriftObservation,
+    Pinned,
+    Snapshot,
+    unserved_attempts,
+)
 from tests.services.drift_detector.streams import START, decision, healthy
 
 PRESETS = ("low", "normal", "high")
@@ -230,3 +238,29 @@ def test_an_alert_carries_the_whole_verdict_and_its_identity():
     assert alert.sensitivity == "high"
     assert alert.baseline_kind is None
     assert decode_event(encode_event(alert)) == alert
+
+
+def test_a_models_failures_reach_its_own_window_when_another_model_answered():
+    """The cheap model fails every call and the failover answers: the cheap model is the
+    one flagged, from the observations' calls, and the route sees each request once."""
+    detector = Detector("normal")
+    found = []
+    for i in range(20):
+        event = CompletionObserved(
+            request_id=f"r{i}", route_id="lite", target_model="large-model",
+            upstream_status=200, completion_tokens=150, finish_reason="stop",
+            occurred_at=START + timedelta(seconds=i), escalation_path=("lite", "deep"),
+            failover_reason="upstream_failure",
+            calls=(UpstreamCall(model="small-model", route_id="lite", upstream_status=500,
+                                error_class="upstream_500"),
+                   UpstreamCall(model="large-model", route_id="deep", upstream_status=200,
+                                served=True, completion_tokens=150, finish_reason="stop")))
+        served = msgspec.convert(event, DriftObservation, from_attributes=True)
+        found += detector.add_observation(served, unserved_attempts(event, served))
+    states = {t.subject: t.verdict.state for t in found if t.scope == "model"}
+    assert states["small-model"] in ("mild", "severe")
+    small, _, _ = detector.verdict("model", "small-model")
+    assert next(s for s in small.signals if s.name == "error_rate").value == 1.0
+    large, _, _ = detector.verdict("model", "large-model")
+    assert large.state == "none"
+    assert len(detector.state.observations["lite"].current) == 20
