@@ -86,13 +86,28 @@ def report(
     config: Annotated[Path | None, typer.Option(
         help="The routing config: its targets and routes are the known subjects, anything "
              "else is 'other' (as in the service).")] = None,
+    threshold: Annotated[list[str] | None, typer.Option(
+        help="NAME=VALUE: a signal's threshold instead of the preset's (repeatable), as "
+             "ROUTEMESH_DRIFT_THRESHOLDS sets it for the service.")] = None,
     strict: Strict = False,
 ) -> None:
     """The drift verdicts of a past period, computed from audit files by the detector the
     service runs."""
     if not directory.is_dir():
         raise fail(f"{directory} is not a directory")
-    detector = Detector(preset, window=window, routing_window=routing_window)
+    overrides: dict[str, float] = {}
+    for item in threshold or []:
+        name, _, value = item.partition("=")
+        try:
+            overrides[name.strip()] = float(value)
+        except ValueError:
+            raise fail(f"--threshold {item!r}: give NAME=VALUE, e.g. error_rate=0.1",
+                       2) from None
+    try:
+        detector = Detector(preset, window=window, routing_window=routing_window,
+                            overrides=overrides)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
     if config is not None:
         try:
             routes = load_config(config).config.routes

@@ -21,6 +21,7 @@ from routemesh.services.replay_worker import gate as gating
 from routemesh.services.replay_worker import receipt as receipts
 from routemesh.services.replay_worker import shadow as shadows
 from routemesh.services.replay_worker.cases import from_audit
+from routemesh.services.replay_worker.receipt import Bands
 from routemesh.services.replay_worker.render import summary_rows
 from routemesh.services.replay_worker.replay import ReplayError
 from routemesh.services.replay_worker.runner import Outcome, ReplaySpec, run
@@ -42,13 +43,19 @@ Existing = Annotated[Path | None, typer.Option(exists=True, help="A route config
 HISTORY = Path(".routemesh/replays")
 
 
+DriftWarn = Annotated[float, typer.Option(
+    min=0, help="A headline figure moving by more than this share of the last report's "
+                "on the same input set warns.")]
+DriftAlert = Annotated[float, typer.Option(min=0, help="... and by more than this alerts.")]
+
+
 def _run(spec: ReplaySpec, history: Path, json_output: Path | None,
-         markdown_output: Path | None) -> Outcome:
+         markdown_output: Path | None, bands: Bands) -> Outcome:
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("replaying", total=None)
         try:
             outcome = run(spec, history=history, json_output=json_output,
-                          markdown_output=markdown_output,
+                          markdown_output=markdown_output, bands=bands,
                           progress=lambda done, total: bar.update(task, completed=done,
                                                                   total=total))
         except ReplayError as exc:
@@ -75,7 +82,9 @@ def _print_summary(outcome: Outcome) -> None:
         print(f"{d.before} -> {d.after}: {d.route_changed} routes changed of {d.cases} "
               f"(fixed {sum(f.verdict == 'fixed' for f in d.flips)}, broken "
               f"{sum(f.verdict == 'broken' for f in d.flips)})")
-    print(f"drift against the previous report: {report.drift.status}")
+    print(f"drift against the previous report: {report.drift.status}"
+          + ("; DETERMINISTIC VIOLATION: the same inputs as that report gave another run "
+             "hash" if report.drift.deterministic_violation else ""))
     print(f"run hash {report.receipt.run_hash}"
           + ("" if report.receipt.validation_passed
              else f"; validation FAILED: {'; '.join(report.receipt.problems)}"))
@@ -126,6 +135,8 @@ def replay(
     allow_remote_embeddings: Annotated[bool, typer.Option(
         help="Let an openai encoder outside this machine and private networks see the "
              "texts.")] = False,
+    drift_warn: DriftWarn = 0.20,
+    drift_alert: DriftAlert = 0.50,
     strict: Strict = False,
 ) -> None:
     """Replay a dataset, captures or an audit period through the config, a candidate, a
@@ -154,7 +165,8 @@ def replay(
                       previous=previous, since=cutoff,
                       audit_dir=audit_dir if source != "audit" else None, limit=limit,
                       allow_remote_embeddings=allow_remote_embeddings)
-    outcome = _run(spec, history, json_output, markdown_output)
+    outcome = _run(spec, history, json_output, markdown_output,
+                   Bands(warn=drift_warn, alert=drift_alert))
     _print_summary(outcome)
     if include_text is not None:
         _include_text(outcome, include_text)
@@ -238,6 +250,8 @@ def gate(
         help="How much held accuracy the new config may lose.")] = 0.01,
     out: Annotated[Path, typer.Option(help="Where the gate's files go.")] = Path("gate"),
     history: Annotated[Path, typer.Option(help="Earlier reports, for drift.")] = HISTORY,
+    drift_warn: DriftWarn = 0.20,
+    drift_alert: DriftAlert = 0.50,
     strict: Strict = False,
 ) -> None:
     """The change gate: replay, baselines, recent traffic, drift, receipt and rollback;
@@ -248,7 +262,8 @@ def gate(
         raise fail(str(exc), 2) from None
     spec = ReplaySpec(config=baseline, candidate=config, source="dataset", input=dataset,
                       limit=0)
-    outcome = _run(spec, history, out / "replay.json", out / "replay.md")
+    outcome = _run(spec, history, out / "replay.json", out / "replay.md",
+                   Bands(warn=drift_warn, alert=drift_alert))
     report = outcome.report
     try:
         verdict = gating.verdict(report, tolerance)

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from routemesh.contracts import RouteBankPublished
 from routemesh.services.cli.output import err, fail
+from routemesh.services.replay_worker.cases import from_dataset, input_set_sha256
+from routemesh.services.replay_worker.receipt import eval_receipt, read_receipt
 from routemesh.services.router import (
     ConfigError,
     DatasetError,
@@ -42,6 +44,7 @@ from routemesh.services.router.encoders import (
     default_model_dir,
     export_model,
 )
+from routemesh.services.runtime.files import files_sha256, pretty_json, write_atomically
 from routemesh.services.runtime.kafka import EventProducer, event_address
 from routemesh.services.runtime.settings import ServiceSettings
 
@@ -187,6 +190,12 @@ def eval_command(
                   "out: the route model was trained on them (bank build --train)",
                   highlight=False)
     json_path, md_path = write_reports(report, out)
+    receipt_path = out / "report.receipt.json"
+    receipt = eval_receipt(report, files_sha256(router.loaded.files),
+                           input_set_sha256(from_dataset(dataset)), read_receipt(receipt_path))
+    outputs = {p.name: file_sha256(p) for p in (json_path, md_path)}
+    write_atomically(receipt_path, pretty_json(msgspec.structs.replace(receipt,
+                                                                       outputs=outputs)))
     table = Table(title=f"{dataset.name}: {report.items} items")
     table.add_column("system")
     table.add_column("accuracy", justify="right")
@@ -199,7 +208,10 @@ def eval_command(
           f"p99 {latency.p99:.2f}")
     if report.calibration_error is not None:
         print(f"calibration error (semantic layer) {report.calibration_error:.3f}")
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {json_path}, {md_path} and {receipt_path} (run hash {receipt.run_hash})")
+    if receipt.deterministic_violation:
+        err.print("[red]deterministic_violation:[/red] the earlier run in this directory had "
+                  "the same code and inputs and another run hash", highlight=False)
     warning = unrouted_warning(report)
     if warning is not None:
         if strict:

@@ -13,7 +13,7 @@ same transition computed twice (after a crash and a redelivery) has the same ide
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Generic, Literal, TypeVar
 
@@ -21,7 +21,7 @@ import msgspec
 
 from routemesh.contracts import DriftAlert
 from routemesh.contracts.events import Severity, utc_now
-from routemesh.services.drift_detector.presets import RESPONSE, ROUTING, Preset
+from routemesh.services.drift_detector.presets import Preset, thresholds
 from routemesh.services.drift_detector.signals import (
     EXPECTED_FINISH,
     DriftDecision,
@@ -167,18 +167,18 @@ class Detector:
         known_routes: Iterable[str] | None = None,
         expected_finish: frozenset[str] = EXPECTED_FINISH,
         max_subjects: int = 100,
+        overrides: Mapping[str, float] | None = None,
     ) -> None:
         self.preset = preset
-        self.response = RESPONSE[preset]
-        self.routing = ROUTING[preset]
+        self.response, self.routing = thresholds(preset, overrides)
         self.window = window
         self.routing_window = routing_window
-        # How often a subject is judged, in its events: a model every fifth of its window
-        # (a signal needs several of the window's observations to move), routing every
-        # quarter window (its verdicts compare distributions of hundreds of events). A
-        # change is seen at most a stride late, and judging costs little per event
-        # (bench/drift.py).
-        self.model_stride = max(1, window // 5)
+        # How often a subject is judged, in its events: a model after every observation
+        # (its window's counts are kept as observations come and go, so a judgement is a
+        # few comparisons, and an incident or a relapse is seen on the observation that
+        # makes it; bench/drift.py), routing every quarter window (its verdicts compare
+        # distributions of hundreds of events, and cost more).
+        self.model_stride = 1
         self.stride = max(1, routing_window // 4)
         self.max_age = max_age
         self.known_models = set(known_models) if known_models is not None else None
@@ -307,10 +307,9 @@ class Detector:
         else:
             verdict, judged, baseline = self.verdict(scope, subject)
             new = verdict.state
-        if known.refilling and (new == "insufficient_data" or (
-                scope == "model" and len(self._models[subject]) < self.window)):
-            # A model that recovered is judged again on a whole window of answers since,
-            # not on the first few (which flapped between verdicts on a fading incident).
+        if known.refilling and new == "insufficient_data":
+            # Emptied on purpose: the last verdict stands until the window holds the
+            # minimum fill again; a relapse is then reported at once.
             return []
         known.refilling = False
         if new == known.state:

@@ -3,6 +3,7 @@ model) and for routing (per route and overall)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import msgspec
@@ -66,3 +67,31 @@ ROUTING: dict[str, RoutingThresholds] = {
                               score_ks=0.2, latency_p95_ratio=1.5, ttft_p95_ratio=1.5,
                               escalation_rate=0.2, min_fill=30),
 }
+
+
+# The thresholds a deployment may set one by one over its preset (the minimum fills stay
+# the preset's: they are about the window, not a signal).
+SIGNAL_THRESHOLDS = tuple(
+    name for table in (ResponseThresholds, RoutingThresholds)
+    for name in table.__struct_fields__ if name != "min_fill")
+
+
+def thresholds(preset: Preset, overrides: Mapping[str, float] | None = None
+               ) -> tuple[ResponseThresholds, RoutingThresholds]:
+    """The preset's tables with the signals named in ``overrides`` set to their values;
+    ValueError names a signal that is neither table's, or a value that is not positive."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(SIGNAL_THRESHOLDS))
+    if unknown:
+        raise ValueError(f"no such drift threshold: {', '.join(unknown)} (thresholds: "
+                         f"{', '.join(SIGNAL_THRESHOLDS)})")
+    wrong = sorted(name for name, value in overrides.items() if not value > 0)
+    if wrong:
+        raise ValueError(f"a drift threshold is a positive number: {', '.join(wrong)}")
+    response, routing = RESPONSE[preset], ROUTING[preset]
+    return (
+        msgspec.structs.replace(response, **{k: float(v) for k, v in overrides.items()
+                                             if k in ResponseThresholds.__struct_fields__}),
+        msgspec.structs.replace(routing, **{k: float(v) for k, v in overrides.items()
+                                            if k in RoutingThresholds.__struct_fields__}),
+    )

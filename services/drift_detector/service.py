@@ -24,12 +24,12 @@ from pathlib import Path
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from routemesh.contracts import CompletionObserved, DriftAlert, RouteDecided
 from routemesh.contracts.topics import DRIFT_ALERTS, LLM_OBSERVATIONS, ROUTE_DECISIONS
 from routemesh.services.drift_detector.detector import Detector, Pinned, Scope
-from routemesh.services.drift_detector.presets import Preset
+from routemesh.services.drift_detector.presets import Preset, thresholds
 from routemesh.services.drift_detector.signals import (
     EXPECTED_FINISH,
     DriftDecision,
@@ -62,6 +62,9 @@ SEVERITY = {"insufficient_data": -1, "none": 0, "mild": 1, "severe": 2}
 
 class DriftDetectorSettings(ServiceSettings):
     drift_preset: Preset = "normal"
+    # Signals whose threshold differs from the preset's, by name (JSON object), e.g.
+    # {"error_rate": 0.1}; checked against the preset's tables at start.
+    drift_thresholds: dict[str, float] = {}
     # Observations per target model judged together.
     drift_window: int = Field(default=20, ge=4, le=10_000)
     # Routing events per route (and over all routes) in the current window; the baseline
@@ -84,6 +87,12 @@ class DriftDetectorSettings(ServiceSettings):
     router_config: Path | None = Path("deploy/examples/lite-deep.yaml")
     router_config_name: str | None = None
     drift_max_subjects: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _known_thresholds(self) -> DriftDetectorSettings:
+        # Refused at start, naming the thresholds there are, not at the first event.
+        thresholds(self.drift_preset, self.drift_thresholds)
+        return self
 
 
 class _Metrics:
@@ -129,6 +138,7 @@ class DriftDetector:
             if settings.drift_max_age_s else None,
             expected_finish=settings.drift_expected_finish,
             max_subjects=settings.drift_max_subjects,
+            overrides=settings.drift_thresholds,
         )
         self.metrics = _Metrics(ctx.registry)
         self.state = SavedState(settings.drift_state_dir, ctx.readiness, "drift_state",

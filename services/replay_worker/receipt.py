@@ -15,15 +15,20 @@ from typing import Literal
 
 import msgspec
 
+from routemesh.contracts.events import utc_now
 from routemesh.services.replay_worker.replay import ReplayResult, SystemFigures
-from routemesh.services.router import file_sha256
+from routemesh.services.router import EvalReport, file_sha256
 from routemesh.services.runtime.files import pretty_json, write_atomically
 
 Status = Literal["ok", "warn", "alert"]
-# A headline figure that moves by more than this share of its last value warns; by more
-# than ALERT_SHARE, alerts.
-WARN_SHARE = 0.20
-ALERT_SHARE = 0.50
+
+
+class Bands(msgspec.Struct, frozen=True, kw_only=True):
+    """A headline figure that moves by more than ``warn`` of its last value warns; by
+    more than ``alert``, alerts."""
+
+    warn: float = 0.20
+    alert: float = 0.50
 
 
 class Receipt(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,6 +45,8 @@ class Receipt(msgspec.Struct, frozen=True, kw_only=True):
     problems: list[str] = []
     # Output file name (beside the receipt) -> sha256; filled in the receipt file only.
     outputs: dict[str, str] = {}
+    # An earlier receipt had the same code and inputs and another run hash.
+    deterministic_violation: bool = False
 
 
 class FigureChange(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,6 +64,9 @@ class Drift(msgspec.Struct, frozen=True, kw_only=True):
     against_created_at: datetime | None = None
     changes: list[FigureChange] = []
     new_errors: list[str] = []
+    # The same code, configs, bank and input set as the report compared with, and yet
+    # another run hash: the replay is not deterministic, and no figure of it is evidence.
+    deterministic_violation: bool = False
 
 
 class Report(ReplayResult, frozen=True, kw_only=True):
@@ -123,6 +133,42 @@ def receipt_for(result: ReplayResult) -> Receipt:
     )
 
 
+def eval_receipt(report: EvalReport, config_files_sha256: str, input_set: str,
+                 earlier: Receipt | None) -> Receipt:
+    """The receipt of a `routemesh eval` run, in the replay's form: the code, the inputs'
+    hashes, and a run hash over what was decided and the figures (timings left out: they
+    are not the same twice); flagged when ``earlier`` had the same code and inputs and
+    another run hash."""
+    material = msgspec.json.encode({
+        "sha256": report.sha256, "decisions": report.decision_sha256,
+        "accuracy": report.accuracy, "macro_f1": report.macro_f1,
+        "baselines": {name: b.accuracy for name, b in report.baselines.items()},
+        "items": report.items, "excluded_trained": report.excluded_trained,
+    }, order="sorted")
+    version, commit = code_version()
+    receipt = Receipt(
+        code_version=version, git_commit=commit, created_at=utc_now(),
+        run_hash=hashlib.sha256(material).hexdigest(), input_set_sha256=input_set,
+        input_files_sha256=report.sha256.dataset,
+        configs={"current": {"config_sha256": report.sha256.config,
+                             "files_sha256": config_files_sha256,
+                             "route_bank_sha256": report.sha256.route_bank}},
+        counts={"items": report.items, "excluded_trained": report.excluded_trained},
+        validation_passed=True,
+    )
+    violation = earlier is not None and _same_inputs(receipt, earlier) and \
+        earlier.run_hash != receipt.run_hash
+    return msgspec.structs.replace(receipt, deterministic_violation=violation)
+
+
+def read_receipt(path: Path) -> Receipt | None:
+    """The receipt at ``path``, or None when there is none (or it is unreadable)."""
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Receipt)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
 def headline(systems: Iterable[SystemFigures]) -> dict[str, float]:
     figures: dict[str, float] = {}
     for s in systems:
@@ -133,15 +179,26 @@ def headline(systems: Iterable[SystemFigures]) -> dict[str, float]:
     return figures
 
 
-def _status(relative: float | None, before: float, after: float) -> Status:
+def _status(relative: float | None, before: float, after: float, bands: Bands) -> Status:
     if relative is None:
         return "ok" if before == after else "warn"
-    return "alert" if relative > ALERT_SHARE else "warn" if relative > WARN_SHARE else "ok"
+    return "alert" if relative > bands.alert else "warn" if relative > bands.warn else "ok"
 
 
-def drift(result: ReplayResult, previous: Report | None) -> Drift:
+def _same_inputs(receipt: Receipt, previous: Receipt) -> bool:
+    """The same code and the same inputs: what a deterministic replay answers alike."""
+    return ((receipt.code_version, receipt.git_commit, receipt.input_set_sha256,
+             receipt.configs, receipt.counts)
+            == (previous.code_version, previous.git_commit, previous.input_set_sha256,
+                previous.configs, previous.counts))
+
+
+def drift(result: ReplayResult, previous: Report | None, bands: Bands | None = None,
+          receipt: Receipt | None = None) -> Drift:
     """``ok``, ``warn`` or ``alert`` against the previous report on the same input set:
-    the worst of its figures' moves and of new error classes."""
+    the worst of its figures' moves and of new error classes. An alert too when the
+    previous report had the same inputs (``receipt``'s) and another run hash."""
+    bands = bands or Bands()
     if previous is None:
         return Drift(status="ok")
     before, after = headline(previous.systems), headline(result.systems)
@@ -150,13 +207,16 @@ def drift(result: ReplayResult, previous: Report | None) -> Drift:
         b, a = before[figure], after[figure]
         relative = abs(a - b) / abs(b) if b else None
         changes.append(FigureChange(figure=figure, before=b, after=a, relative=relative,
-                                    status=_status(relative, b, a)))
+                                    status=_status(relative, b, a, bands)))
     new_errors = sorted(set(result.errors) - set(previous.errors))
-    statuses = [c.status for c in changes] + (["warn"] if new_errors else [])
+    violation = receipt is not None and _same_inputs(receipt, previous.receipt) and \
+        receipt.run_hash != previous.receipt.run_hash
+    statuses = [c.status for c in changes] + (["warn"] if new_errors else []) + \
+        (["alert"] if violation else [])
     worst: Status = "alert" if "alert" in statuses else "warn" if "warn" in statuses else "ok"
     return Drift(status=worst, against_run_hash=previous.receipt.run_hash,
                  against_created_at=previous.receipt.created_at, changes=changes,
-                 new_errors=new_errors)
+                 new_errors=new_errors, deterministic_violation=violation)
 
 
 _REPORT = msgspec.json.Decoder(Report)
@@ -179,12 +239,13 @@ def previous_report(history: Path, input_set_sha256: str) -> Report | None:
     return max(found, key=lambda r: r.created_at, default=None)
 
 
-def finish(result: ReplayResult, history: Path | None) -> Report:
+def finish(result: ReplayResult, history: Path | None, bands: Bands | None = None) -> Report:
     """The result with its receipt, and its drift against ``history``."""
     previous = previous_report(history, result.inputs.input_set_sha256) \
         if history is not None and history.is_dir() else None
-    return Report(**msgspec.structs.asdict(result), receipt=receipt_for(result),
-                  drift=drift(result, previous))
+    receipt = receipt_for(result)
+    return Report(**msgspec.structs.asdict(result), receipt=receipt,
+                  drift=drift(result, previous, bands, receipt))
 
 
 def write_outputs(report: Report, json_path: Path | None, markdown_path: Path | None,

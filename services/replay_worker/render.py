@@ -69,6 +69,9 @@ def render_markdown(report: Report) -> str:
         lines.append("First report on this input set.")
     else:
         lines.append(f"Against run `{drift.against_run_hash}` of {drift.against_created_at}.")
+        if drift.deterministic_violation:
+            lines.append("**deterministic_violation**: that run had the same code, configs, "
+                         "bank and input set, and another run hash (alert).")
         moved = [c for c in drift.changes if c.status != "ok"]
         lines += [f"- {c.figure}: {c.before:.4f} → {c.after:.4f} ({c.status})" for c in moved]
         lines += [f"- new error class: {e} (warn)" for e in drift.new_errors]

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from routemesh.services.replay_worker.cases import Case, load_input, sample
-from routemesh.services.replay_worker.receipt import Report, finish, write_outputs
+from routemesh.services.replay_worker.receipt import Bands, Report, finish, write_outputs
 from routemesh.services.replay_worker.render import render_markdown
 from routemesh.services.replay_worker.replay import (
     Configs,
@@ -46,7 +46,7 @@ class Outcome:
 
 
 def run(spec: ReplaySpec, *, history: Path | None = None, json_output: Path | None = None,
-        markdown_output: Path | None = None,
+        markdown_output: Path | None = None, bands: Bands | None = None,
         progress: Callable[[int, int], None] = lambda done, total: None) -> Outcome:
     """Raises ReplayError (a ConfigError or DatasetError too) with a readable message."""
     skipped = Skipped()
@@ -76,7 +76,7 @@ def run(spec: ReplaySpec, *, history: Path | None = None, json_output: Path | No
                     input_files_sha256=files_sha256, cases_read=len(read),
                     limit=spec.limit, skipped_lines=skipped.by_file(), routers=routers,
                     progress=step)
-    report = finish(result, history)
+    report = finish(result, history, bands)
     markdown = render_markdown(report)
     receipt = write_outputs(report, json_output, markdown_output, markdown)
     return Outcome(report, markdown, receipt, configs, cases)

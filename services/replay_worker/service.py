@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import Field
 
 from routemesh.contracts import ReplayCompleted, ReplayRequested
 from routemesh.contracts.events import utc_now
 from routemesh.contracts.topics import REPLAY_REQUESTS, REPLAY_RESULTS
 from routemesh.services.replay_worker import shadow
+from routemesh.services.replay_worker.receipt import Bands
 from routemesh.services.replay_worker.replay import ReplayError
 from routemesh.services.replay_worker.runner import ReplaySpec, run
 from routemesh.services.router import file_sha256
@@ -64,6 +66,10 @@ class ReplayWorkerSettings(ServiceSettings):
     # Reports (and their receipts), one set per replay id; also the drift history.
     replay_report_dir: Path = Path("replays")
     replay_allow_remote_embeddings: bool = False
+    # A headline figure that moves by more than this share of the last report's on the
+    # same input set warns, or alerts (the report's drift section).
+    replay_drift_warn: float = Field(default=0.20, gt=0)
+    replay_drift_alert: float = Field(default=0.50, gt=0)
 
 
 def _named(directory: Path, name: str | None, what: str) -> Path:
@@ -211,7 +217,8 @@ class ReplayWorker:
         )
         json_path = s.replay_report_dir / f"{request.replay_id}.json"
         outcome = run(spec, history=s.replay_report_dir, json_output=json_path,
-                      markdown_output=json_path.with_suffix(".md"))
+                      markdown_output=json_path.with_suffix(".md"),
+                      bands=Bands(warn=s.replay_drift_warn, alert=s.replay_drift_alert))
         report = outcome.report
         if request.dataset_sha256 and request.dataset_sha256 != report.inputs.files_sha256:
             raise ReplayError(f"{request.dataset} has sha256 {report.inputs.files_sha256}, "

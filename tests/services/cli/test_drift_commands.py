@@ -6,12 +6,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import msgspec
+import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from routemesh.services.audit_writer.records import build_record
 from routemesh.services.audit_writer.store import AuditStore
 from routemesh.services.cli.main import app
 from routemesh.services.drift_detector import Detector, Pinned
+from routemesh.services.drift_detector.service import DriftDetectorSettings
 from routemesh.services.drift_detector.store import PIN_FILE, State
 from routemesh.services.runtime.state import write_state as save
 from tests.services.audit_writer.helpers import DAY, decision, observation
@@ -84,3 +87,28 @@ def test_pin_snapshots_the_current_routing_window_and_unpin_removes_it(tmp_path)
     assert len(pinned.decisions) == 50
     assert runner.invoke(app, ["drift", "unpin", "--state-dir", str(tmp_path)]).exit_code == 0
     assert not (tmp_path / PIN_FILE).exists()
+
+
+def test_a_signals_threshold_overrides_the_presets_in_the_report_and_the_service(tmp_path):
+    # The large model's last 20 answers hold 3 empty ones: 0.15, under normal's 0.3.
+    archive(tmp_path, empty_from=194)
+    args = ["drift", "report", "--dir", str(tmp_path), "--format", "json"]
+
+    def final(*extra: str) -> str:
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        subjects = json.loads(result.stdout)["subjects"]
+        return next(s["verdict"] for s in subjects if s["subject"] == "large-model")
+
+    assert final()["state"] == "none"
+    lowered = final("--threshold", "empty_response_rate=0.1")
+    assert lowered["state"] == "severe"
+    assert next(s for s in lowered["signals"] if s["name"] == "empty_response_rate")[
+        "threshold"] == 0.1
+    wrong = runner.invoke(app, [*args, "--threshold", "empty_rate=0.2"])
+    assert wrong.exit_code == 2
+    assert "no such drift threshold: empty_rate" in wrong.output
+    with pytest.raises(ValidationError, match="no such drift threshold: eror_rate"):
+        DriftDetectorSettings(drift_thresholds={"eror_rate": 0.1})
+    assert DriftDetectorSettings(drift_thresholds={"error_rate": 0.1}).drift_thresholds == {
+        "error_rate": 0.1}

