@@ -42,7 +42,12 @@ from routemesh.services.gateway.bodies import (
 )
 from routemesh.services.gateway.completion_stats import CompletionStats
 from routemesh.services.gateway.dispatch import Dispatched, Dispatcher, Plan
-from routemesh.services.gateway.review import Excerpt, redacted_capture, write_raw_local
+from routemesh.services.gateway.review import (
+    Excerpt,
+    redacted_capture,
+    write_raw_local,
+    write_redacted_local,
+)
 from routemesh.services.gateway.scrub import Scrubber
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.gateway.upstream import UpstreamStreamError, upstream_failed
@@ -295,9 +300,11 @@ class Handlers:
         excerpt = Excerpt.of(route_request.messages, settings.review_max_chars)
         if excerpt is None:
             return
-        if settings.review_capture == "redacted":
+        if settings.review_capture == "redacted_topic":
             if self.state.review_publisher is not None:
                 self.state.review_publisher.offer(redacted_capture(decision, excerpt))
+        elif settings.review_capture == "redacted":
+            write_redacted_local(settings.review_dir, redacted_capture(decision, excerpt))
         else:
             write_raw_local(settings.review_dir, decision, excerpt)
 

@@ -1,6 +1,7 @@
 """Opt-in prompt capture for human review, kept apart from everything else: ``redacted``
-publishes to ``prompts.review.v1`` (through a queue and spool of its own, under the
-review directory) with secrets masked, ``raw_local`` writes to a local directory only.
+writes with secrets masked to a local directory only, ``redacted_topic`` publishes the
+same to ``prompts.review.v1`` (through a queue and spool of its own, under the review
+directory), ``raw_local`` writes unmasked to a local directory only.
 Off by default. Only the latest user message is captured, cut to a bounded length: what a
 reviewer needs to judge a route, not the system prompt or tool output around it."""
 
@@ -11,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from routemesh.contracts import PromptReviewCaptured, ReviewMessage, RouteDecided
+from routemesh.contracts import PromptReviewCaptured, ReviewMessage, RouteDecided, encode_event
 from routemesh.contracts.events import utc_now
 from routemesh.services.runtime.files import open_private
 
@@ -58,6 +59,14 @@ def redacted_capture(decision: RouteDecided, excerpt: Excerpt) -> PromptReviewCa
         messages=(ReviewMessage(role="user", content=text),), redactions=count,
         original_chars=excerpt.original_chars, truncated=excerpt.truncated,
     )
+
+
+def write_redacted_local(directory: Path, captured: PromptReviewCaptured) -> None:
+    """The redacted capture as a line of the day's file, private to the gateway's user:
+    the event as it would be published, read back by the same readers."""
+    with open_private(directory / f"{utc_now().date().isoformat()}.jsonl",
+                      append=True) as handle:
+        handle.write(encode_event(captured).decode() + "\n")
 
 
 def write_raw_local(directory: Path, decision: RouteDecided, excerpt: Excerpt) -> None:

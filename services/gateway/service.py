@@ -105,7 +105,7 @@ class Gateway:
             spool=Spool(review_spool), queue="review",
             set_aside=Quarantine(review_spool / "unreadable.jsonl"),
             spool_max_bytes=settings.spool_max_bytes,
-        ) if settings.review_capture == "redacted" else None
+        ) if settings.review_capture == "redacted_topic" else None
         self.upstream = Upstream(settings.upstream_connect_timeout_s,
                                  settings.upstream_read_timeout_s, settings.upstream_max_retries)
         self.state: GatewayState | None = None

@@ -33,9 +33,11 @@ class GatewaySettings(ServiceSettings):
     # while the spool has room; past it, events are dropped and counted.
     spool_dir: Path = Path("spool")
     spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
-    # Prompt capture for review: off (default), redacted (secrets masked, to the
-    # prompts.review topic) or raw_local (to review_dir on this machine only).
-    review_capture: Literal["off", "redacted", "raw_local"] = "off"
+    # Prompt capture for review: off (default); redacted (secrets masked, to day files in
+    # review_dir on this machine only); redacted_topic (secrets masked, published to the
+    # prompts.review topic: a separate choice, since the excerpts then leave the machine);
+    # raw_local (unmasked, to review_dir on this machine only).
+    review_capture: Literal["off", "redacted", "redacted_topic", "raw_local"] = "off"
     review_dir: Path = Path("review")
     # Of the latest user message, at most this many characters are captured.
     review_max_chars: int = Field(default=4000, ge=1, le=1_000_000)

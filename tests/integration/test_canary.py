@@ -98,7 +98,7 @@ async def test_the_canary_reaches_no_topic_spool_dead_letter_log_metric_span_or_
                      (drift, drift_metrics, drift_log)]
         gateway, port, metrics, log = start_gateway(
             settings, tmp_path, f"{upstream.url}/v1", ROUTEMESH_AUTH_ENABLED="false",
-            ROUTEMESH_PUBLISH_QUEUE_SIZE="1", ROUTEMESH_REVIEW_CAPTURE="redacted",
+            ROUTEMESH_PUBLISH_QUEUE_SIZE="1", ROUTEMESH_REVIEW_CAPTURE="redacted_topic",
             ROUTEMESH_REVIEW_DIR=str(review_dir), ROUTEMESH_UPSTREAM_API_KEY=SECRET, **common)
         chats = 0
         try:

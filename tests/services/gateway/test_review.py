@@ -4,6 +4,7 @@ import httpx
 
 from routemesh.contracts import PromptReviewCaptured, encode_event
 from routemesh.services.gateway.review import redact
+from routemesh.services.runtime.captures import read_captures
 from tests.services.gateway.conftest import reconfigure
 
 CANARY = "CANARY-review-31"
@@ -42,8 +43,8 @@ def test_capture_is_off_by_default(gateway):
     assert not gateway.review.events
 
 
-def test_redacted_capture_goes_only_through_its_own_publisher(gateway):
-    reconfigure(gateway, review_capture="redacted")
+def test_redacted_topic_capture_goes_only_through_its_own_publisher(gateway):
+    reconfigure(gateway, review_capture="redacted_topic")
     assert _send(gateway).status_code == 200
     (captured,) = gateway.review.events
     assert isinstance(captured, PromptReviewCaptured)
@@ -60,7 +61,7 @@ def test_redacted_capture_goes_only_through_its_own_publisher(gateway):
 
 
 def test_a_long_message_is_cut_and_its_length_recorded(gateway):
-    reconfigure(gateway, review_capture="redacted", review_max_chars=50)
+    reconfigure(gateway, review_capture="redacted_topic", review_max_chars=50)
     text = "a few words. " * 4 + CANARY + " more words" * 20
     assert _send(gateway, text).status_code == 200
     (captured,) = gateway.review.events
@@ -79,3 +80,18 @@ def test_raw_local_capture_stays_on_disk(gateway, tmp_path):
     assert not gateway.review.events
     for event in gateway.publisher.events:
         assert CANARY.encode() not in encode_event(event)
+
+
+def test_redacted_capture_stays_on_disk_masked_and_private(gateway, tmp_path):
+    reconfigure(gateway, review_capture="redacted", review_dir=tmp_path / "review")
+    assert _send(gateway).status_code == 200
+    assert not gateway.review.events, "published only when redacted_topic is chosen"
+    assert not gateway.publisher.of(PromptReviewCaptured)
+    (day_file,) = (tmp_path / "review").glob("*.jsonl")
+    assert day_file.stat().st_mode & 0o777 == 0o600
+    text = day_file.read_text()
+    assert CANARY in text
+    assert "sk-abcdef1234567890" not in text
+    (capture,) = read_captures(tmp_path / "review", with_text=True).values()
+    assert capture.mode == "redacted"
+    assert "[REDACTED:sk]" in capture.text
