@@ -357,7 +357,9 @@ class ThresholdRecommendation(msgspec.Struct, frozen=True, kw_only=True):
 
 class ReviewCandidate(msgspec.Struct, frozen=True, kw_only=True):
     """A request a human should look at, by metadata only (1.1 adds everything after
-    ``score``); ``reasons`` lists every reason it qualifies for."""
+    ``score``; RouteScores 1.2 what follows ``expected_route``: what a reviewer needs to
+    judge the decision without the text); ``reasons`` lists every reason it qualifies
+    for."""
 
     request_id: RequestId
     reasons: tuple[str, ...]
@@ -375,11 +377,21 @@ class ReviewCandidate(msgspec.Struct, frozen=True, kw_only=True):
     upstream_status: int | None = None
     duration_ms: NonNegative | None = None
     expected_route: RouteId | None = None
+    decision_reason: str | None = None
+    target_model: str | None = None
+    second_score: float | None = None
+    config_source: str | None = None
+    config_sha256: Sha256Hex | None = None
+    route_bank_sha256: Sha256Hex | None = None
+    prompt_tokens: Count | None = None
+    completion_tokens: Count | None = None
+    format: FormatSignals | None = None
 
 
 class ReviewCluster(msgspec.Struct, frozen=True, kw_only=True):
     """Candidates that share a reason and their safe metadata (route, top and second
-    route, match source, index and text hash); ``key`` is a hash of those."""
+    route, match source, index and text hash, and from RouteScores 1.2 the decision's own
+    reason); ``key`` is a hash of those."""
 
     key: str
     reason: str
@@ -391,13 +403,15 @@ class ReviewCluster(msgspec.Struct, frozen=True, kw_only=True):
     match_index: int | None = None
     match_text_sha256: Sha256Hex | None = None
     example_request_ids: tuple[RequestId, ...] = ()
+    decision_reason: str | None = None
 
 
 class RouteScores(Event, frozen=True, kw_only=True):
     """The scorer's figures over one rolling window (1.1 adds ``window_seconds`` and
-    what follows: the window's overall figures and the review clusters)."""
+    what follows: the window's overall figures and the review clusters; 1.2 the review
+    candidates' and clusters' decision metadata)."""
 
-    schema_version: str = "1.1"
+    schema_version: str = "1.2"
     window_start: UtcDatetime
     window_end: UtcDatetime
     config_sha256: Sha256Hex | None = None

@@ -65,8 +65,8 @@ def reasons(decision: LedgerDecision, observation: LedgerObservation | None,
 
 
 def cluster_key(reason: str, c: ReviewCandidate) -> str:
-    parts = (reason, c.route_id, c.top_route_id, c.second_route_id, c.match_source,
-             c.match_index, c.match_text_sha256)
+    parts = (reason, c.decision_reason, c.route_id, c.top_route_id, c.second_route_id,
+             c.match_source, c.match_index, c.match_text_sha256)
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -87,6 +87,12 @@ def candidate(decision: LedgerDecision, observation: LedgerObservation | None,
         upstream_status=observation.upstream_status if observation else None,
         duration_ms=observation.duration_ms if observation else None,
         expected_route=outcome.expected_route if outcome else None,
+        decision_reason=decision.reason, target_model=decision.target_model,
+        second_score=decision.second_score, config_source=decision.config_source,
+        config_sha256=decision.config_sha256, route_bank_sha256=decision.route_bank_sha256,
+        prompt_tokens=observation.prompt_tokens if observation else None,
+        completion_tokens=observation.completion_tokens if observation else None,
+        format=decision.format,
     )
     return msgspec.structs.replace(drafted, cluster=cluster_key(found[0], drafted))
 
@@ -106,6 +112,7 @@ def clusters(found: Iterable[ReviewCandidate], limit: int = 50,
             match_source=first.match_source, match_index=first.match_index,
             match_text_sha256=first.match_text_sha256,
             example_request_ids=tuple(m.request_id for m in members[:examples]),
+            decision_reason=first.decision_reason,
         )
         for (reason, key), members in ranked[:limit]
         for first in members[:1]

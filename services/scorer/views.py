@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
+from routemesh.contracts import CompletionObserved, FormatSignals, OutcomeReported, RouteDecided
 
 
 class LedgerAttempt(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
@@ -38,6 +38,14 @@ class LedgerDecision(msgspec.Struct, frozen=True, kw_only=True, array_like=True)
     match_source: str | None = None
     match_index: int | None = None
     match_text_sha256: str | None = None
+    # What a review candidate shows a reviewer (appended: a saved state's older, shorter
+    # rows still decode).
+    target_model: str | None = None
+    second_score: float | None = None
+    config_source: str | None = None
+    config_sha256: str | None = None
+    route_bank_sha256: str | None = None
+    format: FormatSignals | None = None
 
 
 class LedgerObservation(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):
@@ -45,6 +53,8 @@ class LedgerObservation(msgspec.Struct, frozen=True, kw_only=True, gc=False, arr
     upstream_status: int | None = None
     duration_ms: float = 0.0
     error_class: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class LedgerOutcome(msgspec.Struct, frozen=True, kw_only=True, gc=False, array_like=True):

@@ -29,8 +29,13 @@ def audit_dir(tmp_path):
     at = utc_now() - timedelta(hours=1)
     lines = []
     for i in range(10):
-        lines.append(build_record("joined", f"near{i}", decided(f"near{i}", "deep", 0.62, at=at),
-                                  observed(f"near{i}", "deep", at=at)))
+        lines.append(build_record(
+            "joined", f"near{i}",
+            decided(f"near{i}", "deep", 0.62, at=at, second="lite", second_score=0.41,
+                    config_source="lite-deep.yaml", config_sha256="c" * 64,
+                    route_bank_sha256="d" * 64),
+            msgspec.structs.replace(observed(f"near{i}", "deep", at=at), prompt_tokens=42,
+                                    completion_tokens=120)))
     for i in range(2):
         lines.append(build_record("joined", f"fail{i}", decided(f"fail{i}", "deep", 0.9, at=at),
                                   observed(f"fail{i}", "deep", status=502, at=at)))
@@ -79,6 +84,16 @@ def test_candidates_with_outcomes_and_capture_evidence_never_the_text(
     assert rows["near2"]["evidence"]["present"] is False
     assert [(c["reason"], c["size"]) for c in report["clusters"]] == [
         ("near_threshold", 10), ("upstream_non_2xx", 2), ("wrong_route", 1)]
+    # What a reviewer needs to judge the decision, without the text.
+    near = rows["near3"]["candidate"]
+    assert {k: near[k] for k in ("decision_reason", "target_model", "second_score",
+                                 "config_source", "config_sha256", "route_bank_sha256",
+                                 "prompt_tokens", "completion_tokens")} == {
+        "decision_reason": "semantic", "target_model": "deep-model", "second_score": 0.41,
+        "config_source": "lite-deep.yaml", "config_sha256": "c" * 64,
+        "route_bank_sha256": "d" * 64, "prompt_tokens": 42, "completion_tokens": 120}
+    assert near["format"]["message_count"] >= 0
+    assert report["clusters"][0]["decision_reason"] == "semantic"
     for text in (out.read_text(), md.read_text(), result.output):
         assert CANARY not in text
 

@@ -1,3 +1,4 @@
+import msgspec
 import pytest
 
 from routemesh.services.scorer.candidates import CandidatePolicy, candidate, clusters, ranked
@@ -59,3 +60,12 @@ def test_clusters_group_shared_metadata_and_rank_by_size():
     assert found[2].match_index == 9
     assert [c.request_id for c in ranked(near + low + [odd], 6)] == [
         "n0", "n1", "n2", "n3", "n4", "l0"]
+
+
+def test_clusters_split_by_the_decisions_own_reason():
+    """The same route and evidence, decided by the semantic layer once and by a rule
+    once, are different things for a reviewer to look at."""
+    semantic = candidate(view(decided("s", "deep", 0.62)), None, None, POLICY)
+    ruled_alike = msgspec.structs.replace(semantic, request_id="r", decision_reason="rule")
+    found = clusters([semantic, ruled_alike])
+    assert sorted((c.decision_reason, c.size) for c in found) == [("rule", 1), ("semantic", 1)]
