@@ -36,7 +36,15 @@ from routemesh.services.scorer import patch
 from routemesh.services.scorer.advice import AdvicePolicy
 from routemesh.services.scorer.candidates import CandidatePolicy
 from routemesh.services.scorer.ledger import Ledger
-from routemesh.services.scorer.review import Request, ReviewReport, review
+from routemesh.services.scorer.review import (
+    AnswerError,
+    Request,
+    ReviewAnswer,
+    ReviewReport,
+    read_answers,
+    review,
+    summarize_answers,
+)
 from routemesh.services.scorer.review import render_markdown as review_markdown
 from routemesh.services.scorer.store import read_scorer_state
 from routemesh.services.scorer.tune import TuneResult, tune
@@ -218,15 +226,62 @@ def packet_command(
         raise fail("the packet goes to a local file: give a path, not stdout or a URL")
     report = _report(directory, outcomes, prompt_dir, limit, max_files, since,
                      _policy(near_threshold, near_margin, slow_ms), include_prompt_text)
+    markdown = output.with_suffix(".md")
     if include_prompt_text:
         with open_private(output) as out:
             out.write(pretty_json(report).decode())
     else:
         _write(output, pretty_json(report))
+    # The Markdown is metadata only either way: the text stays in the JSON packet.
+    _write(markdown, review_markdown(report).encode())
     text = " with the captured prompt text (keep it local)" if include_prompt_text else \
         ", metadata only"
     err.print(f"wrote {len(report.rows)} candidates and {len(report.clusters)} clusters to "
-              f"{output}{text}", highlight=False)
+              f"{output}{text}, and {markdown}", highlight=False)
+
+
+@review_app.command("schema")
+def schema_command() -> None:
+    """The JSON Schema of one line of a reviewer's answer (`review summarize` reads it)."""
+    print(msgspec.json.format(msgspec.json.encode(msgspec.json.schema(ReviewAnswer))).decode())
+
+
+@review_app.command("summarize")
+def summarize_command(
+    result: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help=(
+        "The reviewer's answer: JSON lines, one per candidate (`review schema`)."))],
+    packet: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="The packet answered: routes per candidate, and "
+        "what is missing.")] = None,
+    json_output: Annotated[Path | None, typer.Option(help="Write the summary (JSON).")] = None,
+) -> None:
+    """Check an outside reviewer's answer against the schema and summarise it; a
+    malformed answer is refused with the line that is wrong."""
+    try:
+        answers = read_answers(result)
+        answered = msgspec.json.decode(packet.read_bytes(), type=ReviewReport) \
+            if packet is not None else None
+    except AnswerError as exc:
+        raise fail(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise fail(f"{packet.name if packet else ''}: not a review packet ({exc})") from None
+    summary = summarize_answers(answers, answered)
+    if json_output is not None:
+        _write(json_output, pretty_json(summary))
+    table = Table(title=f"{summary.answers} answers")
+    for column in ("route", "right_route", "wrong_route", "unsure"):
+        table.add_column(column, justify="left" if column == "route" else "right")
+    for route, verdicts in summary.by_route.items():
+        table.add_row(route, *(str(verdicts.get(v, 0))
+                               for v in ("right_route", "wrong_route", "unsure")))
+    Console().print(table)
+    for move, count in summary.suggested.items():
+        print(f"suggested {move}: {count}")
+    if summary.not_in_packet:
+        err.print(f"[yellow]not in the packet:[/yellow] {', '.join(summary.not_in_packet)}",
+                  highlight=False)
+    if summary.unanswered:
+        print(f"{summary.unanswered} candidates of the packet unanswered")
 
 
 def _print_tune(result: TuneResult, diff: str) -> None:

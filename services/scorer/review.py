@@ -8,8 +8,11 @@ asked to include it, only from a ``raw_local`` directory, and only into a local 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -86,24 +89,112 @@ def render_markdown(report: ReviewReport) -> str:
         f"{report.candidates} candidates among {report.requests} requests "
         f"({report.outcomes} with an outcome); the first {len(report.rows)} below.", "",
         "## Clusters (largest first)", "",
-        "| size | reason | route | top | second | match source | index | match text sha256 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | reason | decided by | route | top | second | match source | index | "
+        "match text sha256 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {c.size} | {c.reason} | {c.route_id} | {c.top_route_id} | "
+    lines += [f"| {c.size} | {c.reason} | {c.decision_reason or ''} | {c.route_id} | "
+              f"{c.top_route_id} | "
               f"{c.second_route_id} | {c.match_source or ''} | "
               f"{'' if c.match_index is None else c.match_index} | "
               f"{(c.match_text_sha256 or '')[:12]} |" for c in report.clusters]
     lines += ["", "## Candidates", "",
-              "| request | reasons | route | score | threshold | margin | status | evidence |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| request | reasons | decided by | route | model | score | second | threshold "
+              "| margin | status | tokens in/out | evidence |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in report.rows:
         c, e = row.candidate, row.evidence
         evidence = "" if e is None else "none" if not e.present else (
             f"{e.mode}, {e.chars} chars{', cut' if e.truncated else ''}")
-        lines.append(f"| {c.request_id} | {', '.join(c.reasons)} | {c.route_id} | "
-                     f"{_num(c.score)} | {_num(c.threshold)} | {_num(c.margin)} | "
-                     f"{'' if c.upstream_status is None else c.upstream_status} | {evidence} |")
+        tokens = "" if c.prompt_tokens is None and c.completion_tokens is None else \
+            f"{_int(c.prompt_tokens)}/{_int(c.completion_tokens)}"
+        lines.append(f"| {c.request_id} | {', '.join(c.reasons)} | {c.decision_reason or ''} | "
+                     f"{c.route_id} | {c.target_model or ''} | {_num(c.score)} | "
+                     f"{_num(c.second_score)} | {_num(c.threshold)} | {_num(c.margin)} | "
+                     f"{_int(c.upstream_status)} | {tokens} | {evidence} |")
     return "\n".join(lines) + "\n"
+
+
+def _int(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+# -- an outside reviewer's answer ----------------------------------------------------------
+
+Judgement = Literal["right_route", "wrong_route", "unsure"]
+
+
+class ReviewAnswer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One line of a reviewer's answer to a packet (JSON lines, one candidate each):
+    whether the route served was right, the route it should have been, and a short note.
+    ``routemesh review schema`` prints this as JSON Schema."""
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    verdict: Judgement
+    suggested_route: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    note: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+
+
+class AnswerError(ValueError):
+    pass
+
+
+def read_answers(path: Path) -> list[ReviewAnswer]:
+    """Every answer of a reviewer's file; AnswerError names the first line that is not
+    one (``file:line: why``), and an answer given twice."""
+    decoder = msgspec.json.Decoder(ReviewAnswer)
+    answers: list[ReviewAnswer] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            answer = decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            raise AnswerError(f"{path.name}:{number}: {exc}") from None
+        if answer.verdict == "wrong_route" and answer.suggested_route is None:
+            raise AnswerError(f"{path.name}:{number}: a wrong_route verdict needs "
+                              "suggested_route")
+        if answer.request_id in seen:
+            raise AnswerError(f"{path.name}:{number}: {answer.request_id} was answered on "
+                              f"line {seen[answer.request_id]} already")
+        seen[answer.request_id] = number
+        answers.append(answer)
+    return answers
+
+
+class AnswerSummary(msgspec.Struct, frozen=True, kw_only=True):
+    answers: int
+    verdicts: dict[str, int]
+    # Candidate route -> verdict -> count (routes from the packet; "unknown" without it).
+    by_route: dict[str, dict[str, int]]
+    # "served -> suggested" -> count, for wrong_route answers.
+    suggested: dict[str, int]
+    # Answers for request ids the packet does not hold, and packet rows left unanswered.
+    not_in_packet: list[str] = []
+    unanswered: int = 0
+
+
+def summarize_answers(answers: list[ReviewAnswer],
+                      packet: ReviewReport | None) -> AnswerSummary:
+    routes = {row.candidate.request_id: row.candidate.route_id or "unknown"
+              for row in packet.rows} if packet is not None else {}
+    by_route: dict[str, Counter[str]] = {}
+    suggested: Counter[str] = Counter()
+    for answer in answers:
+        route = routes.get(answer.request_id, "unknown")
+        by_route.setdefault(route, Counter())[answer.verdict] += 1
+        if answer.verdict == "wrong_route":
+            suggested[f"{route} -> {answer.suggested_route}"] += 1
+    answered = {a.request_id for a in answers}
+    return AnswerSummary(
+        answers=len(answers),
+        verdicts=dict(sorted(Counter(a.verdict for a in answers).items())),
+        by_route={r: dict(sorted(c.items())) for r, c in sorted(by_route.items())},
+        suggested=dict(suggested.most_common()),
+        not_in_packet=sorted(answered - set(routes)) if packet is not None else [],
+        unanswered=len(set(routes) - answered),
+    )
 
 
 def _num(value: float | None) -> str:

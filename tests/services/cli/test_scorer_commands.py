@@ -159,3 +159,43 @@ def test_tune_from_scores_below_the_minimum_proposes_nothing(tmp_path, lite_deep
                                  "--state-dir", str(state_dir)])
     assert result.exit_code == 0, result.output
     assert "no change proposed" in result.output
+
+
+def test_a_reviewers_answer_is_checked_line_by_line_and_summarised(tmp_path, audit_dir):
+    packet = tmp_path / "packet.json"
+    made = runner.invoke(app, ["review", "packet", "--dir", str(audit_dir),
+                               "--output", str(packet)])
+    assert made.exit_code == 0, made.output
+    assert "| near0 |" in (tmp_path / "packet.md").read_text(), "Markdown beside the JSON"
+    schema = json.loads(runner.invoke(app, ["review", "schema"]).stdout)
+    assert schema["$defs"]["ReviewAnswer"]["required"] == ["request_id", "verdict"]
+
+    answers = tmp_path / "result.jsonl"
+    good = [{"request_id": "near0", "verdict": "wrong_route", "suggested_route": "lite",
+             "note": "a greeting"},
+            {"request_id": "near1", "verdict": "right_route"},
+            {"request_id": "fail0", "verdict": "unsure"},
+            {"request_id": "ghost", "verdict": "right_route"}]
+    answers.write_text("".join(json.dumps(a) + "\n" for a in good))
+    out = tmp_path / "summary.json"
+    summary = runner.invoke(app, ["review", "summarize", str(answers), "--packet",
+                                  str(packet), "--json-output", str(out)])
+    assert summary.exit_code == 0, summary.output
+    figures = json.loads(out.read_text())
+    assert figures["verdicts"] == {"right_route": 2, "unsure": 1, "wrong_route": 1}
+    assert figures["by_route"]["deep"] == {"right_route": 1, "unsure": 1, "wrong_route": 1}
+    assert figures["suggested"] == {"deep -> lite": 1}
+    assert figures["not_in_packet"] == ["ghost"]
+    assert figures["unanswered"] == len(json.loads(packet.read_text())["rows"]) - 3
+
+    for bad, why in ((['{"request_id": "near2", "verdict": "maybe"}'], "result.jsonl:3:"),
+                     (['{"request_id": "near2", "verdict": "wrong_route"}'],
+                      "result.jsonl:3: a wrong_route verdict needs suggested_route"),
+                     (['{"request_id": "near0", "verdict": "unsure"}'],
+                      "result.jsonl:3: near0 was answered on line 1 already"),
+                     (['{"request_id": "near2", "verdict": "unsure", "score": 1}'],
+                      "result.jsonl:3:")):
+        answers.write_text("".join(json.dumps(a) + "\n" for a in good[:2]) + bad[0] + "\n")
+        refused = runner.invoke(app, ["review", "summarize", str(answers)])
+        assert refused.exit_code == 1, bad
+        assert why in refused.stderr, refused.stderr
