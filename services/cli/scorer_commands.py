@@ -3,7 +3,7 @@ scorer's judgements offline, from audit files, outcome files and labelled sets."
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from routemesh.contracts import LayerScore, RouteScores
 from routemesh.contracts.events import utc_now
 from routemesh.services.audit_writer.reports import parse_duration, recent_records
 from routemesh.services.cli.output import Strict, err, fail, report_skipped
@@ -399,3 +400,120 @@ def _tune_from_scores(path: Path, config: RoutingConfig, state_dir: Path, window
     if apply:
         backup = patch.apply(path, change)
         err.print(f"applied to {path}; the previous file is {backup}", highlight=False)
+
+
+scores_app = typer.Typer(help="The scorer's figures, offline.", no_args_is_help=True)
+
+
+class LayerAttempts(msgspec.Struct, frozen=True, kw_only=True):
+    """How often a cascade layer was tried and how often it decided."""
+
+    layer: str
+    attempts: int
+    decided: int
+    success_rate: float | None
+
+
+class ScoresReport(msgspec.Struct, frozen=True, kw_only=True):
+    anchored_at: datetime | None
+    window_seconds: float
+    scores: RouteScores
+    attempts: tuple[LayerAttempts, ...]
+    skipped_lines: dict[str, dict[str, int]] = {}
+
+
+def scores_report(directory: Path, outcomes: list[Path] | None, window: timedelta,
+                  max_files: int) -> ScoresReport:
+    """The scorer's figures for the audit records of the window (and the outcomes given):
+    the same ledger the service keeps, fed from files instead of Kafka, so a cascade can
+    be judged without Kafka or Grafana."""
+    ledger = Ledger()
+    tried: Counter[str] = Counter()
+    decided: Counter[str] = Counter()
+    newest: datetime | None = None
+    skipped = Skipped()
+    since = f"{int(window.total_seconds())}s"
+    for request in audit_requests(directory, since, max_files, read_outcomes(outcomes or []),
+                                  skipped):
+        d = request.decision
+        if d is None:
+            continue
+        ledger.add_decision(d)
+        newest = max(newest, d.occurred_at) if newest else d.occurred_at
+        for attempt in d.attempts:
+            tried[attempt.layer] += 1
+            decided[attempt.layer] += attempt.decided
+        if request.observation is not None:
+            ledger.add_observation(request.observation, d.occurred_at)
+        if request.outcome is not None:
+            ledger.add_outcome(request.outcome)
+    scores = ledger.scores(newest or utc_now(), window)
+    return ScoresReport(
+        anchored_at=newest, window_seconds=window.total_seconds(), scores=scores,
+        attempts=tuple(LayerAttempts(layer=layer, attempts=n, decided=decided[layer],
+                                     success_rate=round(decided[layer] / n, 6))
+                       for layer, n in sorted(tried.items())),
+        skipped_lines=skipped.by_file())
+
+
+@scores_app.command("report")
+def scores_report_command(
+    directory: AuditDir,
+    outcomes: OutcomeFiles = None,
+    window: Annotated[str, typer.Option(help="This far back from the newest record.")
+                      ] = "24h",
+    layer: Annotated[str | None, typer.Option(help="Only this cascade layer.")] = None,
+    format: Annotated[Literal["table", "json"], typer.Option(help="Output format.")
+                      ] = "table",
+    max_files: MaxFiles = 31,
+    strict: Strict = False,
+) -> None:
+    """Per layer and per route: attempts, success rate, capture, accuracy and latency, from
+    audit files and outcome files: the scorer's own figures for those events."""
+    if not directory.is_dir():
+        raise fail(f"{directory} is not a directory")
+    try:
+        report = scores_report(directory, outcomes, parse_duration(window), max_files)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    if layer is not None:
+        report = msgspec.structs.replace(
+            report, attempts=tuple(a for a in report.attempts if a.layer == layer),
+            scores=msgspec.structs.replace(report.scores, layers=tuple(
+                s for s in report.scores.layers if s.layer == layer)))
+    if format == "json":
+        print(pretty_json(report).decode(), end="")
+        report_skipped(report.skipped_lines, strict)
+        return
+    s = report.scores
+    console = Console()
+    console.print(f"{s.decisions} decisions, {s.outcomes} outcomes, accuracy "
+                  f"{_fmt(s.accuracy)} over {window} up to "
+                  f"{report.anchored_at.isoformat() if report.anchored_at else 'no records'}",
+                  style="bold")
+    made: dict[str, LayerScore] = {x.layer: x for x in s.layers}
+    layers = Table(title="layers")
+    for column in ("layer", "attempts", "decided", "success", "capture", "outcomes",
+                   "accuracy", "p95 ms"):
+        layers.add_column(column, justify="left" if column == "layer" else "right")
+    for a in report.attempts:
+        x = made.get(a.layer)
+        layers.add_row(a.layer, str(a.attempts), str(a.decided), _fmt(a.success_rate),
+                       _fmt(x.capture_rate if x else None), str(x.outcomes if x else 0),
+                       _fmt(x.accuracy if x else None),
+                       _fmt(x.p95_decision_latency_ms if x else None))
+    console.print(layers)
+    routes = Table(title="routes")
+    for column in ("route", "decisions", "capture", "outcomes", "accuracy", "confidence",
+                   "p95 ms"):
+        routes.add_column(column, justify="left" if column == "route" else "right")
+    for r in s.routes:
+        routes.add_row(r.route_id, str(r.decisions), _fmt(r.capture_rate), str(r.outcomes),
+                       _fmt(r.accuracy), _fmt(r.mean_confidence),
+                       _fmt(r.p95_decision_latency_ms))
+    console.print(routes)
+    report_skipped(report.skipped_lines, strict)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

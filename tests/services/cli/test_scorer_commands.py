@@ -199,3 +199,49 @@ def test_a_reviewers_answer_is_checked_line_by_line_and_summarised(tmp_path, aud
         refused = runner.invoke(app, ["review", "summarize", str(answers)])
         assert refused.exit_code == 1, bad
         assert why in refused.stderr, refused.stderr
+
+
+def test_the_offline_analyzer_gives_the_scorers_figures_for_the_same_events(tmp_path):
+    at = utc_now() - timedelta(hours=2)
+    decisions = [decided(f"r{i}", "deep" if i % 3 else "lite", 0.5 + (i % 7) / 20,
+                         at=at + timedelta(seconds=i)) for i in range(60)]
+    observations = [observed(d.request_id, d.route_id, status=502 if i % 11 == 0 else 200,
+                             at=d.occurred_at) for i, d in enumerate(decisions)]
+    outcomes = [outcome(d.request_id, "deep" if i % 4 else "lite", at=d.occurred_at)
+                for i, d in enumerate(decisions) if i % 2 == 0]
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    records = [build_record("joined", d.request_id, d, o) for d, o in zip(
+        decisions, observations, strict=True)]
+    (audit / f"{records[0].day}.jsonl").write_bytes(
+        b"".join(msgspec.json.encode(r) + b"\n" for r in records))
+    outcome_file = tmp_path / "outcomes.jsonl"
+    outcome_file.write_bytes(b"".join(encode_event(o) + b"\n" for o in outcomes))
+
+    ledger = Ledger()
+    for d, o in zip(decisions, observations, strict=True):
+        ledger.add_decision(view(d))
+        ledger.add_observation(view(o), o.occurred_at)
+    for o in outcomes:
+        ledger.add_outcome(view(o))
+    expected = ledger.scores(decisions[-1].occurred_at, timedelta(hours=24))
+
+    result = runner.invoke(app, ["scores", "report", "--dir", str(audit), "--outcomes",
+                                 str(outcome_file), "--window", "24h", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    found = report["scores"]
+    assert found["routes"] == json.loads(msgspec.json.encode(expected.routes))
+    assert found["layers"] == json.loads(msgspec.json.encode(expected.layers))
+    assert (found["decisions"], found["outcomes"], found["accuracy"]) == (
+        60, 30, expected.accuracy)
+    semantic = next(a for a in report["attempts"] if a["layer"] == "semantic")
+    accepted = sum(d.layer == "semantic" for d in decisions)
+    assert (semantic["attempts"], semantic["decided"]) == (60, accepted)
+
+    only = runner.invoke(app, ["scores", "report", "--dir", str(audit), "--layer",
+                               "fallback", "--format", "json"])
+    assert [x["layer"] for x in json.loads(only.stdout)["scores"]["layers"]] == ["fallback"]
+    table = runner.invoke(app, ["scores", "report", "--dir", str(audit)])
+    assert table.exit_code == 0
+    assert "60 decisions, 0 outcomes" in table.output
