@@ -10,7 +10,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from routemesh.contracts import CompletionObserved, Event, RouteDecided
+from routemesh.contracts import CompletionObserved, Event, OutcomeReported, RouteDecided
 from routemesh.contracts.events import utc_now
 from routemesh.services.audit_writer.records import (
     DEFAULT_MAX_SKEW,
@@ -42,6 +42,7 @@ class JoinStats:
     decision_only: int = 0
     observation_only: int = 0
     amendment: int = 0
+    outcome: int = 0
     dedup_hits: int = 0
 
 
@@ -70,7 +71,19 @@ class Joiner:
             return self._arrive(event, position, now, received, "decision")
         if isinstance(event, CompletionObserved):
             return self._arrive(event, position, now, received, "observation")
+        if isinstance(event, OutcomeReported):
+            return self._outcome(event, received)
         return []
+
+    def _outcome(self, event: OutcomeReported, received: datetime) -> list[Output]:
+        """An outcome is written at once, in a record of its own, once per event: the
+        evidence trail holds what the caller learned next to what was decided."""
+        state = self.store.state(event.request_id)
+        if state is not None and str(event.event_id) in state.event_ids:
+            self.stats.dedup_hits += 1
+            return []
+        return [self._emit("outcome", event.request_id, None, None, [], received,
+                           amends=state, outcome=event)]
 
     def _arrive(
         self, event: RouteDecided | CompletionObserved, position: Position, now: float,
@@ -132,10 +145,12 @@ class Joiner:
         positions: list[Position],
         received: datetime,
         amends: RequestState | None = None,
+        outcome: OutcomeReported | None = None,
     ) -> Output:
         reference = sorted(amends.event_ids)[0] if amends is not None and amends.event_ids else None
-        record = build_record(join, request_id, decision, observation, amends=reference,
-                              received_at=received, max_skew=self.max_skew)
+        record = build_record(join, request_id, decision, observation, outcome=outcome,
+                              amends=reference, received_at=received,
+                              max_skew=self.max_skew)
         self.store.mark(record)
         setattr(self.stats, join, getattr(self.stats, join) + 1)
         return Output(record, positions)

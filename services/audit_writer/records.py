@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from routemesh.contracts import CompletionObserved, RouteDecided
+from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
 from routemesh.contracts.events import (
     Count,
     DecisionLayer,
@@ -29,7 +29,7 @@ from routemesh.contracts.events import (
 from routemesh.services.runtime.files import unreadable
 
 RECORD_VERSION = 1
-Join = Literal["joined", "decision_only", "observation_only", "amendment"]
+Join = Literal["joined", "decision_only", "observation_only", "amendment", "outcome"]
 
 
 class _Allowed(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -125,6 +125,19 @@ class AuditObservation(_Allowed, frozen=True, kw_only=True):
     failover_reason: str | None = None
 
 
+class AuditOutcome(_Allowed, frozen=True, kw_only=True):
+    """What the caller learned about a request, as metadata: never its labels or source,
+    which are the caller's free words."""
+
+    schema_version: str
+    occurred_at: UtcDatetime
+    completed: bool | None = None
+    correct_route: bool | None = None
+    expected_route: RouteId | None = None
+    quality_score: float | None = None
+    completion_time_s: NonNegative | None = None
+
+
 class AuditRecord(_Allowed, frozen=True, kw_only=True):
     """One line of ``AUDIT_DIR/<day>.jsonl``."""
 
@@ -134,10 +147,13 @@ class AuditRecord(_Allowed, frozen=True, kw_only=True):
     # there is none).
     day: Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")]
     join: Join
-    # The first event id of the record this one completes (join "amendment" only).
+    # The first event id of the record this one completes (join "amendment", and
+    # "outcome" when the request's record was written before it).
     amends: str | None = None
     decision: AuditDecision | None = None
     observation: AuditObservation | None = None
+    # An outcome is a record of its own (join "outcome"), once per outcome event.
+    outcome: AuditOutcome | None = None
     event_ids: tuple[str, ...] = ()
     written_at: UtcDatetime
     # When the writer received the (first) event. A record whose event claims a time
@@ -145,10 +161,15 @@ class AuditRecord(_Allowed, frozen=True, kw_only=True):
     received_at: UtcDatetime | None = None
 
     @property
+    def primary(self) -> bool:
+        """The request's one record (joined, or one half): not an amendment or outcome."""
+        return self.join not in ("amendment", "outcome")
+
+    @property
     def filed_at(self) -> datetime:
         """The time the record's day and windows go by: its event's time, or the time it
         was received when that is too far from the event's own."""
-        part = self.decision or self.observation
+        part = self.decision or self.observation or self.outcome
         assert part is not None
         occurred = part.occurred_at
         if self.received_at is not None and occurred.astimezone(UTC).date().isoformat() \
@@ -169,6 +190,7 @@ def build_record(
     decision: RouteDecided | None,
     observation: CompletionObserved | None,
     *,
+    outcome: OutcomeReported | None = None,
     amends: str | None = None,
     now: datetime | None = None,
     received_at: datetime | None = None,
@@ -177,7 +199,7 @@ def build_record(
     """A record for ``AUDIT_DIR/<day>.jsonl``: the day of the decision (of the observation
     when there is none), unless that time is further than ``max_skew`` from when the
     writer received it."""
-    anchor = decision or observation
+    anchor = decision or observation or outcome
     assert anchor is not None
     now = now or utc_now()
     received = received_at or now
@@ -193,7 +215,10 @@ def build_record(
         if decision else None,
         observation=msgspec.convert(observation, AuditObservation, from_attributes=True)
         if observation else None,
-        event_ids=tuple(str(e.event_id) for e in (decision, observation) if e is not None),
+        outcome=msgspec.convert(outcome, AuditOutcome, from_attributes=True)
+        if outcome else None,
+        event_ids=tuple(str(e.event_id) for e in (decision, observation, outcome)
+                        if e is not None),
         written_at=now,
         received_at=received,
     )

@@ -73,7 +73,7 @@ class _Window:
     tokens: Counter[str] = field(default_factory=Counter)
 
     def add(self, record: AuditRecord) -> None:
-        if record.join != "amendment":
+        if record.primary:
             self.requests += 1
         decision = record.decision
         if decision is not None:
@@ -224,9 +224,10 @@ class Problem:
 
 
 def verify(directory: Path, limit: int = 50) -> tuple[int, list[Problem]]:
-    """(records checked, problems): every line parses into an allow-listed record, and no
-    request_id has two records outside amendments."""
+    """(records checked, problems): every line parses into an allow-listed record, no
+    request_id has two primary records, and no event is in two records."""
     seen: dict[str, tuple[Path, int]] = {}
+    events: dict[str, tuple[Path, int]] = {}
     problems: list[Problem] = []
     checked = 0
     for file in list_files(directory):
@@ -237,16 +238,22 @@ def verify(directory: Path, limit: int = 50) -> tuple[int, list[Problem]]:
             except RecordProblem as exc:
                 problems.append(Problem(file.path, number, str(exc)))
             else:
-                if record.join != "amendment":
-                    first = seen.get(record.request_id)
-                    if first is not None:
-                        problems.append(Problem(
-                            file.path, number,
-                            f"request_id {record.request_id} already recorded at "
-                            f"{first[0]}:{first[1]}",
-                        ))
-                    else:
-                        seen[record.request_id] = (file.path, number)
+                first = seen.get(record.request_id) if record.primary else None
+                if first is not None:
+                    problems.append(Problem(
+                        file.path, number,
+                        f"request_id {record.request_id} already recorded at "
+                        f"{first[0]}:{first[1]}",
+                    ))
+                elif record.primary:
+                    seen[record.request_id] = (file.path, number)
+                again = [e for e in record.event_ids if e in events]
+                if first is None and again:
+                    where = events[again[0]]
+                    problems.append(Problem(file.path, number, f"event {again[0]} already "
+                                            f"recorded at {where[0]}:{where[1]}"))
+                for event_id in record.event_ids:
+                    events.setdefault(event_id, (file.path, number))
             if len(problems) >= limit:
                 return checked, problems
     return checked, problems

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 
 from routemesh.contracts.events import utc_now
-from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS
+from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
 from routemesh.services.audit_writer.joiner import Joiner, Output
 from routemesh.services.audit_writer.records import Join
 from routemesh.services.audit_writer.store import AuditStore
@@ -87,7 +87,7 @@ class AuditWriter:
         )
         self.metrics = _Metrics(ctx.registry)
         self.consumer = ctx.consumer(
-            [ROUTE_DECISIONS, LLM_OBSERVATIONS], GROUP, self,
+            [ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES], GROUP, self,
             batch_max_records=settings.audit_batch_max_records, poll_ms=settings.audit_poll_ms,
         )
         self.joiner = Joiner(self.store, self.consumer.offsets, settings.audit_join_window_s,

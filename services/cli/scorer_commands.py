@@ -124,8 +124,12 @@ def audit_requests(directory: Path, since: str | None, max_files: int,
             request.observation = msgspec.convert(
                 _WithId(record.observation, record.request_id), LedgerObservation,
                 from_attributes=True)
+        if record.outcome is not None and request.outcome is None:
+            request.outcome = msgspec.convert(_WithId(record.outcome, record.request_id),
+                                              LedgerOutcome, from_attributes=True)
     for request_id, request in requests.items():
-        request.outcome = outcomes.get(request_id)
+        # An outcome file given names what it holds; else the trail's own (the first).
+        request.outcome = outcomes.get(request_id, request.outcome)
         yield request
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from routemesh.contracts import decode_event, encode_event
-from routemesh.contracts.topics import DLQ, LLM_OBSERVATIONS, ROUTE_DECISIONS
+from routemesh.contracts import OutcomeReported, decode_event, encode_event
+from routemesh.contracts.topics import DLQ, LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
 from routemesh.services.audit_writer.store import list_files, read_lines
 from tests.integration.conftest import CLI, cli_env, read_topic
 from tests.services.audit_writer.helpers import decision, observation
@@ -61,6 +61,10 @@ def plan(request_ids: list[str]) -> tuple[list[tuple[str, bytes, str]], dict[str
                 pair.append(("d", d, request_id))
             if kind == 4:
                 pair.append(("o", o, request_id))
+            if kind in (5, 6):
+                # What the caller said, once or redelivered: one outcome record either way.
+                said = encode_event(OutcomeReported(request_id=request_id, completed=True))
+                pair += [("u", said, request_id)] * (kind - 4)
             messages += pair
     return messages, kinds
 
@@ -68,7 +72,8 @@ def plan(request_ids: list[str]) -> tuple[list[tuple[str, bytes, str]], dict[str
 async def publish(settings, messages, chunks: int, pause_s: float) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5)
     await producer.start()
-    topics = {"d": settings.topic(ROUTE_DECISIONS), "o": settings.topic(LLM_OBSERVATIONS)}
+    topics = {"d": settings.topic(ROUTE_DECISIONS), "o": settings.topic(LLM_OBSERVATIONS),
+              "u": settings.topic(ROUTE_OUTCOMES)}
     try:
         size = len(messages) // chunks + 1
         for start in range(0, len(messages), size):
@@ -120,8 +125,11 @@ async def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.02)
 def settled(audit_dir: Path, kinds: dict[str, str]) -> bool:
     """Every request has its one primary record and every half it was sent with."""
     records = read_records(audit_dir)
-    primary = {r["request_id"] for r in records if r["join"] != "amendment"}
+    primary = {r["request_id"] for r in records if r["join"] not in ("amendment", "outcome")}
     if len(primary) < len(kinds):
+        return False
+    if len({r["request_id"] for r in records if r["join"] == "outcome"}) < len(
+            [i for i in range(len(kinds)) if i % 20 in (5, 6)]):
         return False
     decided = {r["request_id"] for r in records if r["decision"] is not None}
     observed = {r["request_id"] for r in records if r["observation"] is not None}
@@ -175,7 +183,7 @@ async def test_twenty_thousand_requests_three_crashes_exactly_one_record_each(
     assert verify.returncode == 0, verify.stderr
 
     records = read_records(audit_dir)
-    primary = [r for r in records if r["join"] != "amendment"]
+    primary = [r for r in records if r["join"] not in ("amendment", "outcome")]
     assert len(primary) == REQUESTS
     assert {r["request_id"] for r in primary} == set(request_ids)
     has_observation = {r["request_id"] for r in records if r["observation"] is not None}
@@ -186,6 +194,9 @@ async def test_twenty_thousand_requests_three_crashes_exactly_one_record_each(
     # Amendments included: no event is written twice, whatever was redelivered.
     written = Counter(e for r in records for e in r["event_ids"])
     assert [e for e, n in written.items() if n > 1] == []
+    said = [r["request_id"] for r in records if r["join"] == "outcome"]
+    assert sorted(said) == sorted(r for i, r in enumerate(request_ids) if i % 20 in (5, 6)), \
+        "each outcome once, through redeliveries and crashes"
     amendments = [r for r in records if r["join"] == "amendment"]
     assert all(len(r["event_ids"]) == 1 for r in amendments)
     assert len(amendments) <= sum(1 for k in kinds.values() if k == "pair")

@@ -1,4 +1,8 @@
+import msgspec
+
+from routemesh.contracts import OutcomeReported
 from routemesh.services.audit_writer.joiner import Joiner
+from routemesh.services.audit_writer.reports import verify
 from routemesh.services.audit_writer.store import AuditStore
 from routemesh.services.runtime.consumer import OffsetTracker
 from tests.services.audit_writer.helpers import decision, observation
@@ -97,3 +101,36 @@ def test_a_late_decision_after_an_observation_only_record_is_an_amendment(tmp_pa
     assert (out.record.join, out.record.amends) == ("amendment", str(o.event_id))
     assert out.record.observation is None
     assert out.record.decision.route_id == "lite"
+
+
+def test_an_outcome_is_its_own_record_once_even_across_a_restart(tmp_path):
+    joiner, tracker, store = make(tmp_path)
+    d, o = decision("a"), observation("a")
+    feed(joiner, tracker, d, (D, 0, 0))
+    (joined,) = feed(joiner, tracker, o, (O, 0, 0))
+    store.append([joined.record])
+    said = OutcomeReported(request_id="a", correct_route=False, expected_route="deep",
+                           labels=("the caller's own words",), source="thumbs")
+    (out,) = feed(joiner, tracker, said, ("outcomes", 0, 0))
+    record = out.record
+    assert (record.join, record.primary) == ("outcome", False)
+    assert record.amends == min(str(d.event_id), str(o.event_id)), "the request's record"
+    assert (record.outcome.correct_route, record.outcome.expected_route) == (False, "deep")
+    assert record.event_ids == (str(said.event_id),)
+    assert b"the caller's own words" not in msgspec.json.encode(record), "metadata only"
+    store.append([record])
+    assert feed(joiner, tracker, said, ("outcomes", 0, 0)) == [], "redelivered"
+    assert verify(tmp_path) == (2, [])
+    store.append([record])
+    (_, problems) = verify(tmp_path)
+    assert [p.message for p in problems] == [
+        f"event {said.event_id} already recorded at {tmp_path / record.day}.jsonl:2"]
+    # A restart rebuilds the index from the files: still once.
+    reopened = AuditStore(tmp_path)
+    reopened.load_index()
+    again = Joiner(reopened, OffsetTracker(), 10.0)
+    assert again.add(said, ("outcomes", 0, 0), 0.0) == []
+    # An outcome for a request the trail has not seen yet is written too, amending nothing.
+    (lonely,) = feed(joiner, tracker, OutcomeReported(request_id="b", completed=True),
+                     ("outcomes", 0, 1))
+    assert (lonely.record.join, lonely.record.amends) == ("outcome", None)

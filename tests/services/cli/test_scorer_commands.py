@@ -245,3 +245,21 @@ def test_the_offline_analyzer_gives_the_scorers_figures_for_the_same_events(tmp_
     table = runner.invoke(app, ["scores", "report", "--dir", str(audit)])
     assert table.exit_code == 0
     assert "60 decisions, 0 outcomes" in table.output
+
+
+def test_outcomes_in_the_audit_trail_need_no_outcome_file(tmp_path, audit_dir):
+    said = outcome("near0", "lite")
+    (day_file,) = audit_dir.glob("*.jsonl")
+    with day_file.open("ab") as out:
+        out.write(msgspec.json.encode(build_record("outcome", "near0", None, None,
+                                                   outcome=said)) + b"\n")
+    report = tmp_path / "report.json"
+    result = runner.invoke(app, ["review", "candidates", "--dir", str(audit_dir),
+                                 "--json-output", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "among 13 requests (1 with an outcome)" in result.output
+    rows = {r["candidate"]["request_id"]: r for r in json.loads(report.read_text())["rows"]}
+    assert rows["near0"]["candidate"]["reasons"] == ["near_threshold", "wrong_route"]
+    analyzed = json.loads(runner.invoke(app, ["scores", "report", "--dir", str(audit_dir),
+                                              "--format", "json"]).stdout)
+    assert analyzed["scores"]["outcomes"] == 1
