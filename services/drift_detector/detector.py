@@ -173,12 +173,14 @@ class Detector:
         self.response, self.routing = thresholds(preset, overrides)
         self.window = window
         self.routing_window = routing_window
-        # How often a subject is judged, in its events: a model after every observation
-        # (its window's counts are kept as observations come and go, so a judgement is a
-        # few comparisons, and an incident or a relapse is seen on the observation that
-        # makes it; bench/drift.py), routing every quarter window (its verdicts compare
-        # distributions of hundreds of events, and cost more).
-        self.model_stride = 1
+        # How often a subject is judged, in its events: a model every fifth of its window
+        # (a signal needs several of the window's observations to move; judged after every
+        # observation, a noisy model's window touches a threshold by chance about three
+        # times as often: bench/drift.py), and after every observation while its window
+        # refills after a recovery, so a relapse is seen at the minimum fill; routing
+        # every quarter window (its verdicts compare distributions of hundreds of events).
+        # A change is seen at most a stride late.
+        self.model_stride = max(1, window // 5)
         self.stride = max(1, routing_window // 4)
         self.max_age = max_age
         self.known_models = set(known_models) if known_models is not None else None
@@ -271,7 +273,7 @@ class Detector:
     def _due(self, scope: Scope, subject: str, stride: int) -> list[Transition]:
         known = self.subject(scope, subject)
         known.pending += 1
-        if known.pending < stride:
+        if known.pending < stride and not (scope == "model" and known.refilling):
             return []
         return self._judge(scope, subject)
 

@@ -233,9 +233,8 @@ def test_an_alert_carries_the_whole_verdict_and_its_identity():
     assert {s.name for s in alert.signals} == {
         "empty_response_rate", "length_collapse", "tool_silence_rate", "stop_anomaly_rate",
         "error_rate"}
-    # Judged on every observation: the 54th (at second 53) is the 4th empty of 20, the
-    # high preset's 0.2.
-    assert alert.window_start < alert.window_end == START + timedelta(seconds=53)
+    # Judged every fourth observation: the 56th (at second 55) saw 6 empty of 20 (0.3).
+    assert alert.window_start < alert.window_end == START + timedelta(seconds=55)
     assert alert.sample_size == 20
     assert alert.sensitivity == "high"
     assert alert.baseline_kind is None
