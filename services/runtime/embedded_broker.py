@@ -7,7 +7,6 @@ real Kafka in production.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import socket
@@ -16,9 +15,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from aiokafka.admin import AIOKafkaAdminClient
-
-from routemesh.services.runtime.kafka import create_topics
+from routemesh.services.runtime.kafka import answers_metadata, create_topics
 from routemesh.services.runtime.settings import ServiceSettings
 
 
@@ -59,24 +56,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-async def _answers_metadata(bootstrap: str) -> bool:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-    # Refused connections are expected while the broker boots; aiokafka logs each one
-    # as an error, which would read like a failure.
-    client_log = logging.getLogger("aiokafka")
-    level = client_log.level
-    client_log.setLevel(logging.CRITICAL)
-    try:
-        await admin.start()
-        await admin.list_topics()
-        return True
-    except Exception:
-        return False
-    finally:
-        await admin.close()
-        client_log.setLevel(level)
 
 
 class EmbeddedBroker:
@@ -139,7 +118,7 @@ class EmbeddedBroker:
 
     async def _await_ready(self, timeout_s: float) -> list[str]:
         deadline = time.monotonic() + timeout_s
-        while not await _answers_metadata(self.bootstrap):
+        while not await answers_metadata(bootstrap_servers=self.bootstrap):
             assert self.process is not None
             if self.process.poll() is not None:
                 raise EmbeddedBrokerError(

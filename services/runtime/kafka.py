@@ -23,6 +23,7 @@ the connection settings every aiokafka client shares.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -62,6 +63,7 @@ from routemesh.contracts import (
 )
 from routemesh.contracts.topics import DLQ
 from routemesh.services.runtime.files import write_atomically
+from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,45 @@ class EventProducer:
                 headers=[(k, v.encode()) for k, v in headers.items()],
             )
             await delivery
+
+
+async def answers_metadata(**client: Any) -> bool:
+    """Whether a Kafka bootstrap server (``client``: aiokafka's connection arguments)
+    answers a metadata request."""
+    admin = AIOKafkaAdminClient(**client, request_timeout_ms=2000)
+    # Refused connections are expected while a broker boots; aiokafka logs each one as an
+    # error, which would read like a failure.
+    client_log = logging.getLogger("aiokafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
+    try:
+        await admin.start()
+        await admin.list_topics()
+        return True
+    except Exception:
+        return False
+    finally:
+        await admin.close()
+        client_log.setLevel(level)
+
+
+async def until_reachable(settings: ServiceSettings, stop: asyncio.Event) -> bool:
+    """Wait, with backoff, until Kafka answers (True) or ``stop`` is set (False): a
+    service started before its broker (a pod before Kafka's, a process beside `routemesh
+    dev` starting its broker) waits for it instead of exiting on the first refusal."""
+    delays = Backoff(0.2, 5.0).delays()
+    waited = 0.0
+    while not await answers_metadata(**client_kwargs(settings)):
+        delay = next(delays)
+        if waited == 0.0:
+            log.warning("Kafka does not answer yet; waiting for it",
+                        extra={"bootstrap_servers": settings.kafka_bootstrap_servers})
+        waited += delay
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return False
+    return True
 
 
 async def idempotence_refused(settings: ServiceSettings) -> bool:

@@ -30,6 +30,7 @@ from routemesh.services.runtime.kafka import (
     EventProducer,
     create_broker,
     idempotence_refused,
+    until_reachable,
 )
 from routemesh.services.runtime.settings import ServiceSettings, unknown_variables
 from routemesh.services.runtime.telemetry import (
@@ -173,6 +174,13 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
             raise SystemExit(f"routemesh {spec.name}: unknown settings: {', '.join(unknown)}")
         settings = spec.settings_class()
     setup_logging(spec.name, settings.log_level)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if not await until_reachable(settings, stop):
+        log.info("stopped while waiting for Kafka")
+        return
     if settings.kafka_idempotent_producer and await idempotence_refused(settings):
         log.warning("the broker refuses idempotent producers (the embedded broker does): "
                     "publishing without idempotence; set "
@@ -182,11 +190,6 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     gating = not spec.front_door
     (ctx.readiness.set if gating else ctx.readiness.note)("kafka", False, "not connected yet")
     service = spec.factory(ctx)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
     metrics = MetricsServer(
         settings.metrics_host, settings.metrics_port, ctx.registry, ctx.readiness

@@ -101,6 +101,18 @@ def ready(port: int) -> bool:
     return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
 
 
+def readyz(port: int) -> str:
+    """What a service says of its readiness, for a failure's message."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).text
+    except httpx.HTTPError as exc:
+        return f"no answer ({type(exc).__name__})"
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
 def children(parent: int) -> dict[str, int]:
     found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -146,8 +158,13 @@ def test_each_paging_alert_fires_on_its_real_failure_and_none_while_healthy(tmp_
                                 {**metrics, "replay-worker-outside": extra_metrics})
         gateway = f"http://127.0.0.1:{ports[('gateway', 'http')]}"
         try:
-            for port in (*metrics.values(), extra_metrics):
-                until(lambda port=port: ready(port), 240, f"the service on {port} ready")
+            for name, port in (*metrics.items(), ("replay-worker-outside", extra_metrics)):
+                try:
+                    until(lambda port=port: ready(port), 240, f"{name} ready")
+                except AssertionError:
+                    raise AssertionError(f"{name} not ready: {readyz(port)}\n" + tail(
+                        tmp_path / ("killed.log" if name.endswith("outside") else "dev.out"))
+                    ) from None
             with httpx.Client(base_url=gateway, timeout=30) as client:
 
                 def chats(n: int, model: str = "auto") -> list[int]:

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from routemesh.contracts import RouteDecided
 from routemesh.contracts.topics import ROUTE_DECISIONS
-from routemesh.services.runtime.embedded_broker import free_port
-from routemesh.services.runtime.kafka import create_broker
-from tests.integration.conftest import cli_env
+from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
+from routemesh.services.runtime.kafka import create_broker, create_topics
+from routemesh.services.runtime.settings import ServiceSettings
+from tests.integration.conftest import CLI, cli_env
 from tests.services.runtime.helpers import broker_publish
 
 pytestmark = pytest.mark.broker
@@ -106,3 +108,31 @@ async def test_sigterm_finishes_the_message_in_flight_commits_and_exits_zero(
     finally:
         await consumer.stop()
     assert sum(c or 0 for c in committed) == 1
+
+
+async def test_a_service_started_before_its_broker_waits_for_it(tmp_path):
+    """A pod before Kafka's, or a process beside `routemesh dev` starting its broker:
+    the service says it waits, and is ready once the broker answers."""
+    kafka = free_port()
+    settings = ServiceSettings(kafka_bootstrap_servers=f"127.0.0.1:{kafka}",
+                               topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
+    port = free_port()
+    log = tmp_path / "writer.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*CLI, "serve", "audit-writer"], stdout=out, stderr=subprocess.STDOUT,
+            env=cli_env(settings, ROUTEMESH_AUDIT_DIR=str(tmp_path / "audit"),
+                        ROUTEMESH_METRICS_PORT=str(port),
+                        ROUTEMESH_METRICS_HOST="127.0.0.1"))
+    broker = EmbeddedBroker(kafka, log_file=tmp_path / "tansu.log")
+    try:
+        await _wait_for(lambda: "Kafka does not answer yet" in log.read_text(), 60,
+                        "the service to say it waits")
+        assert process.poll() is None, log.read_text()
+        await asyncio.to_thread(broker.start)
+        await create_topics(settings)
+        await _wait_for(lambda: _readyz(port)[0] == 200, 120, "readiness")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
+        broker.stop()
