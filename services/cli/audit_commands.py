@@ -12,18 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from routemesh.services.audit_writer.reports import parse_duration, summarize, verify
-from routemesh.services.cli.output import Strict, err, fail, report_skipped
+from routemesh.services.cli.output import Strict, err, fail, figure, report_skipped
 
 audit_app = typer.Typer(help="Audit trail: summaries and verification.", no_args_is_help=True)
 DirOption = Annotated[Path, typer.Option("--dir", help="The audit directory.")]
-
-
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
 
 
 @audit_app.command("summary")
@@ -62,16 +54,16 @@ def summary(
     scalar_keys = ["requests", "low_confidence_rate", "embedding_error_rate", "error_rate",
                    "non_2xx_rate", "escalation_rate"]
     for key in scalar_keys:
-        table.add_row(key, *(_fmt(r[key]) for r in result.values()))
+        table.add_row(key, *(figure(r[key]) for r in result.values()))
     for key in ("decision_latency_ms", "upstream_latency_ms"):
         for q in ("p50", "p95", "p99"):
-            table.add_row(f"{key} {q}", *(_fmt(r[key][q]) for r in result.values()))
+            table.add_row(f"{key} {q}", *(figure(r[key][q]) for r in result.values()))
     for key in ("route_share", "reason_share", "target_model_share"):
         names = sorted({n for r in result.values() for n in r[key]})
         for name in names:
-            table.add_row(f"{key}[{name}]", *(_fmt(r[key].get(name)) for r in result.values()))
+            table.add_row(f"{key}[{name}]", *(figure(r[key].get(name)) for r in result.values()))
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        table.add_row(name, *(_fmt(r["tokens"].get(name, 0)) for r in result.values()))
+        table.add_row(name, *(figure(r["tokens"].get(name, 0)) for r in result.values()))
     Console().print(table)
     report_skipped(report.skipped_lines, strict)
 

@@ -9,12 +9,23 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from routemesh.services.runtime.files import reasons_text
+
 err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code)
+
+
+def figure(value: object) -> str:
+    """A table cell: ``-`` for nothing, a float to 3 decimals, anything else as it is."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
 
 
 Strict = Annotated[bool, typer.Option(
@@ -29,8 +40,7 @@ def report_skipped(skipped: Mapping[str, Mapping[str, int]], strict: bool) -> No
         return
     total = sum(n for reasons in skipped.values() for n in reasons.values())
     for file, reasons in skipped.items():
-        err.print(f"[yellow]skipped[/yellow] in {file}: "
-                  + ", ".join(f"{n} {reason}" for reason, n in reasons.items()),
+        err.print(f"[yellow]skipped[/yellow] in {file}: {reasons_text(reasons)}",
                   highlight=False)
     if strict:
         raise fail(f"{total} unreadable line(s) skipped (--strict)")

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from routemesh.contracts import RouteBankPublished
 from routemesh.services.cli.output import err, fail
-from routemesh.services.replay_worker.cases import from_dataset, input_set_sha256
+from routemesh.services.replay_worker.cases import from_items, input_set_sha256
 from routemesh.services.replay_worker.receipt import eval_receipt, read_receipt
 from routemesh.services.router import (
     ConfigError,
@@ -192,7 +192,7 @@ def eval_command(
     json_path, md_path = write_reports(report, out)
     receipt_path = out / "report.receipt.json"
     receipt = eval_receipt(report, files_sha256(router.loaded.files),
-                           input_set_sha256(from_dataset(dataset)), read_receipt(receipt_path))
+                           input_set_sha256(from_items(items)), read_receipt(receipt_path))
     outputs = {p.name: file_sha256(p) for p in (json_path, md_path)}
     write_atomically(receipt_path, pretty_json(msgspec.structs.replace(receipt,
                                                                        outputs=outputs)))

@@ -17,7 +17,7 @@ from rich.table import Table
 from routemesh.contracts import LayerScore, RouteScores
 from routemesh.contracts.events import utc_now
 from routemesh.services.audit_writer.reports import parse_duration, recent_records
-from routemesh.services.cli.output import Strict, err, fail, report_skipped
+from routemesh.services.cli.output import Strict, err, fail, figure, report_skipped
 from routemesh.services.router import (
     ConfigError,
     DatasetError,
@@ -29,6 +29,7 @@ from routemesh.services.router import (
 from routemesh.services.runtime.captures import read_captures
 from routemesh.services.runtime.files import (
     Skipped,
+    numbered_rows,
     open_private,
     pretty_json,
     write_atomically,
@@ -38,7 +39,6 @@ from routemesh.services.scorer.advice import AdvicePolicy
 from routemesh.services.scorer.candidates import CandidatePolicy
 from routemesh.services.scorer.ledger import Ledger
 from routemesh.services.scorer.review import (
-    AnswerError,
     Request,
     ReviewAnswer,
     ReviewReport,
@@ -82,13 +82,7 @@ def read_outcomes(paths: list[Path]) -> dict[str, LedgerOutcome]:
     found: dict[str, LedgerOutcome] = {}
     now = utc_now()
     for path in paths:
-        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = decoder.decode(line)
-            except msgspec.DecodeError as exc:
-                raise ValueError(f"{path.name}:{number}: not an outcome ({exc})") from None
+        for _, row in numbered_rows(path, decoder, "not an outcome"):
             found.setdefault(row.request_id, LedgerOutcome(
                 request_id=row.request_id, occurred_at=row.occurred_at or now,
                 correct_route=row.correct_route, expected_route=row.expected_route,
@@ -107,13 +101,12 @@ class _WithId:
         return getattr(self._part, name)
 
 
-def audit_requests(directory: Path, since: str | None, max_files: int,
+def audit_requests(directory: Path, within: timedelta | None, max_files: int,
                    outcomes: dict[str, LedgerOutcome],
                    skipped: Skipped | None = None) -> Iterator[Request]:
     """Each request of the audit period with its outcome, decision and observation
     joined across records (an amendment completes an earlier one)."""
-    recent = recent_records(directory, parse_duration(since) if since else None,
-                            max_files=max_files, skipped=skipped)
+    recent = recent_records(directory, within, max_files=max_files, skipped=skipped)
     requests: OrderedDict[str, Request] = OrderedDict()
     for record, _ in recent.records:
         request = requests.setdefault(record.request_id, Request())
@@ -148,7 +141,8 @@ def _report(directory: Path, outcomes: list[Path] | None, prompt_dir: Path | Non
         if include_text and captures and any(c.mode != "raw_local" for c in captures.values()):
             raise fail(f"{prompt_dir} holds redacted captures: prompt text goes into a packet "
                        "only from a raw_local directory")
-        report = review(audit_requests(directory, since, max_files, joined, skipped), policy,
+        within = parse_duration(since) if since else None
+        report = review(audit_requests(directory, within, max_files, joined, skipped), policy,
                         limit, captures, utc_now(), include_text)
         return msgspec.structs.replace(report, skipped_lines=skipped.by_file())
     except (OSError, ValueError) as exc:
@@ -264,10 +258,11 @@ def summarize_command(
     malformed answer is refused with the line that is wrong."""
     try:
         answers = read_answers(result)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    try:
         answered = msgspec.json.decode(packet.read_bytes(), type=ReviewReport) \
             if packet is not None else None
-    except AnswerError as exc:
-        raise fail(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise fail(f"{packet.name if packet else ''}: not a review packet ({exc})") from None
     summary = summarize_answers(answers, answered)
@@ -436,8 +431,7 @@ def scores_report(directory: Path, outcomes: list[Path] | None, window: timedelt
     decided: Counter[str] = Counter()
     newest: datetime | None = None
     skipped = Skipped()
-    since = f"{int(window.total_seconds())}s"
-    for request in audit_requests(directory, since, max_files, read_outcomes(outcomes or []),
+    for request in audit_requests(directory, window, max_files, read_outcomes(outcomes or []),
                                   skipped):
         d = request.decision
         if d is None:
@@ -492,7 +486,7 @@ def scores_report_command(
     s = report.scores
     console = Console()
     console.print(f"{s.decisions} decisions, {s.outcomes} outcomes, accuracy "
-                  f"{_fmt(s.accuracy)} over {window} up to "
+                  f"{figure(s.accuracy)} over {window} up to "
                   f"{report.anchored_at.isoformat() if report.anchored_at else 'no records'}",
                   style="bold")
     made: dict[str, LayerScore] = {x.layer: x for x in s.layers}
@@ -502,22 +496,18 @@ def scores_report_command(
         layers.add_column(column, justify="left" if column == "layer" else "right")
     for a in report.attempts:
         x = made.get(a.layer)
-        layers.add_row(a.layer, str(a.attempts), str(a.decided), _fmt(a.success_rate),
-                       _fmt(x.capture_rate if x else None), str(x.outcomes if x else 0),
-                       _fmt(x.accuracy if x else None),
-                       _fmt(x.p95_decision_latency_ms if x else None))
+        layers.add_row(a.layer, str(a.attempts), str(a.decided), figure(a.success_rate),
+                       figure(x.capture_rate if x else None), str(x.outcomes if x else 0),
+                       figure(x.accuracy if x else None),
+                       figure(x.p95_decision_latency_ms if x else None))
     console.print(layers)
     routes = Table(title="routes")
     for column in ("route", "decisions", "capture", "outcomes", "accuracy", "confidence",
                    "p95 ms"):
         routes.add_column(column, justify="left" if column == "route" else "right")
     for r in s.routes:
-        routes.add_row(r.route_id, str(r.decisions), _fmt(r.capture_rate), str(r.outcomes),
-                       _fmt(r.accuracy), _fmt(r.mean_confidence),
-                       _fmt(r.p95_decision_latency_ms))
+        routes.add_row(r.route_id, str(r.decisions), figure(r.capture_rate), str(r.outcomes),
+                       figure(r.accuracy), figure(r.mean_confidence),
+                       figure(r.p95_decision_latency_ms))
     console.print(routes)
     report_skipped(report.skipped_lines, strict)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from routemesh.services.router import Route, RouteRequest, load_dataset
+from routemesh.services.router.datasets import EvalItem
 from routemesh.services.runtime.captures import read_captures
 from routemesh.services.runtime.files import Skipped, decoded_lines, files_sha256, jsonl_files
 
@@ -65,9 +66,14 @@ class Case:
 
 
 def from_dataset(path: Path) -> list[Case]:
+    return from_items(load_dataset(path))
+
+
+def from_items(items: Iterable[EvalItem]) -> list[Case]:
+    """Cases of a labelled set already read (``eval`` reads it once for both)."""
     return [Case(id=item.id, text_sha256=item.request.prompt_sha256,
                  chars=item.request.prompt_chars, request=item.request, label=item.route)
-            for item in load_dataset(path)]
+            for item in items]
 
 
 def from_captures(directory: Path, skipped: Skipped | None = None) -> list[Case]:

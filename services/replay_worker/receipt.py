@@ -156,9 +156,8 @@ def eval_receipt(report: EvalReport, config_files_sha256: str, input_set: str,
         counts={"items": report.items, "excluded_trained": report.excluded_trained},
         validation_passed=True,
     )
-    violation = earlier is not None and _same_inputs(receipt, earlier) and \
-        earlier.run_hash != receipt.run_hash
-    return msgspec.structs.replace(receipt, deterministic_violation=violation)
+    return msgspec.structs.replace(receipt,
+                                   deterministic_violation=_not_repeated(receipt, earlier))
 
 
 def read_receipt(path: Path) -> Receipt | None:
@@ -185,12 +184,14 @@ def _status(relative: float | None, before: float, after: float, bands: Bands) -
     return "alert" if relative > bands.alert else "warn" if relative > bands.warn else "ok"
 
 
-def _same_inputs(receipt: Receipt, previous: Receipt) -> bool:
-    """The same code and the same inputs: what a deterministic replay answers alike."""
-    return ((receipt.code_version, receipt.git_commit, receipt.input_set_sha256,
-             receipt.configs, receipt.counts)
-            == (previous.code_version, previous.git_commit, previous.input_set_sha256,
-                previous.configs, previous.counts))
+def _not_repeated(receipt: Receipt, earlier: Receipt | None) -> bool:
+    """The same code and inputs as ``earlier``, and another run hash: a deterministic run
+    answers the same inputs alike, so one of the two is no evidence."""
+    return earlier is not None and receipt.run_hash != earlier.run_hash and (
+        (receipt.code_version, receipt.git_commit, receipt.input_set_sha256,
+         receipt.configs, receipt.counts)
+        == (earlier.code_version, earlier.git_commit, earlier.input_set_sha256,
+            earlier.configs, earlier.counts))
 
 
 def drift(result: ReplayResult, previous: Report | None, bands: Bands | None = None,
@@ -209,8 +210,7 @@ def drift(result: ReplayResult, previous: Report | None, bands: Bands | None = N
         changes.append(FigureChange(figure=figure, before=b, after=a, relative=relative,
                                     status=_status(relative, b, a, bands)))
     new_errors = sorted(set(result.errors) - set(previous.errors))
-    violation = receipt is not None and _same_inputs(receipt, previous.receipt) and \
-        receipt.run_hash != previous.receipt.run_hash
+    violation = receipt is not None and _not_repeated(receipt, previous.receipt)
     statuses = [c.status for c in changes] + (["warn"] if new_errors else []) + \
         (["alert"] if violation else [])
     worst: Status = "alert" if "alert" in statuses else "warn" if "warn" in statuses else "ok"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from routemesh.services.replay_worker.receipt import Report
+from routemesh.services.runtime.files import reasons_text
 
 FLIPS_SHOWN = 50
 
@@ -26,7 +27,7 @@ def render_markdown(report: Report) -> str:
         + (" (all)" if inputs.limit == 0 else f" (limit {inputs.limit})"),
         f"- input set sha256 `{inputs.input_set_sha256}` (order-independent)",
     ]
-    lines += [f"- skipped in `{file}`: " + ", ".join(f"{n} {r}" for r, n in reasons.items())
+    lines += [f"- skipped in `{file}`: {reasons_text(reasons)}"
               for file, reasons in inputs.skipped_lines.items()]
     lines += [f"- {name}: `{c.name}` config sha256 `{c.config_sha256}`, files "
               f"`{c.files_sha256}`, bank `{c.route_bank_sha256}`"

@@ -7,7 +7,7 @@ import gzip
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -108,20 +108,16 @@ class Skipped:
     def add(self, file: str, reason: str) -> None:
         self.counts[(file, reason)] += 1
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
     def by_file(self) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
         for (file, reason), count in sorted(self.counts.items()):
             found.setdefault(file, {})[reason] = count
         return found
 
-    def __str__(self) -> str:
-        parts = "; ".join(f"{file}: " + ", ".join(f"{n} {r}" for r, n in reasons.items())
-                          for file, reasons in self.by_file().items())
-        return f"skipped {self.total} unreadable line(s): {parts}"
+
+def reasons_text(reasons: Mapping[str, int]) -> str:
+    """One file's skipped lines in words: ``2 not_json, 1 not_a_record``."""
+    return ", ".join(f"{n} {reason}" for reason, n in reasons.items())
 
 
 def unreadable(exc: msgspec.DecodeError) -> str:
@@ -136,6 +132,20 @@ def jsonl_files(directory: Path) -> list[Path]:
     names = {p.name for p in plain}
     packed = [p for p in sorted(directory.glob("*.jsonl.gz")) if p.name[:-3] not in names]
     return sorted(plain + packed, key=lambda p: p.name)
+
+
+def numbered_rows(path: Path, decoder: msgspec.json.Decoder[T],
+                  what: str = "") -> Iterator[tuple[int, T]]:
+    """(line number, row) of every non-blank line of a JSON-lines file a person wrote;
+    ValueError names the first line ``decoder`` refuses (``file:line: [what] why``)."""
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            why = f"{what} ({exc})" if what else str(exc)
+            raise ValueError(f"{path.name}:{number}: {why}") from None
 
 
 def decoded_lines(directory: Path, decoder: msgspec.json.Decoder[T],

@@ -216,19 +216,17 @@ async def until_reachable(settings: ServiceSettings, stop: asyncio.Event) -> boo
     """Wait, with backoff, until Kafka answers (True) or ``stop`` is set (False): a
     service started before its broker (a pod before Kafka's, a process beside `routemesh
     dev` starting its broker) waits for it instead of exiting on the first refusal."""
+    if await answers_metadata(**client_kwargs(settings)):
+        return True
+    log.warning("Kafka does not answer yet; waiting for it",
+                extra={"bootstrap_servers": settings.kafka_bootstrap_servers})
     delays = Backoff(0.2, 5.0).delays()
-    waited = 0.0
-    while not await answers_metadata(**client_kwargs(settings)):
-        delay = next(delays)
-        if waited == 0.0:
-            log.warning("Kafka does not answer yet; waiting for it",
-                        extra={"bootstrap_servers": settings.kafka_bootstrap_servers})
-        waited += delay
+    while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        if stop.is_set():
-            return False
-    return True
+            await asyncio.wait_for(stop.wait(), next(delays))
+        if not stop.is_set() and await answers_metadata(**client_kwargs(settings)):
+            return True
+    return False
 
 
 async def idempotence_refused(settings: ServiceSettings) -> bool:

@@ -18,6 +18,7 @@ import msgspec
 
 from routemesh.contracts import ReviewCandidate, ReviewCluster
 from routemesh.services.runtime.captures import Capture, CaptureMode
+from routemesh.services.runtime.files import numbered_rows
 from routemesh.services.scorer.candidates import CandidatePolicy, candidate, clusters, ranked
 from routemesh.services.scorer.views import LedgerDecision, LedgerObservation, LedgerOutcome
 
@@ -135,29 +136,18 @@ class ReviewAnswer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     note: Annotated[str, msgspec.Meta(max_length=1000)] = ""
 
 
-class AnswerError(ValueError):
-    pass
-
-
 def read_answers(path: Path) -> list[ReviewAnswer]:
-    """Every answer of a reviewer's file; AnswerError names the first line that is not
+    """Every answer of a reviewer's file; ValueError names the first line that is not
     one (``file:line: why``), and an answer given twice."""
-    decoder = msgspec.json.Decoder(ReviewAnswer)
     answers: list[ReviewAnswer] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            answer = decoder.decode(line)
-        except msgspec.DecodeError as exc:
-            raise AnswerError(f"{path.name}:{number}: {exc}") from None
+    for number, answer in numbered_rows(path, msgspec.json.Decoder(ReviewAnswer)):
         if answer.verdict == "wrong_route" and answer.suggested_route is None:
-            raise AnswerError(f"{path.name}:{number}: a wrong_route verdict needs "
-                              "suggested_route")
+            raise ValueError(f"{path.name}:{number}: a wrong_route verdict needs "
+                             "suggested_route")
         if answer.request_id in seen:
-            raise AnswerError(f"{path.name}:{number}: {answer.request_id} was answered on "
-                              f"line {seen[answer.request_id]} already")
+            raise ValueError(f"{path.name}:{number}: {answer.request_id} was answered on "
+                             f"line {seen[answer.request_id]} already")
         seen[answer.request_id] = number
         answers.append(answer)
     return answers

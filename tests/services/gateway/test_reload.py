@@ -27,6 +27,19 @@ def builder(path):
     return build
 
 
+async def refused(reloader, gateway, good, caplog) -> str:
+    """Check that a changed file is refused, once, with the last good router kept; the
+    refusal's error."""
+    caplog.set_level(logging.ERROR)
+    assert await reloader.check_file() is False
+    assert gateway.state.router is good
+    (refusal,) = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
+    assert gateway.state.registry.get_sample_value(
+        "routemesh_gateway_config_reloads_total",
+        {"trigger": "config_file", "result": "refused"}) == 1
+    return refusal.error
+
+
 async def test_a_changed_config_is_swapped_in_and_a_broken_one_refused(gateway, tmp_path, caplog):
     config = tmp_path / "routes.yaml"
     reloader = Reloader(gateway.state, builder(config), gateway.state.registry)
@@ -44,15 +57,9 @@ async def test_a_changed_config_is_swapped_in_and_a_broken_one_refused(gateway, 
 
     good = gateway.state.router
     config.write_text(CONFIG.replace("threshold: 0.45", "threshold: lots"))
-    caplog.set_level(logging.ERROR)
-    assert await reloader.check_file() is False
-    assert gateway.state.router is good
-    (refusal,) = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
-    assert "routes.yaml:" in refusal.error
-    assert "routes[1].threshold" in refusal.error
-    assert gateway.state.registry.get_sample_value(
-        "routemesh_gateway_config_reloads_total",
-        {"trigger": "config_file", "result": "refused"}) == 1
+    error = await refused(reloader, gateway, good, caplog)
+    assert "routes.yaml:" in error
+    assert "routes[1].threshold" in error
     async with httpx.AsyncClient(base_url=gateway.url) as client:
         still = await client.post("/v1/chat/completions", json={
             "model": "speedy", "messages": [{"role": "user", "content": "hi"}]})
@@ -89,14 +96,8 @@ async def test_a_broken_utterances_file_is_refused_with_its_line_and_the_router_
 
     broken = [lines[0], "plan a database migration with zero downtime", *lines[1:]]
     (tmp_path / "deep.jsonl").write_text("\n".join(broken) + "\n")
-    caplog.set_level(logging.ERROR)
-    assert await reloader.check_file() is False
-    assert gateway.state.router is good
-    (refusal,) = [r for r in caplog.records if r.getMessage().startswith("reload refused")]
-    assert "utterances_file: deep.jsonl:2: needs a JSON object with text" in refusal.error
-    assert gateway.state.registry.get_sample_value(
-        "routemesh_gateway_config_reloads_total",
-        {"trigger": "config_file", "result": "refused"}) == 1
+    error = await refused(reloader, gateway, good, caplog)
+    assert "utterances_file: deep.jsonl:2: needs a JSON object with text" in error
     async with httpx.AsyncClient(base_url=gateway.url) as client:
         still = await client.post("/v1/route", json={
             "messages": [{"role": "user", "content": "hi"}]})
