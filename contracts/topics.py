@@ -69,7 +69,8 @@ ROUTE_SCORES = Topic(
     "Periodic accuracy, threshold recommendations and review candidates.",
 )
 REPLAY_REQUESTS = Topic(
-    "replay.requests.v1", (ReplayRequested,), 1, "replay_id",
+    # Partitions for replay workers to share: each request is answered by one of them.
+    "replay.requests.v1", (ReplayRequested,), 6, "replay_id",
     "Requests to replay an eval set or captured samples through a config.",
 )
 REPLAY_RESULTS = Topic(

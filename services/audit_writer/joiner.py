@@ -33,6 +33,8 @@ class _Held:
 @dataclass
 class Output:
     record: AuditRecord
+    # The Kafka partition of the request's events: whose files the record goes to.
+    partition: int
     positions: list[Position] = field(default_factory=list)
 
 
@@ -72,18 +74,19 @@ class Joiner:
         if isinstance(event, CompletionObserved):
             return self._arrive(event, position, now, received, "observation")
         if isinstance(event, OutcomeReported):
-            return self._outcome(event, received)
+            return self._outcome(event, position, received)
         return []
 
-    def _outcome(self, event: OutcomeReported, received: datetime) -> list[Output]:
+    def _outcome(self, event: OutcomeReported, position: Position, received: datetime
+                 ) -> list[Output]:
         """An outcome is written at once, in a record of its own, once per event: the
         evidence trail holds what the caller learned next to what was decided."""
         state = self.store.state(event.request_id)
         if state is not None and str(event.event_id) in state.event_ids:
             self.stats.dedup_hits += 1
             return []
-        return [self._emit("outcome", event.request_id, None, None, [], received,
-                           amends=state, outcome=event)]
+        return [self._emit("outcome", event.request_id, position[1], None, None, [],
+                           received, amends=state, outcome=event)]
 
     def _arrive(
         self, event: RouteDecided | CompletionObserved, position: Position, now: float,
@@ -108,12 +111,12 @@ class Joiner:
         waiting = partners.pop(request_id, None)
         if waiting is not None:
             decision, observation = _split(event, waiting.event)
-            return [self._emit("joined", request_id, decision, observation,
+            return [self._emit("joined", request_id, position[1], decision, observation,
                                [waiting.position], waiting.received)]
         if state is not None and (state.has_observation if is_decision else state.has_decision):
             decision, observation = _split(event)
-            return [self._emit("amendment", request_id, decision, observation, [], received,
-                               amends=state)]
+            return [self._emit("amendment", request_id, position[1], decision, observation,
+                               [], received, amends=state)]
         mine[request_id] = _Held(event, position, now, received)
         self.tracker.hold(position)
         return []
@@ -127,8 +130,8 @@ class Joiner:
                 held = table.pop(request_id)
                 decision, observation = _split(held.event)
                 join: Join = "decision_only" if decision is not None else "observation_only"
-                outputs.append(self._emit(join, request_id, decision, observation,
-                                          [held.position], held.received))
+                outputs.append(self._emit(join, request_id, held.position[1], decision,
+                                          observation, [held.position], held.received))
         return outputs
 
     def drop_partitions(self, keys: Collection[PartitionKey]) -> None:
@@ -140,6 +143,7 @@ class Joiner:
         self,
         join: Join,
         request_id: str,
+        partition: int,
         decision: RouteDecided | None,
         observation: CompletionObserved | None,
         positions: list[Position],
@@ -151,9 +155,9 @@ class Joiner:
         record = build_record(join, request_id, decision, observation, outcome=outcome,
                               amends=reference, received_at=received,
                               max_skew=self.max_skew)
-        self.store.mark(record)
+        self.store.mark(record, partition)
         setattr(self.stats, join, getattr(self.stats, join) + 1)
-        return Output(record, positions)
+        return Output(record, partition, positions)
 
 
 def _split(*events: RouteDecided | CompletionObserved

@@ -1,6 +1,10 @@
 """The audit-writer service: consume decisions and observations, join them, append one
 record per request, and let the consumer commit offsets only once the records covering
-them are on disk."""
+them are on disk.
+
+Instances of one consumer group share the audit directory: each writes the files of the
+partitions it owns (a request's events share a partition), so the trail is one directory
+however many write it."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import Collection, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +25,7 @@ from pydantic import Field
 from routemesh.contracts.events import utc_now
 from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
 from routemesh.services.audit_writer.joiner import Joiner, Output
-from routemesh.services.audit_writer.records import Join
+from routemesh.services.audit_writer.records import AuditRecord, Join
 from routemesh.services.audit_writer.store import AuditStore
 from routemesh.services.runtime.consumer import Delivery, OffsetTracker, PartitionKey
 from routemesh.services.runtime.kafka import RetryableError
@@ -89,16 +94,24 @@ class AuditWriter:
         self.consumer = ctx.consumer(
             [ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES], GROUP, self,
             batch_max_records=settings.audit_batch_max_records, poll_ms=settings.audit_poll_ms,
+            on_assigned=self.assigned,
         )
         self.joiner = Joiner(self.store, self.consumer.offsets, settings.audit_join_window_s,
                              timedelta(seconds=settings.audit_max_clock_skew_s))
         self._last_maintenance = 0.0
 
     async def start(self) -> None:
-        loaded = await asyncio.to_thread(self.store.load_index)
-        log.info("audit index rebuilt", extra={"records": loaded})
         self.ctx.readiness.set("audit_dir", True, "writable")
         await self.consumer.start()
+
+    async def assigned(self, partitions: Collection[PartitionKey]) -> None:
+        """A partition's dedup state is what its files hold, whoever wrote them: read
+        before its first events are joined."""
+        numbers = {partition for _, partition in partitions} - self.store.loaded
+        if numbers:
+            loaded = await asyncio.to_thread(self.store.load_index, numbers)
+            log.info("audit index read for assigned partitions",
+                     extra={"partitions": sorted(numbers), "records": loaded})
 
     async def stop(self) -> None:
         """Stop consuming; write and commit what is complete; keep the rest held (or
@@ -107,7 +120,7 @@ class AuditWriter:
         if self.settings.audit_flush_on_stop:
             outputs = self.joiner.expire(math.inf)
             if outputs:
-                await asyncio.to_thread(self.store.append, [o.record for o in outputs])
+                await asyncio.to_thread(self._append, outputs)
                 log.info("join window written at stop", extra={"records": len(outputs)})
         self.store.close()
 
@@ -130,12 +143,24 @@ class AuditWriter:
 
     def revoked(self, partitions: Collection[PartitionKey]) -> None:
         self.joiner.drop_partitions(partitions)
+        # What is held for a partition goes back with it; its index too, since the next
+        # owner adds to its files.
+        self.store.forget_partitions({partition for _, partition in partitions})
+
+    def _append(self, outputs: list[Output]) -> tuple[float, float]:
+        """Each partition's records to its own files; (write, fsync) seconds in all."""
+        by_partition: dict[int, list[AuditRecord]] = defaultdict(list)
+        for output in outputs:
+            by_partition[output.partition].append(output.record)
+        write_s = fsync_s = 0.0
+        for partition, records in by_partition.items():
+            wrote, synced = self.store.append(records, partition)
+            write_s, fsync_s = write_s + wrote, fsync_s + synced
+        return write_s, fsync_s
 
     async def _write(self, outputs: list[Output]) -> None:
         try:
-            write_s, fsync_s = await asyncio.to_thread(
-                self.store.append, [o.record for o in outputs]
-            )
+            write_s, fsync_s = await asyncio.to_thread(self._append, outputs)
         except OSError as exc:
             # The batch's records were marked as written before the write failed: forget
             # that (rebuild the index from what really is on disk) and have the consumer
@@ -144,8 +169,7 @@ class AuditWriter:
                       extra={"error": str(exc)})
             with contextlib.suppress(OSError):
                 self.store.close()
-            self.store.forget_index()
-            await asyncio.to_thread(self.store.load_index)
+            await asyncio.to_thread(self.store.rebuild_index)
             raise RetryableError(f"audit write failed: {exc}") from exc
         self.metrics.write.observe(write_s)
         self.metrics.fsync.observe(fsync_s)
@@ -160,6 +184,7 @@ class AuditWriter:
             utc_now().date(),
             retention_days=self.settings.audit_retention_days,
             retention_bytes=self.settings.audit_retention_bytes,
+            partitions=self.store.loaded,
         )
         if compressed or deleted:
             log.info("audit files maintained",

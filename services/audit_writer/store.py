@@ -1,5 +1,11 @@
 """Daily JSONL audit files: durable batch appends, size rotation, gzip, retention, and
-the dedup index that survives restarts (rebuilt from the files themselves)."""
+the dedup index that survives restarts (rebuilt from the files themselves).
+
+Each Kafka partition has its own files (``2026-11-23-p3.jsonl``): the writer that owns a
+partition in the consumer group is the only one that writes them, so several writers share
+one directory, and a partition's dedup state moves with it by reading its files when it is
+assigned. Files without a partition are a trail written before partition files; they hold
+every partition's records and are read by every writer."""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import re
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -21,27 +27,37 @@ import msgspec
 from routemesh.services.audit_writer.records import AuditRecord, RecordProblem, read_record
 
 log = logging.getLogger(__name__)
-FILE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:\.(\d+))?\.jsonl(\.gz)?$")
+FILE_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:-p(\d+))?(?:\.(\d+))?\.jsonl(\.gz)?$")
 FsyncPolicy = Literal["batch", "off"]
+# The partition of a file written before partition files: it holds every partition's.
+UNPARTITIONED = -1
 
 
 @dataclass(frozen=True, order=True)
 class AuditFile:
     day: str
+    partition: int
     part: int
     path: Path = field(compare=False)
     compressed: bool = field(compare=False)
 
 
+def file_name(day: str, partition: int, part: int) -> str:
+    stem = day if partition == UNPARTITIONED else f"{day}-p{partition}"
+    return f"{stem}.jsonl" if part == 0 else f"{stem}.{part}.jsonl"
+
+
 def list_files(directory: Path) -> list[AuditFile]:
     """Audit files in ``directory``, oldest first. A file caught being compressed (its
     ``.gz`` complete, the plain file not yet removed) is listed once, as the plain file."""
-    found: dict[tuple[str, int], AuditFile] = {}
+    found: dict[tuple[str, int, int], AuditFile] = {}
     for path in directory.iterdir() if directory.is_dir() else ():
         match = FILE_NAME.match(path.name)
         if match:
-            file = AuditFile(match.group(1), int(match.group(2) or 0), path, bool(match.group(3)))
-            key = (file.day, file.part)
+            partition = UNPARTITIONED if match.group(2) is None else int(match.group(2))
+            file = AuditFile(match.group(1), partition, int(match.group(3) or 0), path,
+                             bool(match.group(4)))
+            key = (file.day, file.partition, file.part)
             if key not in found or found[key].compressed:
                 found[key] = file
     return sorted(found.values())
@@ -87,8 +103,17 @@ def _cut_torn_tail(path: Path) -> None:
                 extra={"file": path.name, "bytes": size - cut})
 
 
+def _size(path: Path) -> int:
+    """0 for a file another writer compressed or deleted since it was listed."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 @dataclass
 class RequestState:
+    partition: int = UNPARTITIONED
     has_decision: bool = False
     has_observation: bool = False
     event_ids: set[str] = field(default_factory=set)
@@ -108,33 +133,72 @@ class AuditStore:
         self.fsync = fsync
         self.dedup_capacity = dedup_capacity
         self._index: OrderedDict[str, RequestState] = OrderedDict()
-        self._open: dict[str, tuple[AuditFile, IO[bytes]]] = {}
+        self._loaded: set[int] = set()
+        self._unpartitioned_loaded = False
+        # (day, partition) -> the file being appended to.
+        self._open: dict[tuple[str, int], tuple[AuditFile, IO[bytes]]] = {}
         self._encoder = msgspec.json.Encoder()
         directory.mkdir(parents=True, exist_ok=True)
 
     # -- dedup index -------------------------------------------------------------------
 
-    def load_index(self) -> int:
-        """Rebuild the index from the files, oldest first, so the newest entries stay
-        when it is full. A torn last line (a crash mid-write) is skipped."""
+    @property
+    def loaded(self) -> frozenset[int]:
+        """The partitions whose files are in the index."""
+        return frozenset(self._loaded)
+
+    def load_index(self, partitions: Collection[int] | None = None) -> int:
+        """Add the records of ``partitions``' files (None: every file) to the index, oldest
+        first, so the newest entries stay when it is full. Files without a partition are
+        read once, with the first partitions. A torn last line (a crash mid-write) is
+        skipped. Returns the records read."""
+        wanted = None if partitions is None else set(partitions) - self._loaded
         count = 0
         for file in list_files(self.directory):
+            if file.partition == UNPARTITIONED:
+                if self._unpartitioned_loaded:
+                    continue
+            elif wanted is not None and file.partition not in wanted:
+                continue
             for _, line in read_lines(file):
                 try:
                     record = read_record(line)
                 except RecordProblem:
                     continue
-                self.mark(record)
+                self.mark(record, file.partition)
                 count += 1
+        self._unpartitioned_loaded = True
+        self._loaded |= wanted if wanted is not None else {
+            f.partition for f in list_files(self.directory)} - {UNPARTITIONED}
         return count
+
+    def forget_partitions(self, partitions: Collection[int]) -> None:
+        """Another writer owns these partitions now: drop their index entries (read again
+        from their files if they come back, with what the other writer added) and close
+        their files."""
+        gone = set(partitions)
+        for request_id in [r for r, state in self._index.items() if state.partition in gone]:
+            del self._index[request_id]
+        for key in [k for k in self._open if k[1] in gone]:
+            self._open.pop(key)[1].close()
+        self._loaded -= gone
+
+    def rebuild_index(self) -> int:
+        """After a failed write, records marked for the batch may not be on disk: the index
+        is read again from the files of the partitions it held."""
+        partitions = set(self._loaded)
+        self._index.clear()
+        self._loaded.clear()
+        self._unpartitioned_loaded = False
+        return self.load_index(partitions)
 
     def state(self, request_id: str) -> RequestState | None:
         return self._index.get(request_id)
 
-    def mark(self, record: AuditRecord) -> None:
+    def mark(self, record: AuditRecord, partition: int = UNPARTITIONED) -> None:
         """Remember a record as written (or about to be, in the batch being built)."""
         request_id = record.request_id
-        state = self._index.pop(request_id, None) or RequestState()
+        state = self._index.pop(request_id, None) or RequestState(partition)
         state.has_decision |= record.decision is not None
         state.has_observation |= record.observation is not None
         state.event_ids.update(record.event_ids)
@@ -144,14 +208,15 @@ class AuditStore:
 
     # -- writing -----------------------------------------------------------------------
 
-    def _handle(self, day: str) -> tuple[AuditFile, IO[bytes]]:
-        current = self._open.get(day)
+    def _handle(self, day: str, partition: int) -> tuple[AuditFile, IO[bytes]]:
+        key = (day, partition)
+        current = self._open.get(key)
         if current is not None and current[1].tell() < self.max_file_bytes:
             return current
         if current is not None:
             current[1].close()
-            del self._open[day]
-        parts = [f for f in list_files(self.directory) if f.day == day]
+            del self._open[key]
+        parts = [f for f in list_files(self.directory) if (f.day, f.partition) == key]
         last = parts[-1] if parts else None
         if (
             last is not None
@@ -161,25 +226,21 @@ class AuditStore:
             file = last
         else:
             part = last.part + 1 if last else 0
-            name = f"{day}.jsonl" if part == 0 else f"{day}.{part}.jsonl"
-            file = AuditFile(day, part, self.directory / name, False)
+            file = AuditFile(day, partition, part,
+                             self.directory / file_name(day, partition, part), False)
         _cut_torn_tail(file.path)
         handle = open(file.path, "ab")  # noqa: SIM115 (kept open across batches)
-        self._open[day] = (file, handle)
-        return self._open[day]
+        self._open[key] = (file, handle)
+        return self._open[key]
 
-    def forget_index(self) -> None:
-        """Drop the index (rebuild it with ``load_index``): after a failed write, records
-        marked for the batch may not be on disk."""
-        self._index.clear()
-
-    def append(self, records: list[AuditRecord]) -> tuple[float, float]:
-        """Write records to their day files; durable (flushed, fsynced) on return.
-        Returns the seconds spent writing and fsyncing."""
+    def append(self, records: Sequence[AuditRecord], partition: int = UNPARTITIONED
+               ) -> tuple[float, float]:
+        """Write one partition's records to their day files; durable (flushed, fsynced) on
+        return. Returns the seconds spent writing and fsyncing."""
         started = time.perf_counter()
         touched: dict[str, IO[bytes]] = {}
         for record in records:
-            _, handle = self._handle(record.day)
+            _, handle = self._handle(record.day, partition)
             handle.write(self._encoder.encode(record) + b"\n")
             touched[record.day] = handle
         for handle in touched.values():
@@ -201,26 +262,37 @@ class AuditStore:
     # -- compression and retention -----------------------------------------------------
 
     def maintain(
-        self, today: date, *, retention_days: int, retention_bytes: int
+        self, today: date, *, retention_days: int, retention_bytes: int,
+        partitions: Collection[int] | None = None,
     ) -> tuple[list[Path], list[Path]]:
         """Delete files past the retention age, gzip the rest of the past days, then
-        delete oldest first while the total exceeds the size limit. Never touches a file
-        that is open for writing. Returns (compressed, deleted)."""
-        for day in [d for d in self._open if d < today.isoformat()]:
-            self._open.pop(day)[1].close()
+        delete oldest first while the directory's total exceeds the size limit. Only the
+        files of ``partitions`` (None: all), those this writer owns: another writer may be
+        appending to the rest. Files without a partition go with partition 0. Never touches
+        a file that is open for writing. Returns (compressed, deleted)."""
+        for key in [k for k in self._open if k[0] < today.isoformat()]:
+            self._open.pop(key)[1].close()
         open_paths = {file.path for file, _ in self._open.values()}
+        owned = None if partitions is None else set(partitions)
+        if owned is not None and 0 in owned:
+            owned.add(UNPARTITIONED)
+
+        def mine() -> list[AuditFile]:
+            return [f for f in list_files(self.directory)
+                    if (owned is None or f.partition in owned) and f.path not in open_paths]
+
         deleted = []
         cutoff = (today - timedelta(days=retention_days)).isoformat()
-        for file in list_files(self.directory):
-            if file.day < cutoff and file.path not in open_paths:
+        for file in mine():
+            if file.day < cutoff:
                 file.path.unlink()
                 deleted.append(file.path)
                 log.info("retention deleted an audit file",
                          extra={"file": file.path.name, "reason": "age",
                                 "retention_days": retention_days})
         compressed = []
-        for file in list_files(self.directory):
-            if file.compressed or file.day >= today.isoformat() or file.path in open_paths:
+        for file in mine():
+            if file.compressed or file.day >= today.isoformat():
                 continue
             # Not open for writing, so a torn last line is a crash's; it was never
             # committed and is written again from Kafka: it must not be archived.
@@ -234,12 +306,11 @@ class AuditStore:
             partial.rename(target)
             file.path.unlink()
             compressed.append(target)
-        files = [f for f in list_files(self.directory) if f.path not in open_paths]
-        total = sum(f.path.stat().st_size for f in list_files(self.directory))
-        for file in files:
+        total = sum(_size(f.path) for f in list_files(self.directory))
+        for file in mine():
             if total <= retention_bytes:
                 break
-            total -= file.path.stat().st_size
+            total -= _size(file.path)
             file.path.unlink()
             deleted.append(file.path)
             log.info("retention deleted an audit file",

@@ -19,6 +19,8 @@ from routemesh.services.runtime.embedded_broker import EmbeddedBroker, port_is_f
 from routemesh.services.runtime.service import ServiceSpec
 
 STOP_TIMEOUT_S = 8.0
+# Instance n (from 2) of a service listens on each of its ports plus (n - 1) times this.
+REPLICA_PORT_STEP = 100
 DRAIN_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 30.0
 RESET_AFTER_S = 60.0
@@ -46,10 +48,35 @@ def parse_port_overrides(
     return overrides
 
 
+def parse_replicas(items: list[str], specs: dict[str, ServiceSpec]) -> dict[str, int]:
+    """``SERVICE=N`` items (``audit-writer=2``): how many instances of a service to run;
+    a service whose state covers all the traffic runs one, and says why."""
+    replicas = {}
+    for item in items:
+        service, sep, number = item.partition("=")
+        if not sep or not number.isdigit() or not 1 <= int(number) <= 9:
+            raise ValueError(f"--replicas takes SERVICE=N with N from 1 to 9 "
+                             f"(audit-writer=2), got {item!r}")
+        if service not in specs:
+            raise ValueError(f"--replicas {item!r}: no such service; known: "
+                             f"{', '.join(specs)}")
+        if int(number) > 1 and specs[service].singleton:
+            raise ValueError(f"--replicas {item!r}: {service} runs as one instance: "
+                             f"{specs[service].singleton}")
+        replicas[service] = int(number)
+    return replicas
+
+
+def instance_names(name: str, count: int) -> list[str]:
+    """``scorer``, then ``scorer-2``, ``scorer-3``..."""
+    return [name if n == 1 else f"{name}-{n}" for n in range(1, count + 1)]
+
+
 @dataclass
 class Supervised:
     """A service process and how to start it again."""
 
+    # What `routemesh serve` runs, and this instance of it (the name unless replicated).
     name: str
     spec: ServiceSpec
     env: dict[str, str]
@@ -62,6 +89,10 @@ class Supervised:
     # Since when its /healthz has failed (monotonic), and when it was told to stop.
     unhealthy_since: float | None = None
     stopping_since: float | None = None
+    instance: str = ""
+
+    def __post_init__(self) -> None:
+        self.instance = self.instance or self.name
 
     def launch(self) -> None:
         with self.log.open("ab") as log_file:
@@ -101,19 +132,28 @@ class DevMesh:
     kafka_port: int
     port_overrides: dict[tuple[str, str], int]
     specs: dict[str, ServiceSpec]
+    # Instances per service (1 unless given).
+    replicas: dict[str, int] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
     services: dict[str, Supervised] = field(default_factory=dict)
     # Where a supervisor's lines go (the terminal of `routemesh dev`).
     say: Callable[[str], None] = print
     _health_checked: float = 0.0
 
+    def instances(self) -> list[tuple[str, ServiceSpec]]:
+        """(instance name, its service) in start order."""
+        return [(instance, spec) for name, spec in self.specs.items()
+                for instance in instance_names(name, self.replicas.get(name, 1))]
+
     def ports(self) -> dict[tuple[str, str], int]:
-        """Every (service, port name) to the number it listens on here."""
-        return {
-            (name, port.name): self.port_overrides.get((name, port.name), port.default)
-            for name, spec in self.specs.items()
-            for port in spec.ports
-        }
+        """Every (instance, port name) to the number it listens on here."""
+        found = {}
+        for name, spec in self.specs.items():
+            for n, instance in enumerate(instance_names(name, self.replicas.get(name, 1))):
+                for port in spec.ports:
+                    base = self.port_overrides.get((name, port.name), port.default)
+                    found[(instance, port.name)] = base + n * REPLICA_PORT_STEP
+        return found
 
     def start(self) -> list[tuple[str, str]]:
         """Start everything; return (name, address) lines, in start order."""
@@ -135,7 +175,7 @@ class DevMesh:
         self.broker.start()
         lines = [("kafka", self.broker.bootstrap), ("qdrant", f"{qdrant_path} (local mode)")]
 
-        for name, spec in self.specs.items():
+        for name, spec in self.instances():
             env = dict(os.environ)
             env.update(
                 ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=self.broker.bootstrap,
@@ -149,8 +189,11 @@ class DevMesh:
                 env[port.host_env] = "127.0.0.1"
             if self.config is not None:
                 env["ROUTEMESH_ROUTER_CONFIG"] = str(self.config)
+            # The instances of a service share its data (one audit trail, one report
+            # directory), as their pods share a volume.
             env.update(spec.dev_env(self.data_dir))
-            service = self.services[name] = Supervised(name, spec, env, logs / f"{name}.log")
+            service = self.services[name] = Supervised(spec.name, spec, env,
+                                                       logs / f"{name}.log", instance=name)
             service.launch()
             for port in spec.ports:
                 address = f"http://127.0.0.1:{ports[(name, port.name)]}"
@@ -196,16 +239,16 @@ class DevMesh:
                 continue
             if process.poll() is None:
                 if check_health:
-                    self._check_health(service, ports[(service.name, "metrics")], now)
+                    self._check_health(service, ports[(service.instance, "metrics")], now)
                 continue
             if service.restart_at is None:
                 delay = service.backoff_s()
                 service.restart_at = now + delay
-                self.say(f"{service.name} exited with code {process.returncode}; starting it "
-                         f"again in {delay:.0f} s (see {service.log})")
+                self.say(f"{service.instance} exited with code {process.returncode}; "
+                         f"starting it again in {delay:.0f} s (see {service.log})")
             elif now >= service.restart_at:
                 service.launch()
-                self.say(f"{service.name} started again")
+                self.say(f"{service.instance} started again")
 
     def _check_health(self, service: Supervised, port: int, now: float) -> None:
         if service.stopping_since is not None:
@@ -218,7 +261,7 @@ class DevMesh:
         if service.unhealthy_since is None:
             service.unhealthy_since = now
         elif now - service.unhealthy_since >= UNHEALTHY_S:
-            self.say(f"{service.name} failed its health check for {UNHEALTHY_S:.0f} s; "
+            self.say(f"{service.instance} failed its health check for {UNHEALTHY_S:.0f} s; "
                      "stopping it")
             service.stopping_since = now
             service.terminate()
@@ -244,7 +287,7 @@ class DevMesh:
         """Wait until no consumer has unread messages (by its own metrics), at most
         DRAIN_TIMEOUT_S."""
         ports = self.ports()
-        urls = [f"http://127.0.0.1:{ports[(s.name, 'metrics')]}/metrics" for s in consumers
+        urls = [f"http://127.0.0.1:{ports[(s.instance, 'metrics')]}/metrics" for s in consumers
                 if s.process is not None and s.process.poll() is None]
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while time.monotonic() < deadline:

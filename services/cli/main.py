@@ -22,7 +22,7 @@ from routemesh.services.cli import (
     scorer_commands,
 )
 from routemesh.services.cli.contracts_commands import contracts_app
-from routemesh.services.cli.dev import DevMesh, parse_port_overrides
+from routemesh.services.cli.dev import DevMesh, parse_port_overrides, parse_replicas
 from routemesh.services.cli.output import fail
 from routemesh.services.cli.tail import tail_topic
 from routemesh.services.runtime.consumer import TopicNotFound
@@ -114,11 +114,18 @@ def dev(
         typer.Option(help="Move one of a service's ports: SERVICE.PORT=NUMBER, e.g. "
                           "gateway.http=8081 or audit-writer.metrics=9202 (repeatable)."),
     ] = None,
+    replicas: Annotated[
+        list[str] | None,
+        typer.Option(help="Run more instances of a service in its consumer group: "
+                          "SERVICE=N, e.g. audit-writer=2 (repeatable). Instance n listens "
+                          "on each port + 100 x (n - 1)."),
+    ] = None,
 ) -> None:
     """Run the whole mesh locally: embedded broker, Qdrant local mode, every service."""
     specs = discover_services()
     try:
         overrides = parse_port_overrides(port or [], specs)
+        counts = parse_replicas(replicas or [], specs)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     mesh = DevMesh(
@@ -127,6 +134,7 @@ def dev(
         kafka_port=kafka_port,
         port_overrides=overrides,
         specs=specs,
+        replicas=counts,
         say=lambda line: print(line, flush=True),
     )
     try:

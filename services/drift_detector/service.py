@@ -294,6 +294,8 @@ SPEC = ServiceSpec(
     name="drift-detector",
     settings_class=DriftDetectorSettings,
     factory=DriftDetector,
+    singleton="a window covers a subject's traffic on every partition, and a second "
+              "instance would judge only the partitions it was given",
     ports=(metrics_port(9103),),
     description="drift verdicts per target model and route; alerts on every change",
     dev_env=lambda data_dir: {"ROUTEMESH_DRIFT_STATE_DIR": str(data_dir / "drift")},

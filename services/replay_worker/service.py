@@ -6,8 +6,10 @@ and queues it; one replay runs at a time in a worker thread; when its report fil
 written (atomically) and its ReplayCompleted is published, the offset is released. A
 crash mid-replay leaves the offset uncommitted and no partial report published: the
 request is delivered again and replayed from the start. The ReplayCompleted's event id
-is derived from the replay id, and the worker reads the results topic at start, so a
-request it published an answer for before a crash is not answered twice.
+is derived from the replay id, and the worker reads the results topic whenever it is
+given partitions, so a request answered before a crash, by this instance or by another of
+the group that held the partition, is not answered twice. Instances share the report
+directory (a request and its report may be handled by any of them).
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class ReplayWorker:
         self.ctx = ctx
         self.settings = settings
         self.metrics = _Metrics(ctx.registry)
-        self.consumer = ctx.consumer([REPLAY_REQUESTS], GROUP, self, batch_max_records=100)
+        self.consumer = ctx.consumer([REPLAY_REQUESTS], GROUP, self, batch_max_records=100,
+                                     on_assigned=self.assigned)
         self.answered: set[uuid.UUID] = set()
         self.queue: deque[tuple[Position, ReplayRequested]] = deque()
         self.queued: set[str] = set()
@@ -115,10 +118,14 @@ class ReplayWorker:
 
     async def start(self) -> None:
         self.settings.replay_report_dir.mkdir(parents=True, exist_ok=True)
-        self.answered = await recent_event_ids(self.settings, self.settings.topic(
-            REPLAY_RESULTS), RESULTS_REMEMBERED)
         self.ctx.readiness.set("replay_reports", True, "writable")
         await self.consumer.start()
+
+    async def assigned(self, partitions: Collection[PartitionKey]) -> None:
+        """What the group has answered, read again before a partition's requests are
+        handled: another instance may have answered some since this one last looked."""
+        self.answered |= await recent_event_ids(
+            self.settings, self.settings.topic(REPLAY_RESULTS), RESULTS_REMEMBERED)
 
     async def stop(self) -> None:
         await self.consumer.stop()

@@ -331,12 +331,17 @@ class EventConsumer:
         dedup_capacity: int = 100_000,
         readiness: Readiness | None = None,
         checkpoints: Checkpoints | None = None,
+        on_assigned: Callable[[Collection[PartitionKey]], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         # A handler that keeps a saved state: a partition is verified against it before
         # its first records after an assignment are handed over.
         self.checkpoints = checkpoints
-        self._verified: set[PartitionKey] = set()
+        # A handler whose state of a partition lives outside the process (files another
+        # instance wrote while it owned the partition): read before its first records.
+        self.on_assigned = on_assigned
+        # Partitions whose records have been handed over since they were assigned.
+        self._known: set[PartitionKey] = set()
         self.group_id = group_id
         self.handler = handler
         self.dead_letters = dead_letters
@@ -444,8 +449,13 @@ class EventConsumer:
                 timeout_ms=self.poll_ms, max_records=self.batch_max_records
             )
             # Records may arrive before the rebalance listener has run, so a partition is
-            # verified here, before its first records reach the handler.
-            await self.verify({(tp.topic, tp.partition) for tp in batch} - self._verified)
+            # taken over here, before its first records reach the handler.
+            fresh = {(tp.topic, tp.partition) for tp in batch} - self._known
+            if fresh:
+                await self.verify(fresh)
+                if self.on_assigned is not None:
+                    await self.on_assigned(fresh)
+                self._known |= fresh
             deliveries = await self._deliveries(batch)
             try:
                 await self.handler.handle(deliveries, self.offsets)
@@ -573,7 +583,7 @@ class EventConsumer:
             self.offsets.committed({(tp.topic, tp.partition): committed})
 
     def _drop(self, keys: Collection[PartitionKey]) -> None:
-        self._verified -= set(keys)
+        self._known -= set(keys)
         self.handler.revoked(keys)
         self.offsets.forget(keys)
         for position in [p for p in self._open if p[:2] in keys]:
@@ -587,7 +597,6 @@ class EventConsumer:
         if self.checkpoints is None or not partitions:
             return
         renewed = await self.checkpoints.verify(partitions, PartitionLogs(self.settings))
-        self._verified |= set(partitions)
         for (topic, partition), why in renewed:
             log.warning("a partition's log is not the one the saved state was made from; "
                         "starting a new epoch for it (the figures already earned are kept)",

@@ -110,6 +110,9 @@ class ServiceSpec:
     # Kafka outage, so Kafka is a status note there, not a readiness check; and a stop of
     # the whole mesh ends it first, so what it publishes reaches the consumers.
     front_door: bool = False
+    # Non-empty: why the service must run as one instance (its state covers all the
+    # traffic); `routemesh dev --replicas` and the chart refuse more, with this reason.
+    singleton: str = ""
 
     def port(self, name: str) -> ServicePort:
         for port in self.ports:

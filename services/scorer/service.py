@@ -353,6 +353,8 @@ SPEC = ServiceSpec(
     name="scorer",
     settings_class=ScorerSettings,
     factory=Scorer,
+    singleton="its figures are counts over all partitions, and a second instance would "
+              "publish the scores of only the partitions it was given",
     ports=(metrics_port(9104),),
     description="accuracy per route and layer from outcomes; threshold advice; review "
                 "candidates",

@@ -1,0 +1,170 @@
+"""Consumers in groups of several instances on the real broker (6 partitions): one
+instance SIGKILLed and another added while the stream flows, and still each request is
+audited once and each replay answered once. Their state moves with their partitions: the
+audit trail's files are shared, the replay answers are read back from the results topic."""
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from routemesh.contracts import OutcomeReported, encode_event
+from routemesh.contracts.topics import (
+    LLM_OBSERVATIONS,
+    ROUTE_DECISIONS,
+    ROUTE_OUTCOMES,
+)
+from routemesh.services.audit_writer.records import read_record
+from routemesh.services.audit_writer.store import list_files, read_lines
+from tests.integration.conftest import (
+    CLI,
+    start_service,
+    wait_until_ready,
+)
+from tests.services.audit_writer.helpers import decision, observation
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+REQUESTS = 20_000
+
+
+class Group:
+    """Instances of one service in one consumer group, each with its own log."""
+
+    def __init__(self, name: str, settings, tmp_path: Path, **env: str) -> None:
+        self.name, self.settings, self.tmp_path, self.env = name, settings, tmp_path, env
+        self.instances: list[tuple[subprocess.Popen, int, Path]] = []
+
+    def add(self) -> tuple[subprocess.Popen, int, Path]:
+        n = len(self.instances) + 1
+        home = self.tmp_path / f"{self.name}-{n}"
+        home.mkdir()
+        started = start_service(self.name, self.settings, home,
+                                ROUTEMESH_INSTANCE_ID=f"{self.name}-{n}", **self.env)
+        self.instances.append(started)
+        return started
+
+    def live(self) -> list[tuple[subprocess.Popen, int, Path]]:
+        return [i for i in self.instances if i[0].poll() is None]
+
+    async def ready(self) -> None:
+        for process, metrics, log in self.live():
+            await wait_until_ready(metrics, process, log, timeout_s=240)
+
+    async def idle(self, timeout_s: float = 120) -> None:
+        """Until every live instance has read to the end and holds nothing."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            figures = [await metric_sum(m, name) for _, m, _ in self.live()
+                       for name in ("routemesh_consumer_unread_messages",
+                                    "routemesh_consumer_held_events")]
+            if figures and all(f == 0 for f in figures):
+                return
+            assert time.monotonic() < deadline, figures
+            await asyncio.sleep(0.5)
+
+    def stop(self) -> None:
+        for process, _, _ in self.live():
+            process.send_signal(signal.SIGTERM)
+        for process, _, log in self.instances:
+            if process.poll() is None:
+                assert process.wait(60) == 0, log.read_text()[-2000:]
+
+
+async def metric_sum(port: int, name: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+async def stream(settings, ids: range, kinds=("decision", "observation", "outcome")) -> None:
+    """Events of requests ``ids``, keyed by request id as the gateway keys them."""
+    now = datetime.now(UTC)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                linger_ms=5)
+    await producer.start()
+    try:
+        for i in ids:
+            request_id = f"req-{i:05d}"
+            events = {"decision": (ROUTE_DECISIONS, decision(request_id, now)),
+                      "observation": (LLM_OBSERVATIONS, observation(request_id, now)),
+                      "outcome": (ROUTE_OUTCOMES, OutcomeReported(request_id=request_id,
+                                                                  completed=True))}
+            for kind in kinds:
+                topic, event = events[kind]
+                await producer.send(settings.topic(topic), encode_event(event),
+                                    key=request_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def test_audit_writers_write_each_request_once_through_a_kill_and_a_join(
+    settings, tmp_path
+):
+    audit_dir = tmp_path / "audit"
+    writers = Group("audit-writer", settings, tmp_path, ROUTEMESH_AUDIT_DIR=str(audit_dir),
+                    ROUTEMESH_AUDIT_JOIN_WINDOW_S="30")
+    for _ in range(3):
+        writers.add()
+    def records():
+        return [read_record(line) for f in list_files(audit_dir) for _, line in read_lines(f)]
+
+    async def written(at_least: int) -> None:
+        while sum(1 for f in list_files(audit_dir) for _ in read_lines(f)) < at_least:
+            await asyncio.sleep(0.1)
+
+    late = range(60)
+    try:
+        await writers.ready()
+        # The first requests' observations come late: their decisions wait in the join
+        # windows, so no writer can commit past them while it writes everything after.
+        await stream(settings, late, ("decision", "outcome"))
+        await stream(settings, range(len(late), REQUESTS // 2))
+        await written(REQUESTS // 2 - len(late) + (REQUESTS // 2))
+        # Killed then, its partitions' next owners get all that again.
+        killed = writers.instances[0][0]
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        producing = asyncio.create_task(stream(settings, range(REQUESTS // 2, REQUESTS)))
+        await written(REQUESTS)
+        writers.add()
+        await producing
+        await stream(settings, late, ("observation",))
+        await writers.ready()
+        deadline = time.monotonic() + 300
+        while len({r.request_id for r in records() if r.join == "joined"}) < REQUESTS:
+            assert time.monotonic() < deadline, "not every request was joined"
+            await asyncio.sleep(1)
+        await writers.idle()
+    finally:
+        writers.stop()
+
+    found = records()
+    primary = Counter(r.request_id for r in found if r.primary)
+    outcomes = Counter(r.request_id for r in found if r.join == "outcome")
+    assert len(primary) == REQUESTS
+    assert primary.most_common(1)[0][1] == 1, primary.most_common(3)
+    assert len(outcomes) == REQUESTS
+    assert outcomes.most_common(1)[0][1] == 1, outcomes.most_common(3)
+    assert {r.join for r in found} == {"joined", "outcome"}, (
+        "a request's events met in one writer however its partition moved")
+    partitions = {f.partition for f in list_files(audit_dir)}
+    assert partitions == set(range(6)), "each partition's own files"
+    verify = subprocess.run([*CLI, "audit", "verify", "--dir", str(audit_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    writer_logs = [json.loads(line) for _, _, log in writers.instances
+                   for line in log.read_text().splitlines() if line.startswith("{")]
+    took_over = [line for line in writer_logs
+                 if line.get("message") == "audit index read for assigned partitions"]
+    assert any(line["records"] > 0 for line in took_over), (
+        "a writer took over a partition another had written")
