@@ -16,7 +16,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from routemesh.contracts import OutcomeReported, encode_event
+from routemesh.contracts import OutcomeReported, ReplayRequested, encode_event
 from routemesh.contracts.topics import (
     LLM_OBSERVATIONS,
     ROUTE_DECISIONS,
@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     start_service,
     wait_until_ready,
 )
+from tests.integration.test_replay_worker import request, results, workspace
 from tests.services.audit_writer.helpers import decision, observation
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -168,3 +169,51 @@ async def test_audit_writers_write_each_request_once_through_a_kill_and_a_join(
                  if line.get("message") == "audit index read for assigned partitions"]
     assert any(line["records"] > 0 for line in took_over), (
         "a writer took over a partition another had written")
+
+
+@pytest.mark.model
+async def test_replay_workers_answer_each_replay_once_through_a_kill_and_a_join(
+    settings, tmp_path
+):
+    configs = workspace(tmp_path, 50)
+    workers = Group("replay-worker", settings, tmp_path,
+                    ROUTEMESH_ROUTER_CONFIG=str(configs / "lite-deep.yaml"),
+                    ROUTEMESH_REPLAY_CONFIG_DIR=str(configs),
+                    ROUTEMESH_REPLAY_INPUT_DIR=str(configs),
+                    ROUTEMESH_REPLAY_REPORT_DIR=str(tmp_path / "reports"))
+    for _ in range(3):
+        workers.add()
+
+    def asked(n: int) -> ReplayRequested:
+        return ReplayRequested(replay_id=f"replay-{n:02d}", dataset="big.eval.jsonl",
+                               config="lite-deep.yaml")
+
+    try:
+        await workers.ready()
+        for n in range(6):
+            await request(settings, asked(n))
+        assert len(await results(settings, 6)) == 6
+        killed = workers.instances[0][0]
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        workers.add()
+        await workers.ready()
+        # Every request again (clients retrying), to whichever instance owns its
+        # partition now, and six new ones.
+        for n in range(12):
+            await request(settings, asked(n))
+        await results(settings, 12)
+        deadline = time.monotonic() + 120
+        while sum([await metric_sum(m, "routemesh_replay_worker_duplicate_requests_total")
+                   for _, m, _ in workers.live()]) < 6:
+            assert time.monotonic() < deadline, "the retries were not all refused"
+            await asyncio.sleep(0.5)
+        await workers.idle()
+        answered = await results(settings, 13, timeout_s=3)
+    finally:
+        workers.stop()
+    assert sorted(c.replay_id for c in answered) == [asked(n).replay_id for n in range(12)]
+    assert {c.status for c in answered} == {"ok"}
+    reports = {p.name for p in (tmp_path / "reports").glob("replay-??.json")}
+    assert reports == {f"{asked(n).replay_id}.json" for n in range(12)}, (
+        "the instances share one report directory")
