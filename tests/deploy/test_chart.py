@@ -9,6 +9,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from routemesh.services.runtime.service import discover_services
+
 from .chart import (
     ALL_ON,
     CHART,
@@ -47,7 +49,7 @@ def test_the_all_on_render_has_every_kind():
     assert kinds == {"ConfigMap", "Deployment", "StatefulSet", "Service", "ServiceAccount",
                      "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Job",
                      "Pod", "ServiceMonitor", "PrometheusRule", "ScaledObject",
-                     "TriggerAuthentication", "Ingress", "HTTPRoute"}
+                     "TriggerAuthentication", "Ingress", "HTTPRoute", "PersistentVolumeClaim"}
 
 
 def test_workloads_run_each_service_hardened_with_probes():
@@ -146,10 +148,13 @@ def test_the_route_config_is_mounted_from_the_chart_or_an_existing_configmap():
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"services": {"audit-writer": {"replicas": 2}}},
-     "services.audit-writer.replicas is 2, but it must be 1: the audit writer keeps one "
-     "audit trail in one directory"),
+     "services.audit-writer runs more than one replica, and its replicas share their data "
+     "(the writers keep one audit trail in one directory"),
+    ({"services": {"replay-worker": {"keda": {"enabled": True}}}},
+     "services.replay-worker runs more than one replica"),
     ({"services": {"scorer": {"replicas": 3}}},
-     "services.scorer.replicas is 3, but it must be 1"),
+     "services.scorer.replicas is 3, but it must be 1: its figures are counts over all "
+     "partitions"),
     ({"services": {"gateway": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}},
      "services.gateway.autoscaling.minReplicas (5) is greater than maxReplicas (2)"),
     ({"kafka": {"bootstrapServers": ""}},
@@ -175,6 +180,37 @@ def test_renders_that_must_fail_say_why(values, message):
     with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as info:
         render(values)
     assert message in str(info.value)
+
+
+def test_consumers_that_share_their_data_scale_on_one_shared_volume():
+    shared = {"enabled": True, "shared": True, "size": "50Gi", "storageClass": "nfs"}
+    docs = manifests({"services": {
+        "audit-writer": {"replicas": 3, "persistence": shared},
+        "replay-worker": {"replicas": 2,
+                          "persistence": {"enabled": True, "shared": True,
+                                          "existingClaim": "team-replays"}}}})
+    writers = find(docs, "Deployment", "rm-routemesh-audit-writer")
+    assert writers["spec"]["replicas"] == 3
+    volumes = {v["name"]: v for v in writers["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == \
+        "rm-routemesh-audit-writer-data"
+    claim = find(docs, "PersistentVolumeClaim", "rm-routemesh-audit-writer-data")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == "nfs"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert not [d for d in docs if d["kind"] == "StatefulSet"
+                and d["metadata"]["name"] == "rm-routemesh-audit-writer"]
+    assert not [d for d in docs if d["kind"] == "Service"
+                and d["metadata"]["name"] == "rm-routemesh-audit-writer-headless"]
+    workers = find(docs, "Deployment", "rm-routemesh-replay-worker")
+    volumes = {v["name"]: v for v in workers["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "team-replays"
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"
+                and "replay" in d["metadata"]["name"]], "the user's claim is not made"
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in docs
+            if d["kind"] == "PodDisruptionBudget"}
+    for consumer in ("audit-writer", "drift-detector", "scorer", "replay-worker"):
+        assert pdbs[f"rm-routemesh-{consumer}"]["maxUnavailable"] == 1
 
 
 def test_a_new_service_needs_only_a_values_block():
@@ -327,10 +363,20 @@ def test_what_users_of_other_charts_expect_renders():
         "rm-routemesh-gateway"
     route = find(docs, "HTTPRoute", "rm-routemesh-gateway")["spec"]
     assert route["rules"][0]["backendRefs"][0]["port"] == 8080
-    audit = find(docs, "StatefulSet", "rm-routemesh-audit-writer")
+    audit = find(docs, "Deployment", "rm-routemesh-audit-writer")
     assert "ROUTEMESH_ROUTER_CONFIG" not in env(audit), "it reads no route config"
     assert "ROUTEMESH_ROUTER_CONFIG" in env(find(docs, "StatefulSet", "rm-routemesh-scorer"))
     minimal = find(manifests(), "Deployment", "rm-routemesh-gateway")
     volumes = {v["name"]: v for v in minimal["spec"]["template"]["spec"]["volumes"]}
     assert volumes["data"]["emptyDir"] == {"sizeLimit": "1Gi"}
     assert container(minimal)["image"] == "ghcr.io/routemesh/routemesh:0.1.0"
+
+
+def test_the_chart_runs_one_replica_of_exactly_the_services_that_say_they_must():
+    """The chart's refusals and `routemesh dev --replicas`' come from one truth each; they
+    must name the same services."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["services"]
+    specs = discover_services()
+    assert set(specs) <= set(values)
+    for name, spec in specs.items():
+        assert bool(values[name]["singleton"]) == bool(spec.singleton), name

@@ -230,7 +230,14 @@ httpGet: {path: {{ $path }}, port: metrics}
 
 {{/* StatefulSet when the service keeps data on a volume of its own, else Deployment. */}}
 {{- define "routemesh.kind" -}}
-{{- if (. | default dict).enabled -}}StatefulSet{{- else -}}Deployment{{- end -}}
+{{- $p := . | default dict -}}
+{{- if and $p.enabled (not $p.shared) -}}StatefulSet{{- else -}}Deployment{{- end -}}
+{{- end -}}
+
+{{/* The claim every replica of a service mounts when its persistence is shared. */}}
+{{- define "routemesh.sharedClaim" -}}
+{{- $root := index . 0 -}}{{- $name := index . 1 -}}{{- $p := index . 2 -}}
+{{- $p.existingClaim | default (printf "%s-data" (include "routemesh.component" (list $root $name))) -}}
 {{- end -}}
 
 {{/* The `helm test` pod of this release, as a NetworkPolicy peer: it calls the gateway
