@@ -109,9 +109,11 @@ class AuditWriter:
         before its first events are joined."""
         numbers = {partition for _, partition in partitions} - self.store.loaded
         if numbers:
+            started = time.perf_counter()
             loaded = await asyncio.to_thread(self.store.load_index, numbers)
             log.info("audit index read for assigned partitions",
-                     extra={"partitions": sorted(numbers), "records": loaded})
+                     extra={"partitions": sorted(numbers), "records": loaded,
+                            "seconds": round(time.perf_counter() - started, 3)})
 
     async def stop(self) -> None:
         """Stop consuming; write and commit what is complete; keep the rest held (or
