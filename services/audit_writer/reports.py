@@ -141,6 +141,19 @@ def newest_record_time(files: list[AuditFile]) -> datetime | None:
     return max(times, default=None)
 
 
+def newest_files(files: list[AuditFile], per_partition: int | None) -> list[AuditFile]:
+    """The newest ``per_partition`` files of each partition (None: all), oldest first:
+    bounded work that still reads every partition's newest records, where a cut of the
+    newest files overall would read some partitions of a day and not others."""
+    if per_partition is None:
+        return files
+    by_partition: dict[int, list[AuditFile]] = {}
+    for file in files:
+        by_partition.setdefault(file.partition, []).append(file)
+    return sorted(f for group in by_partition.values()
+                  for f in (group[-per_partition:] if per_partition > 0 else []))
+
+
 @dataclass
 class RecentRecords:
     # The instant ages are measured from: the newest record's time unless one was given.
@@ -161,12 +174,10 @@ def recent_records(
     skipped: Skipped | None = None,
 ) -> RecentRecords:
     """The records of the last ``within`` (all of them if None) before ``now``, by default
-    the newest record's time; ``max_files`` reads only the newest files (bounded work on a
-    large directory). Lines that are no record are counted in ``skipped`` (the result's
-    own when none is given) as the records are read."""
-    files = list_files(directory)
-    if max_files is not None:
-        files = files[-max_files:] if max_files > 0 else []
+    the newest record's time; ``max_files`` reads only the newest files of each partition
+    (bounded work on a large directory). Lines that are no record are counted in
+    ``skipped`` (the result's own when none is given) as the records are read."""
+    files = newest_files(list_files(directory), max_files)
     anchor = now or newest_record_time(files)
     skipped = skipped if skipped is not None else Skipped()
     if anchor is None:

@@ -199,6 +199,7 @@ SPEC = ServiceSpec(
     factory=AuditWriter,
     ports=(metrics_port(9102),),
     description="one metadata-only JSONL audit record per request",
-    dev_env=lambda data_dir: {"ROUTEMESH_AUDIT_DIR": str(data_dir / "audit"),
-                              "ROUTEMESH_AUDIT_FLUSH_ON_STOP": "true"},
+    # The instances share one trail, as their pods share one volume.
+    dev_env=lambda data_dir, instance: {"ROUTEMESH_AUDIT_DIR": str(data_dir / "audit"),
+                                        "ROUTEMESH_AUDIT_FLUSH_ON_STOP": "true"},
 )

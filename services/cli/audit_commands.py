@@ -28,7 +28,7 @@ def summary(
         help="Where the windows end (ISO 8601, UTC if no offset); default: the newest "
              "record's time, so an archived slice summarises the same on any day.")] = None,
     max_files: Annotated[int | None, typer.Option(
-        min=0, help="Read at most the newest N audit files.")] = None,
+        min=0, help="Read at most the newest N audit files of each partition.")] = None,
     strict: Strict = False,
 ) -> None:
     """Per window: requests, route/reason/model shares, rates, latencies, tokens."""

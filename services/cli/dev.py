@@ -189,9 +189,7 @@ class DevMesh:
                 env[port.host_env] = "127.0.0.1"
             if self.config is not None:
                 env["ROUTEMESH_ROUTER_CONFIG"] = str(self.config)
-            # The instances of a service share its data (one audit trail, one report
-            # directory), as their pods share a volume.
-            env.update(spec.dev_env(self.data_dir))
+            env.update(spec.dev_env(self.data_dir, name))
             service = self.services[name] = Supervised(spec.name, spec, env,
                                                        logs / f"{name}.log", instance=name)
             service.launch()

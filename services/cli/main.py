@@ -27,7 +27,7 @@ from routemesh.services.cli.output import fail
 from routemesh.services.cli.tail import tail_topic
 from routemesh.services.runtime.consumer import TopicNotFound
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
-from routemesh.services.runtime.kafka import TopicsRefused, create_topics
+from routemesh.services.runtime.kafka import TopicsRefused, create_topics, short_topics
 from routemesh.services.runtime.service import discover_services, run
 from routemesh.services.runtime.settings import ServiceSettings
 
@@ -202,6 +202,13 @@ def topics_create(
     for name in created:
         print(f"created {name}")
     print(f"{len(created)} topics created")
+    for name, have, want in asyncio.run(short_topics(settings)):
+        # Kafka can add partitions but not take a key's events back to its old one: a
+        # request-keyed topic grown under traffic splits requests across instances.
+        print(f"{name} has {have} partitions, fewer than the {want} this release makes: "
+              f"no more than {have} instances of its consumers get work (add partitions "
+              "with your Kafka tools; a request-keyed topic only while nothing is "
+              "produced)", file=sys.stderr)
 
 
 def main() -> None:

@@ -62,7 +62,8 @@ PromptDir = Annotated[Path | None, typer.Option(
     "--prompt-dir", help="Review captures (raw_local, or redacted events as JSON lines): "
     "reports whether each candidate has local evidence, never its text.")]
 Limit = Annotated[int, typer.Option(min=1, help="Candidates listed, largest clusters first.")]
-MaxFiles = Annotated[int, typer.Option(min=1, help="Read at most the newest N audit files.")]
+MaxFiles = Annotated[int, typer.Option(
+    min=1, help="Read at most the newest N audit files of each partition.")]
 Since = Annotated[str | None, typer.Option(
     help="Only records this recent (24h, 7d), counted back from the newest.")]
 

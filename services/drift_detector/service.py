@@ -298,5 +298,5 @@ SPEC = ServiceSpec(
               "instance would judge only the partitions it was given",
     ports=(metrics_port(9103),),
     description="drift verdicts per target model and route; alerts on every change",
-    dev_env=lambda data_dir: {"ROUTEMESH_DRIFT_STATE_DIR": str(data_dir / "drift")},
+    dev_env=lambda data_dir, instance: {"ROUTEMESH_DRIFT_STATE_DIR": str(data_dir / "drift")},
 )

@@ -209,8 +209,11 @@ SPEC = ServiceSpec(
     # Through a Kafka outage the gateway serves and spools: ready while the spool has room.
     front_door=True,
     description="OpenAI-compatible proxy and decision API",
-    dev_env=lambda data_dir: {"ROUTEMESH_BANK_AUTOBUILD": "true",
-                              "ROUTEMESH_SPOOL_DIR": str(data_dir / "spool" / "gateway"),
-                              "ROUTEMESH_REVIEW_DIR": str(data_dir / "review"),
-                              "ROUTEMESH_AUTH_ENABLED": "false"},
+    dev_env=lambda data_dir, instance: {
+        "ROUTEMESH_BANK_AUTOBUILD": "true",
+        # Each replica spools on its own, as on its own volume.
+        "ROUTEMESH_SPOOL_DIR": str(data_dir / "spool" / instance),
+        "ROUTEMESH_REVIEW_DIR": str(data_dir / "review"),
+        "ROUTEMESH_AUTH_ENABLED": "false",
+    },
 )

@@ -267,5 +267,7 @@ SPEC = ServiceSpec(
     ports=(metrics_port(9105),),
     description="replays labelled sets and captures through configs and baselines; "
                 "shadow reports",
-    dev_env=lambda data_dir: {"ROUTEMESH_REPLAY_REPORT_DIR": str(data_dir / "replays")},
+    # The instances share one report directory, as their pods share one volume.
+    dev_env=lambda data_dir, instance: {
+        "ROUTEMESH_REPLAY_REPORT_DIR": str(data_dir / "replays")},
 )

@@ -505,6 +505,23 @@ async def create_topics(
         await admin.close()
 
 
+async def short_topics(settings: ServiceSettings, timeout_s: float = 30.0
+                       ) -> list[tuple[str, int, int]]:
+    """(name, partitions it has, partitions the registry gives it) of every existing
+    topic with fewer partitions than the registry's: made by an older release or by
+    hand, it caps the instances of its consumers that get any work."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
+    await admin.start()
+    try:
+        wanted = {settings.topic(t): t.partitions for t in TOPICS}
+        described = await admin.describe_topics(list(wanted))
+    finally:
+        await admin.close()
+    return sorted((d["topic"], len(d["partitions"]), wanted[d["topic"]]) for d in described
+                  if d["topic"] in wanted and d["partitions"]
+                  and len(d["partitions"]) < wanted[d["topic"]])
+
+
 __all__ = [
     "DLQ",
     "Address",
@@ -518,5 +535,6 @@ __all__ = [
     "create_topics",
     "event_address",
     "refusals",
+    "short_topics",
     "subscribe_events",
 ]

@@ -104,8 +104,10 @@ class ServiceSpec:
     # Every port it listens on, the metrics port first.
     ports: tuple[ServicePort, ...]
     description: str = ""
-    # Extra environment `routemesh dev` gives the service, from the dev data directory.
-    dev_env: Callable[[Path], dict[str, str]] = lambda data_dir: {}
+    # Extra environment `routemesh dev` gives an instance of the service (``gateway``,
+    # ``gateway-2``...), from the dev data directory: what the instances share (an audit
+    # trail) or what each keeps for itself (a spool).
+    dev_env: Callable[[Path, str], dict[str, str]] = lambda data_dir, instance: {}
     # Takes requests from outside the mesh (the gateway): it serves and spools through a
     # Kafka outage, so Kafka is a status note there, not a readiness check; and a stop of
     # the whole mesh ends it first, so what it publishes reaches the consumers.

@@ -358,5 +358,5 @@ SPEC = ServiceSpec(
     ports=(metrics_port(9104),),
     description="accuracy per route and layer from outcomes; threshold advice; review "
                 "candidates",
-    dev_env=lambda data_dir: {"ROUTEMESH_SCORER_STATE_DIR": str(data_dir / "scorer")},
+    dev_env=lambda data_dir, instance: {"ROUTEMESH_SCORER_STATE_DIR": str(data_dir / "scorer")},
 )

@@ -54,9 +54,10 @@ async def test_a_gateway_reloads_for_a_new_bank_without_a_consumer_group(setting
         await wait_until_ready(metrics, process, log)
         await producer.send_and_wait(topic, announced("b" * 64))
         # A message the gateway cannot read, after both: once its dead letter exists, the
-        # gateway has handled everything before it (a partition is read in order).
+        # gateway has handled everything before it (a partition is read in order), the
+        # reload included, which builds a router and may take long on a loaded machine.
         await producer.send_and_wait(topic, b"not an event")
-        (letter,) = await read_topic(settings, settings.topic(DLQ), 1)
+        (letter,) = await read_topic(settings, settings.topic(DLQ), 1, timeout_s=180)
         metrics_text = httpx.get(f"http://127.0.0.1:{metrics}/metrics").text
         groups_after = {g[0] for g in await admin.list_consumer_groups()}
     finally:

@@ -6,7 +6,7 @@ import time
 from datetime import date, timedelta
 
 from routemesh.services.audit_writer.records import build_record
-from routemesh.services.audit_writer.reports import summarize, verify
+from routemesh.services.audit_writer.reports import newest_files, summarize, verify
 from routemesh.services.audit_writer.store import AuditStore, list_files, read_lines
 from tests.services.audit_writer.helpers import DAY, decision, observation
 
@@ -208,3 +208,18 @@ def test_a_torn_line_left_by_a_crash_is_not_archived(tmp_path):
         date(2026, 11, 23), retention_days=30, retention_bytes=10**9)
     assert [p.name for p in compressed] == ["2026-11-22.jsonl.gz"]
     assert verify(tmp_path) == (2, [])
+
+
+def test_the_newest_files_are_counted_per_partition(tmp_path):
+    """Bounded reading still sees every partition's newest records: a cut of the newest
+    files overall would read some partitions of a day and not others."""
+    store = AuditStore(tmp_path)
+    for back in (2, 1, 0):
+        for partition in range(3):
+            store.append(records(1, day=DAY - timedelta(days=back), prefix=f"{back}{partition}-"),
+                         partition)
+    store.close()
+    newest = newest_files(list_files(tmp_path), 1)
+    assert [(f.day, f.partition) for f in newest] == [("2026-11-23", p) for p in range(3)]
+    assert len(newest_files(list_files(tmp_path), None)) == 9
+    assert summarize(tmp_path, {"1h": timedelta(hours=1)}, None, max_files=1).files_read == 3

@@ -10,7 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from routemesh.services.audit_writer.service import SPEC as AUDIT
 from routemesh.services.cli.dev import UNHEALTHY_S, DevMesh, Supervised, parse_replicas
+from routemesh.services.gateway.service import SPEC as GATEWAY
 from routemesh.services.runtime.service import ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
 
@@ -118,3 +120,12 @@ def test_replicas_are_instances_of_one_service_on_ports_a_step_apart(tmp_path):
     for wrong in ("unit", "unit=0", "unit=x", "nosuch=2"):
         with pytest.raises(ValueError, match="--replicas"):
             parse_replicas([wrong], specs)
+
+
+def test_replicas_share_what_their_service_shares_and_keep_what_is_their_own(tmp_path):
+    """Audit writers write one trail; each gateway spools on its own (two appending to
+    one spool would interleave their lines)."""
+    assert AUDIT.dev_env(tmp_path, "audit-writer") == AUDIT.dev_env(tmp_path, "audit-writer-2")
+    spools = {GATEWAY.dev_env(tmp_path, name)["ROUTEMESH_SPOOL_DIR"]
+              for name in ("gateway", "gateway-2")}
+    assert len(spools) == 2

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 from typer.testing import CliRunner
 
+from routemesh.contracts import TOPICS
+from routemesh.contracts.topics import REPLAY_REQUESTS
 from routemesh.services.cli.main import app
 from routemesh.services.runtime import kafka
 from routemesh.services.runtime.kafka import refusals
@@ -47,3 +49,25 @@ def test_the_command_exits_non_zero_naming_the_refused_topic(monkeypatch):
     assert "refused to create topics" in result.output
     assert "routemesh.route.decisions.v1: InvalidReplicationFactorError" in result.output
     assert "topics created" not in result.output
+
+
+class OldAdmin(RefusingAdmin):
+    """A broker whose topics an older release made: replay requests on one partition."""
+
+    async def list_topics(self) -> list[str]:
+        return [t.name() for t in TOPICS]
+
+    async def describe_topics(self, names):
+        return [{"topic": name, "partitions": [{"partition": p} for p in range(
+            1 if name == REPLAY_REQUESTS.name() else 6)]} for name in names]
+
+
+def test_the_command_says_which_existing_topic_has_fewer_partitions_than_it_makes(
+        monkeypatch):
+    monkeypatch.setattr(kafka, "AIOKafkaAdminClient", OldAdmin)
+    result = CliRunner().invoke(app, ["topics", "create"])
+    assert result.exit_code == 0, result.output
+    assert "0 topics created" in result.output
+    assert (f"{REPLAY_REQUESTS.name()} has 1 partitions, fewer than the 6 this release "
+            "makes: no more than 1 instances") in result.output
+    assert "decisions" not in result.output
