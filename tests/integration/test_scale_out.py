@@ -24,6 +24,8 @@ from routemesh.contracts.topics import (
 )
 from routemesh.services.audit_writer.records import read_record
 from routemesh.services.audit_writer.store import list_files, read_lines
+from routemesh.services.runtime.kafka import create_topics
+from routemesh.services.runtime.settings import ServiceSettings
 from tests.integration.conftest import (
     CLI,
     start_service,
@@ -34,6 +36,16 @@ from tests.services.audit_writer.helpers import decision, observation
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REQUESTS = 20_000
+
+
+@pytest.fixture
+async def settings(own_broker) -> ServiceSettings:
+    """A broker of these tests' own: the embedded broker may keep a SIGKILLed member as
+    its group's leader, and later tests use the same consumer groups."""
+    configured = ServiceSettings(kafka_bootstrap_servers=own_broker.bootstrap,
+                                 kafka_idempotent_producer=False, metrics_port=0)
+    await create_topics(configured)
+    return configured
 
 
 class Group:
