@@ -123,6 +123,28 @@ class ServiceSpec:
         raise KeyError(f"{self.name} declares no {name} port")
 
 
+async def _started(ctx: ServiceContext, service: Service, stop: asyncio.Event) -> bool:
+    """Start the clients and the service, unless a stop comes first (False): a start can
+    wait without end (a consumer group that never settles), and SIGTERM must still end
+    the process."""
+    async def start() -> None:
+        await ctx.broker.start()
+        await ctx.producer.start()
+        await service.start()
+
+    starting = asyncio.create_task(start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if starting.done():
+        starting.result()
+        return True
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    return False
+
+
 def discover_services() -> dict[str, ServiceSpec]:
     specs: dict[str, ServiceSpec] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -204,19 +226,19 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     watcher = None
     heartbeat = asyncio.create_task(_heartbeat(ctx))
     try:
-        await ctx.broker.start()
-        await ctx.producer.start()
-        await service.start()
-        # What start-up loaded (models, banks, libraries) lives as long as the process;
-        # frozen, it is out of the cyclic collector's reach, which otherwise walks it on
-        # every full collection (a large share of the gateway's event loop under load in
-        # bench/gateway.py).
-        gc.collect()
-        gc.freeze()
-        watcher = asyncio.create_task(_watch_broker(ctx, gating))
-        log.info("service running")
-        await stop.wait()
-        log.info("service stopping")
+        if await _started(ctx, service, stop):
+            # What start-up loaded (models, banks, libraries) lives as long as the
+            # process; frozen, it is out of the cyclic collector's reach, which otherwise
+            # walks it on every full collection (a large share of the gateway's event
+            # loop under load in bench/gateway.py).
+            gc.collect()
+            gc.freeze()
+            watcher = asyncio.create_task(_watch_broker(ctx, gating))
+            log.info("service running")
+            await stop.wait()
+            log.info("service stopping")
+        else:
+            log.warning("stopped while starting")
     finally:
         for task in (watcher, heartbeat):
             if task is not None:
@@ -224,7 +246,13 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         stop_by = loop.time() + settings.shutdown_timeout_s
-        await service.stop()
+        try:
+            # A consumer whose group never settles can hang in its stop as in its start:
+            # what it did not commit is delivered again, so the budget bounds it too.
+            await asyncio.wait_for(service.stop(), settings.shutdown_timeout_s)
+        except TimeoutError:
+            log.warning("the service did not stop within the shutdown timeout; stopped "
+                        "without it")
         # FastStream stops the subscribers, waits for handlers in flight (each commits its
         # own offset); then the producer flushes. Both talk to Kafka, which may be down:
         # they get what is left of the shutdown budget. What they could not confirm was

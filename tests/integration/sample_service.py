@@ -1,5 +1,6 @@
 """A minimal service for lifecycle tests: records each event it handles to a file,
-taking ``SAMPLE_DELAY_S`` per event so a shutdown can catch one in flight."""
+taking ``SAMPLE_DELAY_S`` per event so a shutdown can catch one in flight; with
+``SAMPLE_START_HANGS`` its start never ends, as a consumer's whose group never settles."""
 
 import asyncio
 import os
@@ -14,6 +15,7 @@ from routemesh.services.runtime.settings import ServiceSettings
 class SampleSettings(ServiceSettings):
     sample_out: Path = Path("sample.out")
     sample_delay_s: float = 0.0
+    sample_start_hangs: bool = False
 
 
 class Sample:
@@ -29,6 +31,9 @@ class Sample:
         )
 
     async def start(self) -> None:
+        settings: SampleSettings = self.ctx.settings  # type: ignore[assignment]
+        if settings.sample_start_hangs:
+            await asyncio.Event().wait()
         self.ctx.readiness.set("sample", True)
 
     async def stop(self) -> None:

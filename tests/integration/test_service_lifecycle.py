@@ -1,5 +1,6 @@
 """A service process: ready once Kafka answers; on SIGTERM it finishes the message in
-flight, commits it and exits 0 within its shutdown timeout."""
+flight, commits it and exits 0 within its shutdown timeout, and it exits on SIGTERM even
+while its start still waits."""
 
 import asyncio
 import json
@@ -136,3 +137,25 @@ async def test_a_service_started_before_its_broker_waits_for_it(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
         broker.stop()
+
+
+async def test_sigterm_ends_a_service_whose_start_never_ends(settings, tmp_path):
+    """A writer whose consumer group never settled (the embedded broker kept a dead
+    leader) waited in its start and ignored SIGTERM: a pod would wait for its SIGKILL."""
+    log = tmp_path / "sample.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(SAMPLE)], stdout=out, stderr=subprocess.STDOUT,
+            env=cli_env(settings, ROUTEMESH_SAMPLE_START_HANGS="true",
+                        ROUTEMESH_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_S),
+                        ROUTEMESH_METRICS_PORT=str(free_port())))
+    try:
+        await _wait_for(lambda: "service starting" in log.read_text(), 60, "the start")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(SHUTDOWN_S + 10) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert "stopped while starting" in text
+    assert "service running" not in text
