@@ -87,10 +87,13 @@ async def test_a_sigkill_mid_batch_loses_nothing_and_repeats_no_effect(settings,
     out = tmp_path / "out"
     events = [decision(f"r{i:04d}") for i in range(600)]
     await send(settings, [(encode_event(e), i % 6) for i, e in enumerate(events)])
-    # Each batch takes a while before its effect is durable: the kill lands mid-batch.
-    process, metrics, log = start(settings, out, "a", ROUTEMESH_BATCH_DELAY_S="0.2")
+    # Each batch takes a while before its effect is durable, and the kill comes while one
+    # is delivered and not yet durable: mid-batch, whatever the machine's pace.
+    process, metrics, log = start(settings, out, "a", ROUTEMESH_BATCH_DELAY_S="0.5")
     try:
-        await wait_for(lambda: len(lines(out / "effects.log")) >= 150, 120, "some effects")
+        await wait_for(lambda: len(lines(out / "effects.log")) >= 150
+                       and len(lines(out / "delivered.log")) > len(lines(out / "effects.log")),
+                       120, "a batch in flight after some effects")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         before = len(lines(out / "effects.log"))
