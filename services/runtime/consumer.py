@@ -159,6 +159,26 @@ class Checkpoints:
         self.anchors = dict(anchors)
         self._durable = dict(offsets)
 
+    def adopt(self, partitions: Collection[PartitionKey], offsets: dict[str, int],
+              anchors: dict[str, str]) -> None:
+        """These partitions' positions as a state another instance saved says (none:
+        nothing of them is in the state yet)."""
+        self.forget(partitions)
+        for topic, partition in partitions:
+            name = f"{topic}:{partition}"
+            if name in offsets:
+                self.offsets[name] = self._durable[name] = offsets[name]
+            if name in anchors:
+                self.anchors[name] = anchors[name]
+
+    def forget(self, partitions: Collection[PartitionKey]) -> None:
+        """These partitions' positions go with them to their next owner."""
+        for topic, partition in partitions:
+            name = f"{topic}:{partition}"
+            for kept in (self.offsets, self.anchors, self._durable):
+                kept.pop(name, None)
+            self._unsaved.pop((topic, partition), None)
+
     def fresh(self, deliveries: Sequence[Delivery], tracker: OffsetTracker) -> list[Delivery]:
         """The deliveries the state lacks; holds the first of each partition."""
         found = []
@@ -360,6 +380,7 @@ class EventConsumer:
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._batch = asyncio.Lock()
         # When a poll was last handled through (or found nothing): a consumer stuck on one
         # message (a dead letter the broker refuses, a handler that hangs or keeps asking
         # to retry) stops moving it, and is then not ready.
@@ -406,6 +427,12 @@ class EventConsumer:
                 delivery.span.end()
         self._open.clear()
 
+    def assignment(self) -> set[PartitionKey]:
+        """The partitions the group gives this instance now."""
+        if self._consumer is None:
+            return set()
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -448,30 +475,45 @@ class EventConsumer:
             batch = await self._consumer.getmany(
                 timeout_ms=self.poll_ms, max_records=self.batch_max_records
             )
-            # Records may arrive before the rebalance listener has run, so a partition is
-            # taken over here, before its first records reach the handler.
-            fresh = {(tp.topic, tp.partition) for tp in batch} - self._known
-            if fresh:
-                await self.verify(fresh)
-                if self.on_assigned is not None:
-                    await self.on_assigned(fresh)
-                self._known |= fresh
-            deliveries = await self._deliveries(batch)
-            try:
-                await self.handler.handle(deliveries, self.offsets)
-            except RetryableError as exc:
-                log.warning("handler asked to retry; rewinding to the last commit",
-                            extra={"group": self.group_id, "error": str(exc)})
-                self._metrics.retries.labels(self.group_id).inc()
-                await self._rewind()
-                await self._export_lag()
+            # A revoke waits for the batch in hand, and a batch for the revoke: the handler
+            # never works on a partition the group has given to another instance.
+            async with self._batch:
+                retry = await self._handle(batch)
+            if retry:
                 await asyncio.sleep(next(delays))
                 continue
             delays = backoff.delays()
-            self._close_done()
-            await self.commit()
-            await self._export_lag()
             self.last_progress = time.monotonic()
+
+    async def _handle(self, batch: dict[TopicPartition, list[Any]]) -> bool:
+        """Hand ``batch`` over and commit what is durable; True: the handler asked to
+        retry, and the partitions are rewound to their last commit."""
+        assert self._consumer is not None
+        held = self._consumer.assignment()
+        batch = {tp: records for tp, records in batch.items() if tp in held}
+        # Records may arrive before the rebalance listener has run, so a partition is
+        # taken over here, before its first records reach the handler.
+        fresh = {(tp.topic, tp.partition) for tp in batch} - self._known
+        if fresh:
+            # The state of a partition is taken over first, then checked against its log.
+            if self.on_assigned is not None:
+                await self.on_assigned(fresh)
+            await self.verify(fresh)
+            self._known |= fresh
+        deliveries = await self._deliveries(batch)
+        try:
+            await self.handler.handle(deliveries, self.offsets)
+        except RetryableError as exc:
+            log.warning("handler asked to retry; rewinding to the last commit",
+                        extra={"group": self.group_id, "error": str(exc)})
+            self._metrics.retries.labels(self.group_id).inc()
+            await self._rewind()
+            await self._export_lag()
+            return True
+        self._close_done()
+        await self.commit()
+        await self._export_lag()
+        return False
 
     async def _export_lag(self) -> None:
         """Per assigned partition: what is not committed and what is not read yet. Set
@@ -625,9 +667,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
         # Commit what is safe; what is held goes back to the partition's next owner.
-        with contextlib.suppress(Exception):
-            await self.consumer.commit()
-        self.consumer._drop({(tp.topic, tp.partition) for tp in revoked})
+        async with self.consumer._batch:
+            with contextlib.suppress(Exception):
+                await self.consumer.commit()
+            self.consumer._drop({(tp.topic, tp.partition) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         pass

@@ -16,6 +16,7 @@ from routemesh.services.runtime.consumer import (
     Delivery,
     EventConsumer,
     OffsetTracker,
+    _Rebalance,
 )
 from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.runtime.telemetry import Readiness
@@ -194,6 +195,7 @@ class ScriptedKafka:
 
     def __init__(self, polls, journal: list, stop: asyncio.Event) -> None:
         self.polls, self.journal, self.stop = list(polls), journal, stop
+        self.assigned = {tp for poll in self.polls for tp in poll}
 
     async def getmany(self, timeout_ms, max_records):
         if not self.polls:
@@ -205,7 +207,10 @@ class ScriptedKafka:
         self.journal.append(("commit", {tp.partition: o for tp, o in offsets.items()}))
 
     def assignment(self):
-        return set()
+        return self.assigned
+
+    def highwater(self, tp):
+        return None  # no lag to export
 
 
 class JournalHandler:
@@ -287,3 +292,31 @@ async def test_an_event_seen_again_is_not_handed_over_twice():
     a = decided("a")
     journal = await run_script([records(a), records(a, start=0), records(a, start=1)])
     assert journal == [("effect", "a"), ("commit", {0: 1}), ("commit", {0: 2})]
+
+
+async def test_a_revoke_waits_for_the_batch_in_hand():
+    """A rebalance that revokes a partition while its batch is handled (the handler
+    awaits its effect) drops the partition only after the batch is committed: the
+    handler never saves state for a partition another instance already took over."""
+    journal: list = []
+    revoking: list[asyncio.Task] = []
+
+    class Revoked(JournalHandler):
+        async def handle(self, deliveries, offsets):
+            if deliveries:
+                revoking.append(asyncio.create_task(
+                    _Rebalance(unit).on_partitions_revoked([TopicPartition(TOPIC, 0)])))
+                for _ in range(5):
+                    await asyncio.sleep(0)
+            await super().handle(deliveries, offsets)
+
+        def revoked(self, partitions):
+            self.journal.append(("revoked", sorted(p for _, p in partitions)))
+
+    unit = EventConsumer(ServiceSettings(), [ROUTE_DECISIONS], group_id="unit",
+                         handler=Revoked(journal), dead_letters=JournalDeadLetters(journal),
+                         registry=CollectorRegistry(), service="unit")
+    unit._consumer = ScriptedKafka([records(decided("a"))], journal, unit._stopping)
+    await asyncio.wait_for(unit._run(), 10)
+    await asyncio.gather(*revoking)
+    assert journal == [("effect", "a"), ("commit", {0: 1}), ("revoked", [0])]
