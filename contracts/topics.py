@@ -31,6 +31,8 @@ class Topic:
     partitions: int
     key_field: str | None
     description: str
+    # A service's state, key by key: the broker keeps the newest record of each key.
+    compacted: bool = False
 
     def name(self, prefix: str = DEFAULT_PREFIX) -> str:
         return f"{prefix}{self.suffix}"
@@ -90,6 +92,14 @@ DLQ = Topic(
     "Messages a consumer could not decode or process, with the original bytes and error.",
 )
 
+SCORER_CHANGELOG = Topic(
+    # Partition p holds the state of the scorer's input partition p, so it moves with it.
+    "scorer.changelog.v1", (), ROUTE_DECISIONS.partitions, None,
+    "Internal: the scorer's counts and pending joins per input partition, key by key "
+    "(Kafka Streams' changelog). Read only by scorers; not an event contract.",
+    compacted=True,
+)
+
 TOPICS: tuple[Topic, ...] = (
     ROUTE_DECISIONS,
     ROUTE_SHADOW_DECISIONS,
@@ -103,6 +113,9 @@ TOPICS: tuple[Topic, ...] = (
     PROMPTS_REVIEW,
     DLQ,
 )
+# Topics that hold a service's state rather than events: made with the others, described
+# nowhere as a contract.
+STATE_TOPICS: tuple[Topic, ...] = (SCORER_CHANGELOG,)
 
 
 def topic_for_event(event_type: type[Event]) -> Topic:

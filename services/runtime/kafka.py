@@ -61,7 +61,7 @@ from routemesh.contracts import (
     encode_event,
     topic_for_event,
 )
-from routemesh.contracts.topics import DLQ
+from routemesh.contracts.topics import DLQ, STATE_TOPICS
 from routemesh.services.runtime.files import write_atomically
 from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.settings import ServiceSettings
@@ -133,7 +133,7 @@ def client_kwargs(settings: ServiceSettings) -> dict[str, Any]:
     }
 
 
-def _delivery(settings: ServiceSettings) -> dict[str, Any]:
+def delivery_options(settings: ServiceSettings) -> dict[str, Any]:
     """How every producer of the mesh delivers: confirmed by all in-sync replicas,
     idempotent where the broker allows, compressed, batched for ``kafka_linger_ms``."""
     return {
@@ -163,7 +163,8 @@ class EventProducer:
         self.settings = settings
         self.tracer = trace.get_tracer(f"routemesh.{service}", tracer_provider=tracer_provider)
         self._producer = AIOKafkaProducer(
-            **client_kwargs(settings), client_id=f"routemesh-{service}", **_delivery(settings)
+            **client_kwargs(settings), client_id=f"routemesh-{service}",
+            **delivery_options(settings),
         )
 
     async def start(self) -> None:
@@ -260,7 +261,7 @@ def create_broker(
         client_id=f"routemesh-{service}",
         codec=MsgspecCodec(),
         serializer=None,
-        **_delivery(settings),
+        **delivery_options(settings),
         graceful_timeout=settings.shutdown_timeout_s,
         # Trace context through the headers; its Prometheus middleware is left out: the
         # consumer runtime and the producer count what the mesh's metrics document.
@@ -491,8 +492,9 @@ async def create_topics(
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(settings.topic(t), t.partitions, replication_factor)
-            for t in TOPICS
+            NewTopic(settings.topic(t), t.partitions, replication_factor,
+                     topic_configs={"cleanup.policy": "compact"} if t.compacted else {})
+            for t in (*TOPICS, *STATE_TOPICS)
             if settings.topic(t) not in existing
         ]
         if missing:
@@ -513,7 +515,7 @@ async def short_topics(settings: ServiceSettings, timeout_s: float = 30.0
     admin = AIOKafkaAdminClient(**client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000))
     await admin.start()
     try:
-        wanted = {settings.topic(t): t.partitions for t in TOPICS}
+        wanted = {settings.topic(t): t.partitions for t in (*TOPICS, *STATE_TOPICS)}
         described = await admin.describe_topics(list(wanted))
     finally:
         await admin.close()
@@ -533,6 +535,7 @@ __all__ = [
     "client_kwargs",
     "create_broker",
     "create_topics",
+    "delivery_options",
     "event_address",
     "refusals",
     "short_topics",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -76,6 +76,11 @@ class SavedState:
         self.readiness.set(self.check, True, "writable")
         return state
 
+    def kept_elsewhere(self) -> None:
+        """The state is not in the directory (a changelog topic holds it): nothing to
+        restore at start; each partition's offsets come with its state."""
+        self.readiness.set(self.check, True, "kept on the changelog")
+
     def fresh(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> list[Delivery]:
         return self.checkpoints.fresh(deliveries, offsets)
 
@@ -97,10 +102,16 @@ class SavedState:
     async def save(self, encode: Callable[[dict[str, int], dict[str, str]], bytes]) -> None:
         """Write the state ``encode`` makes of the current offsets and anchors; raises
         when the disk fails (``failed`` then backs off)."""
+        await self.save_with(lambda offsets, anchors: asyncio.to_thread(
+            write_state, self.directory, encode(offsets, anchors)))
+
+    async def save_with(self, write: Callable[[dict[str, int], dict[str, str]],
+                                              Awaitable[None]]) -> None:
+        """Save the state with ``write`` (somewhere else than the directory: a
+        changelog topic) given the current offsets and anchors; raises as it does."""
         offsets = dict(self.checkpoints.offsets)
-        data = encode(offsets, dict(self.checkpoints.anchors))
         started = time.perf_counter()
-        await asyncio.to_thread(write_state, self.directory, data)
+        await write(offsets, dict(self.checkpoints.anchors))
         self.save_seconds.observe(time.perf_counter() - started)
         self.checkpoints.saved(offsets)
         self._last_save = time.monotonic()

@@ -7,15 +7,15 @@ import uvicorn
 from routemesh.services.gateway.service import _EmbeddedServer
 from routemesh.services.gateway.settings import GatewaySettings
 from routemesh.services.runtime.embedded_broker import free_port
-from routemesh.services.runtime.kafka import _delivery
+from routemesh.services.runtime.kafka import delivery_options
 from routemesh.services.runtime.settings import ServiceSettings
 
 
 def test_the_gateway_batches_its_events_longer_than_other_producers(monkeypatch):
-    assert _delivery(GatewaySettings())["linger_ms"] == 50
-    assert _delivery(ServiceSettings())["linger_ms"] == 5
+    assert delivery_options(GatewaySettings())["linger_ms"] == 50
+    assert delivery_options(ServiceSettings())["linger_ms"] == 5
     monkeypatch.setenv("ROUTEMESH_KAFKA_LINGER_MS", "0")
-    assert _delivery(GatewaySettings())["linger_ms"] == 0
+    assert delivery_options(GatewaySettings())["linger_ms"] == 0
 
 
 async def test_the_embedded_server_is_listening_when_it_says_so():
