@@ -3,6 +3,7 @@ scorer's judgements offline, from audit files, outcome files and labelled sets."
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -11,6 +12,7 @@ from typing import Annotated, Literal
 
 import msgspec
 import typer
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.table import Table
 
@@ -34,6 +36,7 @@ from routemesh.services.runtime.files import (
     pretty_json,
     write_atomically,
 )
+from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.scorer import patch
 from routemesh.services.scorer.advice import AdvicePolicy
 from routemesh.services.scorer.candidates import CandidatePolicy
@@ -47,7 +50,7 @@ from routemesh.services.scorer.review import (
     summarize_answers,
 )
 from routemesh.services.scorer.review import render_markdown as review_markdown
-from routemesh.services.scorer.store import read_scorer_state
+from routemesh.services.scorer.store import read_scorer_changelog, read_scorer_state
 from routemesh.services.scorer.tune import TuneResult, tune
 from routemesh.services.scorer.views import LedgerDecision, LedgerObservation, LedgerOutcome
 
@@ -327,6 +330,10 @@ def tune_command(
         help="Advise from the running scorer's saved evidence instead of a dataset.")] = False,
     state_dir: Annotated[Path, typer.Option(
         help="The scorer's state directory (ROUTEMESH_SCORER_STATE_DIR).")] = Path("scorer"),
+    changelog: Annotated[bool, typer.Option(
+        help="--from-scores: read the evidence from the scorer.changelog.v1 topic (scorers "
+             "with ROUTEMESH_SCORER_STATE_STORE=changelog; Kafka from ROUTEMESH_KAFKA_*) "
+             "instead of --state-dir.")] = False,
     window_h: Annotated[int, typer.Option(help="--from-scores: the window, hours.")] = 168,
     apply: Annotated[bool, typer.Option(
         help="Rewrite --config in place (the old file kept as .bak) when the held-back "
@@ -340,8 +347,8 @@ def tune_command(
     except ConfigError as exc:
         raise fail(str(exc), 2) from None
     if from_scores:
-        _tune_from_scores(config, loaded.config, state_dir, window_h, aggressive,
-                          min_samples or 50, apply)
+        _tune_from_scores(config, loaded.config, _evidence(state_dir, changelog), window_h,
+                          aggressive, min_samples or 50, apply)
         return
     if dataset is None:
         raise fail("give --dataset (a labelled set) or --from-scores", 2)
@@ -369,13 +376,22 @@ def tune_command(
     err.print(f"applied to {config}; the previous file is {backup}", highlight=False)
 
 
-def _tune_from_scores(path: Path, config: RoutingConfig, state_dir: Path, window_h: int,
-                      aggressive: bool, min_samples: int, apply: bool) -> None:
+def _evidence(state_dir: Path, from_changelog: bool) -> Ledger:
+    if from_changelog:
+        try:
+            return asyncio.run(read_scorer_changelog(ServiceSettings()))
+        except (KafkaError, TimeoutError) as exc:
+            raise fail(f"the scorer's changelog could not be read: {exc}") from None
     state = read_scorer_state(state_dir)
     if state is None:
         raise fail(f"no scorer state in {state_dir}: is the scorer running there?")
     ledger = Ledger()
     ledger.restore(state.ledger)
+    return ledger
+
+
+def _tune_from_scores(path: Path, config: RoutingConfig, ledger: Ledger, window_h: int,
+                      aggressive: bool, min_samples: int, apply: bool) -> None:
     ledger.configure({r.id: r.threshold for r in config.routes}, config.default_route, None)
     scores = ledger.scores(utc_now(), timedelta(hours=window_h),
                            AdvicePolicy.of(aggressive, min_samples))

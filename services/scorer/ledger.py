@@ -96,6 +96,17 @@ class Bucket(msgspec.Struct, kw_only=True):
     # Per top route, the threshold evidence (advice.sample_key -> count).
     advice: dict[str, dict[int, int]] = {}
 
+    def add(self, other: Bucket) -> None:
+        for mine, theirs in ((self.routes, other.routes), (self.layers, other.layers)):
+            for name, cell in theirs.items():
+                mine.setdefault(name, Cell()).add(cell)
+        self.total.add(other.total)
+        self.low_confidence += other.low_confidence
+        for route, table in other.advice.items():
+            into = self.advice.setdefault(route, {})
+            for key, count in table.items():
+                into[key] = into.get(key, 0) + count
+
 
 class Entry(msgspec.Struct, kw_only=True, array_like=True):
     """One request waiting for the rest of its events. Once it has them all only the
@@ -120,6 +131,23 @@ class Snapshot(msgspec.Struct, kw_only=True):
     thresholds: dict[str, float] = {}
     default_route: str | None = None
     config_sha256: str | None = None
+
+
+@dataclass
+class Changes:
+    """What changed since the state was last saved: the keys a changelog rewrites."""
+
+    hours: set[int] = field(default_factory=set)
+    requests: set[str] = field(default_factory=set)
+    candidates: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.hours or self.requests or self.candidates)
+
+    def add(self, other: Changes) -> None:
+        self.hours |= other.hours
+        self.requests |= other.requests
+        self.candidates |= other.candidates
 
 
 @dataclass
@@ -152,6 +180,37 @@ class Ledger:
         self.default_route: str | None = None
         self.config_sha256: str | None = None
         self.known_routes: set[str] = set()
+        self.changes = Changes()
+
+    @classmethod
+    def merged(cls, parts: Iterable[Ledger], limits: Limits) -> Ledger:
+        """One ledger with the figures of ``parts`` (the ledgers of separate partitions)
+        summed: what one ledger fed all their events would count. Not their pending
+        joins; the newest ``max_candidates`` of their review candidates."""
+        merged = cls(limits)
+        found: list[ReviewCandidate] = []
+        for part in parts:
+            for hour, bucket in part.buckets.items():
+                merged._bucket_at(hour).add(bucket)
+            found.extend(part.candidates.values())
+            merged.newest = max(merged.newest, part.newest)
+            merged.unmatched_outcomes += part.unmatched_outcomes
+            merged.duplicate_outcomes += part.duplicate_outcomes
+            merged.known_routes |= part.known_routes
+            merged.thresholds = {**part.thresholds, **merged.thresholds}
+            merged.default_route = merged.default_route or part.default_route
+            merged.config_sha256 = merged.config_sha256 or part.config_sha256
+        found.sort(key=lambda c: c.occurred_at or datetime.min.replace(tzinfo=UTC))
+        merged.candidates = OrderedDict(
+            (c.request_id, c) for c in found[-limits.max_candidates:])
+        merged.changes = Changes()
+        return merged
+
+    def take_changes(self) -> Changes:
+        """What changed since the last call (``changes.add`` puts it back if the save
+        failed)."""
+        taken, self.changes = self.changes, Changes()
+        return taken
 
     # -- configuration ------------------------------------------------------------------
 
@@ -176,6 +235,7 @@ class Ledger:
         entry = self.pending.get(request_id)
         if entry is None:
             entry = self.pending[request_id] = Entry(seen=at.timestamp())
+        self.changes.requests.add(request_id)
         self.newest = max(self.newest, at.timestamp())
         return entry
 
@@ -227,8 +287,9 @@ class Ledger:
                                      self.limits.candidate_policy)
         if found is not None:
             self.candidates[request_id] = found
+            self.changes.candidates.add(request_id)
             while len(self.candidates) > self.limits.max_candidates:
-                self.candidates.popitem(last=False)
+                self.changes.candidates.add(self.candidates.popitem(last=False)[0])
         if entry.scored and entry.observation is not None:
             entry.decision = entry.observation = entry.outcome = None
             entry.done = True
@@ -263,10 +324,13 @@ class Ledger:
         table[key] = table.get(key, 0) + 1
 
     def _bucket(self, at: datetime) -> Bucket:
-        hour = _hour(at)
+        return self._bucket_at(_hour(at))
+
+    def _bucket_at(self, hour: int) -> Bucket:
         bucket = self.buckets.get(hour)
         if bucket is None:
             bucket = self.buckets[hour] = Bucket()
+        self.changes.hours.add(hour)
         return bucket
 
     @staticmethod
@@ -286,12 +350,13 @@ class Ledger:
             entry = next(iter(self.pending.values()))
             if entry.seen >= oldest and len(self.pending) <= self.limits.max_pending:
                 break
-            self.pending.popitem(last=False)
+            self.changes.requests.add(self.pending.popitem(last=False)[0])
             if entry.decision is None and entry.outcome is not None:
                 self.unmatched_outcomes += 1
         first_hour = _hour(now - self.limits.keep)
         for hour in [h for h in self.buckets if h < first_hour]:
             del self.buckets[hour]
+            self.changes.hours.add(hour)
 
     # -- figures ------------------------------------------------------------------------
 

@@ -6,20 +6,30 @@ Durability: the ledger and the offsets it covers are saved atomically (at most e
 ``scorer_snapshot_interval_s``) before those offsets are committed, so a crash
 redelivers exactly what the saved state lacks and a restart skips what it holds. A
 RouteScores is a snapshot of figures: one published twice around a crash says the same.
+
+Where the state is kept (``scorer_state_store``): ``file``, one instance's ledger in its
+state directory; or ``changelog``, a ledger per input partition saved key by key on
+``scorer.changelog.v1``, so instances share the partitions and a partition's ledger moves
+with it. Then the instance given partition 0 of the decisions publishes, alone: its own
+ledgers summed with the others' as it follows them on the changelog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import signal
 import time
 from collections.abc import Collection, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import msgspec
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 
@@ -32,8 +42,14 @@ from routemesh.contracts import (
     RouteScores,
 )
 from routemesh.contracts.events import utc_now
-from routemesh.contracts.topics import LLM_OBSERVATIONS, ROUTE_DECISIONS, ROUTE_OUTCOMES
+from routemesh.contracts.topics import (
+    LLM_OBSERVATIONS,
+    ROUTE_DECISIONS,
+    ROUTE_OUTCOMES,
+    SCORER_CHANGELOG,
+)
 from routemesh.services.router import WatchedConfig
+from routemesh.services.runtime.changelog import Changelog
 from routemesh.services.runtime.consumer import (
     Delivery,
     OffsetTracker,
@@ -42,16 +58,18 @@ from routemesh.services.runtime.consumer import (
 from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.runtime.state import SavedState
-from routemesh.services.scorer import patch
+from routemesh.services.scorer import changelog, patch
 from routemesh.services.scorer.advice import AdvicePolicy
 from routemesh.services.scorer.candidates import REASONS, CandidatePolicy
-from routemesh.services.scorer.ledger import Ledger, Limits
+from routemesh.services.scorer.ledger import Changes, Ledger, Limits
 from routemesh.services.scorer.store import State
 from routemesh.services.scorer.views import view
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 GROUP = "routemesh-scorer"
 INPUTS_CHECK_S = 1.0
+INPUTS = (ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES)
 
 
 class ScorerSettings(ServiceSettings):
@@ -60,6 +78,9 @@ class ScorerSettings(ServiceSettings):
     scorer_publish_interval_s: float = Field(default=300.0, gt=0)
     # How often the state is saved (and offsets move); 0: every poll.
     scorer_snapshot_interval_s: float = Field(default=5.0, ge=0)
+    # file: one instance, its state in scorer_state_dir. changelog: any number of
+    # instances, each partition's state on the compacted changelog topic.
+    scorer_state_store: Literal["file", "changelog"] = "file"
     scorer_state_dir: Path = Path("scorer")
     # How long (by event time) a request waits for its outcome, and how many may wait.
     scorer_join_horizon_s: float = Field(default=72 * 3600.0, gt=0)
@@ -164,10 +185,16 @@ class _Metrics:
                                 registry=registry)
         self.published = Counter("routemesh_scorer_published_total",
                                  "RouteScores published", ["window"], registry=registry)
-        self.save = Histogram(
+        self.save: Histogram = Histogram(
             "routemesh_scorer_state_save_seconds", "Time to write the scorer's state",
             registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                         0.5, 1.0, 2.5, 5.0))
+
+    def scores(self) -> list[Gauge]:
+        """The gauges of the published figures: only the publishing instance has them."""
+        return [self.decisions, self.outcomes, self.accuracy, self.capture, self.confidence,
+                self.latency, self.low_confidence, self.feedback, self.threshold,
+                self.candidates]
 
 
 def _window_label(hours: int) -> str:
@@ -180,33 +207,55 @@ class Scorer:
         assert isinstance(settings, ScorerSettings)
         self.ctx = ctx
         self.settings = settings
-        self.ledger = Ledger(settings.limits())
+        self.limits = settings.limits()
+        # A partition's ledger waits for its share of the requests and keeps its share of
+        # the candidates: an instance holding every partition holds what one ledger would.
+        shares = SCORER_CHANGELOG.partitions
+        self.partition_limits = dataclasses.replace(
+            self.limits, max_pending=math.ceil(self.limits.max_pending / shares),
+            max_candidates=math.ceil(self.limits.max_candidates / shares))
+        # file: the one ledger of every partition. changelog: a ledger per partition held.
+        self.ledger = Ledger(self.limits)
+        self.ledgers: dict[int, Ledger] = {}
+        # The publisher's copy of the other partitions' figures, as their owners save them.
+        self.views: dict[int, Ledger] = {}
         self.policy = AdvicePolicy.of(settings.scorer_aggressive, settings.scorer_min_samples)
         self.metrics = _Metrics(ctx.registry)
         self.state = SavedState(settings.scorer_state_dir, ctx.readiness, "scorer_state",
                                 self.metrics.save, settings.scorer_snapshot_interval_s)
+        self.changelog = (Changelog(settings, SCORER_CHANGELOG, "scorer")
+                          if settings.scorer_state_store == "changelog" else None)
         self.consumer = ctx.consumer(
-            [ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES], GROUP, self,
+            list(INPUTS), GROUP, self,
             batch_max_records=settings.scorer_batch_max_records,
             poll_ms=settings.scorer_poll_ms, checkpoints=self.state.checkpoints,
+            on_assigned=None if self.changelog is None else self.assigned,
         )
         self.config = WatchedConfig(settings.router_config, settings.router_config_name)
         self._config_path: Path | None = None
+        self._configured: tuple[dict[str, float], str, str | None] | None = None
         self._last_check = self._last_publish = time.monotonic()
         self._publish_now = False
+        self._following: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        state = await self.state.restore(State)
-        if state is not None:
-            self.ledger.restore(state.ledger)
-            log.info("scorer state restored", extra={"pending": len(self.ledger.pending)})
         self._load_config()
+        if self.changelog is None:
+            state = await self.state.restore(State)
+            if state is not None:
+                self.ledger.restore(state.ledger)
+                self._configure(self.ledger)
+                log.info("scorer state restored", extra={"pending": len(self.ledger.pending)})
+            for label, scores in self.scores():
+                self._export(label, scores)
+        else:
+            self.state.kept_elsewhere()
+            await self.changelog.start()
         for (figure, bound), value in self.settings.targets().items():
             self.metrics.target.labels(figure, bound).set(value)
-        for label, scores in self.scores():
-            self._export(label, scores)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.request_publish)
         await self.consumer.start()
@@ -215,7 +264,13 @@ class Scorer:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
         await self.consumer.stop()
-        await self._save(None)
+        if self.changelog is None:
+            await self._save(None)
+        else:
+            # Not saved now: the group may have given the partitions to another instance
+            # already, which restored them. What was not committed comes to it again.
+            await self._follow(False)
+            await self.changelog.stop()
 
     def request_publish(self) -> None:
         """Publish the figures on the next poll (SIGUSR1)."""
@@ -226,17 +281,20 @@ class Scorer:
     async def handle(self, deliveries: Sequence[Delivery], offsets: OffsetTracker) -> None:
         for delivery in self.state.fresh(deliveries, offsets):
             event = delivery.event
+            ledger = self.ledger if self.changelog is None else \
+                self.ledgers[delivery.position[1]]
             if isinstance(event, RouteDecided):
-                self.ledger.add_decision(view(event))
+                ledger.add_decision(view(event))
             elif isinstance(event, CompletionObserved):
-                self.ledger.add_observation(view(event), event.occurred_at)
+                ledger.add_observation(view(event), event.occurred_at)
             elif isinstance(event, OutcomeReported):
-                self.ledger.add_outcome(view(event))
+                ledger.add_outcome(view(event))
         now = time.monotonic()
         if now - self._last_check >= INPUTS_CHECK_S:
             self._last_check = now
             if self.config.changed():
                 self._load_config()
+            await self._follow(self.publishes)
         if self.state.unsaved and self.state.due(now) and self.state.may_try(now):
             await self._save(offsets)
         # Figures may include events not saved yet: after a crash they are counted again
@@ -245,40 +303,157 @@ class Scorer:
                 self.settings.scorer_publish_interval_s:
             await self.publish()
 
+    async def assigned(self, partitions: Collection[PartitionKey]) -> None:
+        """Restore the ledgers of partitions given to this instance from the changelog,
+        with the offsets they cover, before their first events are counted."""
+        assert self.changelog is not None
+        new = {p for _, p in partitions} - set(self.ledgers)
+        if not new:
+            return
+        started = time.perf_counter()
+        restored = await self.changelog.read(new)
+        pending = 0
+        for p, found in restored.items():
+            ledger, mark = changelog.restore(found, self.partition_limits)
+            self._configure(ledger)
+            self.ledgers[p] = ledger
+            self.state.checkpoints.adopt(self._inputs(p), mark.offsets, mark.anchors)
+            pending += len(ledger.pending)
+        log.info("scorer state restored from the changelog",
+                 extra={"partitions": sorted(new), "pending": pending,
+                        "seconds": round(time.perf_counter() - started, 3)})
+
     def revoked(self, partitions: Collection[PartitionKey]) -> None:
         self.state.revoked(partitions)
+        if self.changelog is None:
+            return
+        # What was not saved is delivered again to the partition's next owner.
+        for p in {p for _, p in partitions}:
+            self.ledgers.pop(p, None)
+            self.state.checkpoints.forget(self._inputs(p))
+
+    def _inputs(self, partition: int) -> list[PartitionKey]:
+        return [(self.settings.topic(t), partition) for t in INPUTS]
 
     # -- saving and publishing --------------------------------------------------------
 
     async def _save(self, offsets: OffsetTracker | None) -> None:
         """Save the ledger with the offsets it covers, then release what waited for it
         (``offsets`` None: the consumer has stopped)."""
-        self.ledger.expire(utc_now())
-        snapshot = self.ledger.snapshot()
+        now = utc_now()
         try:
-            await self.state.save(lambda covered, anchors: msgspec.msgpack.encode(
-                State(ledger=snapshot, offsets=covered, anchors=anchors)))
-        except OSError as exc:
+            if self.changelog is None:
+                self.ledger.expire(now)
+                self.ledger.take_changes()
+                snapshot = self.ledger.snapshot()
+                await self.state.save(lambda covered, anchors: msgspec.msgpack.encode(
+                    State(ledger=snapshot, offsets=covered, anchors=anchors)))
+            else:
+                await self._save_changelog(now)
+        except (OSError, KafkaError) as exc:
             self.state.failed(exc, "scorer state not saved")
             return
         self.state.succeeded(offsets)
-        self.metrics.pending.set(len(self.ledger.pending))
-        self.metrics.unmatched.set(self.ledger.unmatched_outcomes)
-        self.metrics.duplicates.set(self.ledger.duplicate_outcomes)
+        held = [self.ledger] if self.changelog is None else list(self.ledgers.values())
+        self.metrics.pending.set(sum(len(ledger.pending) for ledger in held))
+        self.metrics.unmatched.set(sum(ledger.unmatched_outcomes for ledger in held))
+        self.metrics.duplicates.set(sum(ledger.duplicate_outcomes for ledger in held))
+
+    async def _save_changelog(self, now: datetime) -> None:
+        assert self.changelog is not None
+        taken: dict[int, Changes] = {}
+        for p, ledger in self.ledgers.items():
+            ledger.expire(now)
+            # Every event changes its request: a partition without changes has nothing
+            # new to cover either.
+            if changed := ledger.take_changes():
+                taken[p] = changed
+
+        async def write(covered: dict[str, int], anchors: dict[str, str]) -> None:
+            assert self.changelog is not None
+            writes = []
+            for p, changed in taken.items():
+                names = {f"{topic}:{partition}" for topic, partition in self._inputs(p)}
+                ledger = self.ledgers[p]
+                writes.append(self.changelog.write(
+                    p, changelog.changes(ledger, changed),
+                    changelog.mark(ledger, _only(covered, names), _only(anchors, names))))
+            await asyncio.gather(*writes)
+        try:
+            await self.state.save_with(write)
+        except BaseException:
+            for p, changed in taken.items():
+                self.ledgers[p].changes.add(changed)
+            raise
+
+    @property
+    def publishes(self) -> bool:
+        """Whether this instance publishes: the only one, or the one given partition 0
+        of the decisions (so two never publish different figures for one window)."""
+        return self.changelog is None or \
+            (self.settings.topic(ROUTE_DECISIONS), 0) in self.consumer.assignment()
+
+    async def _follow(self, wanted: bool) -> None:
+        """Follow the changelog while this instance publishes; forget it, and its
+        gauges, when another does."""
+        if self._following is not None and self._following.done():
+            failure = None if self._following.cancelled() else self._following.exception()
+            log.error("following the changelog stopped; starting over",
+                      extra={"error": str(failure)})
+            self._following = None
+        if self.changelog is None or wanted == (self._following is not None):
+            return
+        if wanted:
+            self.views.clear()
+            self._caught_up.clear()
+            self._following = asyncio.create_task(
+                self.changelog.follow(self._viewed, self._caught_up), name="scorer-follow")
+            return
+        assert self._following is not None
+        self._following.cancel()
+        with contextlib.suppress(asyncio.CancelledError, KafkaError):
+            await self._following
+        self._following = None
+        self.views.clear()
+        for gauge in self.metrics.scores():
+            gauge.clear()
+
+    def _viewed(self, partition: int, key: bytes, value: bytes | None) -> None:
+        view_ = self.views.get(partition)
+        if view_ is None:
+            view_ = self.views[partition] = Ledger(self.limits)
+        changelog.apply(view_, key, value, joins=False)
+
+    def figures(self) -> Ledger:
+        """The ledger the figures are read from: the one, or every partition's summed
+        (a partition held here from its ledger, any other from the changelog)."""
+        if self.changelog is None:
+            return self.ledger
+        parts = {**self.views, **self.ledgers}
+        merged = Ledger.merged(parts.values(), self.limits)
+        self._configure(merged)
+        return merged
 
     def scores(self) -> list[tuple[str, RouteScores]]:
         now = utc_now()
+        figures = self.figures()
         return [
             (_window_label(hours),
-             self.ledger.scores(now, timedelta(hours=hours), self.policy,
-                                self.settings.scorer_published_candidates,
-                                self.settings.scorer_published_clusters, self._patch))
+             figures.scores(now, timedelta(hours=hours), self.policy,
+                            self.settings.scorer_published_candidates,
+                            self.settings.scorer_published_clusters, self._patch))
             for hours in self.settings.scorer_windows_h
         ]
 
     async def publish(self) -> None:
-        self._publish_now = False
         self._last_publish = time.monotonic()
+        if not self.publishes:
+            self._publish_now = False
+            return
+        if self.changelog is not None and not self._caught_up.is_set():
+            log.info("route scores wait for the changelog to be read")
+            return
+        self._publish_now = False
         for label, scores in self.scores():
             self._export(label, scores)
             try:
@@ -335,9 +510,15 @@ class Scorer:
         if loaded is None:
             return
         config = loaded.config
-        self.ledger.configure({r.id: r.threshold for r in config.routes},
-                              config.default_route, loaded.sha256)
+        self._configured = ({r.id: r.threshold for r in config.routes},
+                            config.default_route, loaded.sha256)
+        for ledger in (self.ledger, *self.ledgers.values()):
+            self._configure(ledger)
         self._config_path = self.config.path
+
+    def _configure(self, ledger: Ledger) -> None:
+        if self._configured is not None:
+            ledger.configure(*self._configured)
 
     def _patch(self, route_id: str, threshold: float) -> str:
         if self._config_path is None:
@@ -349,12 +530,15 @@ class Scorer:
             return ""
 
 
+def _only(kept: dict[str, V], names: set[str]) -> dict[str, V]:
+    return {name: value for name, value in kept.items() if name in names}
+
+
 SPEC = ServiceSpec(
     name="scorer",
     settings_class=ScorerSettings,
     factory=Scorer,
-    singleton="its figures are counts over all partitions, and a second instance would "
-              "publish the scores of only the partitions it was given",
+    scale_out_env={"ROUTEMESH_SCORER_STATE_STORE": "changelog"},
     ports=(metrics_port(9104),),
     description="accuracy per route and layer from outcomes; threshold advice; review "
                 "candidates",

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import RouteScores
 from routemesh.contracts.events import utc_now
+from routemesh.services.runtime.changelog import MARK, fold
 from routemesh.services.runtime.consumer import Delivery, OffsetTracker
 from routemesh.services.runtime.telemetry import Readiness
 from routemesh.services.scorer.service import Scorer, ScorerSettings
@@ -141,3 +142,69 @@ async def test_windows_are_configurable(tmp_path, windows):
     service = scorer(tmp_path, scorer_windows_h=windows)
     await service.start()
     assert [label for label, _ in service.scores()] == [f"{h}h" for h in windows]
+
+
+class MemoryChangelog:
+    """The changelog topic as the broker keeps it, in memory: records per partition."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, list] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def write(self, partition, changes, mark) -> None:
+        log = self.partitions.setdefault(partition, [])
+        log += changes.items()
+        log.append((MARK, mark))
+
+    async def read(self, partitions):
+        return {p: fold(self.partitions.get(p, [])) for p in partitions}
+
+
+def partitioned(tmp_path, log: MemoryChangelog, held: set) -> Scorer:
+    unit = scorer(tmp_path, scorer_state_store="changelog")
+    unit.changelog = log
+    unit.consumer = Consumer(assignment=lambda: held)
+    return unit
+
+
+async def test_a_partition_moves_with_its_ledger_and_its_offsets(tmp_path):
+    """An instance counts partition 0 and saves it, and is killed before it commits: the
+    next owner restores the ledger and skips what the ledger holds when it comes again."""
+    log, inputs = MemoryChangelog(), {(t, 0) for t in TOPICS.values()}
+    first = partitioned(tmp_path / "a", log, inputs)
+    await first.start()
+    await first.assigned(inputs)
+    await first.handle(Stream().deliveries(traffic(40)), OffsetTracker())
+    assert log.partitions[0], "saved on the changelog before anything is committed"
+
+    second = partitioned(tmp_path / "b", log, inputs)
+    await second.start()
+    await second.assigned(inputs)
+    assert second.state.checkpoints.offsets == {f"{t}:0": 40 for t in TOPICS.values()}
+    # Delivered again from the last commit (none), with more.
+    again = Stream().deliveries([*traffic(40), *traffic(30, start=40)])
+    await second.handle(again, OffsetTracker())
+    figures = second.figures()
+    scores = figures.scores(utc_now(), timedelta(hours=24))
+    assert (scores.decisions, scores.outcomes) == (70, 70)
+    assert figures.duplicate_outcomes == 0, "nothing the moved ledger held counted twice"
+    assert not (tmp_path / "b" / "scorer" / "state.msgpack").exists()
+
+
+async def test_only_the_holder_of_partition_0_publishes(tmp_path):
+    log = MemoryChangelog()
+    others = partitioned(tmp_path / "a", log, {("t.route.decisions.v1", 1)})
+    await others.start()
+    others.request_publish()
+    await others.publish()
+    assert others.ctx.producer.published == []
+    first = partitioned(tmp_path / "b", log, {("t.route.decisions.v1", 0)})
+    first._caught_up.set()
+    await first.start()
+    await first.publish()
+    assert len(first.ctx.producer.published) == 3, "one RouteScores per window"

@@ -1,0 +1,116 @@
+"""The scorer's ledger of one input partition as changelog records (runtime
+``Changelog``): an hour's bucket, a pending request, a review candidate, each under its
+own key, and the mark with the offsets they cover and the ledger's counters."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import msgspec
+
+from routemesh.contracts import ReviewCandidate
+from routemesh.services.runtime.changelog import MARK, Restored
+from routemesh.services.runtime.state import Covered
+from routemesh.services.scorer.ledger import OTHER, Bucket, Changes, Entry, Ledger, Limits
+
+_BUCKET, _PENDING, _CANDIDATE = b"b:", b"p:", b"c:"
+_encode = msgspec.msgpack.encode
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+class Mark(Covered, kw_only=True):
+    newest: float = 0.0
+    unmatched_outcomes: int = 0
+    duplicate_outcomes: int = 0
+    thresholds: dict[str, float] = {}
+    default_route: str | None = None
+    config_sha256: str | None = None
+
+
+def changes(ledger: Ledger, changed: Changes) -> dict[bytes, bytes | None]:
+    """The records that bring a partition's changelog to ``ledger``."""
+    found: dict[bytes, bytes | None] = {}
+    for hour in changed.hours:
+        bucket = ledger.buckets.get(hour)
+        found[_BUCKET + str(hour).encode()] = None if bucket is None else _encode(bucket)
+    for request_id in changed.requests:
+        entry = ledger.pending.get(request_id)
+        found[_PENDING + request_id.encode()] = None if entry is None else _encode(entry)
+    for request_id in changed.candidates:
+        candidate = ledger.candidates.get(request_id)
+        found[_CANDIDATE + request_id.encode()] = (
+            None if candidate is None else _encode(candidate))
+    return found
+
+
+def mark(ledger: Ledger, offsets: dict[str, int], anchors: dict[str, str]) -> bytes:
+    return _encode(Mark(offsets=offsets, anchors=anchors, newest=ledger.newest,
+                        unmatched_outcomes=ledger.unmatched_outcomes,
+                        duplicate_outcomes=ledger.duplicate_outcomes,
+                        thresholds=ledger.thresholds, default_route=ledger.default_route,
+                        config_sha256=ledger.config_sha256))
+
+
+def apply(ledger: Ledger, key: bytes, value: bytes | None, *, joins: bool = True) -> None:
+    """One record into ``ledger``; without ``joins`` pending requests are skipped
+    unread (a ledger kept only for its figures)."""
+    if key.startswith(_PENDING):
+        if joins:
+            request_id = key[len(_PENDING):].decode()
+            if value is None:
+                ledger.pending.pop(request_id, None)
+            else:
+                ledger.pending[request_id] = msgspec.msgpack.decode(value, type=Entry)
+    elif key.startswith(_BUCKET):
+        hour = int(key[len(_BUCKET):])
+        if value is None:
+            ledger.buckets.pop(hour, None)
+        else:
+            bucket = ledger.buckets[hour] = msgspec.msgpack.decode(value, type=Bucket)
+            ledger.known_routes |= set(bucket.routes) - {OTHER}
+    elif key.startswith(_CANDIDATE):
+        request_id = key[len(_CANDIDATE):].decode()
+        if value is None:
+            ledger.candidates.pop(request_id, None)
+        else:
+            ledger.candidates[request_id] = msgspec.msgpack.decode(value, type=ReviewCandidate)
+    elif key == MARK and value is not None:
+        counted = msgspec.msgpack.decode(value, type=Mark)
+        ledger.newest = counted.newest
+        ledger.unmatched_outcomes = counted.unmatched_outcomes
+        ledger.duplicate_outcomes = counted.duplicate_outcomes
+        ledger.thresholds = {**counted.thresholds, **ledger.thresholds}
+        ledger.default_route = ledger.default_route or counted.default_route
+        ledger.config_sha256 = ledger.config_sha256 or counted.config_sha256
+
+
+def restore(restored: Restored, limits: Limits) -> tuple[Ledger, Mark]:
+    """A partition's ledger and its mark (empty when nothing was saved). Keys a cut
+    write left behind are marked changed, so the next save supersedes them."""
+    ledger = Ledger(limits)
+    for key, value in restored.values.items():
+        apply(ledger, key, value)
+    # Compaction keeps a key where it was last written: the horizon counts from seen.
+    ledger.pending = OrderedDict(sorted(ledger.pending.items(), key=lambda kv: kv[1].seen))
+    ledger.candidates = OrderedDict(sorted(
+        ledger.candidates.items(), key=lambda kv: kv[1].occurred_at or _EPOCH))
+    found = Mark()
+    if restored.mark is not None:
+        apply(ledger, MARK, restored.mark)
+        found = msgspec.msgpack.decode(restored.mark, type=Mark)
+    ledger.changes = torn(restored.torn)
+    return ledger, found
+
+
+def torn(keys: Iterable[bytes]) -> Changes:
+    found = Changes()
+    for key in keys:
+        if key.startswith(_BUCKET):
+            found.hours.add(int(key[len(_BUCKET):]))
+        elif key.startswith(_PENDING):
+            found.requests.add(key[len(_PENDING):].decode())
+        elif key.startswith(_CANDIDATE):
+            found.candidates.add(key[len(_CANDIDATE):].decode())
+    return found
