@@ -155,6 +155,27 @@ class DevMesh:
                     found[(instance, port.name)] = base + n * REPLICA_PORT_STEP
         return found
 
+    def environment(self, name: str, spec: ServiceSpec, ports: dict[tuple[str, str], int],
+                    bootstrap: str) -> dict[str, str]:
+        """What instance ``name`` of ``spec`` runs with."""
+        env = dict(os.environ)
+        env.update(
+            ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+            ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
+            ROUTEMESH_QDRANT_PATH=str(self.data_dir / "qdrant"),
+            ROUTEMESH_INSTANCE_ID=f"dev-{name}",
+            ROUTEMESH_DEAD_LETTER_DIR=str(self.data_dir / "dead-letters" / name),
+        )
+        for port in spec.ports:
+            env[port.env] = str(ports[(name, port.name)])
+            env[port.host_env] = "127.0.0.1"
+        if self.config is not None:
+            env["ROUTEMESH_ROUTER_CONFIG"] = str(self.config)
+        env.update(spec.dev_env(self.data_dir, name))
+        if self.replicas.get(spec.name, 1) > 1:
+            env.update(spec.scale_out_env)
+        return env
+
     def start(self) -> list[tuple[str, str]]:
         """Start everything; return (name, address) lines, in start order."""
         logs = self.data_dir / "logs"
@@ -176,20 +197,7 @@ class DevMesh:
         lines = [("kafka", self.broker.bootstrap), ("qdrant", f"{qdrant_path} (local mode)")]
 
         for name, spec in self.instances():
-            env = dict(os.environ)
-            env.update(
-                ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=self.broker.bootstrap,
-                ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
-                ROUTEMESH_QDRANT_PATH=str(qdrant_path),
-                ROUTEMESH_INSTANCE_ID=f"dev-{name}",
-                ROUTEMESH_DEAD_LETTER_DIR=str(self.data_dir / "dead-letters" / name),
-            )
-            for port in spec.ports:
-                env[port.env] = str(ports[(name, port.name)])
-                env[port.host_env] = "127.0.0.1"
-            if self.config is not None:
-                env["ROUTEMESH_ROUTER_CONFIG"] = str(self.config)
-            env.update(spec.dev_env(self.data_dir, name))
+            env = self.environment(name, spec, ports, self.broker.bootstrap)
             service = self.services[name] = Supervised(spec.name, spec, env,
                                                        logs / f"{name}.log", instance=name)
             service.launch()

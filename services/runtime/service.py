@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,6 +115,10 @@ class ServiceSpec:
     # Non-empty: why the service must run as one instance (its state covers all the
     # traffic); `routemesh dev --replicas` and the chart refuse more, with this reason.
     singleton: str = ""
+    # What every instance's environment sets when the service runs as more than one
+    # (the scorer keeps its state on its changelog then): `routemesh dev --replicas`
+    # sets it, and the chart refuses replicas without it.
+    scale_out_env: dict[str, str] = field(default_factory=dict)
 
     def port(self, name: str) -> ServicePort:
         for port in self.ports:

@@ -152,9 +152,8 @@ def test_the_route_config_is_mounted_from_the_chart_or_an_existing_configmap():
      "(the writers keep one audit trail in one directory"),
     ({"services": {"replay-worker": {"keda": {"enabled": True}}}},
      "services.replay-worker runs more than one replica"),
-    ({"services": {"scorer": {"replicas": 3}}},
-     "services.scorer.replicas is 3, but it must be 1: its figures are counts over all "
-     "partitions"),
+    ({"services": {"drift-detector": {"replicas": 3}}},
+     "services.drift-detector.replicas is 3, but it must be 1: a window covers"),
     ({"services": {"gateway": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}},
      "services.gateway.autoscaling.minReplicas (5) is greater than maxReplicas (2)"),
     ({"kafka": {"bootstrapServers": ""}},
@@ -175,6 +174,9 @@ def test_the_route_config_is_mounted_from_the_chart_or_an_existing_configmap():
       "services": {"gateway": {"persistence": {"enabled": True}}}},
      "the StatefulSet name a-release-name-long-enough-to-brea"),
     ({"httpRoute": {"enabled": True}}, "httpRoute.parentRefs is required"),
+    ({"services": {"scorer": {"replicas": 2}}},
+     "services.scorer runs more than one replica, which needs "
+     "env.ROUTEMESH_SCORER_STATE_STORE: changelog"),
 ])
 def test_renders_that_must_fail_say_why(values, message):
     with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as info:
@@ -211,6 +213,15 @@ def test_consumers_that_share_their_data_scale_on_one_shared_volume():
             if d["kind"] == "PodDisruptionBudget"}
     for consumer in ("audit-writer", "drift-detector", "scorer", "replay-worker"):
         assert pdbs[f"rm-routemesh-{consumer}"]["maxUnavailable"] == 1
+
+
+def test_scorers_scale_with_their_state_on_the_changelog():
+    docs = manifests({"services": {"scorer": {
+        "replicas": 3, "env": {"ROUTEMESH_SCORER_STATE_STORE": "changelog"},
+        "persistence": {"enabled": False}}}})
+    scorers = find(docs, "Deployment", "rm-routemesh-scorer")
+    assert scorers["spec"]["replicas"] == 3
+    assert env(scorers)["ROUTEMESH_SCORER_STATE_STORE"]["value"] == "changelog"
 
 
 def test_a_new_service_needs_only_a_values_block():
@@ -380,3 +391,4 @@ def test_the_chart_runs_one_replica_of_exactly_the_services_that_say_they_must()
     assert set(specs) <= set(values)
     for name, spec in specs.items():
         assert bool(values[name]["singleton"]) == bool(spec.singleton), name
+        assert values[name].get("scaleOutEnv", {}) == spec.scale_out_env, name

@@ -15,6 +15,7 @@ from routemesh.services.cli.dev import UNHEALTHY_S, DevMesh, Supervised, parse_r
 from routemesh.services.gateway.service import SPEC as GATEWAY
 from routemesh.services.runtime.service import ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.scorer.service import SPEC as SCORER
 
 SPEC = ServiceSpec("unit", ServiceSettings, lambda ctx: None, (metrics_port(9999),))
 
@@ -120,6 +121,18 @@ def test_replicas_are_instances_of_one_service_on_ports_a_step_apart(tmp_path):
     for wrong in ("unit", "unit=0", "unit=x", "nosuch=2"):
         with pytest.raises(ValueError, match="--replicas"):
             parse_replicas([wrong], specs)
+
+
+def test_a_service_that_scales_with_its_state_elsewhere_is_told_so_when_it_does(tmp_path):
+    specs = {"scorer": SCORER}
+    ports = {("scorer", "metrics"): 9104, ("scorer-2", "metrics"): 9204}
+    alone = DevMesh(tmp_path, None, 0, {}, specs)
+    assert "ROUTEMESH_SCORER_STATE_STORE" not in alone.environment(
+        "scorer", SCORER, ports, "127.0.0.1:1")
+    two = DevMesh(tmp_path, None, 0, {}, specs, replicas={"scorer": 2})
+    for name in ("scorer", "scorer-2"):
+        env = two.environment(name, SCORER, ports, "127.0.0.1:1")
+        assert env["ROUTEMESH_SCORER_STATE_STORE"] == "changelog"
 
 
 def test_replicas_share_what_their_service_shares_and_keep_what_is_their_own(tmp_path):
