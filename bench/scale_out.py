@@ -1,24 +1,26 @@
-"""Audit writers in one consumer group: 1 instance against 2, in one run, on the embedded
-broker with the registry's 6 partitions.
+"""Consumers in one consumer group: 1 instance against 2, in one run, on the embedded
+broker with the registry's 6 partitions; the audit writer and the scorer (its state on
+the changelog topic).
 
-    python bench/scale_out.py [--pairs 20000]
+    python bench/scale_out.py [--requests 20000] [--service audit-writer|scorer]
 
-For each instance count, fresh topics and a fresh audit directory; the writers run as
-their own processes (`routemesh serve audit-writer`, fsync per batch) and have settled
-their partitions before ``--pairs`` decision/observation pairs are published flat out.
-Prints:
+For each service and instance count, fresh topics (and a fresh audit directory); the
+instances run as their own processes (`routemesh serve ...`) and have settled their
+partitions before the requests' events are published: a decision and an observation
+each, and for the scorer an outcome too. Prints:
 
-- events/s draining a backlog (published while the writers are SIGSTOPped), from their
-  SIGCONT to the last record counted written (``routemesh_audit_records_written_total``),
-  and the ratio of 2 instances to 1;
-- the time a partition's state takes to move: from a SIGTERM to one of the two writers
-  until the other has read the moved partitions' files into its dedup index (its log
-  line "audit index read for assigned partitions", at the partitions' first records
-  after the move, while a trickle of requests keeps coming), with the records it read;
-- the trail's size per 1 M requests (the state that moves is the trail itself: a new
-  owner reads its partition's files, nothing is kept beside them).
+- events/s draining a backlog (published while the instances are SIGSTOPped), from
+  their SIGCONT until every event is counted delivered and everything is committed
+  (which each does only once its effect is durable), and the ratio of 2 instances to 1;
+- the time a partition's state takes to move: from a SIGTERM to one of the two until
+  the other has taken over the moved partitions' state (its log line, at the
+  partitions' first records after the move, while a trickle of requests keeps coming),
+  with what it read;
+- the state's size per 1 M requests: the audit trail (the state that moves is the trail
+  itself), or what the scorers wrote on their changelog and what of it compaction keeps
+  (the newest record of each key).
 
-Everything shares the machine's cores: the broker, the publisher and the writers.
+Everything shares the machine's cores: the broker, the publisher and the instances.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from routemesh.contracts import CompletionObserved, RouteDecided
+from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
+from routemesh.contracts.topics import SCORER_CHANGELOG
+from routemesh.services.runtime.consumer import read_records
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
 from routemesh.services.runtime.kafka import create_topics
 from routemesh.services.runtime.settings import ServiceSettings
@@ -47,11 +52,36 @@ from routemesh.services.runtime.settings import ServiceSettings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.stream_bench import publish_events
 
-TOOK_OVER = "audit index read for assigned partitions"
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def events(pairs: int, prefix: str = "req"):
-    for i in range(pairs):
+@dataclass(frozen=True)
+class Profile:
+    """What differs between the services benched."""
+
+    service: str
+    # The log line of a partition's state taken over, and its field of what was read.
+    took_over: str
+    read_field: str
+    outcomes: bool
+    env: dict[str, str]
+
+
+PROFILES = {
+    "audit-writer": Profile("audit-writer", "audit index read for assigned partitions",
+                            "records", False, {}),
+    "scorer": Profile("scorer", "scorer state restored from the changelog", "pending", True,
+                      {"ROUTEMESH_SCORER_STATE_STORE": "changelog",
+                       "ROUTEMESH_ROUTER_CONFIG": str(ROOT / "deploy/examples/lite-deep.yaml"),
+                       "ROUTEMESH_SCORER_PUBLISH_INTERVAL_S": "3600",
+                       # Saved (and so committed) every second rather than every 5: the
+                       # drain's end is its last commit.
+                       "ROUTEMESH_SCORER_SNAPSHOT_INTERVAL_S": "1"}),
+}
+
+
+def events(requests: int, outcomes: bool, prefix: str = "req"):
+    for i in range(requests):
         request_id = f"{prefix}-{i}"
         yield RouteDecided(request_id=request_id, route_id="lite", target_model="small",
                            reason="semantic", layer="semantic", score=0.7,
@@ -59,6 +89,9 @@ def events(pairs: int, prefix: str = "req"):
         yield CompletionObserved(request_id=request_id, route_id="lite",
                                  target_model="small", upstream_status=200,
                                  duration_ms=250.0, total_tokens=42)
+        if outcomes:
+            yield OutcomeReported(request_id=request_id, expected_route="lite",
+                                  correct_route=True)
 
 
 def metric(port: int, name: str) -> tuple[float, int] | None:
@@ -73,22 +106,25 @@ def metric(port: int, name: str) -> tuple[float, int] | None:
     return sum(s.value for s in samples), len(samples)
 
 
-class Writers:
-    def __init__(self, settings: ServiceSettings, work: Path, count: int) -> None:
+class Instances:
+    def __init__(self, settings: ServiceSettings, work: Path, count: int,
+                 profile: Profile) -> None:
         self.audit_dir = work / "audit"
         self.running: list[tuple[subprocess.Popen[bytes], int, Path]] = []
         for n in range(count):
-            port, log = free_port(), work / f"writer-{n}.log"
-            env = dict(os.environ,
+            port, log = free_port(), work / f"{profile.service}-{n}.log"
+            env = dict(os.environ, **profile.env,
                        ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
                        ROUTEMESH_TOPIC_PREFIX=settings.topic_prefix,
                        ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
-                       ROUTEMESH_AUDIT_DIR=str(self.audit_dir), ROUTEMESH_METRICS_PORT=str(port),
-                       ROUTEMESH_METRICS_HOST="127.0.0.1", ROUTEMESH_INSTANCE_ID=f"w{n}")
+                       ROUTEMESH_AUDIT_DIR=str(self.audit_dir),
+                       ROUTEMESH_SCORER_STATE_DIR=str(work / f"scorer-{n}"),
+                       ROUTEMESH_METRICS_PORT=str(port),
+                       ROUTEMESH_METRICS_HOST="127.0.0.1", ROUTEMESH_INSTANCE_ID=f"i{n}")
             with log.open("wb") as out:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "routemesh.services.cli.main", "serve",
-                     "audit-writer"], env=env, stdout=out, stderr=subprocess.STDOUT)
+                     profile.service], env=env, stdout=out, stderr=subprocess.STDOUT)
             self.running.append((process, port, log))
 
     async def settled(self, partitions: int) -> None:
@@ -100,11 +136,15 @@ class Writers:
                 return
             await asyncio.sleep(0.2)
 
-    async def written(self, count: int) -> None:
+    async def drained(self, count: int) -> None:
+        """Until ``count`` events are delivered and nothing is left uncommitted."""
         while True:
-            found = [metric(port, "routemesh_audit_records_written")
-                     for _, port, _ in self.running]
-            if sum(f[0] for f in found if f) >= count:
+            delivered = [metric(port, "routemesh_consumer_events")
+                         for _, port, _ in self.running]
+            lag = [metric(port, "routemesh_consumer_lag_messages")
+                   for _, port, _ in self.running]
+            if sum(f[0] for f in delivered if f) >= count and \
+                    sum(f[0] for f in lag if f) == 0:
                 return
             await asyncio.sleep(0.05)
 
@@ -120,82 +160,109 @@ class Writers:
             process.wait(30)
 
 
-def took_over(log: Path, after: float) -> tuple[float, int, float] | None:
-    """(when, records read, seconds reading) of the writer's first takeover logged after
-    ``after``."""
+def took_over(log: Path, after: float, profile: Profile) -> tuple[float, int, float] | None:
+    """(when, what was read, seconds reading) of the instance's first takeover logged
+    after ``after``."""
     for line in log.read_text().splitlines():
-        if TOOK_OVER in line:
+        if profile.took_over in line:
             entry = json.loads(line)
             when = datetime.fromisoformat(entry["ts"]).timestamp()
             if when > after:
-                return when, entry["records"], entry["seconds"]
+                return when, entry[profile.read_field], entry["seconds"]
     return None
 
 
-async def run(broker: EmbeddedBroker, count: int, pairs: int) -> dict[str, float]:
+async def changelog_bytes(settings: ServiceSettings) -> tuple[int, int]:
+    """(bytes written on the changelog, bytes of the newest record of each key)."""
+    written, newest = 0, {}
+    async for record in read_records(settings, settings.topic(SCORER_CHANGELOG),
+                                     from_beginning=True, idle_s=2.0):
+        size = len(record.key or b"") + len(record.value or b"")
+        written += size
+        newest[(record.partition, record.key)] = size if record.value is not None else 0
+    return written, sum(newest.values())
+
+
+async def run(broker: EmbeddedBroker, count: int, requests: int, profile: Profile
+              ) -> dict[str, float]:
     settings = ServiceSettings(kafka_bootstrap_servers=broker.bootstrap,
                                kafka_idempotent_producer=False,
                                topic_prefix=f"b{uuid.uuid4().hex[:8]}.")
     await create_topics(settings)
     work = Path(tempfile.mkdtemp(prefix=f"routemesh-bench-scale-{count}-"))
-    writers = Writers(settings, work, count)
+    instances = Instances(settings, work, count, profile)
+    per_request = 3 if profile.outcomes else 2
     figures: dict[str, float] = {}
     try:
-        await writers.settled(3 * 6)
-        # The backlog is published while the writers are stopped (for less than their
-        # session timeout, so the group stands), then drained: the writers' pace, not
+        await instances.settled(3 * 6)
+        # The backlog is published while the instances are stopped (for less than their
+        # session timeout, so the group stands), then drained: the instances' pace, not
         # the publisher's, which shares the cores.
-        writers.signal(signal.SIGSTOP)
-        await publish_events(settings, events(pairs))
+        instances.signal(signal.SIGSTOP)
+        await publish_events(settings, events(requests, profile.outcomes))
         started = time.perf_counter()
-        writers.signal(signal.SIGCONT)
-        await writers.written(pairs)
-        figures["events_per_s"] = 2 * pairs / (time.perf_counter() - started)
-        figures["trail_bytes_per_request"] = sum(
-            p.stat().st_size for p in writers.audit_dir.iterdir()) / pairs
+        instances.signal(signal.SIGCONT)
+        await instances.drained(per_request * requests)
+        figures["events_per_s"] = per_request * requests / (time.perf_counter() - started)
+        if profile.service == "audit-writer":
+            figures["state_bytes_per_request"] = sum(
+                p.stat().st_size for p in instances.audit_dir.iterdir()) / requests
+        else:
+            written, kept = await changelog_bytes(settings)
+            figures["state_bytes_per_request"] = written / requests
+            figures["compacted_bytes_per_request"] = kept / requests
         if count > 1:
-            leaving, _, _ = writers.running[1]
+            leaving, _, _ = instances.running[1]
             stopped_at = time.time()
             leaving.send_signal(signal.SIGTERM)
-            staying = writers.running[0][2]
+            staying = instances.running[0][2]
             # A partition is taken over at its first records after the move: traffic
             # keeps coming, as it would.
             n = 0
-            while (moved := took_over(staying, stopped_at)) is None:
-                await publish_events(settings, events(50, f"after-{n}"))
+            while (moved := took_over(staying, stopped_at, profile)) is None:
+                await publish_events(settings, events(50, profile.outcomes, f"after-{n}"))
                 n += 1
                 await asyncio.sleep(0.05)
             figures["move_s"] = moved[0] - stopped_at
-            figures["moved_records"], figures["read_s"] = moved[1], moved[2]
+            figures["moved"], figures["read_s"] = moved[1], moved[2]
     finally:
-        writers.stop()
+        instances.stop()
     return figures
 
 
-async def main_async(broker: EmbeddedBroker, pairs: int) -> None:
-    one = await run(broker, 1, pairs)
-    two = await run(broker, 2, pairs)
-    print(f"{pairs} requests ({2 * pairs} events) drained as a backlog, 6 partitions, "
+async def main_async(broker: EmbeddedBroker, requests: int, profile: Profile) -> None:
+    one = await run(broker, 1, requests, profile)
+    two = await run(broker, 2, requests, profile)
+    name = profile.service
+    print(f"{name}: {requests} requests drained as a backlog, 6 partitions, "
           f"{os.cpu_count()} cores:")
-    print(f"  1 audit writer : {one['events_per_s']:8.0f} events/s")
-    print(f"  2 audit writers: {two['events_per_s']:8.0f} events/s")
+    print(f"  1 instance : {one['events_per_s']:8.0f} events/s")
+    print(f"  2 instances: {two['events_per_s']:8.0f} events/s")
     print(f"  ratio 2 / 1: {two['events_per_s'] / one['events_per_s']:.2f}")
-    print(f"a partition's state moving (SIGTERM of one of two writers until the other has "
-          f"read the moved partitions' files): {two['move_s']:.2f} s, of which reading "
-          f"{two['moved_records']:.0f} records {two['read_s']:.2f} s (the rest is the "
+    print(f"  a partition's state moving (SIGTERM of one of two until the other has taken "
+          f"over the moved partitions' state): {two['move_s']:.2f} s, of which reading "
+          f"{two['moved']:.0f} {profile.read_field} {two['read_s']:.2f} s (the rest is the "
           f"group's rebalance)")
-    per_million = one["trail_bytes_per_request"] * 1_000_000 / 1024**3
-    print(f"trail per 1 M requests (the state that moves with a partition): "
-          f"{per_million:.2f} GiB")
+    per_million = one["state_bytes_per_request"] * 1_000_000 / 1024**3
+    if name == "audit-writer":
+        print(f"  trail per 1 M requests (the state that moves with a partition): "
+              f"{per_million:.2f} GiB")
+    else:
+        kept = one["compacted_bytes_per_request"] * 1_000_000 / 1024**3
+        print(f"  changelog per 1 M requests: {per_million:.2f} GiB written, "
+              f"{kept:.2f} GiB kept by compaction (the joins still pending at the end)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--service", choices=sorted(PROFILES), action="append")
+    args = parser.parse_args()
     broker = EmbeddedBroker(free_port())
     broker.start()
     try:
-        asyncio.run(main_async(broker, parser.parse_args().pairs))
+        for service in args.service or sorted(PROFILES):
+            asyncio.run(main_async(broker, args.requests, PROFILES[service]))
     finally:
         broker.stop()
 

@@ -5,34 +5,50 @@ audit trail's files are shared, the replay answers are read back from the result
 
 import asyncio
 import json
+import random
 import signal
 import subprocess
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from routemesh.contracts import OutcomeReported, ReplayRequested, encode_event
+from routemesh.contracts import (
+    OutcomeReported,
+    ReplayRequested,
+    decode_event,
+    encode_event,
+    topic_for_event,
+)
 from routemesh.contracts.topics import (
     LLM_OBSERVATIONS,
     ROUTE_DECISIONS,
     ROUTE_OUTCOMES,
+    ROUTE_SCORES,
 )
 from routemesh.services.audit_writer.records import read_record
 from routemesh.services.audit_writer.store import list_files, read_lines
+from routemesh.services.router import load_config
+from routemesh.services.runtime.consumer import read_records
 from routemesh.services.runtime.kafka import create_topics
 from routemesh.services.runtime.settings import ServiceSettings
+from routemesh.services.scorer.advice import AdvicePolicy
+from routemesh.services.scorer.ledger import Ledger
+from routemesh.services.scorer.service import ScorerSettings
 from tests.integration.conftest import (
     CLI,
+    cli_env,
     start_service,
     wait_until_ready,
 )
 from tests.integration.test_replay_worker import request, results, workspace
 from tests.services.audit_writer.helpers import decision, observation
+from tests.services.scorer import events as scored
+from tests.services.scorer.test_ledger import feed
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 REQUESTS = 20_000
@@ -229,3 +245,136 @@ async def test_replay_workers_answer_each_replay_once_through_a_kill_and_a_join(
     reports = {p.name for p in (tmp_path / "reports").glob("replay-??.json")}
     assert reports == {f"{asked(n).replay_id}.json" for n in range(12)}, (
         "the instances share one report directory")
+
+
+def scored_traffic(ids: range, at: datetime) -> list:
+    """Decisions, observations and outcomes of requests ``ids`` with figures to get
+    right: two routes, scores around the thresholds, most outcomes naming a route."""
+    rng = random.Random(11)
+    events = []
+    for i in ids:
+        rid = f"req-{i:05d}"
+        decided_ = scored.decided(rid, rng.choice(["lite", "deep"]), rng.uniform(0.3, 1.0),
+                                  at=at, latency_ms=rng.uniform(1, 60))
+        events += [decided_, scored.observed(rid, decided_.route_id, at=at)]
+        if rng.random() < 0.8:
+            truth = rng.choice(["lite", "deep"])
+            events.append(scored.outcome(rid, truth, correct=truth == decided_.route_id,
+                                         at=at))
+    return events
+
+
+async def send(settings, events) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                linger_ms=5)
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send(settings.topic(topic_for_event(type(event))),
+                                encode_event(event), key=event.request_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def comparable(scores) -> dict:
+    """The published figures, to 3 decimals."""
+    def r(x):
+        return None if x is None else round(x, 3)
+    return {
+        "all": (scores.decisions, scores.outcomes, scores.correct, r(scores.accuracy),
+                r(scores.low_confidence_rate), r(scores.p95_decision_latency_ms)),
+        "routes": [(s.route_id, s.decisions, s.outcomes, s.correct, r(s.accuracy),
+                    r(s.capture_rate), r(s.mean_confidence), r(s.p95_decision_latency_ms),
+                    s.threshold_too_high, s.threshold_too_low) for s in scores.routes],
+        "layers": [(s.layer, s.decisions, s.outcomes, r(s.accuracy)) for s in scores.layers],
+        "advice": [(a.route_id, a.samples, a.recommended_threshold)
+                   for a in scores.recommendations],
+    }
+
+
+async def test_scorers_publish_one_instance_figures_through_a_kill_and_a_join(
+    settings, tmp_path
+):
+    config = Path(__file__).parents[2] / "deploy" / "examples" / "lite-deep.yaml"
+    scorers = Group("scorer", settings, tmp_path, ROUTEMESH_SCORER_STATE_STORE="changelog",
+                    ROUTEMESH_ROUTER_CONFIG=str(config),
+                    # Small batches, each saved: a kill lands between a save and its commit.
+                    ROUTEMESH_SCORER_SNAPSHOT_INTERVAL_S="0",
+                    ROUTEMESH_SCORER_BATCH_MAX_RECORDS="50",
+                    ROUTEMESH_SCORER_PUBLISH_INTERVAL_S="3600",
+                    ROUTEMESH_SCORER_MIN_SAMPLES="20")
+    now = datetime.now(UTC)
+    events = scored_traffic(range(REQUESTS), now)
+    half = len(events) // 2
+    # One scorer fed every event: what the group must publish.
+    alone = Ledger(ScorerSettings(router_config=config).limits())
+    loaded = load_config(config)
+    alone.configure({r.id: r.threshold for r in loaded.config.routes},
+                    loaded.config.default_route, loaded.sha256)
+    feed(alone, events)
+    expected = comparable(alone.scores(now, timedelta(hours=24), AdvicePolicy.of(False, 20)))
+
+    async def published() -> list:
+        found = []
+        async for record in read_records(settings, settings.topic(ROUTE_SCORES),
+                                         from_beginning=True, idle_s=1.0):
+            scores = decode_event(record.value)
+            if scores.window_seconds == 24 * 3600:
+                found.append(scores)
+        return found
+
+    for _ in range(3):
+        scorers.add()
+    try:
+        await scorers.ready()
+        await send(settings, events[:half])
+        await scorers.idle()
+        # Killed while it counts, saves and commits the second half, so what it saved
+        # last may be past what it committed: its partitions' next owners get that again
+        # and must count it once.
+        killed, metrics, _ = scorers.instances[0]
+        saves = await metric_sum(metrics, "routemesh_scorer_state_save_seconds_count")
+        producing = asyncio.create_task(send(settings, events[half:]))
+        while await metric_sum(metrics, "routemesh_scorer_state_save_seconds_count") < \
+                saves + 20:
+            await asyncio.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        scorers.add()
+        await producing
+        await scorers.ready()
+        await scorers.idle(timeout_s=300)
+        deadline = time.monotonic() + 120
+        while True:
+            for process, _, _ in scorers.live():
+                process.send_signal(signal.SIGUSR1)
+            newest = await published()
+            if newest and newest[-1].decisions >= REQUESTS:
+                break
+            assert time.monotonic() < deadline, newest[-1:] or "nothing published"
+            await asyncio.sleep(1)
+        exporting = [m for _, m, _ in scorers.live()
+                     if await metric_sum(m, "routemesh_scorer_decisions") > 0]
+        duplicates = [await metric_sum(m, "routemesh_scorer_duplicate_outcomes")
+                      for _, m, _ in scorers.live()]
+    finally:
+        scorers.stop()
+
+    assert comparable(newest[-1]) == expected
+    assert len(exporting) == 1, "one instance publishes and exports the figures"
+    assert duplicates == [0.0] * len(duplicates), (
+        "what a scorer saved and did not commit was delivered again and counted once")
+    logs = [json.loads(line) for _, _, log in scorers.instances
+            for line in log.read_text().splitlines() if line.startswith("{")]
+    restored = [line for line in logs
+                if line.get("message") == "scorer state restored from the changelog"]
+    assert any(line["pending"] > 0 for line in restored), (
+        "a scorer took over a partition another had counted")
+    advice = subprocess.run(
+        [*CLI, "tune", "--config", str(config), "--from-scores", "--changelog",
+         "--window-h", "24", "--min-samples", "20"],
+        capture_output=True, text=True, timeout=120, env=cli_env(settings))
+    assert advice.returncode == 0, advice.stdout + advice.stderr
+    assert f"({expected['all'][1]} outcomes)" in advice.stdout, (
+        "the tool reads the evidence the group keeps on the changelog")
