@@ -358,9 +358,10 @@ class EventConsumer:
         # its first records after an assignment are handed over.
         self.checkpoints = checkpoints
         # A handler whose state of a partition lives outside the process (files another
-        # instance wrote while it owned the partition): read before its first records.
+        # instance wrote while it owned the partition, a changelog): given the partitions
+        # of each assignment at the first poll after it, before their first records.
         self.on_assigned = on_assigned
-        # Partitions whose records have been handed over since they were assigned.
+        # Partitions taken over since they were assigned.
         self._known: set[PartitionKey] = set()
         self.group_id = group_id
         self.handler = handler
@@ -491,9 +492,11 @@ class EventConsumer:
         assert self._consumer is not None
         held = self._consumer.assignment()
         batch = {tp: records for tp, records in batch.items() if tp in held}
-        # Records may arrive before the rebalance listener has run, so a partition is
-        # taken over here, before its first records reach the handler.
-        fresh = {(tp.topic, tp.partition) for tp in batch} - self._known
+        # Records may arrive before the rebalance listener has run, so partitions are
+        # taken over here, before their first records reach the handler: every partition
+        # given since the last poll at once, with records or not, so that a service reads
+        # its state once per assignment and an idle partition's state is ready too.
+        fresh = {(tp.topic, tp.partition) for tp in held} - self._known
         if fresh:
             # The state of a partition is taken over first, then checked against its log.
             if self.on_assigned is not None:
@@ -522,9 +525,12 @@ class EventConsumer:
         assert self._consumer is not None
         for tp in self._consumer.assignment():
             end = self._consumer.highwater(tp)
-            if end is None:
-                continue
             key, labels = (tp.topic, tp.partition), (self.group_id, tp.topic, str(tp.partition))
+            if end is None:
+                # Not fetched since it was assigned: what is unread is unknown, not none
+                # (`routemesh dev` waits for 0 before it stops the consumers).
+                self._metrics.unread.labels(*labels).set(float("nan"))
+                continue
             committed = self.offsets.committed_offset(key)
             read = self.offsets.next_offset(key)
             if read is None:
@@ -626,6 +632,11 @@ class EventConsumer:
 
     def _drop(self, keys: Collection[PartitionKey]) -> None:
         self._known -= set(keys)
+        # Their figures go with them: another instance reports them now.
+        for topic, partition in keys:
+            for gauge in (self._metrics.lag, self._metrics.unread):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self.group_id, topic, str(partition))
         self.handler.revoked(keys)
         self.offsets.forget(keys)
         for position in [p for p in self._open if p[:2] in keys]:

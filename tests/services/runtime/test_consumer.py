@@ -320,3 +320,36 @@ async def test_a_revoke_waits_for_the_batch_in_hand():
     await asyncio.wait_for(unit._run(), 10)
     await asyncio.gather(*revoking)
     assert journal == [("effect", "a"), ("commit", {0: 1}), ("revoked", [0])]
+
+
+async def test_unread_is_unknown_until_fetched_and_leaves_with_its_partition():
+    """`routemesh dev` stops the consumers once every one reports nothing unread: a
+    partition just assigned and not fetched yet must not read as 0, and one revoked
+    must not keep reporting."""
+    registry = CollectorRegistry()
+    unit = EventConsumer(ServiceSettings(), [ROUTE_DECISIONS], group_id="unit",
+                         handler=JournalHandler([]), dead_letters=JournalDeadLetters([]),
+                         registry=registry, service="unit")
+    fetched, fresh = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+    ends = {fetched: 5, fresh: None}
+
+    class Assigned(ScriptedKafka):
+        def highwater(self, tp):
+            return ends[tp]
+
+        async def position(self, tp):
+            return 2
+
+    unit._consumer = Assigned([], [], unit._stopping)
+    unit._consumer.assigned = {fetched, fresh}
+    await unit._export_lag()
+
+    def unread(partition: int) -> float | None:
+        return registry.get_sample_value("routemesh_consumer_unread_messages", {
+            "group": "unit", "topic": TOPIC, "partition": str(partition)})
+
+    assert unread(0) == 3
+    assert unread(1) != unread(1), "NaN: not known yet"
+    unit._drop({(TOPIC, 0), (TOPIC, 1)})
+    assert unread(0) is None
+    assert unread(1) is None
