@@ -133,8 +133,8 @@ class AuditStore:
         self.fsync = fsync
         self.dedup_capacity = dedup_capacity
         self._index: OrderedDict[str, RequestState] = OrderedDict()
+        # Partitions whose files are in the index (UNPARTITIONED: the old files, too).
         self._loaded: set[int] = set()
-        self._unpartitioned_loaded = False
         # (day, partition) -> the file being appended to.
         self._open: dict[tuple[str, int], tuple[AuditFile, IO[bytes]]] = {}
         self._encoder = msgspec.json.Encoder()
@@ -145,20 +145,17 @@ class AuditStore:
     @property
     def loaded(self) -> frozenset[int]:
         """The partitions whose files are in the index."""
-        return frozenset(self._loaded)
+        return frozenset(self._loaded - {UNPARTITIONED})
 
-    def load_index(self, partitions: Collection[int] | None = None) -> int:
-        """Add the records of ``partitions``' files (None: every file) to the index, oldest
-        first, so the newest entries stay when it is full. Files without a partition are
-        read once, with the first partitions. A torn last line (a crash mid-write) is
-        skipped. Returns the records read."""
-        wanted = None if partitions is None else set(partitions) - self._loaded
+    def load_index(self, partitions: Collection[int]) -> int:
+        """Add the records of ``partitions``' files to the index, oldest first, so the
+        newest entries stay when it is full. Files without a partition are read once,
+        with the first partitions. A torn last line (a crash mid-write) is skipped.
+        Returns the records read."""
+        wanted = {*partitions, UNPARTITIONED} - self._loaded
         count = 0
         for file in list_files(self.directory):
-            if file.partition == UNPARTITIONED:
-                if self._unpartitioned_loaded:
-                    continue
-            elif wanted is not None and file.partition not in wanted:
+            if file.partition not in wanted:
                 continue
             for _, line in read_lines(file):
                 try:
@@ -167,9 +164,7 @@ class AuditStore:
                     continue
                 self.mark(record, file.partition)
                 count += 1
-        self._unpartitioned_loaded = True
-        self._loaded |= wanted if wanted is not None else {
-            f.partition for f in list_files(self.directory)} - {UNPARTITIONED}
+        self._loaded |= wanted
         return count
 
     def forget_partitions(self, partitions: Collection[int]) -> None:
@@ -189,7 +184,6 @@ class AuditStore:
         partitions = set(self._loaded)
         self._index.clear()
         self._loaded.clear()
-        self._unpartitioned_loaded = False
         return self.load_index(partitions)
 
     def state(self, request_id: str) -> RequestState | None:

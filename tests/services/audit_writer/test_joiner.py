@@ -127,7 +127,7 @@ def test_an_outcome_is_its_own_record_once_even_across_a_restart(tmp_path):
         f"event {said.event_id} already recorded at {tmp_path / record.day}.jsonl:2"]
     # A restart rebuilds the index from the files: still once.
     reopened = AuditStore(tmp_path)
-    reopened.load_index()
+    reopened.load_index({0})
     again = Joiner(reopened, OffsetTracker(), 10.0)
     assert again.add(said, ("outcomes", 0, 0), 0.0) == []
     # An outcome for a request the trail has not seen yet is written too, amending nothing.

@@ -56,7 +56,7 @@ def test_the_index_survives_a_restart_and_a_torn_line(tmp_path):
     with (tmp_path / "2026-11-23.jsonl").open("ab") as handle:
         handle.write(b'{"request_id": "torn", "jo')
     reopened = AuditStore(tmp_path)
-    assert reopened.load_index() == 5
+    assert reopened.load_index({0}) == 5
     assert reopened.state("r3").has_observation
     assert reopened.state("torn") is None
 
