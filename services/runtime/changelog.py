@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from routemesh.contracts import Topic
 from routemesh.services.runtime.kafka import client_kwargs, delivery_options
@@ -26,6 +27,10 @@ from routemesh.services.runtime.settings import ServiceSettings
 MARK = b"\x00mark"
 # One partition's record: (key, value); None for a deleted key.
 Apply = Callable[[int, bytes, bytes | None], None]
+
+
+class ChangelogMismatch(RuntimeError):
+    pass
 
 
 @dataclass
@@ -66,7 +71,19 @@ class Changelog:
             **delivery_options(settings))
 
     async def start(self) -> None:
+        """Refuses a changelog whose partitions are not the inputs' (made by hand, or by
+        a broker that creates topics on first use): partition p holds input p's state."""
         await self._producer.start()
+        try:
+            found = len(await self._producer.partitions_for(self.name))
+        except KafkaError:
+            found = 0
+        if found != self.partitions:
+            await self._producer.stop()
+            raise ChangelogMismatch(
+                f"{self.name} has {found} partitions and must have {self.partitions}, one "
+                "per input partition: run `routemesh topics create` (deleting it first if "
+                "it exists)")
 
     async def stop(self) -> None:
         await self._producer.stop()
