@@ -13,9 +13,9 @@ each, and for the scorer an outcome too. Prints:
   their SIGCONT until every event is counted delivered and everything is committed
   (which each does only once its effect is durable), and the ratio of 2 instances to 1;
 - the time a partition's state takes to move: from a SIGTERM to one of the two until
-  the other has taken over the moved partitions' state (its log line, at the
-  partitions' first records after the move, while a trickle of requests keeps coming),
-  with what it read;
+  the other has taken over the moved partitions' state (its log line, at its first
+  poll after the rebalance, while a trickle of requests keeps coming), with what it
+  read;
 - the state's size per 1 M requests: the audit trail (the state that moves is the trail
   itself), or what the scorers wrote on their changelog and what of it compaction keeps
   (the newest record of each key).
@@ -216,8 +216,7 @@ async def run(broker: EmbeddedBroker, count: int, requests: int, profile: Profil
             stopped_at = time.time()
             leaving.send_signal(signal.SIGTERM)
             staying = instances.running[0][2]
-            # A partition is taken over at its first records after the move: traffic
-            # keeps coming, as it would.
+            # Traffic keeps coming while the partitions move, as it would.
             n = 0
             while (moved := took_over(staying, stopped_at, profile)) is None:
                 await publish_events(settings, events(50, profile.outcomes, f"after-{n}"))
