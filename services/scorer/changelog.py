@@ -6,27 +6,29 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from datetime import UTC, datetime
 
 import msgspec
 
 from routemesh.contracts import ReviewCandidate
 from routemesh.services.runtime.changelog import MARK, Restored
 from routemesh.services.runtime.state import Covered
-from routemesh.services.scorer.ledger import OTHER, Bucket, Changes, Entry, Ledger, Limits
+from routemesh.services.scorer.ledger import (
+    OTHER,
+    Bucket,
+    Changes,
+    Counts,
+    Entry,
+    Ledger,
+    Limits,
+    candidate_time,
+)
 
 _BUCKET, _PENDING, _CANDIDATE = b"b:", b"p:", b"c:"
 _encode = msgspec.msgpack.encode
-_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 class Mark(Covered, kw_only=True):
-    newest: float = 0.0
-    unmatched_outcomes: int = 0
-    duplicate_outcomes: int = 0
-    thresholds: dict[str, float] = {}
-    default_route: str | None = None
-    config_sha256: str | None = None
+    counts: Counts = msgspec.field(default_factory=Counts)
 
 
 def changes(ledger: Ledger, changed: Changes) -> dict[bytes, bytes | None]:
@@ -46,11 +48,7 @@ def changes(ledger: Ledger, changed: Changes) -> dict[bytes, bytes | None]:
 
 
 def mark(ledger: Ledger, offsets: dict[str, int], anchors: dict[str, str]) -> bytes:
-    return _encode(Mark(offsets=offsets, anchors=anchors, newest=ledger.newest,
-                        unmatched_outcomes=ledger.unmatched_outcomes,
-                        duplicate_outcomes=ledger.duplicate_outcomes,
-                        thresholds=ledger.thresholds, default_route=ledger.default_route,
-                        config_sha256=ledger.config_sha256))
+    return _encode(Mark(offsets=offsets, anchors=anchors, counts=ledger.counts()))
 
 
 def apply(ledger: Ledger, key: bytes, value: bytes | None, *, joins: bool = True) -> None:
@@ -77,13 +75,7 @@ def apply(ledger: Ledger, key: bytes, value: bytes | None, *, joins: bool = True
         else:
             ledger.candidates[request_id] = msgspec.msgpack.decode(value, type=ReviewCandidate)
     elif key == MARK and value is not None:
-        counted = msgspec.msgpack.decode(value, type=Mark)
-        ledger.newest = counted.newest
-        ledger.unmatched_outcomes = counted.unmatched_outcomes
-        ledger.duplicate_outcomes = counted.duplicate_outcomes
-        ledger.thresholds = {**counted.thresholds, **ledger.thresholds}
-        ledger.default_route = ledger.default_route or counted.default_route
-        ledger.config_sha256 = ledger.config_sha256 or counted.config_sha256
+        ledger.take_counts(msgspec.msgpack.decode(value, type=Mark).counts)
 
 
 def restore(restored: Restored, limits: Limits) -> tuple[Ledger, Mark]:
@@ -95,11 +87,11 @@ def restore(restored: Restored, limits: Limits) -> tuple[Ledger, Mark]:
     # Compaction keeps a key where it was last written: the horizon counts from seen.
     ledger.pending = OrderedDict(sorted(ledger.pending.items(), key=lambda kv: kv[1].seen))
     ledger.candidates = OrderedDict(sorted(
-        ledger.candidates.items(), key=lambda kv: kv[1].occurred_at or _EPOCH))
+        ledger.candidates.items(), key=lambda kv: candidate_time(kv[1])))
     found = Mark()
     if restored.mark is not None:
-        apply(ledger, MARK, restored.mark)
         found = msgspec.msgpack.decode(restored.mark, type=Mark)
+        ledger.take_counts(found.counts)
     ledger.changes = torn(restored.torn)
     return ledger, found
 

@@ -40,6 +40,7 @@ from routemesh.services.scorer.views import (
 )
 
 OTHER = "other"
+_NO_TIME = datetime.min.replace(tzinfo=UTC)
 # Decision latencies are counted in bins 2 % wide, from 1 µs: the p95 is read to 2 %.
 _LATENCY_BASE_MS = 0.001
 _LATENCY_GROWTH = math.log(1.02)
@@ -121,16 +122,21 @@ class Entry(msgspec.Struct, kw_only=True, array_like=True):
     done: bool = False
 
 
-class Snapshot(msgspec.Struct, kw_only=True):
-    pending: list[tuple[str, Entry]] = []
-    buckets: dict[int, Bucket] = {}
-    candidates: list[ReviewCandidate] = []
+class Counts(msgspec.Struct, kw_only=True):
+    """What a saved ledger carries beside its buckets, joins and candidates."""
+
     newest: float = 0.0
     unmatched_outcomes: int = 0
     duplicate_outcomes: int = 0
     thresholds: dict[str, float] = {}
     default_route: str | None = None
     config_sha256: str | None = None
+
+
+class Snapshot(Counts, kw_only=True):
+    pending: list[tuple[str, Entry]] = []
+    buckets: dict[int, Bucket] = {}
+    candidates: list[ReviewCandidate] = []
 
 
 @dataclass
@@ -160,6 +166,11 @@ class Limits:
     max_routes: int = 100
     candidate_policy: candidates.CandidatePolicy = field(
         default_factory=candidates.CandidatePolicy)
+
+
+def candidate_time(candidate: ReviewCandidate) -> datetime:
+    """The order candidates are kept in (the newest last); one without a time first."""
+    return candidate.occurred_at or _NO_TIME
 
 
 def _hour(at: datetime) -> int:
@@ -200,7 +211,7 @@ class Ledger:
             merged.thresholds = {**part.thresholds, **merged.thresholds}
             merged.default_route = merged.default_route or part.default_route
             merged.config_sha256 = merged.config_sha256 or part.config_sha256
-        found.sort(key=lambda c: c.occurred_at or datetime.min.replace(tzinfo=UTC))
+        found.sort(key=candidate_time)
         merged.candidates = OrderedDict(
             (c.request_id, c) for c in found[-limits.max_candidates:])
         merged.changes = Changes()
@@ -417,25 +428,31 @@ class Ledger:
 
     # -- persistence --------------------------------------------------------------------
 
+    def counts(self) -> Counts:
+        return Counts(newest=self.newest, unmatched_outcomes=self.unmatched_outcomes,
+                      duplicate_outcomes=self.duplicate_outcomes, thresholds=self.thresholds,
+                      default_route=self.default_route, config_sha256=self.config_sha256)
+
+    def take_counts(self, saved: Counts) -> None:
+        """A saved ledger's counts; the routing config's thresholds, fallback route and
+        digest, when the service has one, stay before the saved ones."""
+        self.newest = saved.newest
+        self.unmatched_outcomes = saved.unmatched_outcomes
+        self.duplicate_outcomes = saved.duplicate_outcomes
+        self.thresholds = {**saved.thresholds, **self.thresholds}
+        self.default_route = self.default_route or saved.default_route
+        self.config_sha256 = self.config_sha256 or saved.config_sha256
+
     def snapshot(self) -> Snapshot:
-        return Snapshot(
-            pending=list(self.pending.items()), buckets=self.buckets,
-            candidates=list(self.candidates.values()), newest=self.newest,
-            unmatched_outcomes=self.unmatched_outcomes,
-            duplicate_outcomes=self.duplicate_outcomes, thresholds=self.thresholds,
-            default_route=self.default_route, config_sha256=self.config_sha256,
-        )
+        return Snapshot(pending=list(self.pending.items()), buckets=self.buckets,
+                        candidates=list(self.candidates.values()),
+                        **msgspec.structs.asdict(self.counts()))
 
     def restore(self, snapshot: Snapshot) -> None:
         self.pending = OrderedDict(snapshot.pending)
         self.buckets = dict(snapshot.buckets)
         self.candidates = OrderedDict((c.request_id, c) for c in snapshot.candidates)
-        self.newest = snapshot.newest
-        self.unmatched_outcomes = snapshot.unmatched_outcomes
-        self.duplicate_outcomes = snapshot.duplicate_outcomes
-        self.thresholds = {**snapshot.thresholds, **self.thresholds}
-        self.default_route = self.default_route or snapshot.default_route
-        self.config_sha256 = self.config_sha256 or snapshot.config_sha256
+        self.take_counts(snapshot)
         for bucket in self.buckets.values():
             self.known_routes |= set(bucket.routes) - {OTHER}
 
