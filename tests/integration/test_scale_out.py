@@ -99,6 +99,12 @@ class Group:
             assert time.monotonic() < deadline, figures
             await asyncio.sleep(0.5)
 
+    def logged(self, message: str) -> list[dict]:
+        """Every instance's log lines saying ``message``."""
+        return [entry for _, _, log in self.instances
+                for line in log.read_text().splitlines() if line.startswith("{")
+                if (entry := json.loads(line)).get("message") == message]
+
     def stop(self) -> None:
         for process, _, _ in self.live():
             process.send_signal(signal.SIGTERM)
@@ -191,10 +197,7 @@ async def test_audit_writers_write_each_request_once_through_a_kill_and_a_join(
     verify = subprocess.run([*CLI, "audit", "verify", "--dir", str(audit_dir)],
                             capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    writer_logs = [json.loads(line) for _, _, log in writers.instances
-                   for line in log.read_text().splitlines() if line.startswith("{")]
-    took_over = [line for line in writer_logs
-                 if line.get("message") == "audit index read for assigned partitions"]
+    took_over = writers.logged("audit index read for assigned partitions")
     assert any(line["records"] > 0 for line in took_over), (
         "a writer took over a partition another had written")
 
@@ -365,10 +368,7 @@ async def test_scorers_publish_one_instance_figures_through_a_kill_and_a_join(
     assert len(exporting) == 1, "one instance publishes and exports the figures"
     assert duplicates == [0.0] * len(duplicates), (
         "what a scorer saved and did not commit was delivered again and counted once")
-    logs = [json.loads(line) for _, _, log in scorers.instances
-            for line in log.read_text().splitlines() if line.startswith("{")]
-    restored = [line for line in logs
-                if line.get("message") == "scorer state restored from the changelog"]
+    restored = scorers.logged("scorer state restored from the changelog")
     assert any(line["pending"] > 0 for line in restored), (
         "a scorer took over a partition another had counted")
     advice = subprocess.run(
