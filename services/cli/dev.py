@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from routemesh.services.runtime.consumer import PartitionLogs
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, port_is_free
 from routemesh.services.runtime.service import ServiceSpec
 
@@ -290,18 +292,58 @@ class DevMesh:
             self.broker.stop(timeout_s=1.0)
 
     def drain(self, consumers: list[Supervised]) -> None:
-        """Wait until no consumer has unread messages (by its own metrics), at most
-        DRAIN_TIMEOUT_S."""
+        """Wait until every consumer group has read every partition of the topics it
+        subscribes to the end the broker holds, at most DRAIN_TIMEOUT_S. The ends come
+        from the broker, not from each instance's own unread count, which rests on what
+        its last fetch saw and is silent about a partition held by an instance that died
+        and is not expired yet."""
         ports = self.ports()
         urls = [f"http://127.0.0.1:{ports[(s.instance, 'metrics')]}/metrics" for s in consumers
                 if s.process is not None and s.process.poll() is None]
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if all(unread(url) == 0 for url in urls):
-                return
-            time.sleep(0.2)
-        self.say(f"the consumers did not read to the end within {DRAIN_TIMEOUT_S:.0f} s; "
-                 "stopping them anyway")
+        if self.broker is None or not urls:
+            return
+        if not asyncio.run(drained(urls, PartitionLogs(self.broker.settings()))):
+            self.say(f"the consumers did not read to the end within {DRAIN_TIMEOUT_S:.0f} s; "
+                     "stopping them anyway")
+
+
+async def drained(urls: list[str], logs: PartitionLogs,
+                  timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+    """Whether the consumers behind ``urls`` read to the end within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reports = [positions(url) for url in urls]
+        if all(report is not None for report in reports):
+            merged = Positions.merge([r for r in reports if r is not None])
+            if merged.reached(await logs.ends({topic for _, topic in merged.subscribed})):
+                return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+@dataclass
+class Positions:
+    """What consumers report of where they read: the (group, topic) pairs they subscribe
+    to, and the next offset each group reads per partition held."""
+
+    subscribed: set[tuple[str, str]] = field(default_factory=set)
+    read: dict[tuple[str, str, int], float] = field(default_factory=dict)
+
+    @classmethod
+    def merge(cls, reports: list[Positions]) -> Positions:
+        merged = cls()
+        for report in reports:
+            merged.subscribed |= report.subscribed
+            for key, offset in report.read.items():
+                merged.read[key] = max(offset, merged.read.get(key, offset))
+        return merged
+
+    def reached(self, ends: dict[tuple[str, int], int]) -> bool:
+        """Whether every group has read every partition it subscribes to up to ``ends``
+        (a partition nobody holds has nothing read)."""
+        return all(end == 0 or self.read.get((group, topic, partition), -1) >= end
+                   for group, subscribed in self.subscribed
+                   for (topic, partition), end in ends.items() if topic == subscribed)
 
 
 def healthz(url: str) -> int | None:
@@ -315,20 +357,24 @@ def healthz(url: str) -> int | None:
         return None
 
 
-def unread(url: str) -> float | None:
-    """The sum of a service's ``routemesh_consumer_unread_messages`` (0 for a service
-    that consumes nothing); None when it does not answer or has no partition yet (a
-    consumer still joining its group has read nothing, which is not having read all)."""
+def positions(url: str) -> Positions | None:
+    """A service's ``routemesh_consumer_assigned_partitions`` and
+    ``routemesh_consumer_read_offset`` (nothing for a service that consumes nothing);
+    None when it does not answer."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             text = response.read().decode()
     except urllib.error.HTTPError:
-        return 0.0
+        return Positions()
     except OSError:
         return None
-    families = [family for family in text_string_to_metric_families(text)
-                if family.name == "routemesh_consumer_unread_messages"]
-    if not families:
-        return 0.0
-    values = [sample.value for family in families for sample in family.samples]
-    return sum(values) if values else None
+    found = Positions()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if family.name == "routemesh_consumer_assigned_partitions":
+                found.subscribed.add((labels["group"], labels["topic"]))
+            elif family.name == "routemesh_consumer_read_offset":
+                key = (labels["group"], labels["topic"], int(labels["partition"]))
+                found.read[key] = sample.value
+    return found

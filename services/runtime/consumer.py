@@ -279,6 +279,27 @@ class PartitionLogs:
             await consumer.stop()
         return found
 
+    async def ends(self, topics: Collection[str], timeout_s: float = 10.0
+                   ) -> dict[PartitionKey, int]:
+        """The end of every partition of ``topics``."""
+        consumer = AIOKafkaConsumer(**client_kwargs(self.settings), enable_auto_commit=False)
+        try:
+            await consumer.start()
+            await consumer.topics()
+            tps = [TopicPartition(topic, p) for topic in sorted(topics)
+                   for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            if not tps:
+                return {}
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            async with asyncio.timeout(timeout_s):
+                while any(consumer.highwater(tp) is None for tp in tps):
+                    await consumer.getmany(timeout_ms=200, max_records=len(tps))
+            found = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in tps}
+            return {key: end for key, end in found.items() if end is not None}
+        finally:
+            await consumer.stop()
+
 
 def _event_id(value: bytes | None) -> str | None:
     try:
@@ -302,6 +323,17 @@ class _Metrics:
         self.unread = Gauge("routemesh_consumer_unread_messages",
                             "Messages between the next offset to read and the partition end",
                             ["group", "topic", "partition"], registry=registry)
+        # With the end offsets from the broker, what `routemesh dev` drains by: an
+        # instance's own unread count rests on the end its last fetch saw, which may
+        # predate the last events of a producer that just stopped.
+        self.read = Gauge("routemesh_consumer_read_offset",
+                          "The next offset the consumer reads in a partition",
+                          ["group", "topic", "partition"], registry=registry)
+        # 0 for a subscribed topic with no partition here: the subscription shows, so a
+        # partition held by no live instance (a dead member not yet expired) is seen.
+        self.assigned = Gauge("routemesh_consumer_assigned_partitions",
+                              "Partitions of a subscribed topic assigned to this instance",
+                              ["group", "topic"], registry=registry)
         self.held = Gauge("routemesh_consumer_held_events",
                           "Events consumed whose effect is not durable yet", ["group"],
                           registry=registry)
@@ -389,6 +421,8 @@ class EventConsumer:
         self.readiness = readiness
         self.stall_after_s = settings.consumer_stall_s
         self._metrics.commits.labels(group_id)
+        for topic in self.topics:
+            self._metrics.assigned.labels(group_id, topic)
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -430,9 +464,20 @@ class EventConsumer:
 
     def assignment(self) -> set[PartitionKey]:
         """The partitions the group gives this instance now."""
+        return {(tp.topic, tp.partition) for tp in self._held()}
+
+    def _held(self) -> set[TopicPartition]:
+        """The partitions this instance holds now: none while the group rejoins. aiokafka's
+        assignment() goes on naming the revoked partitions until the new assignment
+        arrives, and a poll meanwhile must not take them over again (their state would
+        stay here, stale, once another instance owns them), hand on their records or
+        report their figures. Its only sign of a rejoin is private, hence getattr."""
         if self._consumer is None:
             return set()
-        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        subscription = getattr(self._consumer, "_subscription", None)
+        if subscription is not None and subscription.reassignment_in_progress:
+            return set()
+        return set(self._consumer.assignment())
 
     @property
     def running(self) -> bool:
@@ -490,7 +535,7 @@ class EventConsumer:
         """Hand ``batch`` over and commit what is durable; True: the handler asked to
         retry, and the partitions are rewound to their last commit."""
         assert self._consumer is not None
-        held = self._consumer.assignment()
+        held = self._held()
         batch = {tp: records for tp, records in batch.items() if tp in held}
         # Records may arrive before the rebalance listener has run, so partitions are
         # taken over here, before their first records reach the handler: every partition
@@ -523,12 +568,15 @@ class EventConsumer:
         on every poll, retries included: a consumer stuck retrying shows a lag that grows
         with every event produced, which is what the stall and lag alerts read."""
         assert self._consumer is not None
-        for tp in self._consumer.assignment():
+        assignment = self._held()
+        for topic in self.topics:
+            self._metrics.assigned.labels(self.group_id, topic).set(
+                sum(tp.topic == topic for tp in assignment))
+        for tp in assignment:
             end = self._consumer.highwater(tp)
             key, labels = (tp.topic, tp.partition), (self.group_id, tp.topic, str(tp.partition))
             if end is None:
-                # Not fetched since it was assigned: what is unread is unknown, not none
-                # (`routemesh dev` waits for 0 before it stops the consumers).
+                # Not fetched since it was assigned: what is unread is unknown, not none.
                 self._metrics.unread.labels(*labels).set(float("nan"))
                 continue
             committed = self.offsets.committed_offset(key)
@@ -544,6 +592,7 @@ class EventConsumer:
                 self._metrics.lag.labels(*labels).set(max(end - committed, 0))
             if read is not None:
                 self._metrics.unread.labels(*labels).set(max(end - read, 0))
+                self._metrics.read.labels(*labels).set(read)
 
     async def _deliveries(self, batch: dict[TopicPartition, list[Any]]) -> list[Delivery]:
         """A poll's records as deliveries: undecodable ones dead-lettered, ones already
@@ -617,7 +666,7 @@ class EventConsumer:
     async def _rewind(self) -> None:
         """Back to the last commit of every assigned partition, forgetting what was held."""
         assert self._consumer is not None
-        assigned = self._consumer.assignment()
+        assigned = self._held()
         keys = {(tp.topic, tp.partition) for tp in assigned}
         self._drop(keys)
         for tp in assigned:
@@ -634,7 +683,7 @@ class EventConsumer:
         self._known -= set(keys)
         # Their figures go with them: another instance reports them now.
         for topic, partition in keys:
-            for gauge in (self._metrics.lag, self._metrics.unread):
+            for gauge in (self._metrics.lag, self._metrics.unread, self._metrics.read):
                 with contextlib.suppress(KeyError):
                     gauge.remove(self.group_id, topic, str(partition))
         self.handler.revoked(keys)

@@ -239,5 +239,6 @@ def test_dev_restarts_a_dead_service_and_a_stop_under_traffic_loses_no_audit_rec
     audited = Counter(r["request_id"] for r in records if r["join"] != "amendment")
     assert len(answered) >= 150
     assert set(answered) <= set(audited), (
-        f"{len(set(answered) - set(audited))} answered, not audited")
+        f"{len(set(answered) - set(audited))} answered, not audited; dev said:\n"
+        + "".join(said))
     assert audited.most_common(1)[0][1] == 1, audited.most_common(3)

@@ -32,8 +32,9 @@ from routemesh.contracts.topics import (
 )
 from routemesh.services.audit_writer.records import read_record
 from routemesh.services.audit_writer.store import list_files, read_lines
+from routemesh.services.cli.dev import drained
 from routemesh.services.router import load_config
-from routemesh.services.runtime.consumer import read_records
+from routemesh.services.runtime.consumer import PartitionLogs, read_records
 from routemesh.services.runtime.kafka import create_topics
 from routemesh.services.runtime.settings import ServiceSettings
 from routemesh.services.scorer.advice import AdvicePolicy
@@ -88,15 +89,14 @@ class Group:
             await wait_until_ready(metrics, process, log, timeout_s=240)
 
     async def idle(self, timeout_s: float = 120) -> None:
-        """Until every live instance has read to the end and holds nothing."""
+        """Until the live instances have read every partition to the end the broker
+        holds (as `routemesh dev` drains) and hold nothing."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            figures = [await metric_sum(m, name) for _, m, _ in self.live()
-                       for name in ("routemesh_consumer_unread_messages",
-                                    "routemesh_consumer_held_events")]
-            if figures and all(f == 0 for f in figures):
-                return
-            assert time.monotonic() < deadline, figures
+        urls = [f"http://127.0.0.1:{m}/metrics" for _, m, _ in self.live()]
+        assert await drained(urls, PartitionLogs(self.settings), timeout_s)
+        while held := sum([await metric_sum(m, "routemesh_consumer_held_events")
+                           for _, m, _ in self.live()]):
+            assert time.monotonic() < deadline, held
             await asyncio.sleep(0.5)
 
     def logged(self, message: str) -> list[dict]:

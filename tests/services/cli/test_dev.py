@@ -9,9 +9,17 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from routemesh.services.audit_writer.service import SPEC as AUDIT
-from routemesh.services.cli.dev import UNHEALTHY_S, DevMesh, Supervised, parse_replicas
+from routemesh.services.cli.dev import (
+    UNHEALTHY_S,
+    DevMesh,
+    Positions,
+    Supervised,
+    parse_replicas,
+    positions,
+)
 from routemesh.services.gateway.service import SPEC as GATEWAY
 from routemesh.services.runtime.service import ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
@@ -142,3 +150,41 @@ def test_replicas_share_what_their_service_shares_and_keep_what_is_their_own(tmp
     spools = {GATEWAY.dev_env(tmp_path, name)["ROUTEMESH_SPOOL_DIR"]
               for name in ("gateway", "gateway-2")}
     assert len(spools) == 2
+
+
+def test_a_drain_waits_for_every_subscribed_partition_up_to_the_brokers_end():
+    """What the consumers report read, against the ends the broker holds: a partition no
+    live instance holds (a dead member not expired yet) is not read, whatever the
+    others say; one that holds nothing needs nothing."""
+    registry = CollectorRegistry()
+    assigned = Gauge("routemesh_consumer_assigned_partitions", "", ["group", "topic"],
+                     registry=registry)
+    read = Gauge("routemesh_consumer_read_offset", "", ["group", "topic", "partition"],
+                 registry=registry)
+    assigned.labels("audit", "decisions").set(1)
+    read.labels("audit", "decisions", "0").set(7)
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = positions(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+    assert report == Positions({("audit", "decisions")}, {("audit", "decisions", 0): 7})
+    other = Positions({("audit", "decisions"), ("scorer", "decisions")},
+                      {("audit", "decisions", 1): 4, ("scorer", "decisions", 0): 7,
+                       ("scorer", "decisions", 1): 4})
+    merged = Positions.merge([report, other])
+    assert merged.reached({("decisions", 0): 7, ("decisions", 1): 4, ("decisions", 2): 0})
+    assert not merged.reached({("decisions", 0): 8, ("decisions", 1): 4})
+    assert not Positions.merge([report]).reached({("decisions", 0): 7, ("decisions", 1): 4})
+    assert positions("http://127.0.0.1:9/metrics") is None

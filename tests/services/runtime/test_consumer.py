@@ -322,10 +322,41 @@ async def test_a_revoke_waits_for_the_batch_in_hand():
     assert journal == [("effect", "a"), ("commit", {0: 1}), ("revoked", [0])]
 
 
+async def test_a_poll_while_the_group_rejoins_takes_nothing_over_and_hands_nothing_on():
+    """aiokafka names the revoked partitions as assigned until the new assignment comes:
+    a poll in between neither takes them over again (their state would stay here once
+    another instance owns them) nor hands on their records; after it, they are taken
+    over afresh."""
+    journal: list = []
+    taken: list[set] = []
+
+    class Rejoining(ScriptedKafka):
+        class _subscription:
+            reassignment_in_progress = True
+
+        async def getmany(self, timeout_ms, max_records):
+            if len(self.polls) == 1:
+                self._subscription.reassignment_in_progress = False
+            return await super().getmany(timeout_ms, max_records)
+
+    async def on_assigned(partitions):
+        taken.append(set(partitions))
+
+    unit = EventConsumer(ServiceSettings(), [ROUTE_DECISIONS], group_id="unit",
+                         handler=JournalHandler(journal), dead_letters=JournalDeadLetters(journal),
+                         registry=CollectorRegistry(), service="unit", on_assigned=on_assigned)
+    unit._consumer = Rejoining([records(decided("stale")), records(decided("a"), start=1)],
+                               journal, unit._stopping)
+    await asyncio.wait_for(unit._run(), 10)
+    assert taken == [{(TOPIC, 0)}]
+    assert ("effect", "stale") not in journal
+    assert ("effect", "a") in journal
+
+
 async def test_unread_is_unknown_until_fetched_and_leaves_with_its_partition():
-    """`routemesh dev` stops the consumers once every one reports nothing unread: a
-    partition just assigned and not fetched yet must not read as 0, and one revoked
-    must not keep reporting."""
+    """A partition just assigned and not fetched yet must not read as nothing unread,
+    and one revoked must not keep reporting (another instance reports it now); the
+    subscription shows as the partitions held per topic."""
     registry = CollectorRegistry()
     unit = EventConsumer(ServiceSettings(), [ROUTE_DECISIONS], group_id="unit",
                          handler=JournalHandler([]), dead_letters=JournalDeadLetters([]),
@@ -348,8 +379,17 @@ async def test_unread_is_unknown_until_fetched_and_leaves_with_its_partition():
         return registry.get_sample_value("routemesh_consumer_unread_messages", {
             "group": "unit", "topic": TOPIC, "partition": str(partition)})
 
+    def read(partition: int) -> float | None:
+        return registry.get_sample_value("routemesh_consumer_read_offset", {
+            "group": "unit", "topic": TOPIC, "partition": str(partition)})
+
     assert unread(0) == 3
+    assert read(0) == 2
     assert unread(1) != unread(1), "NaN: not known yet"
+    assert read(1) is None
+    assert registry.get_sample_value("routemesh_consumer_assigned_partitions",
+                                     {"group": "unit", "topic": TOPIC}) == 2
     unit._drop({(TOPIC, 0), (TOPIC, 1)})
     assert unread(0) is None
     assert unread(1) is None
+    assert read(0) is None
