@@ -2,14 +2,18 @@
 once per ``replay_id``.
 
 A replay can take minutes, so the handler does not run it: it holds the request's offset
-and queues it; one replay runs at a time in a worker thread; when its report files are
-written (atomically) and its ReplayCompleted is published, the offset is released. A
-crash mid-replay leaves the offset uncommitted and no partial report published: the
-request is delivered again and replayed from the start. The ReplayCompleted's event id
-is derived from the replay id, and the worker reads the results topic whenever it is
-given partitions, so a request answered before a crash, by this instance or by another of
-the group that held the partition, is not answered twice. Instances share the report
-directory (a request and its report may be handled by any of them).
+and queues it; one replay runs at a time in a worker thread, writing its report files to
+a staging directory of its own; they are moved into the report directory and its
+ReplayCompleted is published, and only then is the offset released. A crash mid-replay
+leaves the offset uncommitted and no partial report published: the request is delivered
+again and replayed from the start. When the running replay's partition is taken away in a
+rebalance, its answer is dropped (its staged files too): the partition's new owner
+replays it, and two answers would otherwise reach the results topic. The
+ReplayCompleted's event id is derived from the replay id, and the worker reads the
+results topic whenever it is given partitions, so a request answered before a crash, by
+this instance or by another of the group that held the partition, is not answered twice.
+Instances share the report directory (a request and its report may be handled by any of
+them).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import shutil
 import uuid
 from collections import deque
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -56,6 +63,22 @@ RESULTS_REMEMBERED = 100_000
 def completed_event_id(replay_id: str) -> uuid.UUID:
     """The one ReplayCompleted a replay id gets has this id, whoever publishes it."""
     return uuid.uuid5(_COMPLETED, replay_id)
+
+
+@dataclass(frozen=True)
+class Answer:
+    completed: ReplayCompleted
+    # The report files, named as in the report directory, until the answer is published.
+    staged: Path | None = None
+
+    def discard(self) -> None:
+        if self.staged is not None:
+            shutil.rmtree(self.staged, ignore_errors=True)
+
+
+def _discard(job: asyncio.Task[Answer]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        job.result().discard()
 
 
 class ReplayWorkerSettings(ServiceSettings):
@@ -113,7 +136,7 @@ class ReplayWorker:
         self.answered: set[uuid.UUID] = set()
         self.queue: deque[tuple[Position, ReplayRequested]] = deque()
         self.queued: set[str] = set()
-        self.job: asyncio.Task[ReplayCompleted] | None = None
+        self.job: asyncio.Task[Answer] | None = None
         self.job_position: Position | None = None
 
     async def start(self) -> None:
@@ -158,7 +181,13 @@ class ReplayWorker:
         job, position = self.job, self.job_position
         assert job is not None
         assert position is not None
-        completed = job.result()
+        answer = job.result()
+        completed = answer.completed
+        # A retry after a failed publish finds them moved already.
+        if answer.staged is not None and answer.staged.exists():
+            for staged in answer.staged.iterdir():
+                os.replace(staged, self.settings.replay_report_dir / staged.name)
+            answer.discard()
         # Published before the offset moves: a crash in between answers again on restart
         # only if the answer is not in the results topic, and it carries the same id.
         try:
@@ -176,33 +205,44 @@ class ReplayWorker:
     def revoked(self, partitions: Collection[PartitionKey]) -> None:
         self.queue = deque((p, e) for p, e in self.queue if (p[0], p[1]) not in partitions)
         self.queued = {e.replay_id for _, e in self.queue}
+        if self.job is not None and self.job_position is not None \
+                and self.job_position[:2] in partitions:
+            # A thread cannot be stopped: it runs to its end, and what it wrote goes.
+            log.info("running replay's partition revoked; its answer is dropped")
+            self.job.add_done_callback(_discard)
+            self.job = self.job_position = None
 
     # -- one replay -------------------------------------------------------------------
 
-    async def _run(self, request: ReplayRequested) -> ReplayCompleted:
+    async def _run(self, request: ReplayRequested) -> Answer:
         started = asyncio.get_running_loop().time()
         log.info("replay started", extra={"replay_id": request.replay_id,
                                           "kind": request.kind})
+        staged = self.settings.replay_report_dir / ".staging" / uuid.uuid4().hex
+        staged.mkdir(parents=True)
         try:
             if request.kind == "shadow":
-                completed = await self._shadow(request)
+                answer = Answer(await self._shadow(request, staged), staged)
             else:
-                completed = await asyncio.to_thread(self._replay, request)
+                answer = Answer(await asyncio.to_thread(self._replay, request, staged), staged)
         except ReplayError as exc:
-            completed = self._completed(request, status="failed", error=str(exc))
+            answer = Answer(self._completed(request, status="failed", error=str(exc)), staged)
         except Exception as exc:
             log.exception("replay failed", extra={"replay_id": request.replay_id})
-            completed = self._completed(request, status="failed",
-                                        error=f"{type(exc).__name__}: {exc}")
+            answer = Answer(self._completed(request, status="failed",
+                                            error=f"{type(exc).__name__}: {exc}"), staged)
+        if answer.completed.status != "ok":
+            answer.discard()
+            answer = Answer(answer.completed)
         self.metrics.duration.labels(request.kind).observe(
             asyncio.get_running_loop().time() - started)
-        return completed
+        return answer
 
     def _completed(self, request: ReplayRequested, **fields: Any) -> ReplayCompleted:
         return ReplayCompleted(event_id=completed_event_id(request.replay_id),
                                replay_id=request.replay_id, kind=request.kind, **fields)
 
-    def _replay(self, request: ReplayRequested) -> ReplayCompleted:
+    def _replay(self, request: ReplayRequested, staged: Path) -> ReplayCompleted:
         s = self.settings
         configs = s.replay_config_dir or s.router_config.parent
         inputs = s.replay_input_dir or s.router_config.parent
@@ -222,7 +262,7 @@ class ReplayWorker:
             if request.previous or request.previous_config_path else None,
             limit=request.limit, allow_remote_embeddings=s.replay_allow_remote_embeddings,
         )
-        json_path = s.replay_report_dir / f"{request.replay_id}.json"
+        json_path = staged / f"{request.replay_id}.json"
         outcome = run(spec, history=s.replay_report_dir, json_output=json_path,
                       markdown_output=json_path.with_suffix(".md"),
                       bands=Bands(warn=s.replay_drift_warn, alert=s.replay_drift_alert))
@@ -247,10 +287,10 @@ class ReplayWorker:
             run_hash=report.receipt.run_hash, drift_status=report.drift.status,
         )
 
-    async def _shadow(self, request: ReplayRequested) -> ReplayCompleted:
+    async def _shadow(self, request: ReplayRequested, staged: Path) -> ReplayCompleted:
         since = utc_now() - timedelta(seconds=request.window_s)
         report = shadow.compare(await shadow.read_window(self.settings, since))
-        path = self.settings.replay_report_dir / f"{request.replay_id}.json"
+        path = staged / f"{request.replay_id}.json"
         data = pretty_json(report)
         await asyncio.to_thread(write_atomically, path, data)
         await asyncio.to_thread(write_atomically, path.with_suffix(".md"),

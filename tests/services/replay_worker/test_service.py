@@ -1,6 +1,7 @@
 """The replay worker's handling without a broker: requests that name files it must not
 or cannot read are answered as failed with the reason; a request is held until its
-answer is published, and asked twice it is answered once."""
+answer is published, and asked twice it is answered once; a replay whose partition is
+revoked while it runs is not answered by this instance."""
 
 import asyncio
 from pathlib import Path
@@ -47,14 +48,15 @@ async def test_names_with_a_path_or_of_missing_files_fail_with_the_reason(tmp_pa
                                      candidate="/etc/passwd"),
         "dataset": ReplayRequested(replay_id="d", dataset="../examples/lite-deep.eval.jsonl"),
     }
-    answers = {name: await replay._run(request) for name, request in cases.items()}
+    answers = {name: (await replay._run(request)).completed
+               for name, request in cases.items()}
     assert {a.status for a in answers.values()} == {"failed"}
     assert "'../secrets.yaml' is no file name" in answers["path"].error
     assert "no dataset named 'nothing-here.jsonl'" in answers["missing"].error
     assert "'/etc/passwd' is no file name" in answers["candidate"].error
     assert "'../examples/lite-deep.eval.jsonl' is no file name" in answers["dataset"].error
     assert answers["path"].event_id == completed_event_id("a")
-    assert list((tmp_path / "reports").glob("*")) == []
+    assert [p for p in (tmp_path / "reports").rglob("*") if p.is_file()] == []
 
 
 async def test_a_request_is_held_until_answered_and_answered_once(tmp_path):
@@ -78,3 +80,58 @@ async def test_a_request_is_held_until_answered_and_answered_once(tmp_path):
     await replay.handle([again], offsets)
     assert replay.job is None
     assert len(replay.ctx.producer.published) == 1
+
+
+def staging(replay: ReplayWorker, release: asyncio.Event):
+    """A replay that writes its report and waits for ``release`` before it returns."""
+    loop = asyncio.get_running_loop()
+
+    def replayed(request, staged):
+        (staged / f"{request.replay_id}.json").write_text("{}")
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        return replay._completed(request, status="ok", report_name=f"{request.replay_id}.json")
+    return replayed
+
+
+async def test_a_report_reaches_the_report_directory_with_its_answer(tmp_path):
+    replay = worker(tmp_path)
+    release = asyncio.Event()
+    replay._replay = staging(replay, release)
+    offsets = OffsetTracker()
+    delivery = Delivery(ReplayRequested(replay_id="y", dataset="d.jsonl"),
+                        ("t.replay.requests.v1", 0, 0))
+    offsets.consumed(delivery.position)
+    await replay.handle([delivery], offsets)
+    reports = tmp_path / "reports"
+    while not list((reports / ".staging").glob("*/y.json")):
+        await asyncio.sleep(0.01)
+    assert not (reports / "y.json").exists(), "a report appears only with its answer"
+    release.set()
+    while not replay.job.done():
+        await asyncio.sleep(0.01)
+    await replay.handle([], offsets)
+    assert [a.replay_id for a in replay.ctx.producer.published] == ["y"]
+    assert (reports / "y.json").read_text() == "{}"
+    assert list((reports / ".staging").iterdir()) == []
+
+
+async def test_a_replay_whose_partition_is_revoked_is_left_to_its_next_owner(tmp_path):
+    replay = worker(tmp_path)
+    release = asyncio.Event()
+    replay._replay = staging(replay, release)
+    offsets = OffsetTracker()
+    delivery = Delivery(ReplayRequested(replay_id="z", dataset="d.jsonl"),
+                        ("t.replay.requests.v1", 3, 0))
+    offsets.consumed(delivery.position)
+    await replay.handle([delivery], offsets)
+    running = replay.job
+    replay.revoked({("t.replay.requests.v1", 3)})
+    release.set()
+    while not running.done():
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # the done callbacks
+    await replay.handle([], offsets)
+    assert replay.ctx.producer.published == []
+    reports = tmp_path / "reports"
+    assert [p for p in reports.rglob("*") if p.is_file()] == [], (
+        "the next owner writes the report")
