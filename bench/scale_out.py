@@ -1,24 +1,26 @@
 """Consumers in one consumer group: 1 instance against 2, in one run, on the embedded
-broker with the registry's 6 partitions; the audit writer and the scorer (its state on
-the changelog topic).
+broker with the registry's 6 partitions; the audit writer, the scorer and the drift
+detector (their state on their changelog topics).
 
-    python bench/scale_out.py [--requests 20000] [--service audit-writer|scorer]
+    python bench/scale_out.py [--requests 20000] [--service audit-writer|scorer|drift-detector]
 
 For each service and instance count, fresh topics (and a fresh audit directory); the
 instances run as their own processes (`routemesh serve ...`) and have settled their
 partitions before the requests' events are published: a decision and an observation
-each, and for the scorer an outcome too. Prints:
+each, and for the scorer an outcome too; for the drift detector over the 7 routes and 5
+models of `multi-route.yaml`, so that there are subjects to share. Prints:
 
 - events/s draining a backlog (published while the instances are SIGSTOPped), from
   their SIGCONT until every event is counted delivered and everything is committed
-  (which each does only once its effect is durable), and the ratio of 2 instances to 1;
+  (which each does only once its effect is durable; for the drift detector, the copies
+  it re-keyed by subject onto its own topic too), and the ratio of 2 instances to 1;
 - the time a partition's state takes to move: from a SIGTERM to one of the two until
   the other has taken over the moved partitions' state (its log line, at its first
   poll after the rebalance, while a trickle of requests keeps coming), with what it
   read;
 - the state's size per 1 M requests: the audit trail (the state that moves is the trail
-  itself), or what the scorers wrote on their changelog and what of it compaction keeps
-  (the newest record of each key).
+  itself), or what the instances wrote on their changelog and what of it compaction
+  keeps (the newest record of each key).
 
 Everything shares the machine's cores: the broker, the publisher and the instances.
 """
@@ -43,7 +45,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
-from routemesh.contracts.topics import SCORER_CHANGELOG
+from routemesh.contracts.topics import DRIFT_CHANGELOG, SCORER_CHANGELOG, Topic
 from routemesh.services.runtime.consumer import read_records
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
 from routemesh.services.runtime.kafka import create_topics
@@ -65,8 +67,14 @@ class Profile:
     read_field: str
     outcomes: bool
     env: dict[str, str]
+    changelog: Topic | None = None
+    # Events delivered per request, over every group the instances read in.
+    delivered: int = 2
+    # The (route, model) pairs the requests go round.
+    routes: tuple[tuple[str, str], ...] = (("lite", "small"),)
 
 
+MULTI_ROUTE = ROOT / "deploy/examples/multi-route.yaml"
 PROFILES = {
     "audit-writer": Profile("audit-writer", "audit index read for assigned partitions",
                             "records", False, {}),
@@ -76,21 +84,33 @@ PROFILES = {
                        "ROUTEMESH_SCORER_PUBLISH_INTERVAL_S": "3600",
                        # Saved (and so committed) every second rather than every 5: the
                        # drain's end is its last commit.
-                       "ROUTEMESH_SCORER_SNAPSHOT_INTERVAL_S": "1"}),
+                       "ROUTEMESH_SCORER_SNAPSHOT_INTERVAL_S": "1"},
+                      SCORER_CHANGELOG, delivered=3),
+    # A decision feeds its route and all routing, an observation its route and its
+    # model: each event read comes again as two copies keyed by subject.
+    "drift-detector": Profile(
+        "drift-detector", "drift state restored from the changelog", "subjects", False,
+        {"ROUTEMESH_DRIFT_STATE_STORE": "changelog",
+         "ROUTEMESH_ROUTER_CONFIG": str(MULTI_ROUTE)},
+        DRIFT_CHANGELOG, delivered=6,
+        routes=(("coding", "code-model"), ("math", "reasoning-model"),
+                ("writing", "writer-model"), ("extraction", "small-model"),
+                ("chat", "small-model"), ("support", "support-model"))),
 }
 
 
-def events(requests: int, outcomes: bool, prefix: str = "req"):
+def events(requests: int, profile: Profile, prefix: str = "req"):
     for i in range(requests):
         request_id = f"{prefix}-{i}"
-        yield RouteDecided(request_id=request_id, route_id="lite", target_model="small",
+        route, model = profile.routes[i % len(profile.routes)]
+        yield RouteDecided(request_id=request_id, route_id=route, target_model=model,
                            reason="semantic", layer="semantic", score=0.7,
                            prompt_sha256="a" * 64, decision_latency_ms=5.0)
-        yield CompletionObserved(request_id=request_id, route_id="lite",
-                                 target_model="small", upstream_status=200,
+        yield CompletionObserved(request_id=request_id, route_id=route,
+                                 target_model=model, upstream_status=200,
                                  duration_ms=250.0, total_tokens=42)
-        if outcomes:
-            yield OutcomeReported(request_id=request_id, expected_route="lite",
+        if profile.outcomes:
+            yield OutcomeReported(request_id=request_id, expected_route=route,
                                   correct_route=True)
 
 
@@ -119,6 +139,7 @@ class Instances:
                        ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER="false",
                        ROUTEMESH_AUDIT_DIR=str(self.audit_dir),
                        ROUTEMESH_SCORER_STATE_DIR=str(work / f"scorer-{n}"),
+                       ROUTEMESH_DRIFT_STATE_DIR=str(work / f"drift-{n}"),
                        ROUTEMESH_METRICS_PORT=str(port),
                        ROUTEMESH_METRICS_HOST="127.0.0.1", ROUTEMESH_INSTANCE_ID=f"i{n}")
             with log.open("wb") as out:
@@ -128,7 +149,8 @@ class Instances:
             self.running.append((process, port, log))
 
     async def settled(self, partitions: int) -> None:
-        """Until the group's instances together read every partition of their topics."""
+        """Until the group's instances together read every partition of their topics
+        (in each group they read in)."""
         while True:
             found = [metric(port, "routemesh_consumer_unread_messages")
                      for _, port, _ in self.running]
@@ -172,10 +194,10 @@ def took_over(log: Path, after: float, profile: Profile) -> tuple[float, int, fl
     return None
 
 
-async def changelog_bytes(settings: ServiceSettings) -> tuple[int, int]:
+async def changelog_bytes(settings: ServiceSettings, changelog: Topic) -> tuple[int, int]:
     """(bytes written on the changelog, bytes of the newest record of each key)."""
     written, newest = 0, {}
-    async for record in read_records(settings, settings.topic(SCORER_CHANGELOG),
+    async for record in read_records(settings, settings.topic(changelog),
                                      from_beginning=True, idle_s=2.0):
         size = len(record.key or b"") + len(record.value or b"")
         written += size
@@ -194,21 +216,23 @@ async def run(broker: EmbeddedBroker, count: int, requests: int, profile: Profil
     per_request = 3 if profile.outcomes else 2
     figures: dict[str, float] = {}
     try:
+        # Every partition of the topics read, in every group: 3 topics of 6 partitions
+        # (the writers and the scorers), or 2 and the subjects' 6 (the detectors).
         await instances.settled(3 * 6)
         # The backlog is published while the instances are stopped (for less than their
         # session timeout, so the group stands), then drained: the instances' pace, not
         # the publisher's, which shares the cores.
         instances.signal(signal.SIGSTOP)
-        await publish_events(settings, events(requests, profile.outcomes))
+        await publish_events(settings, events(requests, profile))
         started = time.perf_counter()
         instances.signal(signal.SIGCONT)
-        await instances.drained(per_request * requests)
+        await instances.drained(profile.delivered * requests)
         figures["events_per_s"] = per_request * requests / (time.perf_counter() - started)
-        if profile.service == "audit-writer":
+        if profile.changelog is None:
             figures["state_bytes_per_request"] = sum(
                 p.stat().st_size for p in instances.audit_dir.iterdir()) / requests
         else:
-            written, kept = await changelog_bytes(settings)
+            written, kept = await changelog_bytes(settings, profile.changelog)
             figures["state_bytes_per_request"] = written / requests
             figures["compacted_bytes_per_request"] = kept / requests
         if count > 1:
@@ -219,7 +243,7 @@ async def run(broker: EmbeddedBroker, count: int, requests: int, profile: Profil
             # Traffic keeps coming while the partitions move, as it would.
             n = 0
             while (moved := took_over(staying, stopped_at, profile)) is None:
-                await publish_events(settings, events(50, profile.outcomes, f"after-{n}"))
+                await publish_events(settings, events(50, profile, f"after-{n}"))
                 n += 1
                 await asyncio.sleep(0.05)
             figures["move_s"] = moved[0] - stopped_at
@@ -243,13 +267,13 @@ async def main_async(broker: EmbeddedBroker, requests: int, profile: Profile) ->
           f"{two['moved']:.0f} {profile.read_field} {two['read_s']:.2f} s (the rest is the "
           f"group's rebalance)")
     per_million = one["state_bytes_per_request"] * 1_000_000 / 1024**3
-    if name == "audit-writer":
+    if profile.changelog is None:
         print(f"  trail per 1 M requests (the state that moves with a partition): "
               f"{per_million:.2f} GiB")
     else:
         kept = one["compacted_bytes_per_request"] * 1_000_000 / 1024**3
         print(f"  changelog per 1 M requests: {per_million:.2f} GiB written, "
-              f"{kept:.2f} GiB kept by compaction (the joins still pending at the end)")
+              f"{kept:.2f} GiB kept by compaction (the newest record of each key)")
 
 
 def main() -> None:

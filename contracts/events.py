@@ -406,6 +406,27 @@ class ReviewCluster(msgspec.Struct, frozen=True, kw_only=True):
     decision_reason: str | None = None
 
 
+class DriftInput(Event, frozen=True, kw_only=True):
+    """Internal (``drift.inputs.v1``): a decision or an observation the drift detector
+    needs, re-keyed by a subject it feeds (a target model, a route, or ``*``: all
+    routing), so that each instance of a scaled-out detector owns whole subjects (Kafka
+    Streams' repartition). An event feeding several subjects is here once per subject;
+    ``event_id`` comes from the source's and the subject's, so a copy published again
+    after a crash is the same event. Read only by drift detectors; never the prompt."""
+
+    scope: Literal["model", "route"]
+    subject: str
+    decision: RouteDecided | None = None
+    observation: CompletionObserved | None = None
+    # For a model: which of the observation's answers are the subject's (indexes into its
+    # unserved attempts, in order, then the served answer).
+    answers: tuple[int, ...] = ()
+
+    @property
+    def subject_key(self) -> str:
+        return f"{self.scope}:{self.subject}"
+
+
 class RouteScores(Event, frozen=True, kw_only=True):
     """The scorer's figures over one rolling window (1.1 adds ``window_seconds`` and
     what follows: the window's overall figures and the review clusters; 1.2 the review
@@ -544,6 +565,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     CompletionObserved,
     OutcomeReported,
     DriftAlert,
+    DriftInput,
     RouteScores,
     ReplayRequested,
     ReplayCompleted,

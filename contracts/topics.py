@@ -8,6 +8,7 @@ from routemesh.contracts.events import (
     CompletionObserved,
     DeadLetter,
     DriftAlert,
+    DriftInput,
     Event,
     OutcomeReported,
     PromptReviewCaptured,
@@ -100,6 +101,21 @@ SCORER_CHANGELOG = Topic(
     compacted=True,
 )
 
+DRIFT_INPUTS = Topic(
+    # Partitions for drift detectors to share: each owns the subjects keyed to its own.
+    "drift.inputs.v1", (DriftInput,), 6, "subject_key",
+    "Internal: the decisions and observations a scaled-out drift detector judges, once "
+    "per subject they feed, keyed by subject (a repartition). Read only by drift "
+    "detectors.",
+)
+DRIFT_CHANGELOG = Topic(
+    # Partition p holds the state of the subjects of drift.inputs.v1's partition p.
+    "drift.changelog.v1", (), DRIFT_INPUTS.partitions, None,
+    "Internal: a scaled-out drift detector's windows and verdicts per subject, key by "
+    "key (Kafka Streams' changelog). Read only by drift detectors; not an event contract.",
+    compacted=True,
+)
+
 TOPICS: tuple[Topic, ...] = (
     ROUTE_DECISIONS,
     ROUTE_SHADOW_DECISIONS,
@@ -112,10 +128,11 @@ TOPICS: tuple[Topic, ...] = (
     ROUTEBANK_CHANGES,
     PROMPTS_REVIEW,
     DLQ,
+    DRIFT_INPUTS,
 )
 # Topics that hold a service's state rather than events: made with the others, described
 # nowhere as a contract.
-STATE_TOPICS: tuple[Topic, ...] = (SCORER_CHANGELOG,)
+STATE_TOPICS: tuple[Topic, ...] = (SCORER_CHANGELOG, DRIFT_CHANGELOG)
 
 
 def topic_for_event(event_type: type[Event]) -> Topic:

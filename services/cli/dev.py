@@ -51,8 +51,7 @@ def parse_port_overrides(
 
 
 def parse_replicas(items: list[str], specs: dict[str, ServiceSpec]) -> dict[str, int]:
-    """``SERVICE=N`` items (``audit-writer=2``): how many instances of a service to run;
-    a service whose state covers all the traffic runs one, and says why."""
+    """``SERVICE=N`` items (``audit-writer=2``): how many instances of a service to run."""
     replicas = {}
     for item in items:
         service, sep, number = item.partition("=")
@@ -62,9 +61,6 @@ def parse_replicas(items: list[str], specs: dict[str, ServiceSpec]) -> dict[str,
         if service not in specs:
             raise ValueError(f"--replicas {item!r}: no such service; known: "
                              f"{', '.join(specs)}")
-        if int(number) > 1 and specs[service].singleton:
-            raise ValueError(f"--replicas {item!r}: {service} runs as one instance: "
-                             f"{specs[service].singleton}")
         replicas[service] = int(number)
     return replicas
 

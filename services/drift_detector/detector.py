@@ -34,6 +34,7 @@ from routemesh.services.drift_detector.signals import (
 )
 
 Scope = Literal["model", "route"]
+SCOPES: tuple[Scope, ...] = ("model", "route")
 # The subject of the routing verdict over all routes (no route id can be "*").
 ALL_ROUTES = "*"
 # Models and routes the config does not name share one window and one label.
@@ -64,6 +65,19 @@ class Sliding(msgspec.Struct, Generic[T], kw_only=True):
 
     def rebase(self) -> None:
         self.baseline, self.current = self.current, []
+
+
+def subject_key(scope: Scope, subject: str) -> bytes:
+    """A subject's key on the changelog, as ``DriftInput.subject_key`` spells it."""
+    return f"{scope}:{subject}".encode()
+
+
+def key_subject(key: bytes) -> tuple[Scope, str]:
+    name, _, subject = key.decode().partition(":")
+    for scope in SCOPES:
+        if name == scope:
+            return scope, subject
+    raise ValueError(f"not a subject's key: {key!r}")
 
 
 class Pinned(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,6 +152,22 @@ class SubjectState(msgspec.Struct, kw_only=True):
     refilling: bool = False
     # Events since the subject was last judged (routing subjects are judged every stride).
     pending: int = 0
+    # A route's: the (config, route bank) of its last decision, and the config change its
+    # transitions name as the likely cause during its next ``cause_left`` decisions. Per
+    # subject, so that a subject's verdicts rest on its own events alone, wherever it is
+    # judged (one detector, or the instance of a scaled-out one that owns it).
+    config: tuple[str | None, str | None] | None = None
+    cause: str | None = None
+    cause_left: int = 0
+
+
+class SubjectRecord(msgspec.Struct, kw_only=True):
+    """One subject's share of a Snapshot: what a scaled-out detector saves per subject."""
+
+    state: SubjectState
+    model: list[DriftObservation] = []
+    decisions: Sliding[DriftDecision] | None = None
+    observations: Sliding[DriftObservation] | None = None
 
 
 class Snapshot(msgspec.Struct, kw_only=True):
@@ -149,10 +179,8 @@ class Snapshot(msgspec.Struct, kw_only=True):
     observations: dict[str, Sliding[DriftObservation]] = {}
     # Per scope ("model", "route"), each subject's state.
     subjects: dict[str, dict[str, SubjectState]] = {}
+    # The (config, route bank) of the last decision seen, which a model's transition names.
     config: tuple[str | None, str | None] | None = None
-    cause: str | None = None
-    # Routing events left during which a transition names the config change as its cause.
-    cause_left: int = 0
 
 
 class Detector:
@@ -192,6 +220,9 @@ class Detector:
         self.state = Snapshot()
         self._models: dict[str, ResponseWindow] = {}
         self._judged: set[tuple[Scope, str]] = set()
+        self._fed: set[tuple[Scope, str]] = set()
+        # Without a config, the names that have a label of their own.
+        self._named: dict[Scope, set[str]] = {"model": set(), "route": set()}
 
     def known(self, models: Iterable[str] | None, routes: Iterable[str] | None) -> None:
         """The config's targets and routes; anything else is counted as ``other``."""
@@ -208,8 +239,9 @@ class Detector:
         known = self.known_models if scope == "model" else self.known_routes
         if known is not None:
             return name if name in known else OTHER
-        windows = self._models if scope == "model" else self.state.decisions
-        if name in windows or len(windows) < self.max_subjects:
+        named = self._named[scope]
+        if name in named or len(named) < self.max_subjects:
+            named.add(name)
             return name
         return OTHER
 
@@ -220,46 +252,71 @@ class Detector:
         """Add an observation (the served answer) and the request's unserved ``attempts``
         (``unserved_attempts``), each to its own model's window; judge the models and the
         route when due. The route's window sees the request once."""
-        transitions: list[Transition] = []
-        for answer in (*attempts, view):
-            model = self.label(answer.target_model, "model")
-            window = self._models.get(model)
-            if window is None:
-                window = self._models[model] = ResponseWindow(
-                    self.window, self.expected_finish, self.max_age)
-            window.add(answer)
-            transitions += self._due("model", model, self.model_stride)
-        route = self.label(view.route_id, "route")
-        self.state.observations.setdefault(route, Sliding()).add(view, self.routing_window)
-        transitions += self._due("route", route, self.stride)
-        return transitions
+        return [transition for (scope, subject), answers in self.fan_out(view, attempts).items()
+                for transition in self.feed(scope, subject, view, attempts, answers)]
 
     def add_decision(self, view: DriftDecision) -> list[Transition]:
         """Add a decision; judge its route and all routing when due."""
-        config = (view.config_sha256, view.route_bank_sha256)
-        previous = self.state.config
-        if previous is not None and config != previous:
-            self._new_baseline(previous, config)
-        elif self.state.cause_left:
-            self.state.cause_left -= 1
-        self.state.config = config
-        route = self.label(view.route_id, "route")
-        for subject in (route, ALL_ROUTES):
-            self.state.decisions.setdefault(subject, Sliding()).add(view, self.routing_window)
-        return (self._due("route", route, self.stride)
-                + self._due("route", ALL_ROUTES, self.stride))
+        return [transition for (scope, subject), answers in self.fan_out(view).items()
+                for transition in self.feed(scope, subject, view, (), answers)]
 
-    def _new_baseline(self, previous: tuple[str | None, str | None],
+    def fan_out(self, view: DriftObservation | DriftDecision,
+                attempts: Sequence[DriftObservation] = ()
+                ) -> dict[tuple[Scope, str], tuple[int, ...]]:
+        """The subjects an event feeds, in order, each with the answers that are its own
+        (for a model: indexes into ``(*attempts, view)``; a route takes the event)."""
+        if isinstance(view, DriftDecision):
+            return {("route", self.label(view.route_id, "route")): (),
+                    ("route", ALL_ROUTES): ()}
+        found: dict[tuple[Scope, str], tuple[int, ...]] = {}
+        for index, answer in enumerate((*attempts, view)):
+            key: tuple[Scope, str] = ("model", self.label(answer.target_model, "model"))
+            found[key] = (*found.get(key, ()), index)
+        found[("route", self.label(view.route_id, "route"))] = ()
+        return found
+
+    def feed(self, scope: Scope, subject: str, view: DriftObservation | DriftDecision,
+             attempts: Sequence[DriftObservation] = (), answers: tuple[int, ...] = ()
+             ) -> list[Transition]:
+        """One subject's share of an event (``fan_out``); its transitions."""
+        self._fed.add((scope, subject))
+        if isinstance(view, DriftDecision):
+            return self._add_decision(subject, view)
+        if scope == "route":
+            self.state.observations.setdefault(subject, Sliding()).add(view, self.routing_window)
+            return self._due("route", subject, self.stride)
+        transitions: list[Transition] = []
+        for answer in ((*attempts, view)[index] for index in answers):
+            window = self._models.get(subject)
+            if window is None:
+                window = self._models[subject] = ResponseWindow(
+                    self.window, self.expected_finish, self.max_age)
+            window.add(answer)
+            transitions += self._due("model", subject, self.model_stride)
+        return transitions
+
+    def _add_decision(self, subject: str, view: DriftDecision) -> list[Transition]:
+        known = self.subject("route", subject)
+        config = (view.config_sha256, view.route_bank_sha256)
+        if known.config is not None and config != known.config:
+            self._new_baseline(subject, known, config)
+        elif known.cause_left:
+            known.cause_left -= 1
+        known.config = self.state.config = config
+        self.state.decisions.setdefault(subject, Sliding()).add(view, self.routing_window)
+        return self._due("route", subject, self.stride)
+
+    def _new_baseline(self, subject: str, known: SubjectState,
                       config: tuple[str | None, str | None]) -> None:
+        previous = known.config or (None, None)
         what = "config" if config[0] != previous[0] else "route bank"
         old, new = (previous[0], config[0]) if what == "config" else (previous[1], config[1])
-        self.state.cause = f"{what} changed from {str(old)[:12]} to {str(new)[:12]}"
-        self.state.cause_left = 2 * self.routing_window
+        known.cause = f"{what} changed from {str(old)[:12]} to {str(new)[:12]}"
+        known.cause_left = 2 * self.routing_window
         for windows in (self.state.decisions, self.state.observations):
-            for sliding in windows.values():
-                sliding.rebase()
-        for subject in self.state.subjects.get("route", {}).values():
-            subject.refilling = True
+            if subject in windows:
+                windows[subject].rebase()
+        known.refilling = True
 
     # -- judging ----------------------------------------------------------------------
 
@@ -318,7 +375,7 @@ class Detector:
             return []
         if scope == "model":
             verdict, judged, baseline = self.verdict(scope, subject)
-        config = self.state.config or (None, None)
+        config = (known.config if scope == "route" else self.state.config) or (None, None)
         transition = Transition(
             scope=scope, subject=subject, sequence=known.transitions + 1,
             previous=known.state, verdict=verdict,
@@ -326,8 +383,7 @@ class Detector:
             window_end=judged[-1].occurred_at if judged else None,
             baseline_samples=baseline,
             config_sha256=config[0], route_bank_sha256=config[1],
-            likely_cause=self.state.cause if scope == "route" and self.state.cause_left
-            else None,
+            likely_cause=known.cause if scope == "route" and known.cause_left else None,
         )
         recovered = new == "none" and known.state in ("mild", "severe")
         known.state, known.transitions = new, known.transitions + 1
@@ -351,13 +407,69 @@ class Detector:
     def restore(self, snapshot: Snapshot) -> None:
         """Continue from a snapshot (windows cut to this detector's sizes)."""
         self._models = {}
-        for name, observations in snapshot.models.items():
-            window = self._models[name] = ResponseWindow(self.window, self.expected_finish,
-                                                         self.max_age)
-            for view in observations:
-                window.add(view)
-        for windows in (snapshot.decisions, snapshot.observations):
-            for sliding in windows.values():
-                del sliding.current[:-self.routing_window]
-                del sliding.baseline[:-self.routing_window]
+        for name, answers in snapshot.models.items():
+            self._put_model(name, answers)
+        for decisions in snapshot.decisions.values():
+            self._cut(decisions)
+        for observations in snapshot.observations.values():
+            self._cut(observations)
         self.state = snapshot
+        self._named = {"model": set(self._models) - {OTHER},
+                       "route": set(snapshot.decisions) - {OTHER, ALL_ROUTES}}
+
+    def take_fed(self) -> set[tuple[Scope, str]]:
+        """The subjects fed since the last call: what a save per subject writes."""
+        fed, self._fed = self._fed, set()
+        return fed
+
+    def refeed(self, subjects: set[tuple[Scope, str]]) -> None:
+        """Subjects ``take_fed`` gave that a save did not write after all."""
+        self._fed |= subjects
+
+    def record(self, scope: Scope, subject: str) -> SubjectRecord:
+        """A subject's state and windows."""
+        if scope == "model":
+            window = self._models.get(subject)
+            return SubjectRecord(state=self.subject(scope, subject),
+                                 model=list(window.items) if window else [])
+        return SubjectRecord(state=self.subject(scope, subject),
+                             decisions=self.state.decisions.get(subject),
+                             observations=self.state.observations.get(subject))
+
+    def put(self, scope: Scope, subject: str, record: SubjectRecord) -> None:
+        """Continue a subject from its record (windows cut to this detector's sizes)."""
+        self.state.subjects.setdefault(scope, {})[subject] = record.state
+        if scope == "model":
+            self._put_model(subject, record.model)
+            return
+        if record.decisions is not None:
+            self._cut(record.decisions)
+            self.state.decisions[subject] = record.decisions
+        if record.observations is not None:
+            self._cut(record.observations)
+            self.state.observations[subject] = record.observations
+        if subject not in (OTHER, ALL_ROUTES):
+            self._named["route"].add(subject)
+
+    def drop(self, scope: Scope, subject: str) -> None:
+        """Forget a subject (its partition went to another instance)."""
+        self.state.subjects.get(scope, {}).pop(subject, None)
+        if scope == "model":
+            self._models.pop(subject, None)
+        else:
+            self.state.decisions.pop(subject, None)
+            self.state.observations.pop(subject, None)
+        self._judged.discard((scope, subject))
+        self._fed.discard((scope, subject))
+
+    def _put_model(self, name: str, observations: Iterable[DriftObservation]) -> None:
+        window = self._models[name] = ResponseWindow(self.window, self.expected_finish,
+                                                     self.max_age)
+        for view in observations:
+            window.add(view)
+        if name != OTHER:
+            self._named["model"].add(name)
+
+    def _cut(self, sliding: Sliding[T]) -> None:
+        del sliding.current[:-self.routing_window]
+        del sliding.baseline[:-self.routing_window]

@@ -25,6 +25,15 @@ class State(Covered, kw_only=True):
     outbox: list[DriftAlert] = []
 
 
+class Mark(Covered, kw_only=True):
+    """A scaled-out detector's mark on a changelog partition (runtime ``Changelog``),
+    after the subjects it saved: the offsets they cover, the alerts waiting, and the
+    (config, route bank) a model's transition names."""
+
+    outbox: list[DriftAlert] = []
+    config: tuple[str | None, str | None] | None = None
+
+
 def read_drift_state(state_dir: Path) -> State | None:
     return read_state(state_dir, State)
 
@@ -34,7 +43,10 @@ def pin(state_dir: Path) -> Pinned:
     compares with from now on (it notices the file within a second)."""
     state = read_drift_state(state_dir)
     if state is None:
-        raise FileNotFoundError(f"no drift state in {state_dir}: is the detector running there?")
+        raise FileNotFoundError(
+            f"no drift state in {state_dir}: is the detector running there? (detectors with "
+            "ROUTEMESH_DRIFT_STATE_STORE=changelog keep their windows on the changelog "
+            "topic, which drift pin does not read)")
     windows = state.detector
     everything = windows.decisions.get(ALL_ROUTES)
     pinned = Pinned(

@@ -61,14 +61,20 @@ def fold(records: Iterable[tuple[bytes, bytes | None]]) -> Restored:
     return found
 
 
+CHANGELOG_MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+
 class Changelog:
     def __init__(self, settings: ServiceSettings, topic: Topic, service: str) -> None:
         self.settings = settings
         self.name = settings.topic(topic)
         self.partitions = topic.partitions
+        # aiokafka checks a record's size before compression; the broker checks the
+        # compressed batch (max.message.bytes), and a state's records (windows, ledgers)
+        # repeat their names and hashes, so they shrink many times over.
         self._producer = AIOKafkaProducer(
             **client_kwargs(settings), client_id=f"routemesh-{service}-changelog",
-            **delivery_options(settings))
+            **delivery_options(settings), max_request_size=CHANGELOG_MAX_RECORD_BYTES)
 
     async def start(self) -> None:
         """Refuses a changelog whose partitions are not the inputs' (made by hand, or by

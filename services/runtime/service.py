@@ -112,12 +112,9 @@ class ServiceSpec:
     # Kafka outage, so Kafka is a status note there, not a readiness check; and a stop of
     # the whole mesh ends it first, so what it publishes reaches the consumers.
     front_door: bool = False
-    # Non-empty: why the service must run as one instance (its state covers all the
-    # traffic); `routemesh dev --replicas` and the chart refuse more, with this reason.
-    singleton: str = ""
     # What every instance's environment sets when the service runs as more than one
-    # (the scorer keeps its state on its changelog then): `routemesh dev --replicas`
-    # sets it, and the chart refuses replicas without it.
+    # (the scorer and the drift detector keep their state on changelogs then):
+    # `routemesh dev --replicas` sets it, and the chart refuses replicas without it.
     scale_out_env: dict[str, str] = field(default_factory=dict)
 
     def port(self, name: str) -> ServicePort:

@@ -43,6 +43,12 @@ class ServiceSettings(BaseSettings):
     # How long a producer waits to fill a batch. Nothing of ours waits on delivery in a
     # request path, so this trades event latency for broker and producer CPU.
     kafka_linger_ms: int = Field(default=5, ge=0, le=1000)
+    # The most a producer puts in one batch per partition. aiokafka sends one batch per
+    # partition at a time, so a publisher of many events at once (the drift detectors'
+    # repartition, a changelog) gets a batch per broker round trip: 16 KiB, aiokafka's
+    # default, capped them at one round trip per ~15 events per partition
+    # (bench/scale_out.py --service drift-detector).
+    kafka_max_batch_bytes: int = Field(default=256 * 1024, ge=16 * 1024, le=1024 * 1024)
 
     # Where the exported encoder is (router/encoders.py default_model_dir reads it wherever
     # an encoder is built): the image's build-time export; default ~/.cache/routemesh/models.

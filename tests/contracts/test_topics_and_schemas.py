@@ -26,6 +26,7 @@ EXPECTED_SUFFIXES = {
     "routebank.changes.v1",
     "prompts.review.v1",
     "dlq.v1",
+    "drift.inputs.v1",
 }
 
 

@@ -153,7 +153,8 @@ def test_the_route_config_is_mounted_from_the_chart_or_an_existing_configmap():
     ({"services": {"replay-worker": {"keda": {"enabled": True}}}},
      "services.replay-worker runs more than one replica"),
     ({"services": {"drift-detector": {"replicas": 3}}},
-     "services.drift-detector.replicas is 3, but it must be 1: a window covers"),
+     "services.drift-detector runs more than one replica, which needs "
+     "env.ROUTEMESH_DRIFT_STATE_STORE: changelog"),
     ({"services": {"gateway": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}},
      "services.gateway.autoscaling.minReplicas (5) is greater than maxReplicas (2)"),
     ({"kafka": {"bootstrapServers": ""}},
@@ -215,13 +216,16 @@ def test_consumers_that_share_their_data_scale_on_one_shared_volume():
         assert pdbs[f"rm-routemesh-{consumer}"]["maxUnavailable"] == 1
 
 
-def test_scorers_scale_with_their_state_on_the_changelog():
-    docs = manifests({"services": {"scorer": {
-        "replicas": 3, "env": {"ROUTEMESH_SCORER_STATE_STORE": "changelog"},
-        "persistence": {"enabled": False}}}})
-    scorers = find(docs, "Deployment", "rm-routemesh-scorer")
-    assert scorers["spec"]["replicas"] == 3
-    assert env(scorers)["ROUTEMESH_SCORER_STATE_STORE"]["value"] == "changelog"
+@pytest.mark.parametrize(("name", "variable"), [
+    ("scorer", "ROUTEMESH_SCORER_STATE_STORE"),
+    ("drift-detector", "ROUTEMESH_DRIFT_STATE_STORE"),
+])
+def test_stateful_consumers_scale_with_their_state_on_a_changelog(name, variable):
+    docs = manifests({"services": {name: {
+        "replicas": 3, "env": {variable: "changelog"}, "persistence": {"enabled": False}}}})
+    replicas = find(docs, "Deployment", f"rm-routemesh-{name}")
+    assert replicas["spec"]["replicas"] == 3
+    assert env(replicas)[variable]["value"] == "changelog"
 
 
 def test_a_new_service_needs_only_a_values_block():
@@ -383,12 +387,11 @@ def test_what_users_of_other_charts_expect_renders():
     assert container(minimal)["image"] == "ghcr.io/routemesh/routemesh:0.1.0"
 
 
-def test_the_chart_runs_one_replica_of_exactly_the_services_that_say_they_must():
-    """The chart's refusals and `routemesh dev --replicas`' come from one truth each; they
-    must name the same services."""
+def test_the_chart_and_dev_set_the_same_environment_to_scale_out():
+    """What the chart requires of more than one replica and what `routemesh dev
+    --replicas` sets come from one truth each; they must say the same."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())["services"]
     specs = discover_services()
     assert set(specs) <= set(values)
     for name, spec in specs.items():
-        assert bool(values[name]["singleton"]) == bool(spec.singleton), name
         assert values[name].get("scaleOutEnv", {}) == spec.scale_out_env, name

@@ -1,7 +1,9 @@
 """Consumers in groups of several instances on the real broker (6 partitions): one
 instance SIGKILLed and another added while the stream flows, and still each request is
-audited once and each replay answered once. Their state moves with their partitions: the
-audit trail's files are shared, the replay answers are read back from the results topic."""
+audited once, each replay answered once, and the scorers' figures and the drift
+detectors' transitions are one instance's. Their state moves with their partitions: the
+audit trail's files are shared, the replay answers are read back from the results topic,
+the scorers' and the detectors' state from their changelogs."""
 
 import asyncio
 import json
@@ -10,12 +12,13 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from routemesh.contracts import (
     OutcomeReported,
@@ -25,6 +28,8 @@ from routemesh.contracts import (
     topic_for_event,
 )
 from routemesh.contracts.topics import (
+    DRIFT_ALERTS,
+    DRIFT_INPUTS,
     LLM_OBSERVATIONS,
     ROUTE_DECISIONS,
     ROUTE_OUTCOMES,
@@ -33,7 +38,10 @@ from routemesh.contracts.topics import (
 from routemesh.services.audit_writer.records import read_record
 from routemesh.services.audit_writer.store import list_files, read_lines
 from routemesh.services.cli.dev import drained
-from routemesh.services.router import load_config
+from routemesh.services.drift_detector import DriftDecision
+from routemesh.services.drift_detector.detector import Detector
+from routemesh.services.drift_detector.service import SUBJECTS_GROUP, views
+from routemesh.services.router import PASSTHROUGH_ROUTE, load_config
 from routemesh.services.runtime.consumer import PartitionLogs, read_records
 from routemesh.services.runtime.kafka import create_topics
 from routemesh.services.runtime.settings import ServiceSettings
@@ -42,6 +50,7 @@ from routemesh.services.scorer.ledger import Ledger
 from routemesh.services.scorer.service import ScorerSettings
 from tests.integration.conftest import (
     CLI,
+    EXAMPLE_CONFIG,
     cli_env,
     start_service,
     wait_until_ready,
@@ -98,6 +107,20 @@ class Group:
                            for _, m, _ in self.live()]):
             assert time.monotonic() < deadline, held
             await asyncio.sleep(0.5)
+
+    async def replace_one_mid_save(self, saves: str, stream: Awaitable[None]) -> None:
+        """SIGKILL the first instance once it has saved its state (``saves``: the save
+        histogram's count) 20 times more while ``stream`` is sent, so the kill lands
+        between a save and its commit; add another; return once the stream is sent."""
+        killed, metrics, _ = self.instances[0]
+        before = await metric_sum(metrics, saves)
+        producing = asyncio.ensure_future(stream)
+        while await metric_sum(metrics, saves) < before + 20:
+            await asyncio.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        self.add()
+        await producing
 
     def logged(self, message: str) -> list[dict]:
         """Every instance's log lines saying ``message``."""
@@ -336,16 +359,8 @@ async def test_scorers_publish_one_instance_figures_through_a_kill_and_a_join(
         # Killed while it counts, saves and commits the second half, so what it saved
         # last may be past what it committed: its partitions' next owners get that again
         # and must count it once.
-        killed, metrics, _ = scorers.instances[0]
-        saves = await metric_sum(metrics, "routemesh_scorer_state_save_seconds_count")
-        producing = asyncio.create_task(send(settings, events[half:]))
-        while await metric_sum(metrics, "routemesh_scorer_state_save_seconds_count") < \
-                saves + 20:
-            await asyncio.sleep(0.05)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(10)
-        scorers.add()
-        await producing
+        await scorers.replace_one_mid_save("routemesh_scorer_state_save_seconds_count",
+                                           send(settings, events[half:]))
         await scorers.ready()
         await scorers.idle(timeout_s=300)
         deadline = time.monotonic() + 120
@@ -378,3 +393,95 @@ async def test_scorers_publish_one_instance_figures_through_a_kill_and_a_join(
     assert advice.returncode == 0, advice.stdout + advice.stderr
     assert f"({expected['all'][1]} outcomes)" in advice.stdout, (
         "the tool reads the evidence the group keeps on the changelog")
+
+
+def drift_phase(ids: range, route: str, failing: bool, at: datetime) -> list:
+    """A decision and an observation per request, all alike: a route served by its
+    model, healthy or failing. Alike, so the order in which the partitions interleave
+    them changes no window, and the group's transitions are one instance's."""
+    target = {r.id: r.target_model for r in load_config(EXAMPLE_CONFIG).config.routes}
+    answer = ({"upstream_status": 503, "completion_tokens": None, "error_class": "upstream_5xx"}
+              if failing else {"completion_tokens": 200, "finish_reason": "stop"})
+    return [event for i in ids
+            for event in (decision(f"req-{i:05d}", at, route_id=route,
+                                   target_model=target[route]),
+                          observation(f"req-{i:05d}", at, route_id=route,
+                                      target_model=target[route], **answer))]
+
+
+async def committed(settings, group: str, topic: str) -> int:
+    """The sum of ``group``'s committed offsets on ``topic``."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(DRIFT_INPUTS.partitions)]
+        return sum([await consumer.committed(tp) or 0 for tp in partitions])
+    finally:
+        await consumer.stop()
+
+
+async def test_drift_detectors_report_one_instance_transitions_through_a_kill_and_a_join(
+    settings, tmp_path
+):
+    detectors = Group("drift-detector", settings, tmp_path,
+                      ROUTEMESH_DRIFT_STATE_STORE="changelog",
+                      ROUTEMESH_DRIFT_STATE_DIR=str(tmp_path / "drift"),
+                      ROUTEMESH_ROUTER_CONFIG=str(EXAMPLE_CONFIG),
+                      ROUTEMESH_DRIFT_ROUTING_WINDOW="200",
+                      # Small batches, each saved: a kill lands between a save and its
+                      # commit.
+                      ROUTEMESH_DRIFT_SNAPSHOT_INTERVAL_S="0",
+                      ROUTEMESH_DRIFT_BATCH_MAX_RECORDS="50")
+    now = datetime.now(UTC)
+    healthy = drift_phase(range(REQUESTS // 2), "lite", False, now)
+    failing = drift_phase(range(REQUESTS // 2, REQUESTS), "deep", True, now)
+    # One detector fed every event: what the group must report.
+    alone = Detector("normal", routing_window=200)
+    routes = load_config(EXAMPLE_CONFIG).config.routes
+    alone.known({r.target_model for r in routes}, {r.id for r in routes} | {PASSTHROUGH_ROUTE})
+    expected = set()
+    for event in healthy + failing:
+        view, attempts = views(event)
+        found = (alone.add_decision(view) if isinstance(view, DriftDecision)
+                 else alone.add_observation(view, attempts))
+        expected |= {transition.identity for transition in found}
+    inputs = settings.topic(DRIFT_INPUTS)
+    # Every decision feeds its route and all routing, every observation its model and
+    # its route.
+    copies = 4 * (REQUESTS // 2)
+
+    async def reported() -> list:
+        return [decode_event(record.value).event_id async for record in read_records(
+            settings, settings.topic(DRIFT_ALERTS), from_beginning=True, idle_s=1.0)]
+
+    for _ in range(3):
+        detectors.add()
+    try:
+        await detectors.ready()
+        await send(settings, healthy)
+        # The failing half starts once the healthy one is judged everywhere.
+        deadline = time.monotonic() + 300
+        while await committed(settings, SUBJECTS_GROUP, inputs) < copies:
+            assert time.monotonic() < deadline, "the healthy half was not judged"
+            await asyncio.sleep(0.5)
+        await detectors.replace_one_mid_save("routemesh_drift_state_save_seconds_count",
+                                             send(settings, failing))
+        await detectors.ready()
+        deadline = time.monotonic() + 300
+        while set(alerts := await reported()) != expected:
+            assert time.monotonic() < deadline, (len(set(alerts)), len(expected))
+            await asyncio.sleep(1)
+        await detectors.idle(timeout_s=300)
+        alerts = await reported()
+        severities = [await metric_sum(m, "routemesh_drift_severity")
+                      for _, m, _ in detectors.live()]
+    finally:
+        detectors.stop()
+
+    assert set(alerts) == expected
+    assert len(expected) >= 5, "the stream has transitions to get right"
+    assert len(severities) == 3
+    restored = detectors.logged("drift state restored from the changelog")
+    assert any(line["subjects"] > 0 for line in restored), (
+        "a detector took over subjects another had judged")

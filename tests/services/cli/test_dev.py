@@ -116,15 +116,12 @@ def test_a_healthy_service_is_left_alone(tmp_path, health):
 
 def test_replicas_are_instances_of_one_service_on_ports_a_step_apart(tmp_path):
     specs = {"unit": SPEC, "single": ServiceSpec(
-        "single", ServiceSettings, lambda ctx: None, (metrics_port(9998),),
-        singleton="its state covers every partition")}
+        "single", ServiceSettings, lambda ctx: None, (metrics_port(9998),))}
     assert parse_replicas(["unit=3"], specs) == {"unit": 3}
     dev = DevMesh(tmp_path, None, 0, {("unit", "metrics"): 9500}, specs, replicas={"unit": 3})
     assert [name for name, _ in dev.instances()] == ["unit", "unit-2", "unit-3", "single"]
     assert dev.ports() == {("unit", "metrics"): 9500, ("unit-2", "metrics"): 9600,
                            ("unit-3", "metrics"): 9700, ("single", "metrics"): 9998}
-    with pytest.raises(ValueError, match="single runs as one instance: its state covers"):
-        parse_replicas(["single=2"], specs)
     assert parse_replicas(["single=1"], specs) == {"single": 1}
     for wrong in ("unit", "unit=0", "unit=x", "nosuch=2"):
         with pytest.raises(ValueError, match="--replicas"):

@@ -1,6 +1,7 @@
 """The drift detector's handler: what is saved before offsets move, what a restart
 restores and skips, and that an alert computed before a crash is published once."""
 
+import gzip
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,9 +13,11 @@ from prometheus_client import CollectorRegistry
 from routemesh.contracts import CompletionObserved, RouteDecided
 from routemesh.services.drift_detector import Pinned
 from routemesh.services.drift_detector import service as drift_service
+from routemesh.services.drift_detector.detector import Detector
 from routemesh.services.drift_detector.service import DriftDetector, DriftDetectorSettings
 from routemesh.services.drift_detector.store import PIN_FILE
 from routemesh.services.drift_detector.store import read_drift_state as read_state
+from routemesh.services.runtime.changelog import CHANGELOG_MAX_RECORD_BYTES
 from routemesh.services.runtime.consumer import Delivery, OffsetTracker
 from routemesh.services.runtime.telemetry import Readiness
 from tests.services.drift_detector.streams import START, decision, healthy
@@ -186,3 +189,23 @@ async def test_a_pinned_baseline_is_picked_up_and_dropped_while_running(tmp_path
     service._last_check = 0.0  # as if a second had passed
     await handle(service, [])
     assert service.detector.pinned is None
+
+
+def test_a_full_route_record_fits_a_kafka_message_once_compressed():
+    """With the changelog store, a route's windows are one record: at the largest routing
+    window allowed, with noisy figures and real hashes, it must pass the producer's size
+    check and the broker's default max.message.bytes (1 MiB, of the compressed batch)."""
+    window = drift_service.CHANGELOG_ROUTING_WINDOW
+    judge = Detector("normal", routing_window=window)
+    judge.known({"small-model"}, {"lite"})
+    rng = random.Random(7)
+    config = f"{rng.getrandbits(256):064x}"
+    for i in range(3 * window):
+        judge.add_decision(decision(rng, i, {"lite": 1.0}, config=config))
+        judge.add_observation(healthy(rng, i))
+    record = msgspec.msgpack.encode(judge.record("route", "lite"))
+    assert len(record) > 2 * window * 100, "the windows are in the record"
+    assert len(record) < CHANGELOG_MAX_RECORD_BYTES
+    assert len(gzip.compress(record)) < 1024 * 1024
+    with pytest.raises(ValueError, match="may be at most 5000"):
+        DriftDetectorSettings(drift_state_store="changelog", drift_routing_window=window + 1)

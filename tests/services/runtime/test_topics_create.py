@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from typer.testing import CliRunner
 
 from routemesh.contracts import TOPICS
-from routemesh.contracts.topics import REPLAY_REQUESTS
+from routemesh.contracts.topics import REPLAY_REQUESTS, STATE_TOPICS
 from routemesh.services.cli.main import app
 from routemesh.services.runtime import kafka
 from routemesh.services.runtime.kafka import refusals
@@ -70,7 +70,8 @@ def test_the_command_says_which_existing_topic_has_fewer_partitions_than_it_make
     monkeypatch.setattr(kafka, "AIOKafkaAdminClient", OldAdmin)
     result = CliRunner().invoke(app, ["topics", "create"])
     assert result.exit_code == 0, result.output
-    assert "1 topics created" in result.output, "the changelog, new in this release"
+    assert f"{len(STATE_TOPICS)} topics created" in result.output, (
+        "the changelogs, new in this release")
     assert (f"{REPLAY_REQUESTS.name()} has 1 partitions, fewer than the 6 this release "
             "makes: no more than 1 instances") in result.output
     assert "decisions" not in result.output
