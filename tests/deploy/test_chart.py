@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from routemesh.services.drift_detector.service import GROUP, SUBJECTS_GROUP
 from routemesh.services.runtime.service import discover_services
 
 from .chart import (
@@ -395,3 +396,15 @@ def test_the_chart_and_dev_set_the_same_environment_to_scale_out():
     assert set(specs) <= set(values)
     for name, spec in specs.items():
         assert values[name].get("scaleOutEnv", {}) == spec.scale_out_env, name
+
+
+def test_keda_scales_a_drift_detector_on_the_lag_of_both_its_groups():
+    docs = manifests({"services": {"drift-detector": {
+        "env": {"ROUTEMESH_DRIFT_STATE_STORE": "changelog"},
+        "keda": {"enabled": True}}}})
+    scaled = find(docs, "ScaledObject", "rm-routemesh-drift-detector")
+    lags = {(t["metadata"]["consumerGroup"], t["metadata"]["topic"])
+            for t in scaled["spec"]["triggers"]}
+    assert lags == {(GROUP, "routemesh.route.decisions.v1"),
+                    (GROUP, "routemesh.llm.observations.v1"),
+                    (SUBJECTS_GROUP, "routemesh.drift.inputs.v1")}, "the groups the code runs"
