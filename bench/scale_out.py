@@ -1,8 +1,9 @@
 """Consumers in one consumer group: 1 instance against 2, in one run, on the embedded
 broker with the registry's 6 partitions; the audit writer, the scorer and the drift
-detector (their state on their changelog topics).
+detector (their state on their changelog topics), and the replay worker.
 
-    python bench/scale_out.py [--requests 20000] [--service audit-writer|scorer|drift-detector]
+    python bench/scale_out.py [--requests 20000] [--replays 12]
+                              [--service audit-writer|scorer|drift-detector|replay-worker]
 
 For each service and instance count, fresh topics (and a fresh audit directory); the
 instances run as their own processes (`routemesh serve ...`) and have settled their
@@ -21,6 +22,11 @@ models of `multi-route.yaml`, so that there are subjects to share. Prints:
 - the state's size per 1 M requests: the audit trail (the state that moves is the trail
   itself), or what the instances wrote on their changelog and what of it compaction
   keeps (the newest record of each key).
+
+The replay workers drain a backlog of replay requests of the shipped lite-deep set
+(each through the config and the baselines, on the encoder) and print replays/s; their
+state is the answers on the results topic, read again on assignment, and the reports in
+the shared directory, so nothing else moves.
 
 Everything shares the machine's cores: the broker, the publisher and the instances.
 """
@@ -44,11 +50,16 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from routemesh.contracts import CompletionObserved, OutcomeReported, RouteDecided
+from routemesh.contracts import (
+    CompletionObserved,
+    OutcomeReported,
+    ReplayRequested,
+    RouteDecided,
+)
 from routemesh.contracts.topics import DRIFT_CHANGELOG, SCORER_CHANGELOG, Topic
 from routemesh.services.runtime.consumer import read_records
 from routemesh.services.runtime.embedded_broker import EmbeddedBroker, free_port
-from routemesh.services.runtime.kafka import create_topics
+from routemesh.services.runtime.kafka import EventProducer, create_topics
 from routemesh.services.runtime.settings import ServiceSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -74,7 +85,8 @@ class Profile:
     routes: tuple[tuple[str, str], ...] = (("lite", "small"),)
 
 
-MULTI_ROUTE = ROOT / "deploy/examples/multi-route.yaml"
+EXAMPLES = ROOT / "deploy/examples"
+MULTI_ROUTE = EXAMPLES / "multi-route.yaml"
 PROFILES = {
     "audit-writer": Profile("audit-writer", "audit index read for assigned partitions",
                             "records", False, {}),
@@ -96,6 +108,11 @@ PROFILES = {
         routes=(("coding", "code-model"), ("math", "reasoning-model"),
                 ("writing", "writer-model"), ("extraction", "small-model"),
                 ("chat", "small-model"), ("support", "support-model"))),
+    "replay-worker": Profile(
+        "replay-worker", "", "", False,
+        {"ROUTEMESH_ROUTER_CONFIG": str(EXAMPLES / "lite-deep.yaml"),
+         "ROUTEMESH_REPLAY_CONFIG_DIR": str(EXAMPLES),
+         "ROUTEMESH_REPLAY_INPUT_DIR": str(EXAMPLES)}),
 }
 
 
@@ -140,6 +157,7 @@ class Instances:
                        ROUTEMESH_AUDIT_DIR=str(self.audit_dir),
                        ROUTEMESH_SCORER_STATE_DIR=str(work / f"scorer-{n}"),
                        ROUTEMESH_DRIFT_STATE_DIR=str(work / f"drift-{n}"),
+                       ROUTEMESH_REPLAY_REPORT_DIR=str(work / "reports"),
                        ROUTEMESH_METRICS_PORT=str(port),
                        ROUTEMESH_METRICS_HOST="127.0.0.1", ROUTEMESH_INSTANCE_ID=f"i{n}")
             with log.open("wb") as out:
@@ -253,7 +271,46 @@ async def run(broker: EmbeddedBroker, count: int, requests: int, profile: Profil
     return figures
 
 
-async def main_async(broker: EmbeddedBroker, requests: int, profile: Profile) -> None:
+async def replays_per_s(broker: EmbeddedBroker, count: int, replays: int) -> float:
+    """Replays/s of ``count`` workers draining ``replays`` requests, from their SIGCONT
+    until every one is answered (the first replay of each worker loads the encoder)."""
+    settings = ServiceSettings(kafka_bootstrap_servers=broker.bootstrap,
+                               kafka_idempotent_producer=False,
+                               topic_prefix=f"b{uuid.uuid4().hex[:8]}.")
+    await create_topics(settings)
+    work = Path(tempfile.mkdtemp(prefix=f"routemesh-bench-scale-{count}-"))
+    instances = Instances(settings, work, count, PROFILES["replay-worker"])
+    producer = EventProducer(settings, "bench")
+    try:
+        await instances.settled(6)
+        instances.signal(signal.SIGSTOP)
+        await producer.start()
+        for n in range(replays):
+            await producer.publish(ReplayRequested(
+                replay_id=f"bench-{n:03d}", dataset="lite-deep.eval.jsonl",
+                config="lite-deep.yaml"))
+        started = time.perf_counter()
+        instances.signal(signal.SIGCONT)
+        while sum(found[0] for _, port, _ in instances.running
+                  if (found := metric(port, "routemesh_replay_worker_replays"))) < replays:
+            await asyncio.sleep(0.2)
+        return replays / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+        instances.stop()
+
+
+async def main_async(broker: EmbeddedBroker, requests: int, profile: Profile,
+                     replays: int) -> None:
+    if profile.service == "replay-worker":
+        alone = await replays_per_s(broker, 1, replays)
+        paired = await replays_per_s(broker, 2, replays)
+        print(f"replay-worker: {replays} replays of lite-deep.eval.jsonl drained as a "
+              f"backlog, 6 partitions, {os.cpu_count()} cores:")
+        print(f"  1 instance : {alone:8.3f} replays/s")
+        print(f"  2 instances: {paired:8.3f} replays/s")
+        print(f"  ratio 2 / 1: {paired / alone:.2f}")
+        return
     one = await run(broker, 1, requests, profile)
     two = await run(broker, 2, requests, profile)
     name = profile.service
@@ -279,13 +336,14 @@ async def main_async(broker: EmbeddedBroker, requests: int, profile: Profile) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--replays", type=int, default=12)
     parser.add_argument("--service", choices=sorted(PROFILES), action="append")
     args = parser.parse_args()
     broker = EmbeddedBroker(free_port())
     broker.start()
     try:
         for service in args.service or sorted(PROFILES):
-            asyncio.run(main_async(broker, args.requests, PROFILES[service]))
+            asyncio.run(main_async(broker, args.requests, PROFILES[service], args.replays))
     finally:
         broker.stop()
 

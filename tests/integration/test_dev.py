@@ -169,7 +169,8 @@ def _children(parent: int) -> dict[str, int]:
 
 def test_dev_restarts_a_dead_service_and_a_stop_under_traffic_loses_no_audit_record(
         tmp_path):
-    """Two audit writers in one group (`--replicas`); one SIGKILLed is started again
+    """Two audit writers in one group (`--replicas`), and two drift detectors (which
+    `--replicas` puts on their changelog store); one writer SIGKILLed is started again
     while the gateway goes on serving; Ctrl-C under traffic stops the gateway first and
     lets the consumers read to the end of the memory-only broker, so every answered
     request has its audit record, once."""
@@ -184,16 +185,19 @@ def test_dev_restarts_a_dead_service_and_a_stop_under_traffic_loses_no_audit_rec
         env = {**os.environ, "ROUTEMESH_UPSTREAM_BASE_URL": f"{upstream.url}/v1"}
         process = subprocess.Popen(
             [*CLI, "dev", "--data-dir", str(data), "--kafka-port", str(free_port()), *moves,
-             "--replicas", "audit-writer=2"],
+             "--replicas", "audit-writer=2", "--replicas", "drift-detector=2"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         said: list[str] = []
         reader = threading.Thread(target=lambda: said.extend(process.stdout), daemon=True)
         reader.start()
         answered: list[str] = []
         writers = ports[("audit-writer", "metrics")]
+        detectors = ports[("drift-detector", "metrics")]
         try:
             for name, port in (("gateway", ports[("gateway", "metrics")]),
-                               ("audit-writer", writers), ("audit-writer-2", writers + 100)):
+                               ("audit-writer", writers), ("audit-writer-2", writers + 100),
+                               ("drift-detector", detectors),
+                               ("drift-detector-2", detectors + 100)):
                 deadline = time.monotonic() + 180
                 while _get(f"http://127.0.0.1:{port}/readyz") != 200:
                     assert time.monotonic() < deadline, f"{name} never became ready"
