@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections import deque
 from collections.abc import Collection, Sequence
@@ -58,6 +59,10 @@ GROUP = "routemesh-replay-worker"
 _COMPLETED = uuid.UUID("6f1d8a52-58a4-4b8e-9d0e-0c1b7f3e2a91")
 # Results read back at start to learn which requests were answered.
 RESULTS_REMEMBERED = 100_000
+# Where a replay writes its report files until its answer is published, and how old a
+# staged replay must be for a starting instance to clear it (longer than any replay).
+STAGING = ".staging"
+STALE_STAGING_S = 24 * 3600
 
 
 def completed_event_id(replay_id: str) -> uuid.UUID:
@@ -141,8 +146,18 @@ class ReplayWorker:
 
     async def start(self) -> None:
         self.settings.replay_report_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_stale_staging()
         self.ctx.readiness.set("replay_reports", True, "writable")
         await self.consumer.start()
+
+    def _clear_stale_staging(self) -> None:
+        """Staged reports of replays that died with their instance: old enough that no
+        live replay (of this instance or another sharing the directory) still writes."""
+        staging = self.settings.replay_report_dir / STAGING
+        cutoff = time.time() - STALE_STAGING_S
+        for staged in staging.glob("*") if staging.is_dir() else ():
+            if staged.stat().st_mtime < cutoff:
+                shutil.rmtree(staged, ignore_errors=True)
 
     async def assigned(self, partitions: Collection[PartitionKey]) -> None:
         """What the group has answered, read again before a partition's requests are
@@ -218,7 +233,7 @@ class ReplayWorker:
         started = asyncio.get_running_loop().time()
         log.info("replay started", extra={"replay_id": request.replay_id,
                                           "kind": request.kind})
-        staged = self.settings.replay_report_dir / ".staging" / uuid.uuid4().hex
+        staged = self.settings.replay_report_dir / STAGING / uuid.uuid4().hex
         staged.mkdir(parents=True)
         try:
             if request.kind == "shadow":

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import IllegalStateError, KafkaError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -544,9 +544,19 @@ class EventConsumer:
         fresh = {(tp.topic, tp.partition) for tp in held} - self._known
         if fresh:
             # The state of a partition is taken over first, then checked against its log.
-            if self.on_assigned is not None:
-                await self.on_assigned(fresh)
-            await self.verify(fresh)
+            try:
+                if self.on_assigned is not None:
+                    await self.on_assigned(fresh)
+                await self.verify(fresh)
+            except (KafkaError, OSError) as exc:
+                # Its state could not be read (a changelog, files): nothing of the poll is
+                # handed on, and the next poll takes the partitions over again.
+                log.warning("partitions not taken over; retrying",
+                            extra={"group": self.group_id, "error": str(exc)})
+                self._metrics.retries.labels(self.group_id).inc()
+                await self._rewind()
+                await self._export_lag()
+                return True
             self._known |= fresh
         deliveries = await self._deliveries(batch)
         try:

@@ -4,6 +4,8 @@ answer is published, and asked twice it is answered once; a replay whose partiti
 revoked while it runs is not answered by this instance."""
 
 import asyncio
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -135,3 +137,17 @@ async def test_a_replay_whose_partition_is_revoked_is_left_to_its_next_owner(tmp
     reports = tmp_path / "reports"
     assert [p for p in reports.rglob("*") if p.is_file()] == [], (
         "the next owner writes the report")
+
+
+async def test_a_starting_worker_clears_staged_reports_of_replays_long_dead(tmp_path):
+    replay = worker(tmp_path)
+    replay.consumer = SimpleNamespace(start=lambda: asyncio.sleep(0))
+    staging = tmp_path / "reports" / ".staging"
+    dead, running = staging / "dead", staging / "running"
+    for staged in (dead, running):
+        staged.mkdir(parents=True)
+        (staged / "r.json").write_text("{}")
+    long_ago = time.time() - 2 * 24 * 3600
+    os.utime(dead, (long_ago, long_ago))
+    await replay.start()
+    assert sorted(p.name for p in staging.iterdir()) == ["running"]

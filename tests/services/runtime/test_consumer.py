@@ -7,6 +7,7 @@ import time
 from types import SimpleNamespace
 
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from prometheus_client import CollectorRegistry
 
 from routemesh.contracts import OutcomeReported, RouteDecided, encode_event
@@ -393,3 +394,34 @@ async def test_unread_is_unknown_until_fetched_and_leaves_with_its_partition():
     assert unread(0) is None
     assert unread(1) is None
     assert read(0) is None
+
+
+async def test_partitions_whose_state_cannot_be_read_are_taken_over_again_later():
+    """A changelog or a directory that fails while a partition's state is read hands
+    nothing of the poll on and ends nothing: the loop goes back to the last commit and
+    takes the partition over again at the next poll."""
+    journal: list = []
+    taken: list[set] = []
+
+    class Rewindable(ScriptedKafka):
+        async def committed(self, tp):
+            return 0
+
+        def seek(self, tp, offset):
+            self.journal.append(("seek", offset))
+
+    async def on_assigned(partitions):
+        taken.append(set(partitions))
+        if len(taken) == 1:
+            raise KafkaConnectionError("changelog unreachable")
+
+    unit = EventConsumer(ServiceSettings(), [ROUTE_DECISIONS], group_id="unit",
+                         handler=JournalHandler(journal), dead_letters=JournalDeadLetters(journal),
+                         registry=CollectorRegistry(), service="unit", on_assigned=on_assigned)
+    unit._consumer = Rewindable([records(decided("a")), records(decided("a"))], journal,
+                                unit._stopping)
+    await asyncio.wait_for(unit._run(), 30)
+    assert taken == [{(TOPIC, 0)}, {(TOPIC, 0)}]
+    assert journal[0] == ("seek", 0)
+    assert journal.count(("effect", "a")) == 1
+    assert journal[-1] == ("commit", {0: 1})
