@@ -71,6 +71,7 @@ from routemesh.services.runtime.consumer import (
     Delivery,
     OffsetTracker,
     PartitionKey,
+    covering,
     recent_event_ids,
 )
 from routemesh.services.runtime.files import FileWatch
@@ -227,7 +228,7 @@ class DriftDetector:
         self.pin_path = settings.drift_state_dir / PIN_FILE
         # file: judges every subject. changelog: names subjects for the repartition; the
         # subjects are judged by one detector per drift.inputs.v1 partition held.
-        self.detector = self._detector()
+        self.detector = self._detector(None)
         self.detectors: dict[int, Detector] = {}
         self.metrics = _Metrics(ctx.registry)
         self.state = SavedState(settings.drift_state_dir, ctx.readiness, "drift_state",
@@ -255,7 +256,8 @@ class DriftDetector:
         self.config = WatchedConfig(settings.router_config, settings.router_config_name)
         self._pin_watch = FileWatch([self.pin_path])
 
-    def _detector(self) -> Detector:
+    def _detector(self, like: Detector | None) -> Detector:
+        """A detector from the settings, knowing the subjects and the pin ``like`` does."""
         settings = self.settings
         detector = Detector(
             settings.drift_preset,
@@ -267,9 +269,9 @@ class DriftDetector:
             max_subjects=settings.drift_max_subjects,
             overrides=settings.drift_thresholds,
         )
-        if hasattr(self, "detector"):
-            detector.known(self.detector.known_models, self.detector.known_routes)
-            detector.pin(self.detector.pinned, self.detector.pinned_sha256)
+        if like is not None:
+            detector.known(like.known_models, like.known_routes)
+            detector.pin(like.pinned, like.pinned_sha256)
         return detector
 
     def _judging(self) -> list[Detector]:
@@ -289,7 +291,7 @@ class DriftDetector:
                     "subjects": len(state.detector.subjects),
                     "waiting_alerts": len(state.outbox)})
             if self.outboxes[0]:
-                await self._publish_unconfirmed(self.outboxes[0])
+                self.outboxes[0] = await self._publish_unconfirmed(self.outboxes[0])
                 await self._save_and_publish(None)
         else:
             self.settings.drift_state_dir.mkdir(parents=True, exist_ok=True)
@@ -369,7 +371,7 @@ class DriftDetector:
         restored = await self.changelog.read(new)
         subjects = 0
         for p, found in restored.items():
-            detector = self._detector()
+            detector = self._detector(self.detector)
             for key, value in found.values.items():
                 detector.put(*key_subject(key),
                              msgspec.msgpack.decode(value, type=SubjectRecord))
@@ -436,16 +438,15 @@ class DriftDetector:
         fed: dict[int, set[tuple[Scope, str]]] = {}
         for p, detector in self.detectors.items():
             fed[p] = detector.take_fed()
-            name = "{}:{}".format(*self._input(p))
             # Every event feeds a subject: a partition fed nothing has nothing new to cover.
             if not fed[p] and not self.outboxes[p]:
                 continue
             changes: dict[bytes, bytes | None] = {
                 subject_key(scope, subject): msgspec.msgpack.encode(
                     detector.record(scope, subject)) for scope, subject in fed[p]}
-            mark = Mark(offsets={k: v for k, v in covered.items() if k == name},
-                        anchors={k: v for k, v in anchors.items() if k == name},
-                        outbox=list(self.outboxes[p]), config=detector.state.config)
+            offsets, marked = covering([self._input(p)], covered, anchors)
+            mark = Mark(offsets=offsets, anchors=marked, outbox=list(self.outboxes[p]),
+                        config=detector.state.config)
             writes.append(self.changelog.write(p, changes, msgspec.msgpack.encode(mark)))
         try:
             await asyncio.gather(*writes)
@@ -474,8 +475,7 @@ class DriftDetector:
         waiting = [a for a in outbox if a.event_id not in published]
         log.info("waiting drift alerts", extra={
             "waiting": len(outbox), "already_published": len(outbox) - len(waiting)})
-        outbox[:] = waiting
-        return outbox
+        return waiting
 
     # -- inputs that may change while running -----------------------------------------
 

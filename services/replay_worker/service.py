@@ -235,23 +235,26 @@ class ReplayWorker:
                                           "kind": request.kind})
         staged = self.settings.replay_report_dir / STAGING / uuid.uuid4().hex
         staged.mkdir(parents=True)
-        try:
-            if request.kind == "shadow":
-                answer = Answer(await self._shadow(request, staged), staged)
-            else:
-                answer = Answer(await asyncio.to_thread(self._replay, request, staged), staged)
-        except ReplayError as exc:
-            answer = Answer(self._completed(request, status="failed", error=str(exc)), staged)
-        except Exception as exc:
-            log.exception("replay failed", extra={"replay_id": request.replay_id})
-            answer = Answer(self._completed(request, status="failed",
-                                            error=f"{type(exc).__name__}: {exc}"), staged)
+        answer = Answer(await self._answer(request, staged), staged)
         if answer.completed.status != "ok":
+            # A failed replay's answer names no report: what it wrote goes.
             answer.discard()
             answer = Answer(answer.completed)
         self.metrics.duration.labels(request.kind).observe(
             asyncio.get_running_loop().time() - started)
         return answer
+
+    async def _answer(self, request: ReplayRequested, staged: Path) -> ReplayCompleted:
+        try:
+            if request.kind == "shadow":
+                return await self._shadow(request, staged)
+            return await asyncio.to_thread(self._replay, request, staged)
+        except ReplayError as exc:
+            return self._completed(request, status="failed", error=str(exc))
+        except Exception as exc:
+            log.exception("replay failed", extra={"replay_id": request.replay_id})
+            return self._completed(request, status="failed",
+                                   error=f"{type(exc).__name__}: {exc}")
 
     def _completed(self, request: ReplayRequested, **fields: Any) -> ReplayCompleted:
         return ReplayCompleted(event_id=completed_event_id(request.replay_id),

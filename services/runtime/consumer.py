@@ -138,6 +138,20 @@ class BatchHandler(Protocol):
         ...
 
 
+def state_name(partition: PartitionKey) -> str:
+    """How a saved state names a partition in its offsets and anchors."""
+    return f"{partition[0]}:{partition[1]}"
+
+
+def covering(partitions: Collection[PartitionKey], offsets: dict[str, int],
+             anchors: dict[str, str]) -> tuple[dict[str, int], dict[str, str]]:
+    """The share of a saved state's offsets and anchors that is these partitions': what a
+    changelog partition's mark records of the input partitions it holds the state of."""
+    names = {state_name(partition) for partition in partitions}
+    return ({k: v for k, v in offsets.items() if k in names},
+            {k: v for k, v in anchors.items() if k in names})
+
+
 class Checkpoints:
     """For a handler whose effect is a state it saves whole (a detector's windows, a
     join's counts), with the offsets the state covers: which deliveries the saved state
@@ -164,8 +178,8 @@ class Checkpoints:
         """These partitions' positions as a state another instance saved says (none:
         nothing of them is in the state yet)."""
         self.forget(partitions)
-        for topic, partition in partitions:
-            name = f"{topic}:{partition}"
+        for key in partitions:
+            name = state_name(key)
             if name in offsets:
                 self.offsets[name] = self._durable[name] = offsets[name]
             if name in anchors:
@@ -173,18 +187,17 @@ class Checkpoints:
 
     def forget(self, partitions: Collection[PartitionKey]) -> None:
         """These partitions' positions go with them to their next owner."""
-        for topic, partition in partitions:
-            name = f"{topic}:{partition}"
+        for key in partitions:
             for kept in (self.offsets, self.anchors, self._durable):
-                kept.pop(name, None)
-            self._unsaved.pop((topic, partition), None)
+                kept.pop(state_name(key), None)
+            self._unsaved.pop(key, None)
 
     def fresh(self, deliveries: Sequence[Delivery], tracker: OffsetTracker) -> list[Delivery]:
         """The deliveries the state lacks; holds the first of each partition."""
         found = []
         for delivery in deliveries:
             topic, partition, offset = delivery.position
-            key = f"{topic}:{partition}"
+            key = state_name((topic, partition))
             if offset >= self._durable.get(key, 0) and (topic, partition) not in self._unsaved:
                 self._unsaved[(topic, partition)] = delivery.position
                 tracker.hold(delivery.position)
@@ -202,14 +215,14 @@ class Checkpoints:
         the saved offset, or the event before that offset is another. Without this, every
         event of the new log below the saved offset would be skipped as already counted.
         What the state holds is kept; returns each renewed partition and why."""
-        saved = {key: self.offsets[f"{key[0]}:{key[1]}"] for key in partitions
-                 if self.offsets.get(f"{key[0]}:{key[1]}", 0) > 0}
+        saved = {key: self.offsets[state_name(key)] for key in partitions
+                 if self.offsets.get(state_name(key), 0) > 0}
         if not saved:
             return []
         logs_now = await logs.probe({key: offset - 1 for key, offset in saved.items()})
         renewed = []
         for key, offset in saved.items():
-            name = f"{key[0]}:{key[1]}"
+            name = state_name(key)
             end, found = logs_now[key]
             why = None
             if end < offset:
@@ -551,27 +564,26 @@ class EventConsumer:
             except (KafkaError, OSError) as exc:
                 # Its state could not be read (a changelog, files): nothing of the poll is
                 # handed on, and the next poll takes the partitions over again.
-                log.warning("partitions not taken over; retrying",
-                            extra={"group": self.group_id, "error": str(exc)})
-                self._metrics.retries.labels(self.group_id).inc()
-                await self._rewind()
-                await self._export_lag()
-                return True
+                return await self._retry("partitions not taken over; retrying", exc)
             self._known |= fresh
         deliveries = await self._deliveries(batch)
         try:
             await self.handler.handle(deliveries, self.offsets)
         except RetryableError as exc:
-            log.warning("handler asked to retry; rewinding to the last commit",
-                        extra={"group": self.group_id, "error": str(exc)})
-            self._metrics.retries.labels(self.group_id).inc()
-            await self._rewind()
-            await self._export_lag()
-            return True
+            return await self._retry("handler asked to retry; rewinding to the last commit",
+                                     exc)
         self._close_done()
         await self.commit()
         await self._export_lag()
         return False
+
+    async def _retry(self, message: str, exc: Exception) -> bool:
+        """Back to the last commit, so that the next poll delivers it all again."""
+        log.warning(message, extra={"group": self.group_id, "error": str(exc)})
+        self._metrics.retries.labels(self.group_id).inc()
+        await self._rewind()
+        await self._export_lag()
+        return True
 
     async def _export_lag(self) -> None:
         """Per assigned partition: what is not committed and what is not read yet. Set

@@ -185,12 +185,8 @@ class EventProducer:
             f"{topic} publish", context=context, kind=trace.SpanKind.PRODUCER,
             attributes={"messaging.system": "kafka", "messaging.destination.name": topic},
         ):
-            headers = {"content-type": CONTENT_TYPE}
-            propagate.inject(headers)
             delivery = await self._producer.send(
-                topic, encode_event(event), key=key,
-                headers=[(k, v.encode()) for k, v in headers.items()],
-            )
+                topic, encode_event(event), key=key, headers=_headers())
             await delivery
 
     async def publish_all(self, events: Sequence[Event]) -> None:
@@ -206,15 +202,20 @@ class EventProducer:
             attributes={"messaging.system": "kafka", "messaging.destination.name": topic,
                         "messaging.batch.message_count": len(events)},
         ):
-            headers = {"content-type": CONTENT_TYPE}
-            propagate.inject(headers)
-            encoded = [(k, v.encode()) for k, v in headers.items()]
+            headers = _headers()
             deliveries = []
             for event in events:
                 topic, key = event_address(self.settings, event)
                 deliveries.append(await self._producer.send(
-                    topic, encode_event(event), key=key, headers=encoded))
+                    topic, encode_event(event), key=key, headers=headers))
             await asyncio.gather(*deliveries)
+
+
+def _headers() -> list[tuple[str, bytes]]:
+    """An event's headers: its content type and the current span's trace context."""
+    headers = {"content-type": CONTENT_TYPE}
+    propagate.inject(headers)
+    return [(k, v.encode()) for k, v in headers.items()]
 
 
 async def answers_metadata(**client: Any) -> bool:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import msgspec
 from aiokafka.errors import KafkaError
@@ -54,6 +54,7 @@ from routemesh.services.runtime.consumer import (
     Delivery,
     OffsetTracker,
     PartitionKey,
+    covering,
 )
 from routemesh.services.runtime.service import ServiceContext, ServiceSpec, metrics_port
 from routemesh.services.runtime.settings import ServiceSettings
@@ -66,7 +67,6 @@ from routemesh.services.scorer.store import State
 from routemesh.services.scorer.views import view
 
 log = logging.getLogger(__name__)
-V = TypeVar("V")
 GROUP = "routemesh-scorer"
 INPUTS_CHECK_S = 1.0
 INPUTS = (ROUTE_DECISIONS, LLM_OBSERVATIONS, ROUTE_OUTCOMES)
@@ -373,11 +373,10 @@ class Scorer:
             assert self.changelog is not None
             writes = []
             for p, changed in taken.items():
-                names = {f"{topic}:{partition}" for topic, partition in self._inputs(p)}
                 ledger = self.ledgers[p]
                 writes.append(self.changelog.write(
                     p, changelog.changes(ledger, changed),
-                    changelog.mark(ledger, _only(covered, names), _only(anchors, names))))
+                    changelog.mark(ledger, *covering(self._inputs(p), covered, anchors))))
             await asyncio.gather(*writes)
         try:
             await self.state.save_with(write)
@@ -528,10 +527,6 @@ class Scorer:
         except (OSError, KeyError, ValueError) as exc:
             log.warning("no patch for the advice", extra={"error": str(exc)})
             return ""
-
-
-def _only(kept: dict[str, V], names: set[str]) -> dict[str, V]:
-    return {name: value for name, value in kept.items() if name in names}
 
 
 SPEC = ServiceSpec(

@@ -95,15 +95,21 @@ def staging(replay: ReplayWorker, release: asyncio.Event):
     return replayed
 
 
-async def test_a_report_reaches_the_report_directory_with_its_answer(tmp_path):
+async def running(tmp_path, replay_id: str, partition: int):
+    """A worker running one replay (``staging``'s) of a request from ``partition``."""
     replay = worker(tmp_path)
     release = asyncio.Event()
     replay._replay = staging(replay, release)
     offsets = OffsetTracker()
-    delivery = Delivery(ReplayRequested(replay_id="y", dataset="d.jsonl"),
-                        ("t.replay.requests.v1", 0, 0))
+    delivery = Delivery(ReplayRequested(replay_id=replay_id, dataset="d.jsonl"),
+                        ("t.replay.requests.v1", partition, 0))
     offsets.consumed(delivery.position)
     await replay.handle([delivery], offsets)
+    return replay, release, offsets
+
+
+async def test_a_report_reaches_the_report_directory_with_its_answer(tmp_path):
+    replay, release, offsets = await running(tmp_path, "y", 0)
     reports = tmp_path / "reports"
     while not list((reports / ".staging").glob("*/y.json")):
         await asyncio.sleep(0.01)
@@ -118,18 +124,11 @@ async def test_a_report_reaches_the_report_directory_with_its_answer(tmp_path):
 
 
 async def test_a_replay_whose_partition_is_revoked_is_left_to_its_next_owner(tmp_path):
-    replay = worker(tmp_path)
-    release = asyncio.Event()
-    replay._replay = staging(replay, release)
-    offsets = OffsetTracker()
-    delivery = Delivery(ReplayRequested(replay_id="z", dataset="d.jsonl"),
-                        ("t.replay.requests.v1", 3, 0))
-    offsets.consumed(delivery.position)
-    await replay.handle([delivery], offsets)
-    running = replay.job
+    replay, release, offsets = await running(tmp_path, "z", 3)
+    job = replay.job
     replay.revoked({("t.replay.requests.v1", 3)})
     release.set()
-    while not running.done():
+    while not job.done():
         await asyncio.sleep(0.01)
     await asyncio.sleep(0)  # the done callbacks
     await replay.handle([], offsets)
