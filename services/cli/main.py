@@ -17,6 +17,7 @@ from routemesh.contracts import topic_by_suffix
 from routemesh.services.cli import (
     audit_commands,
     drift_commands,
+    learn_commands,
     replay_commands,
     router_commands,
     scorer_commands,
@@ -51,6 +52,7 @@ app.command("tune")(scorer_commands.tune_command)
 app.add_typer(replay_commands.replay_app, name="replay")
 app.add_typer(replay_commands.samples_app, name="samples")
 app.command("gate")(replay_commands.gate)
+app.add_typer(learn_commands.learn_app, name="learn")
 
 
 

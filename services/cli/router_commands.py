@@ -23,6 +23,7 @@ from routemesh.services.replay_worker.receipt import eval_receipt, read_receipt
 from routemesh.services.router import (
     ConfigError,
     DatasetError,
+    LoadedConfig,
     RouteRequest,
     StaleBankError,
     UnknownRouteError,
@@ -67,7 +68,7 @@ def _qdrant(url: str | None, path: Path | None) -> QdrantClient | None:
     return open_qdrant(url, path, key)
 
 
-def _qdrant_or_local(url: str | None, path: Path | None) -> QdrantClient:
+def qdrant_or_local(url: str | None, path: Path | None) -> QdrantClient:
     """As ``_qdrant``, else where every service looks when nothing is named
     (``ServiceSettings.qdrant_location``)."""
     settings = ServiceSettings()
@@ -110,7 +111,7 @@ def bank_build(
     re-embeds nothing."""
     try:
         loaded = load_config(config)
-        client = _qdrant_or_local(qdrant_url, qdrant_path)
+        client = qdrant_or_local(qdrant_url, qdrant_path)
         report = build_route_bank(loaded, client, collection, train)
     except (ConfigError, DatasetError) as exc:
         raise fail(str(exc)) from None
@@ -125,21 +126,26 @@ def bank_build(
                 f"{validation.groups} paraphrase groups)" if validation else "")
     print(f"route model: {model.scoring}, temperature {model.temperature:.3f}, evidence "
           f"floor {model.evidence_floor:.3f}{held_out}"
-          + (f"; trained on {len(model.train_text_sha256)} extra prompts" if train else ""))
-    if not announce:
-        return
+          + (f"; trained on {len(model.train_text_sha256)} extra prompts"
+             if model.train_text_sha256 else ""))
+    if announce:
+        announce_bank(loaded, report.collection, report.sha256, report.encoder,
+                      report.embedded + report.kept)
+
+
+def announce_bank(loaded: LoadedConfig, collection: str, sha256: str, encoder: str,
+                  utterances: int) -> None:
+    """Publish a RouteBankPublished on routebank.changes (ROUTEMESH_KAFKA_* settings), so
+    that running gateways load the bank."""
     event = RouteBankPublished(
-        collection=report.collection,
-        route_bank_sha256=report.sha256,
-        encoder=report.encoder,
-        utterances=report.embedded + report.kept,
-        routes=tuple(r.id for r in loaded.config.routes),
+        collection=collection, route_bank_sha256=sha256, encoder=encoder,
+        utterances=utterances, routes=tuple(r.id for r in loaded.config.routes),
         config_sha256=loaded.sha256,
     )
     try:
         topic = asyncio.run(_announce(event))
     except (KafkaError, OSError) as exc:
-        raise fail(f"the bank is built, but announcing it failed: {exc}") from None
+        raise fail(f"the bank is written, but announcing it failed: {exc}") from None
     print(f"announced on {topic}")
 
 

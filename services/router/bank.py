@@ -217,8 +217,16 @@ def build_bank(
                 ],
             )
     snapshot = load_snapshot(client, collection, semantic, require_model=False)
-    model = fit_model(snapshot, semantic, train)
-    _store_model(client, collection, model)
+    stored = _load_model(client, collection)
+    if train is None and stored is not None and stored.inputs_sha256 == model_inputs_sha256(
+            snapshot.utterances_sha256, semantic, stored.train_sha256):
+        # The stored model still fits this bank and these settings: keep it, with what
+        # it learned beyond the utterances (`routemesh learn`, `--train`), which a refit
+        # without that set would silently drop at every gateway start's bank build.
+        model = stored
+    else:
+        model = fit_model(snapshot, semantic, train)
+        store_model(client, collection, model)
     return BuildReport(
         collection,
         embedded=len(missing),
@@ -230,7 +238,7 @@ def build_bank(
     )
 
 
-def _store_model(client: QdrantClient, collection: str, model: RouteModel) -> None:
+def store_model(client: QdrantClient, collection: str, model: RouteModel) -> None:
     """The model as the one point of a collection beside the bank (Qdrant holds payloads,
     not files: it lives wherever the bank does, server or local mode)."""
     name = model_collection(collection)

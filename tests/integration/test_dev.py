@@ -246,3 +246,133 @@ def test_dev_restarts_a_dead_service_and_a_stop_under_traffic_loses_no_audit_rec
         f"{len(set(answered) - set(audited))} answered, not audited; dev said:\n"
         + "".join(said))
     assert audited.most_common(1)[0][1] == 1, audited.most_common(3)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+
+
+def _wait_for(condition, what: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+
+
+def test_dev_learns_routes_from_reviewed_traffic_and_refuses_a_contradicting_batch(
+        tmp_path):
+    """The learning loop as users run it: prompts sent through `routemesh dev` with review
+    capture on, outcomes naming the expected route posted, `routemesh learn --announce`
+    → the gate passes, the running gateway serves the learned bank, and the same prompts'
+    live accuracy rises. Then a batch of contradicting labels is refused, and the bank
+    stays."""
+    config = EXAMPLES / "multi-route.yaml"
+    rows = [json.loads(line) for line in
+            (EXAMPLES / "multi-route.eval.jsonl").read_text().splitlines()]
+    ports = {(name, p.name): free_port()
+             for name, spec in discover_services().items() for p in spec.ports}
+    moves = [arg for (name, kind), number in ports.items()
+             for arg in ("--port", f"{name}.{kind}={number}")]
+    data = tmp_path / "data"
+    bootstrap = f"127.0.0.1:{free_port()}"
+    with Served(fake_upstream(Behaviour(chunk_delay_s=0))) as upstream:
+        env = {**os.environ, "ROUTEMESH_UPSTREAM_BASE_URL": f"{upstream.url}/v1",
+               "ROUTEMESH_REVIEW_CAPTURE": "raw_local"}
+        process = subprocess.Popen(
+            [*CLI, "dev", "--config", str(config), "--data-dir", str(data), "--kafka-port",
+             bootstrap.rsplit(":", 1)[1], *moves],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        said: list[str] = []
+        threading.Thread(target=lambda: said.extend(process.stdout), daemon=True).start()
+        try:
+            for name, kind in (("gateway", "metrics"), ("audit-writer", "metrics")):
+                _wait_for(lambda port=ports[(name, kind)]:
+                          _get(f"http://127.0.0.1:{port}/readyz") == 200,
+                          f"{name} never became ready")
+            with httpx.Client(base_url=f"http://127.0.0.1:{ports[('gateway', 'http')]}",
+                              timeout=60) as client:
+                def routed(prompts: list[dict]) -> list[dict]:
+                    return [client.post("/v1/route", json={"input": row["prompt"]}).json()
+                            for row in prompts]
+
+                # Reviewed traffic: every prompt the serving bank routes wrong, and
+                # enough it routes right that each route has 3 reviews.
+                first = routed(rows)
+                wrong = [r for r, d in zip(rows, first, strict=True)
+                         if d["route_id"] != r["route"]]
+                assert wrong, "the shipped bank routes every eval prompt right"
+                reviewed = list(wrong)
+                for row in rows:
+                    if sum(r["route"] == row["route"] for r in reviewed) < 3:
+                        reviewed.append(row)
+
+                def send_and_label(prompts: list[dict], label) -> None:
+                    for row in prompts:
+                        response = client.post("/v1/chat/completions", json={
+                            "model": "auto",
+                            "messages": [{"role": "user", "content": row["prompt"]}]})
+                        assert response.status_code == 200, response.text
+                        outcome = client.post("/v1/outcomes", json={
+                            "request_id": response.headers["x-routemesh-request-id"],
+                            "expected_route": label(row)})
+                        assert outcome.status_code == 202, outcome.text
+
+                def outcomes_audited() -> int:
+                    return sum('"join":"outcome"' in line
+                               for path in (data / "audit").glob("*.jsonl")
+                               for line in path.read_text().splitlines())
+
+                send_and_label(reviewed, lambda row: row["route"])
+                _wait_for(lambda: outcomes_audited() >= len(reviewed),
+                          "the outcomes never reached the audit")
+                before = sum(d["route_id"] == r["route"]
+                             for r, d in zip(reviewed, routed(reviewed), strict=True))
+
+                learn_env = {**os.environ, "ROUTEMESH_QDRANT_PATH": str(data / "qdrant"),
+                             "ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                             # As dev's own services: Tansu has no idempotent producer.
+                             "ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER": "false"}
+                learned = subprocess.run(
+                    [*CLI, "learn", "--config", str(config), "--audit-dir",
+                     str(data / "audit"), "--captures", str(data / "review"), "--out",
+                     str(tmp_path / "learn"), "--announce"],
+                    capture_output=True, text=True, env=learn_env, timeout=600)
+                assert learned.returncode == 0, learned.stdout + learned.stderr
+                assert "gate passed" in learned.stdout
+                receipt = json.loads(next((tmp_path / "learn").glob("*/receipt.json"))
+                                     .read_text())
+                assert receipt["announced"]
+                assert receipt["written"]
+                assert sum(c["learned"] for c in receipt["routes"].values()) == len(reviewed)
+                new_bank = receipt["route_bank_sha256_after"]
+                _wait_for(lambda: routed(reviewed[:1])[0]["route_bank_sha256"] == new_bank,
+                          "the gateway never served the learned bank")
+                after = sum(d["route_id"] == r["route"]
+                            for r, d in zip(reviewed, routed(reviewed), strict=True))
+                assert after > before, (before, after, len(reviewed))
+
+                # A contradicting batch: prompts the bank routes right, labelled as the
+                # next route over.
+                routes = sorted({r["route"] for r in rows})
+                right = [r for r, d in zip(rows, first, strict=True)
+                         if d["route_id"] == r["route"] and r not in reviewed][:60]
+                send_and_label(right, lambda row: routes[(routes.index(row["route"]) + 1)
+                                                         % len(routes)])
+                _wait_for(lambda: outcomes_audited() >= len(reviewed) + len(right),
+                          "the contradicting outcomes never reached the audit")
+                refused = subprocess.run(
+                    [*CLI, "learn", "--config", str(config), "--audit-dir",
+                     str(data / "audit"), "--captures", str(data / "review"), "--out",
+                     str(tmp_path / "refused"), "--announce"],
+                    capture_output=True, text=True, env=learn_env, timeout=600)
+                assert refused.returncode == 1, refused.stdout + refused.stderr
+                assert "poisoned batch" in refused.stderr
+                assert routed(reviewed[:1])[0]["route_bank_sha256"] == new_bank
+            process.send_signal(signal.SIGINT)
+            assert process.wait(2 * STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    # Never the prompt: the receipts name texts by hash only.
+    for path in (tmp_path / "learn").glob("*/*.json"):
+        text = path.read_text()
+        assert not any(row["prompt"] in text for row in reviewed), path

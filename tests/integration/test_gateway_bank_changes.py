@@ -104,5 +104,5 @@ async def test_bank_build_says_when_it_could_not_announce(settings, tmp_path):
                                     ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS=unreachable)
     assert built.returncode != 0
     assert "route_bank_sha256" in built.stdout, "the bank itself was built"
-    assert "the bank is built, but announcing it failed" in built.stderr
+    assert "the bank is written, but announcing it failed" in built.stderr
     assert "Traceback" not in built.stderr

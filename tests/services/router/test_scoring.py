@@ -175,6 +175,10 @@ def test_extra_training_prompts_train_the_head_and_never_reach_an_eval(tmp_path)
     assert report.sha256 != route_bank_sha256(
         load_snapshot(client, "bank", loaded.config.semantic).utterances_sha256, untrained)
 
+    # A later build without the set (each gateway start's) keeps what the model learned
+    # while it still fits the bank and the settings.
+    assert build_bank(loaded, encoder, client, "bank").model == report.model
+
     router = Router(loaded, load_snapshot(client, "bank", loaded.config.semantic), encoder)
     evalset = tmp_path / "eval.jsonl"
     evalset.write_text("".join(json.dumps(r) + "\n" for r in [
