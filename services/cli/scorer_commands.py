@@ -203,6 +203,10 @@ def candidates_command(
         table.add_row(str(c.size), c.reason, c.route_id or "", c.top_route_id or "",
                       c.second_route_id or "", match)
     console.print(table)
+    if report.learnable:
+        print("labelled outcomes with captured text, per expected route (`routemesh learn "
+              "--plan` says what learning them would gain): "
+              + ", ".join(f"{route} {n}" for route, n in report.learnable.items()))
     report_skipped(report.skipped_lines, strict)
 
 

@@ -47,6 +47,9 @@ class ReviewReport(msgspec.Struct, frozen=True, kw_only=True):
     rows: tuple[CandidateRow, ...]
     clusters: tuple[ReviewCluster, ...]
     includes_prompt_text: bool = False
+    # Per expected route: the outcomes that name it and whose request's capture holds
+    # text, which `routemesh learn` can learn from (with a prompt directory only).
+    learnable: dict[str, int] = {}
     # Lines of the audit and capture files that were not read: file -> reason -> count.
     skipped_lines: dict[str, dict[str, int]] = {}
 
@@ -62,9 +65,14 @@ def review(requests: Iterable[Request], policy: CandidatePolicy, limit: int,
            include_text: bool = False) -> ReviewReport:
     found = []
     count = outcomes = 0
+    learnable: Counter[str] = Counter()
     for request in requests:
         count += 1
         outcomes += request.outcome is not None
+        said = request.outcome
+        if said is not None and said.expected_route is not None and captures is not None:
+            capture = captures.get(said.request_id)
+            learnable[said.expected_route] += capture is not None and bool(capture.chars)
         if request.decision is None:
             continue
         made = candidate(request.decision, request.observation, request.outcome, policy)
@@ -81,7 +89,8 @@ def review(requests: Iterable[Request], policy: CandidatePolicy, limit: int,
             prompt_text=capture.text if include_text and capture is not None else None))
     return ReviewReport(generated_at=now, requests=count, outcomes=outcomes,
                         candidates=len(found), rows=tuple(rows), clusters=tuple(clusters(found)),
-                        includes_prompt_text=include_text)
+                        includes_prompt_text=include_text,
+                        learnable=dict(sorted((r, n) for r, n in learnable.items() if n)))
 
 
 def render_markdown(report: ReviewReport) -> str:

@@ -263,3 +263,20 @@ def test_outcomes_in_the_audit_trail_need_no_outcome_file(tmp_path, audit_dir):
     analyzed = json.loads(runner.invoke(app, ["scores", "report", "--dir", str(audit_dir),
                                               "--format", "json"]).stdout)
     assert analyzed["scores"]["outcomes"] == 1
+
+
+def test_candidates_count_the_labelled_outcomes_learn_could_learn_from(
+        tmp_path, audit_dir, outcomes_file):
+    review = raw_local(tmp_path, ["near0", "near1"])
+    out = tmp_path / "report.json"
+    result = runner.invoke(app, ["review", "candidates", "--dir", str(audit_dir),
+                                 "--outcomes", str(outcomes_file), "--prompt-dir", str(review),
+                                 "--json-output", str(out)])
+    assert result.exit_code == 0, result.output
+    # near0's outcome names lite and its text was captured; near1's capture has no label.
+    assert json.loads(out.read_text())["learnable"] == {"lite": 1}
+    assert "per expected route" in result.output
+    assert "lite 1" in result.output
+    without = runner.invoke(app, ["review", "candidates", "--dir", str(audit_dir),
+                                  "--outcomes", str(outcomes_file)])
+    assert "per expected route" not in without.output
