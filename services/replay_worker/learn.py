@@ -31,6 +31,7 @@ from routemesh.services.router.bank import (
     TrainingSet,
     fit_model,
     route_bank_sha256,
+    text_sha256,
 )
 from routemesh.services.router.datasets import EvalItem
 from routemesh.services.router.scoring import RouteModel
@@ -162,7 +163,7 @@ def gather(labels: dict[str, str], captures: dict[str, Capture], loaded: LoadedC
             quarantine(item, f"too long: {request.prompt_chars} characters (at most "
                        f"{policy.max_chars})")
         else:
-            sha = hashlib.sha256(request.match_text(mode).encode()).hexdigest()
+            sha = text_sha256(request.match_text(mode))
             by_text[sha].append(Labelled(request_id, route, request, sha))
     items: list[Labelled] = []
     for sha, same in sorted(by_text.items()):
@@ -293,7 +294,7 @@ def fit_and_gate(current: Router, bank: RouteBank, items: Sequence[Labelled],
     scored = 0
     for number, test in enumerate(dealt, start=1):
         progress(f"fold {number} of {len(dealt)}")
-        train = [i for i in range(len(items)) if i not in set(test)]
+        train = sorted(set(range(len(items))) - set(test))
         held = _as_eval([items[i] for i in test])
         correct_current += _correct(current, held)
         ordered = sorted(train, key=lambda i: _order(items[i].request_id))
@@ -313,9 +314,7 @@ def fit_and_gate(current: Router, bank: RouteBank, items: Sequence[Labelled],
     if eval_items is not None:
         learned = {item.text_sha256 for item in items}
         mode = semantic.match_text
-        left = [e for e in eval_items
-                if hashlib.sha256(e.request.match_text(mode).encode()).hexdigest()
-                not in learned]
+        left = [e for e in eval_items if text_sha256(e.request.match_text(mode)) not in learned]
         candidate = _router_with(loaded, bank, model, current)
         shares = Counter(e.route for e in left)
         best, best_count = shares.most_common(1)[0] if shares else (None, 0)
