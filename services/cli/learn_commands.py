@@ -25,8 +25,6 @@ from routemesh.services.router import (
     DatasetError,
     StaleBankError,
     load_config,
-    load_dataset,
-    load_router,
 )
 from routemesh.services.router.bank import (
     default_collection,
@@ -35,18 +33,10 @@ from routemesh.services.router.bank import (
     store_model,
 )
 from routemesh.services.router.scoring import RouteModel
-from routemesh.services.runtime.captures import read_captures
-from routemesh.services.runtime.files import Skipped, pretty_json, write_atomically
+from routemesh.services.runtime.files import Skipped
 
 learn_app = typer.Typer(help="The route model learns from reviewed traffic, behind the "
                              "gate.")
-PREVIOUS_MODEL = "previous-model.json"
-
-
-def _default_eval(config: Path) -> Path | None:
-    """The eval set shipped beside a config (``NAME.eval.jsonl`` for ``NAME.yaml``)."""
-    beside = config.with_suffix(".eval.jsonl")
-    return beside if beside.is_file() else None
 
 
 def _print(receipt: learning.LearnReceipt) -> None:
@@ -127,47 +117,31 @@ def learn(
                                   tolerance=tolerance)
     skipped = Skipped()
     try:
-        loaded = load_config(config)
-        client = qdrant_or_local(qdrant_url, qdrant_path)
-        current = load_router(loaded, qdrant=client)
-        collection = default_collection(loaded)
-        bank = load_snapshot(client, collection, loaded.config.semantic)
-        eval_path = eval_set or _default_eval(config)
-        eval_items = load_dataset(eval_path) if eval_path is not None else None
+        done = learning.run(config, qdrant_or_local(qdrant_url, qdrant_path), audit_dir,
+                            captures, eval_set, out, policy, plan=plan, skipped=skipped,
+                            progress=lambda step: err.print(step, highlight=False))
     except (ConfigError, StaleBankError, LookupError, DatasetError) as exc:
         raise fail(str(exc)) from None
-    labels = learning.labelled_outcomes(audit_dir, skipped)
-    texts = read_captures(captures, with_text=True, skipped=skipped)
-    learned = learning.learn(current, bank, labels, texts, eval_items, policy,
-                             progress=lambda step: err.print(step, highlight=False))
-    receipt = learned.receipt
+    receipt = done.receipt
     _print(receipt)
     report_skipped(skipped.by_file(), strict)
     if plan:
         print("plan only: nothing written")
         return
-    stamp = receipt.created_at.strftime("%Y%m%dT%H%M%S")
-    where = out / stamp
-    where.mkdir(parents=True, exist_ok=True)
-    if learned.model is not None:
-        write_atomically(where / PREVIOUS_MODEL, pretty_json(bank.model))
-        store_model(client, collection, learned.model)
-        receipt = msgspec.structs.replace(receipt, written=True, rollback=(
-            f"rollback: routemesh learn rollback --config {config} --receipt "
-            f"{where / 'receipt.json'} --announce (serves route bank "
-            f"{receipt.route_bank_sha256_before[:12]} again)"))
-    write_atomically(where / "receipt.json", pretty_json(receipt))
-    print(f"receipt {where / 'receipt.json'}")
-    if learned.model is None:
+    print(f"receipt {done.receipt_path}")
+    if receipt.unchanged:
+        print(receipt.reasons[0])
+        return
+    if not receipt.written:
         raise fail("learn: " + "; ".join(receipt.reasons))
-    print(f"gate passed: wrote route bank {receipt.route_bank_sha256_after} to {collection}")
+    print(f"gate passed: wrote route bank {receipt.route_bank_sha256_after} to "
+          f"{done.collection}")
     print(receipt.rollback)
     if announce:
         assert receipt.route_bank_sha256_after is not None
-        announce_bank(loaded, collection, receipt.route_bank_sha256_after,
-                      bank.encoder_name, len(bank))
-        write_atomically(where / "receipt.json",
-                         pretty_json(msgspec.structs.replace(receipt, announced=True)))
+        announce_bank(done.loaded, done.collection, receipt.route_bank_sha256_after,
+                      done.encoder, done.utterances)
+        done.announced()
 
 
 @learn_app.command("rollback")
@@ -183,7 +157,7 @@ def rollback(
     """Serve the route model a learn replaced again."""
     try:
         receipt = msgspec.json.decode(receipt_path.read_bytes(), type=learning.LearnReceipt)
-        previous = msgspec.json.decode((receipt_path.parent / PREVIOUS_MODEL).read_bytes(),
+        previous = msgspec.json.decode((receipt_path.parent / learning.PREVIOUS_MODEL).read_bytes(),
                                        type=RouteModel)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise fail(f"{receipt_path}: not a learn receipt with its replaced model ({exc})"

@@ -39,6 +39,7 @@ from routemesh.services.router import (
     unrouted_warning,
     write_reports,
 )
+from routemesh.services.router.bank import announcement
 from routemesh.services.router.encoders import (
     LOCAL_MODEL_NAME,
     EncoderError,
@@ -137,11 +138,7 @@ def announce_bank(loaded: LoadedConfig, collection: str, sha256: str, encoder: s
                   utterances: int) -> None:
     """Publish a RouteBankPublished on routebank.changes (ROUTEMESH_KAFKA_* settings), so
     that running gateways load the bank."""
-    event = RouteBankPublished(
-        collection=collection, route_bank_sha256=sha256, encoder=encoder,
-        utterances=utterances, routes=tuple(r.id for r in loaded.config.routes),
-        config_sha256=loaded.sha256,
-    )
+    event = announcement(loaded, collection, sha256, encoder, utterances)
     try:
         topic = asyncio.run(_announce(event))
     except (KafkaError, OSError) as exc:

@@ -12,6 +12,7 @@ passes is written, and the receipt says what it learned from and how to undo it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections import Counter, defaultdict
@@ -22,21 +23,37 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+from qdrant_client import QdrantClient
 
 from routemesh.contracts.events import utc_now
 from routemesh.services.replay_worker.samples import MAX_CHARS
-from routemesh.services.router import LoadedConfig, Router, RouteRequest
+from routemesh.services.router import (
+    LoadedConfig,
+    Router,
+    RouteRequest,
+    load_config,
+    load_dataset,
+    load_router,
+)
 from routemesh.services.router.bank import (
     RouteBank,
     TrainingSet,
+    default_collection,
     fit_model,
+    load_snapshot,
     route_bank_sha256,
+    store_model,
     text_sha256,
 )
 from routemesh.services.router.datasets import EvalItem
 from routemesh.services.router.scoring import RouteModel
-from routemesh.services.runtime.captures import Capture
-from routemesh.services.runtime.files import Skipped, decoded_lines
+from routemesh.services.runtime.captures import Capture, read_captures
+from routemesh.services.runtime.files import (
+    Skipped,
+    decoded_lines,
+    pretty_json,
+    write_atomically,
+)
 
 
 @dataclass(frozen=True)
@@ -360,6 +377,8 @@ class LearnReceipt(msgspec.Struct, frozen=True, kw_only=True):
     curve: list[tuple[float, float]]
     passed: bool
     reasons: list[str]
+    # The batch gives the model that serves already: nothing to write.
+    unchanged: bool = False
     # What the command did with a model that passed (``--plan`` writes nothing).
     written: bool = False
     announced: bool = False
@@ -437,5 +456,68 @@ def learn(current: Router, bank: RouteBank, labels: dict[str, str],
                                         "left out"], None)
     fitted = fit_and_gate(current, bank, batch.items, vectors, eval_items, policy,
                           progress)
+    if route_bank_sha256(bank.utterances_sha256, fitted.model) == bank.sha256:
+        same = done(batch, rate, fitted, [
+            "unchanged: the serving model learned from exactly this batch already"], None)
+        return Learned(msgspec.structs.replace(same.receipt, unchanged=True), None)
     reasons = verdict(fitted, policy)
     return done(batch, rate, fitted, reasons, None if reasons else fitted.model)
+
+
+def default_eval(config: Path) -> Path | None:
+    """The eval set shipped beside a config (``NAME.eval.jsonl`` for ``NAME.yaml``)."""
+    beside = config.with_suffix(".eval.jsonl")
+    return beside if beside.is_file() else None
+
+
+PREVIOUS_MODEL = "previous-model.json"
+
+
+@dataclass(frozen=True)
+class LearnRun:
+    """One learn, done: its receipt (written at ``receipt_path`` unless planned) and what
+    announcing the bank it wrote needs."""
+
+    receipt: LearnReceipt
+    receipt_path: Path
+    loaded: LoadedConfig
+    collection: str
+    encoder: str
+    utterances: int
+
+    def announced(self) -> LearnRun:
+        done = msgspec.structs.replace(self.receipt, announced=True)
+        write_atomically(self.receipt_path, pretty_json(done))
+        return dataclasses.replace(self, receipt=done)
+
+
+def run(config: Path, client: QdrantClient, audit_dir: Path, captures_dir: Path,
+        eval_path: Path | None, out: Path, policy: LearnPolicy, *, plan: bool = False,
+        skipped: Skipped | None = None,
+        progress: Callable[[str], None] = lambda _: None) -> LearnRun:
+    """Learn from the audit and capture directories against the bank in ``client``;
+    unless ``plan``, write the model when the gate passes (the one it replaces beside the
+    receipt, for the rollback) and the receipt either way, under ``out/<time>/``."""
+    loaded = load_config(config)
+    current = load_router(loaded, qdrant=client)
+    collection = default_collection(loaded)
+    bank = load_snapshot(client, collection, loaded.config.semantic)
+    eval_path = eval_path or default_eval(config)
+    eval_items = load_dataset(eval_path) if eval_path is not None else None
+    learned = learn(current, bank, labelled_outcomes(audit_dir, skipped),
+                    read_captures(captures_dir, with_text=True, skipped=skipped),
+                    eval_items, policy, progress)
+    receipt = learned.receipt
+    where = out / receipt.created_at.strftime("%Y%m%dT%H%M%S")
+    if not plan:
+        where.mkdir(parents=True, exist_ok=True)
+        if learned.model is not None:
+            write_atomically(where / PREVIOUS_MODEL, pretty_json(bank.model))
+            store_model(client, collection, learned.model)
+            receipt = msgspec.structs.replace(receipt, written=True, rollback=(
+                f"rollback: routemesh learn rollback --config {config} --receipt "
+                f"{where / 'receipt.json'} --announce (serves route bank "
+                f"{receipt.route_bank_sha256_before[:12]} again)"))
+        write_atomically(where / "receipt.json", pretty_json(receipt))
+    return LearnRun(receipt, where / "receipt.json", loaded, collection, bank.encoder_name,
+                    len(bank))

@@ -33,16 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from routemesh.contracts import ReplayCompleted, ReplayRequested
 from routemesh.contracts.events import utc_now
 from routemesh.contracts.topics import REPLAY_REQUESTS, REPLAY_RESULTS
+from routemesh.services.replay_worker import learn as learning
 from routemesh.services.replay_worker import shadow
 from routemesh.services.replay_worker.receipt import Bands
 from routemesh.services.replay_worker.replay import ReplayError
 from routemesh.services.replay_worker.runner import ReplaySpec, run
-from routemesh.services.router import file_sha256
+from routemesh.services.router import file_sha256, open_qdrant
+from routemesh.services.router.bank import announcement
 from routemesh.services.runtime.consumer import (
     Delivery,
     OffsetTracker,
@@ -100,6 +102,23 @@ class ReplayWorkerSettings(ServiceSettings):
     # same input set warns, or alerts (the report's drift section).
     replay_drift_warn: float = Field(default=0.20, gt=0)
     replay_drift_alert: float = Field(default=0.50, gt=0)
+    # Scheduled learning, opt-in (`routemesh learn` on a timer): every this many seconds
+    # (0: never) the instance holding the requests topic's first partition learns from
+    # the audit and review capture directories; a model that passes the gate is written
+    # and announced. Receipts (and the models they replaced) go to replay_learn_dir.
+    replay_learn_every_s: float = Field(default=0, ge=0)
+    replay_learn_audit_dir: Path | None = None
+    replay_learn_captures_dir: Path | None = None
+    replay_learn_dir: Path = Path("learn")
+
+    @model_validator(mode="after")
+    def _learn_sources(self) -> ReplayWorkerSettings:
+        if self.replay_learn_every_s and (self.replay_learn_audit_dir is None
+                                          or self.replay_learn_captures_dir is None):
+            raise ValueError("ROUTEMESH_REPLAY_LEARN_EVERY_S needs "
+                             "ROUTEMESH_REPLAY_LEARN_AUDIT_DIR and "
+                             "ROUTEMESH_REPLAY_LEARN_CAPTURES_DIR")
+        return self
 
 
 def _named(directory: Path, name: str | None, what: str) -> Path:
@@ -127,6 +146,9 @@ class _Metrics:
         self.duration = Histogram("routemesh_replay_worker_replay_seconds",
                                   "Time to run one replay", ["kind"], registry=registry,
                                   buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.learns = Counter("routemesh_replay_worker_learns_total",
+                              "Scheduled learns, by result (written, unchanged, refused, failed)",
+                              ["result"], registry=registry)
 
 
 class ReplayWorker:
@@ -143,12 +165,16 @@ class ReplayWorker:
         self.queued: set[str] = set()
         self.job: asyncio.Task[Answer] | None = None
         self.job_position: Position | None = None
+        self.partitions: set[PartitionKey] = set()
+        self.learner: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.settings.replay_report_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale_staging()
         self.ctx.readiness.set("replay_reports", True, "writable")
         await self.consumer.start()
+        if self.settings.replay_learn_every_s:
+            self.learner = asyncio.create_task(self._learn_on_schedule())
 
     def _clear_stale_staging(self) -> None:
         """Staged reports of replays that died with their instance: old enough that no
@@ -162,10 +188,13 @@ class ReplayWorker:
     async def assigned(self, partitions: Collection[PartitionKey]) -> None:
         """What the group has answered, read again before a partition's requests are
         handled: another instance may have answered some since this one last looked."""
+        self.partitions |= set(partitions)
         self.answered |= await recent_event_ids(
             self.settings, self.settings.topic(REPLAY_RESULTS), RESULTS_REMEMBERED)
 
     async def stop(self) -> None:
+        if self.learner is not None:
+            self.learner.cancel()
         await self.consumer.stop()
         if self.job is not None:
             # The thread finishes its replay; nothing is published for it and its offset
@@ -218,6 +247,7 @@ class ReplayWorker:
         offsets.release(position)
 
     def revoked(self, partitions: Collection[PartitionKey]) -> None:
+        self.partitions -= set(partitions)
         self.queue = deque((p, e) for p, e in self.queue if (p[0], p[1]) not in partitions)
         self.queued = {e.replay_id for _, e in self.queue}
         if self.job is not None and self.job_position is not None \
@@ -316,6 +346,54 @@ class ReplayWorker:
         return self._completed(request, status="ok", items=report.pairs,
                                agreement=report.agreement, report_name=path.name,
                                report_sha256=hashlib.sha256(data).hexdigest())
+
+
+    # -- scheduled learning -----------------------------------------------------------
+
+    async def _learn_on_schedule(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.replay_learn_every_s)
+            # One instance learns, as one bank is written: the first partition's holder.
+            if any(partition == 0 for _, partition in self.partitions):
+                await self.learn_once()
+
+    async def learn_once(self) -> learning.LearnRun | None:
+        """Learn, write a model that passes the gate, announce it; None when it failed."""
+        s = self.settings
+        assert s.replay_learn_audit_dir is not None
+        assert s.replay_learn_captures_dir is not None
+        key = s.qdrant_api_key.get_secret_value() if s.qdrant_api_key else None
+        try:
+            done = await asyncio.to_thread(
+                learning.run, s.router_config, open_qdrant(*s.qdrant_location(), key),
+                s.replay_learn_audit_dir, s.replay_learn_captures_dir, None,
+                s.replay_learn_dir, learning.LearnPolicy())
+        except Exception as exc:
+            # Errors may quote local paths: only their kind is logged.
+            log.error("scheduled learn failed", extra={"error": type(exc).__name__})
+            self.metrics.learns.labels("failed").inc()
+            return None
+        receipt = done.receipt
+        if not receipt.written:
+            result = "unchanged" if receipt.unchanged else "refused"
+            log.info(f"scheduled learn {result}", extra={"reasons": receipt.reasons})
+            self.metrics.learns.labels(result).inc()
+            return done
+        assert receipt.route_bank_sha256_after is not None
+        try:
+            await self.ctx.producer.publish(announcement(
+                done.loaded, done.collection, receipt.route_bank_sha256_after, done.encoder,
+                done.utterances))
+        except Exception as exc:
+            log.error("learned bank written, announcing it failed; gateways load it at "
+                      "their next reload", extra={"error": type(exc).__name__})
+            self.metrics.learns.labels("written").inc()
+            return done
+        log.info("scheduled learn wrote and announced a route bank", extra={
+            "route_bank_sha256": receipt.route_bank_sha256_after,
+            "learned": len(receipt.learned_text_sha256)})
+        self.metrics.learns.labels("written").inc()
+        return done.announced()
 
 
 SPEC = ServiceSpec(

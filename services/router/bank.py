@@ -27,6 +27,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from threadpoolctl import threadpool_limits
 
+from routemesh.contracts import RouteBankPublished
 from routemesh.services.router.config import LoadedConfig, SemanticConfig, Utterance
 from routemesh.services.router.encoders import DenseEncoder, SparseEncoder, SparseVector, idf
 from routemesh.services.router.scoring import (
@@ -112,6 +113,15 @@ class BuildReport:
 def route_bank_sha256(utterances_sha256: str, model: RouteModel) -> str:
     """The identity a decision carries: the utterances and the route model fitted on them."""
     return hashlib.sha256(f"{utterances_sha256}\n{model.sha256}".encode()).hexdigest()
+
+
+def announcement(loaded: LoadedConfig, collection: str, sha256: str, encoder: str,
+                 utterances: int) -> RouteBankPublished:
+    """What tells running gateways that ``collection`` holds a new bank for ``loaded``."""
+    return RouteBankPublished(
+        collection=collection, route_bank_sha256=sha256, encoder=encoder,
+        utterances=utterances, routes=tuple(r.id for r in loaded.config.routes),
+        config_sha256=loaded.sha256)
 
 
 def config_utterances_sha256(loaded: LoadedConfig, encoder_name: str) -> str:

@@ -4,19 +4,23 @@ answer is published, and asked twice it is answered once; a replay whose partiti
 revoked while it runs is not answered by this instance."""
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
-from routemesh.contracts import ReplayRequested
+from routemesh.contracts import ReplayRequested, RouteBankPublished
 from routemesh.services.replay_worker.service import (
     ReplayWorker,
     ReplayWorkerSettings,
     completed_event_id,
 )
+from routemesh.services.router import build_route_bank, load_config, open_qdrant
 from routemesh.services.runtime.consumer import Delivery, OffsetTracker
 from routemesh.services.runtime.telemetry import Readiness
 
@@ -31,10 +35,10 @@ class Producer:
         self.published.append(event)
 
 
-def worker(tmp_path) -> ReplayWorker:
+def worker(tmp_path, **settings) -> ReplayWorker:
+    settings.setdefault("router_config", EXAMPLES / "lite-deep.yaml")
     ctx = SimpleNamespace(
-        settings=ReplayWorkerSettings(router_config=EXAMPLES / "lite-deep.yaml",
-                                      replay_report_dir=tmp_path / "reports"),
+        settings=ReplayWorkerSettings(replay_report_dir=tmp_path / "reports", **settings),
         registry=CollectorRegistry(), readiness=Readiness(), producer=Producer(),
         consumer=lambda topics, group_id, handler, **options: SimpleNamespace())
     return ReplayWorker(ctx)
@@ -150,3 +154,45 @@ async def test_a_starting_worker_clears_staged_reports_of_replays_long_dead(tmp_
     os.utime(dead, (long_ago, long_ago))
     await replay.start()
     assert sorted(p.name for p in staging.iterdir()) == ["running"]
+
+
+def test_scheduled_learning_needs_both_directories(tmp_path):
+    with pytest.raises(ValidationError, match="ROUTEMESH_REPLAY_LEARN_AUDIT_DIR"):
+        ReplayWorkerSettings(replay_learn_every_s=3600, replay_learn_captures_dir=tmp_path)
+    assert ReplayWorkerSettings().replay_learn_every_s == 0, "nothing learns by default"
+
+
+@pytest.mark.model
+async def test_scheduled_learning_writes_and_announces_a_bank_that_passes_once(tmp_path):
+    config = EXAMPLES / "multi-route.yaml"
+    rows = [json.loads(line) for line in
+            (EXAMPLES / "multi-route.eval.jsonl").read_text().splitlines()]
+    chosen = [row for route in sorted({r["route"] for r in rows})
+              for row in [r for r in rows if r["route"] == route][:3]]
+    audit, captures = tmp_path / "audit", tmp_path / "captures"
+    audit.mkdir()
+    captures.mkdir()
+    (audit / "2026-12-04.jsonl").write_text("".join(json.dumps({
+        "request_id": f"r{n}", "outcome": {"occurred_at": "2026-12-04T10:00:00Z",
+                                           "expected_route": row["route"]}}) + "\n"
+        for n, row in enumerate(chosen)))
+    (captures / "2026-12-04.jsonl").write_text("".join(json.dumps({
+        "request_id": f"r{n}", "messages": [["user", row["prompt"]]]}) + "\n"
+        for n, row in enumerate(chosen)))
+    build_route_bank(load_config(config), open_qdrant(None, tmp_path / "q"))
+    replay = worker(tmp_path, router_config=config, qdrant_path=tmp_path / "q",
+                    replay_learn_every_s=3600, replay_learn_audit_dir=audit,
+                    replay_learn_captures_dir=captures, replay_learn_dir=tmp_path / "learn")
+
+    done = await replay.learn_once()
+    (event,) = replay.ctx.producer.published
+    assert isinstance(event, RouteBankPublished)
+    assert event.route_bank_sha256 == done.receipt.route_bank_sha256_after
+    assert json.loads(done.receipt_path.read_text())["announced"] is True
+    again = await replay.learn_once()
+    assert again.receipt.unchanged, "the same batch twice writes and announces once"
+    assert len(replay.ctx.producer.published) == 1
+    samples = {result: replay.ctx.registry.get_sample_value(
+        "routemesh_replay_worker_learns_total", {"result": result})
+        for result in ("written", "unchanged")}
+    assert samples == {"written": 1.0, "unchanged": 1.0}

@@ -1,8 +1,8 @@
 import pytest
 
-from routemesh.services.router import WatchedConfig
+from routemesh.services.router import RouteRequest, WatchedConfig, load_router
 from routemesh.services.router.config import ConfigError, load_config, parse_config
-from tests.services.router.conftest import CONFIG, EXAMPLES
+from tests.services.router.conftest import CONFIG, EXAMPLES, HashingEncoder
 
 
 def test_the_shipped_examples_load():
@@ -144,3 +144,20 @@ def test_a_watched_config_that_breaks_keeps_the_last_good_one_and_never_raises(
     assert watched.load() is None
     config_path.write_text(CONFIG)
     assert watched.load() is not None, "a good file again is read again"
+
+
+@pytest.mark.parametrize(("text", "coding"), [
+    ("def add(a: int, b: int) -> int:\n    \"\"\"Return the sum.\"\"\"\n", True),
+    ("Why does this fail?\nfrom collections import Counter\nCounter(None)", True),
+    ("import numpy as np\nnp.zeros(3)", True),
+    ("#include <stdio.h>\nint main() { return 0; }", True),
+    ("fn main() {\n    println!(\"hi\");\n}", True),
+    ("What import duties apply to cheese from France?", False),
+    ("Define a class of problems where greedy works.", False),
+    ("My function keeps failing, any idea why?", False),
+])
+def test_multi_route_sends_code_pasted_without_a_fence_to_coding(text, coding):
+    router = load_router(load_config(EXAMPLES / "multi-route.yaml"), encoder=HashingEncoder())
+    decision = router.decide_rules_only(RouteRequest.from_text(text), "r")
+    assert (decision.reason == "rule") is coding
+    assert (decision.route_id == "coding") is coding
