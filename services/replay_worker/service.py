@@ -353,9 +353,12 @@ class ReplayWorker:
     async def _learn_on_schedule(self) -> None:
         while True:
             await asyncio.sleep(self.settings.replay_learn_every_s)
-            # One instance learns, as one bank is written: the first partition's holder.
-            if any(partition == 0 for _, partition in self.partitions):
+            if self.leads():
                 await self.learn_once()
+
+    def leads(self) -> bool:
+        """One instance learns, as one bank is written: the first partition's holder."""
+        return any(partition == 0 for _, partition in self.partitions)
 
     async def learn_once(self) -> learning.LearnRun | None:
         """Learn, write a model that passes the gate, announce it; None when it failed."""

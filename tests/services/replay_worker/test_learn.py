@@ -189,6 +189,12 @@ def test_learn_writes_a_gated_bank_with_a_receipt_and_rolls_back(tmp_path, monke
     assert _cli("bank", "build", "--config", str(config), "--qdrant-path", qdrant
                 ).returncode == 0
     audit, captures = reviewed(tmp_path / "good", lambda row: row["route"])
+    planned = _cli("learn", "--config", str(config), "--audit-dir", audit, "--captures",
+                   captures, "--qdrant-path", qdrant, "--out", str(tmp_path / "out"), "--plan")
+    assert planned.returncode == 0, planned.stderr
+    assert "expected gain on reviewed traffic like this" in planned.stdout
+    assert "plan only: nothing written" in planned.stdout
+    assert not (tmp_path / "out").exists()
     learned = _cli("learn", "--config", str(config), "--audit-dir", audit, "--captures",
                    captures, "--qdrant-path", qdrant, "--out", str(tmp_path / "out"))
     assert learned.returncode == 0, learned.stderr

@@ -196,3 +196,30 @@ async def test_scheduled_learning_writes_and_announces_a_bank_that_passes_once(t
         "routemesh_replay_worker_learns_total", {"result": result})
         for result in ("written", "unchanged")}
     assert samples == {"written": 1.0, "unchanged": 1.0}
+
+
+async def test_only_the_holder_of_the_first_partition_learns_on_schedule(tmp_path):
+    replay = worker(tmp_path, replay_learn_every_s=0.01, replay_learn_audit_dir=tmp_path,
+                    replay_learn_captures_dir=tmp_path)
+    learned, asked = asyncio.Event(), []
+    leads = replay.leads
+
+    def counted() -> bool:
+        asked.append(leads())
+        return asked[-1]
+
+    async def learn_once():
+        learned.set()
+
+    replay.leads, replay.learn_once = counted, learn_once
+    replay.partitions = {("t.replay.requests.v1", 1)}
+    schedule = asyncio.create_task(replay._learn_on_schedule())
+    try:
+        while len(asked) < 3:
+            await asyncio.sleep(0.01)
+        assert not learned.is_set(), "another instance holds partition 0"
+        replay.partitions |= {("t.replay.requests.v1", 0)}
+        await asyncio.wait_for(learned.wait(), 10)
+    finally:
+        schedule.cancel()
+    assert asked[:3] == [False, False, False]
