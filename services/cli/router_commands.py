@@ -47,7 +47,11 @@ from routemesh.services.router.encoders import (
     export_model,
 )
 from routemesh.services.runtime.files import files_sha256, pretty_json, write_atomically
-from routemesh.services.runtime.kafka import EventProducer, event_address
+from routemesh.services.runtime.kafka import (
+    EventProducer,
+    event_address,
+    without_refused_idempotence,
+)
 from routemesh.services.runtime.settings import ServiceSettings
 
 bank_app = typer.Typer(help="The route bank in Qdrant.", no_args_is_help=True)
@@ -147,7 +151,7 @@ def announce_bank(loaded: LoadedConfig, collection: str, sha256: str, encoder: s
 
 
 async def _announce(event: RouteBankPublished) -> str:
-    settings = ServiceSettings()
+    settings = await without_refused_idempotence(ServiceSettings())
     producer = EventProducer(settings, "cli")
     try:
         await producer.start()

@@ -29,7 +29,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiokafka import AIOKafkaProducer, TopicPartition, errors
@@ -67,6 +67,7 @@ from routemesh.services.runtime.retry import Backoff
 from routemesh.services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+ServiceSettingsT = TypeVar("ServiceSettingsT", bound=ServiceSettings)
 
 EventHandler = Callable[[Event, KafkaMessage], Awaitable[None]]
 
@@ -272,6 +273,16 @@ async def idempotence_refused(settings: ServiceSettings) -> bool:
         sender.setLevel(level)
         await probe.stop()
     return False
+
+
+async def without_refused_idempotence(settings: ServiceSettingsT) -> ServiceSettingsT:
+    """``settings``, with idempotence off (and one warning) when the broker refuses it."""
+    if settings.kafka_idempotent_producer and await idempotence_refused(settings):
+        log.warning("the broker refuses idempotent producers (the embedded broker does): "
+                    "publishing without idempotence; set "
+                    "ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER=false to say so and skip this check")
+        return settings.model_copy(update={"kafka_idempotent_producer": False})
+    return settings
 
 
 def create_broker(

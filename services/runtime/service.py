@@ -29,8 +29,8 @@ from routemesh.services.runtime.kafka import (
     DeadLetters,
     EventProducer,
     create_broker,
-    idempotence_refused,
     until_reachable,
+    without_refused_idempotence,
 )
 from routemesh.services.runtime.settings import ServiceSettings, unknown_variables
 from routemesh.services.runtime.telemetry import (
@@ -209,11 +209,7 @@ async def run(spec: ServiceSpec, settings: ServiceSettings | None = None) -> Non
     if not await until_reachable(settings, stop):
         log.info("stopped while waiting for Kafka")
         return
-    if settings.kafka_idempotent_producer and await idempotence_refused(settings):
-        log.warning("the broker refuses idempotent producers (the embedded broker does): "
-                    "publishing without idempotence; set "
-                    "ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER=false to say so and skip this check")
-        settings = settings.model_copy(update={"kafka_idempotent_producer": False})
+    settings = await without_refused_idempotence(settings)
     ctx = build_context(spec, settings)
     gating = not spec.front_door
     (ctx.readiness.set if gating else ctx.readiness.note)("kafka", False, "not connected yet")

@@ -328,9 +328,7 @@ def test_dev_learns_routes_from_reviewed_traffic_and_refuses_a_contradicting_bat
                              for r, d in zip(reviewed, routed(reviewed), strict=True))
 
                 learn_env = {**os.environ, "ROUTEMESH_QDRANT_PATH": str(data / "qdrant"),
-                             "ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                             # As dev's own services: Tansu has no idempotent producer.
-                             "ROUTEMESH_KAFKA_IDEMPOTENT_PRODUCER": "false"}
+                             "ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS": bootstrap}
                 learned = subprocess.run(
                     [*CLI, "learn", "--config", str(config), "--audit-dir",
                      str(data / "audit"), "--captures", str(data / "review"), "--out",
