@@ -147,13 +147,19 @@ def with_recorded(cases: list[Case], recorded: Iterable[Case]) -> list[Case]:
                  label=c.label, recorded=known.get(c.id, c.recorded)) for c in cases]
 
 
+def hashed_order(case_id: str) -> bytes:
+    """A sort key that puts ids in an order fixed by their hash, not by how the input
+    listed them: a sample (or a split) of them is the same on every run."""
+    return hashlib.sha256(case_id.encode()).digest()
+
+
 def sample(cases: list[Case], limit: int) -> list[Case]:
     """At most ``limit`` cases (0: all), chosen by a hash of their id: the same cases
     whatever order the input lists them in, and in that order by id."""
     ordered = sorted(cases, key=lambda c: c.id)
     if limit == 0 or len(ordered) <= limit:
         return ordered
-    chosen = sorted(ordered, key=lambda c: hashlib.sha256(c.id.encode()).digest())[:limit]
+    chosen = sorted(ordered, key=lambda c: hashed_order(c.id))[:limit]
     return sorted(chosen, key=lambda c: c.id)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from qdrant_client import QdrantClient
 
 from routemesh.contracts.events import utc_now
+from routemesh.services.replay_worker.cases import hashed_order
 from routemesh.services.replay_worker.samples import MAX_CHARS
 from routemesh.services.router import (
     LoadedConfig,
@@ -138,10 +139,6 @@ class Batch:
     counts: dict[str, RouteCounts]
 
 
-def _order(request_id: str) -> bytes:
-    return hashlib.sha256(request_id.encode()).digest()
-
-
 def gather(labels: dict[str, str], captures: dict[str, Capture], loaded: LoadedConfig,
            policy: LearnPolicy, learned: frozenset[str] = frozenset()) -> Batch:
     """The training items that labels and captures give, each text once, capped per
@@ -198,7 +195,7 @@ def gather(labels: dict[str, str], captures: dict[str, Capture], loaded: LoadedC
         counts[first.route].already_learned += sha in learned
     kept: list[Labelled] = []
     per_route: dict[str, list[Labelled]] = defaultdict(list)
-    for item in sorted(items, key=lambda i: _order(i.request_id)):
+    for item in sorted(items, key=lambda i: hashed_order(i.request_id)):
         per_route[item.route].append(item)
     for route, group in sorted(per_route.items()):
         cap = max(policy.min_cap, math.ceil(policy.cap_per_utterance
@@ -252,7 +249,7 @@ def folds(items: Sequence[Labelled], count: int) -> list[list[int]]:
     every fold holds back some of every route that has enough."""
     dealt: list[list[int]] = [[] for _ in range(count)]
     per_route: dict[str, list[int]] = defaultdict(list)
-    for index in sorted(range(len(items)), key=lambda i: _order(items[i].request_id)):
+    for index in sorted(range(len(items)), key=lambda i: hashed_order(items[i].request_id)):
         per_route[items[index].route].append(index)
     turn = 0
     for _, indices in sorted(per_route.items()):
@@ -314,7 +311,7 @@ def fit_and_gate(current: Router, bank: RouteBank, items: Sequence[Labelled],
         train = sorted(set(range(len(items))) - set(test))
         held = _as_eval([items[i] for i in test])
         correct_current += _correct(current, held)
-        ordered = sorted(train, key=lambda i: _order(items[i].request_id))
+        ordered = sorted(train, key=lambda i: hashed_order(items[i].request_id))
         for fraction in fractions:
             part = ordered[:max(1, round(len(ordered) * fraction))]
             model = fit_model(bank, semantic, training_set([items[i] for i in part],

@@ -178,9 +178,10 @@ class Router:
                 for index, draft in chunk:
                     decided[index] = self._embedding_error(draft, exc, started)
                 continue
+            rankings = iter(ranked)
             for index, draft in chunk:
-                rankings, ranked = ranked[:len(draft.segments)], ranked[len(draft.segments):]
-                decided[index] = self._semantic(draft, most_confident(rankings), started)
+                mine = [next(rankings) for _ in draft.segments]
+                decided[index] = self._semantic(draft, most_confident(mine), started)
         return [d for d in decided if d is not None]
 
     async def adecide(self, request: RouteRequest, request_id: str) -> RouteDecided:
@@ -196,13 +197,15 @@ class Router:
             return self._embedding_error(draft, exc, started)
         return self._semantic(draft, most_confident(list(rankings)), started)
 
-    async def _ranked(self, text: str) -> list[RouteMatch]:
+    def _ranked(self, text: str) -> asyncio.Future[list[RouteMatch]]:
+        """The ranking of ``text``, shared with every caller asking for it meanwhile. A
+        future, not a coroutine: gathering a request's texts then starts no task each."""
         pending = self._inflight.get(text)
         if pending is None:
             pending = self._inflight[text] = asyncio.ensure_future(self.batcher.submit(text))
             pending.add_done_callback(functools.partial(self._landed, text))
         # Shielded: a caller that goes away does not cancel the others' answer.
-        return await asyncio.shield(pending)
+        return asyncio.shield(pending)
 
     def _landed(self, text: str, done: asyncio.Future[list[RouteMatch]]) -> None:
         if self._inflight.get(text) is done:

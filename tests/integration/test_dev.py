@@ -324,16 +324,21 @@ def test_dev_learns_routes_from_reviewed_traffic_and_refuses_a_contradicting_bat
                 send_and_label(reviewed, lambda row: row["route"])
                 _wait_for(lambda: outcomes_audited() >= len(reviewed),
                           "the outcomes never reached the audit")
-                before = sum(d["route_id"] == r["route"]
-                             for r, d in zip(reviewed, routed(reviewed), strict=True))
+                def right_now() -> int:
+                    return sum(d["route_id"] == r["route"]
+                               for r, d in zip(reviewed, routed(reviewed), strict=True))
 
-                learn_env = {**os.environ, "ROUTEMESH_QDRANT_PATH": str(data / "qdrant"),
-                             "ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS": bootstrap}
-                learned = subprocess.run(
-                    [*CLI, "learn", "--config", str(config), "--audit-dir",
-                     str(data / "audit"), "--captures", str(data / "review"), "--out",
-                     str(tmp_path / "learn"), "--announce"],
-                    capture_output=True, text=True, env=learn_env, timeout=600)
+                def learn(out: str) -> subprocess.CompletedProcess[str]:
+                    return subprocess.run(
+                        [*CLI, "learn", "--config", str(config), "--audit-dir",
+                         str(data / "audit"), "--captures", str(data / "review"), "--out",
+                         str(tmp_path / out), "--announce"],
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "ROUTEMESH_QDRANT_PATH": str(data / "qdrant"),
+                             "ROUTEMESH_KAFKA_BOOTSTRAP_SERVERS": bootstrap})
+
+                before = right_now()
+                learned = learn("learn")
                 assert learned.returncode == 0, learned.stdout + learned.stderr
                 assert "gate passed" in learned.stdout
                 receipt = json.loads(next((tmp_path / "learn").glob("*/receipt.json"))
@@ -344,8 +349,7 @@ def test_dev_learns_routes_from_reviewed_traffic_and_refuses_a_contradicting_bat
                 new_bank = receipt["route_bank_sha256_after"]
                 _wait_for(lambda: routed(reviewed[:1])[0]["route_bank_sha256"] == new_bank,
                           "the gateway never served the learned bank")
-                after = sum(d["route_id"] == r["route"]
-                            for r, d in zip(reviewed, routed(reviewed), strict=True))
+                after = right_now()
                 assert after > before, (before, after, len(reviewed))
 
                 # A contradicting batch: prompts the bank routes right, labelled as the
@@ -357,11 +361,7 @@ def test_dev_learns_routes_from_reviewed_traffic_and_refuses_a_contradicting_bat
                                                          % len(routes)])
                 _wait_for(lambda: outcomes_audited() >= len(reviewed) + len(right),
                           "the contradicting outcomes never reached the audit")
-                refused = subprocess.run(
-                    [*CLI, "learn", "--config", str(config), "--audit-dir",
-                     str(data / "audit"), "--captures", str(data / "review"), "--out",
-                     str(tmp_path / "refused"), "--announce"],
-                    capture_output=True, text=True, env=learn_env, timeout=600)
+                refused = learn("refused")
                 assert refused.returncode == 1, refused.stdout + refused.stderr
                 assert "poisoned batch" in refused.stderr
                 assert routed(reviewed[:1])[0]["route_bank_sha256"] == new_bank
